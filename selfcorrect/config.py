@@ -1,0 +1,83 @@
+"""Typed configs loaded from YAML, with one-line errors that name the file and the field.
+
+Every config model forbids unknown keys, so a typo (``max_new_token``) is an error, not a silent default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from selfcorrect.errors import UserError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file; a missing file or a syntax error becomes a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}: malformed YAML{where}: {problem}") from None
+
+
+def validation_message(path: str | Path, exc: ValidationError) -> str:
+    """One line naming the file and each offending field, e.g. ``f.yaml: bbq.conditions.q.human: ...``."""
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{field}: {msg}")
+    return f"{path}: " + "; ".join(parts)
+
+
+def load_config(path: str | Path, model: type[ModelT]) -> ModelT:
+    """Load a YAML file into a typed config model, raising UserError on any problem."""
+    data = read_yaml(path)
+    if data is None:
+        raise UserError(f"{path}: the file is empty")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(validation_message(path, exc)) from None
+
+
+def configs_dir() -> Path:
+    """Where the shipped configs live: ``$SELFCORRECT_CONFIG_DIR`` or ``configs/`` of the source tree."""
+    return Path(os.environ.get("SELFCORRECT_CONFIG_DIR") or REPO_ROOT / "configs")
+
+
+def data_dir(explicit: str | Path | None = None) -> Path | None:
+    """The benchmark data directory: the explicit argument, else ``$SELFCORRECT_DATA_DIR``, else None."""
+    value = explicit or os.environ.get("SELFCORRECT_DATA_DIR")
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise UserError(f"data directory not found: {path}")
+    return path
+
+
+def cache_dir() -> Path:
+    """Where converted models and downloaded data are cached: ``$SELFCORRECT_CACHE_DIR`` or ~/.cache/selfcorrect."""
+    return Path(os.environ.get("SELFCORRECT_CACHE_DIR") or Path.home() / ".cache" / "selfcorrect").expanduser()

@@ -1,0 +1,343 @@
+"""Evaluate one model on benchmarks x conditions: cached, resumable, with a tidy metrics table.
+
+Output layout (``--output DIR``)::
+
+    DIR/evaluation.json             settings and prompt hashes; which (benchmark, condition) are complete
+    DIR/<benchmark>/sample.json     the evaluated units (the --limit / --cot-limit subsample)
+    DIR/<benchmark>/<condition>.jsonl   one line per item, appended batch by batch as it finishes
+    DIR/metrics.csv                 benchmark,condition,subset,metric,value,ci_low,ci_high,n
+
+A rerun with the same settings skips every item already in a ``.jsonl`` file, and the batches are
+planned from the whole item list, so a resumed run scores exactly the batches an uninterrupted run
+would have, and gives the same metrics. ``metrics.csv`` is derived from the per-item files and written
+(atomically) only for complete conditions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from selfcorrect.errors import UserError
+from selfcorrect.evaluate import benchmarks as bench_registry
+from selfcorrect.evaluate.metrics import METRIC_COLUMNS, MetricRow, stable_seed, stratified_sample
+from selfcorrect.evaluate.prompts import DIALOGUES, ItemPrompt, PromptSet, load_prompts, render
+from selfcorrect.io import append_jsonl, atomic_write_text, csv_text, iter_jsonl
+
+DEFAULT_CONDITIONS = ("q", "q_if", "q_if_cot")
+
+
+@dataclass
+class EvalSettings:
+    """Everything that decides what ``selfcorrect evaluate`` computes."""
+
+    model: str
+    output: Path
+    benchmarks: list[str] = field(default_factory=lambda: list(bench_registry.BENCHMARK_NAMES))
+    conditions: list[str] = field(default_factory=lambda: list(DEFAULT_CONDITIONS))
+    limit: int | None = None
+    cot_limit: int | None = None
+    data_dir: Path | None = None
+    dialogue: str = "human_assistant"
+    batch_size: int = 16
+    seed: int = 0
+    n_boot: int = 1000
+    prompt_files: list[Path] = field(default_factory=list)
+    dtype: str | None = None
+    device: str | None = None
+    trust_remote_code: bool = False
+    overwrite: bool = False
+
+
+@dataclass
+class Task:
+    """One (benchmark, condition) to evaluate, on its sampled units."""
+
+    benchmark: str
+    condition: str
+    units: list[dict]
+    items: list[ItemPrompt]
+
+    @property
+    def key(self) -> str:
+        return f"{self.benchmark}/{self.condition}"
+
+    @property
+    def is_cot(self) -> bool:
+        return bool(self.items) and self.items[0].is_cot
+
+
+def _check_limit(value: int | None, flag: str) -> None:
+    if value is not None and value <= 0:
+        raise UserError(f"{flag} must be a positive number of items, got {value}")
+
+
+def _select(units: list[dict], module, limit: int | None, seed: int) -> list[dict]:
+    if limit is None:
+        return units
+    keep = set(stratified_sample([u["id"] for u in units], [module.stratum(u) for u in units], limit, seed))
+    return [u for u in units if u["id"] in keep]
+
+
+def plan(settings: EvalSettings, prompts: PromptSet) -> tuple[list[Task], dict[str, dict]]:
+    """Load data, draw the subsamples and build every item prompt (before any model is loaded)."""
+    _check_limit(settings.limit, "--limit")
+    _check_limit(settings.cot_limit, "--cot-limit")
+    if settings.dialogue not in DIALOGUES:
+        raise UserError(f"unknown dialogue format '{settings.dialogue}' (known: {', '.join(DIALOGUES)})")
+    modules = [bench_registry.get(b) for b in settings.benchmarks]
+    for cond in settings.conditions:
+        if not any(cond in prompts.conditions(b) for b in settings.benchmarks):
+            known = sorted({c for b in settings.benchmarks for c in prompts.conditions(b)})
+            raise UserError(
+                f"unknown condition '{cond}' for benchmarks {','.join(settings.benchmarks)} (known: {', '.join(known)})"
+            )
+    tasks, samples = [], {}
+    for name, module in zip(settings.benchmarks, modules):
+        units = _select(module.load(settings.data_dir), module, settings.limit, settings.seed)
+        cot_units = _select(units, module, settings.cot_limit, settings.seed)
+        samples[name] = {
+            "limit": settings.limit,
+            "cot_limit": settings.cot_limit,
+            "seed": settings.seed,
+            "ids": [u["id"] for u in units],
+            "cot_ids": [u["id"] for u in cot_units],
+        }
+        for cond in settings.conditions:
+            if cond not in prompts.conditions(name):
+                continue
+            is_cot = prompts.condition(name, cond).cot is not None
+            chosen = cot_units if is_cot else units
+            tasks.append(Task(name, cond, chosen, module.items(chosen, prompts, cond)))
+    return tasks, samples
+
+
+def _prompt_hash(prompts: PromptSet, benchmark: str, condition: str) -> str:
+    spec = {
+        "condition": prompts.condition(benchmark, condition).model_dump(),
+        "readout": prompts.readout(benchmark),
+        "candidates": prompts.candidates(benchmark),
+        "join": prompts.join,
+        "cot_sampling": prompts.cot_sampling.model_dump(),
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _identity(settings: EvalSettings) -> dict:
+    """The settings that must match for a rerun to reuse the per-item files."""
+    model = settings.model
+    if Path(model).expanduser().exists():
+        model = str(Path(model).expanduser().resolve())
+    return {
+        "model": model,
+        "dialogue": settings.dialogue,
+        "limit": settings.limit,
+        "cot_limit": settings.cot_limit,
+        "seed": settings.seed,
+        "dtype": settings.dtype,
+        "data_dir": str(settings.data_dir.resolve()) if settings.data_dir else None,
+    }
+
+
+def _open_output(settings: EvalSettings, prompts: PromptSet, tasks: list[Task]) -> dict:
+    """Create or reopen the output dir; refuse one written with other settings (unless --overwrite)."""
+    out = settings.output
+    manifest_path = out / "evaluation.json"
+    identity = _identity(settings)
+    hashes = {t.key: _prompt_hash(prompts, t.benchmark, t.condition) for t in tasks}
+    if manifest_path.exists() and settings.overwrite:
+        for t in tasks:
+            shutil.rmtree(out / t.benchmark, ignore_errors=True)
+        manifest_path.unlink()
+        (out / "metrics.csv").unlink(missing_ok=True)
+    if manifest_path.exists():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"{manifest_path}: malformed JSON; use another --output or --overwrite") from None
+        changed = [k for k, v in identity.items() if manifest.get("settings", {}).get(k) != v]
+        changed += [k for k, h in hashes.items() if manifest.get("prompts", {}).get(k, h) != h]
+        if changed:
+            raise UserError(
+                f"{manifest_path}: the output dir holds results made with other settings "
+                f"({', '.join(changed)}); use another --output or --overwrite"
+            )
+    elif out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: not empty and not a selfcorrect evaluation output; use another --output")
+    else:
+        manifest = {"settings": identity, "prompts": {}, "complete": []}
+    manifest["prompts"].update(hashes)
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _done_ids(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    return {obj["id"] for _, obj in iter_jsonl(path, tolerate_torn_tail=True) if "id" in obj}
+
+
+def _run_task(task: Task, scorer, settings: EvalSettings, prompts: PromptSet, tokenizer) -> None:
+    """Score every item of one task that is not in its per-item file yet, batch by batch."""
+    from selfcorrect.evaluate.scoring import length_batches
+
+    path = settings.output / task.benchmark / f"{task.condition}.jsonl"
+    done = _done_ids(path)
+    first_stage = [
+        render(it.cot_turns() if it.is_cot else it.scored_turns(), settings.dialogue, tokenizer) for it in task.items
+    ]
+    lengths = [len(scorer.encode(t)) for t in first_stage]
+    batches = length_batches(lengths, settings.batch_size, scorer.max_batch_tokens)
+    todo = sum(it.item_id not in done for it in task.items)
+    cot = prompts.cot_sampling
+    stop = list(cot.stop) + ([tokenizer.eos_token] if settings.dialogue == "chat_template" else [])
+    with tqdm(
+        total=len(task.items),
+        initial=len(task.items) - todo,
+        desc=task.key,
+        unit="item",
+        dynamic_ncols=True,
+        disable=None,
+    ) as bar:
+        for batch in batches:
+            batch = [i for i in batch if task.items[i].item_id not in done]
+            if not batch:
+                continue
+            records = [{"id": task.items[i].item_id} for i in batch]
+            texts = [first_stage[i] for i in batch]
+            if task.is_cot:
+                seeds = [stable_seed(settings.seed, task.key, r["id"]) for r in records]
+                reasoning = scorer.generate(
+                    texts,
+                    seeds,
+                    max_new_tokens=cot.max_new_tokens,
+                    temperature=cot.temperature,
+                    top_p=cot.top_p,
+                    stop=stop,
+                    batch_size=len(batch),
+                )
+                texts = [
+                    render(task.items[i].scored_turns(r), settings.dialogue, tokenizer)
+                    for i, r in zip(batch, reasoning)
+                ]
+                for rec, text, seed in zip(records, reasoning, seeds):
+                    rec.update(reasoning=text, seed=seed)
+            scores = scorer.score(texts, [task.items[i].candidates for i in batch], batch_size=len(batch))
+            for rec, i, s in zip(records, batch, scores):
+                rec.update(
+                    probs=s.probs,
+                    mass=s.mass,
+                    prediction=max(range(len(s.probs)), key=s.probs.__getitem__),
+                    candidates=list(task.items[i].candidates),
+                )
+            append_jsonl(path, records)
+            bar.update(len(batch))
+
+
+def read_results(path: Path, wanted: set[str]) -> dict[str, dict]:
+    """Per-item predictions of the wanted ids from a per-item results file."""
+    preds = {}
+    for _, obj in iter_jsonl(path, tolerate_torn_tail=True):
+        if obj.get("id") in wanted:
+            preds[obj["id"]] = {"probs": obj["probs"], "mass": obj.get("mass")}
+    return preds
+
+
+def metrics_csv(rows: list[MetricRow], extra: dict[str, object] | None = None) -> str:
+    """The tidy metrics table as CSV text (NaN as an empty cell); ``extra`` adds leading columns."""
+    extra = extra or {}
+
+    def cell(v: object) -> object:
+        if isinstance(v, float):
+            return "" if math.isnan(v) else f"{v:.10g}"
+        return v
+
+    return csv_text(
+        [*extra, *METRIC_COLUMNS],
+        ([*extra.values(), *(cell(getattr(r, c)) for c in METRIC_COLUMNS)] for r in rows),
+    )
+
+
+def evaluate(settings: EvalSettings) -> Path:
+    """Run the evaluation and return the path of ``metrics.csv``."""
+    from selfcorrect.evaluate.scoring import Scorer
+    from selfcorrect.models import load_model
+
+    prompts = load_prompts(settings.prompt_files)
+    tasks, samples = plan(settings, prompts)
+    manifest = _open_output(settings, prompts, tasks)
+    for name, sample in samples.items():
+        atomic_write_text(settings.output / name / "sample.json", json.dumps(sample) + "\n")
+    pending = [t for t in tasks if t.key not in manifest["complete"]]
+    if pending:
+        model, tokenizer = load_model(
+            settings.model, dtype=settings.dtype, device=settings.device, trust_remote_code=settings.trust_remote_code
+        )
+        scorer = Scorer(model, tokenizer, add_special_tokens=settings.dialogue == "human_assistant")
+        for task in pending:
+            _run_task(task, scorer, settings, prompts, tokenizer)
+            manifest["complete"] = sorted({*manifest["complete"], task.key})
+            atomic_write_text(settings.output / "evaluation.json", json.dumps(manifest, indent=2) + "\n")
+    return write_all_metrics(settings, manifest)
+
+
+def write_all_metrics(settings: EvalSettings, manifest: dict) -> Path:
+    """metrics.csv over every complete (benchmark, condition) of the output dir."""
+    prompts = load_prompts(settings.prompt_files)
+    rows: list[MetricRow] = []
+    units: dict[str, dict[str, dict]] = {}
+    for key in manifest["complete"]:
+        benchmark, condition = key.split("/")
+        if condition not in prompts.conditions(benchmark):
+            print(f"note: {key} is complete but not defined by the loaded prompt files; left out", file=sys.stderr)
+            continue
+        module = bench_registry.get(benchmark)
+        if benchmark not in units:
+            units[benchmark] = {u["id"]: u for u in module.load(settings.data_dir)}
+        sample = json.loads((settings.output / benchmark / "sample.json").read_text())
+        is_cot = prompts.condition(benchmark, condition).cot is not None
+        chosen = [units[benchmark][i] for i in sample["cot_ids" if is_cot else "ids"]]
+        item_ids = {it.item_id for it in module.items(chosen, prompts, condition)}
+        preds = read_results(settings.output / benchmark / f"{condition}.jsonl", item_ids)
+        rows += module.metrics(chosen, preds, condition, n_boot=settings.n_boot, seed=settings.seed)
+    metrics_path = settings.output / "metrics.csv"
+    atomic_write_text(metrics_path, metrics_csv(rows))
+    return metrics_path
+
+
+def summary(metrics_path: Path) -> str:
+    """A short human-readable table of the headline metrics in a metrics.csv."""
+    import csv
+
+    headline = {
+        "bias_score_ambig",
+        "bias_score_disambig",
+        "accuracy_ambig",
+        "accuracy_disambig",
+        "pearson_r",
+        "parity_difference",
+        "candidate_mass",
+    }
+    lines = [f"{'benchmark':<11} {'condition':<12} {'metric':<20} {'value':>8}  95% CI            n"]
+    with metrics_path.open() as f:
+        for r in csv.DictReader(f):
+            if r["subset"] == "all" and r["metric"] in headline and r["value"]:
+                ci = f"[{float(r['ci_low']):+.3f}, {float(r['ci_high']):+.3f}]" if r["ci_low"] else "[n/a]"
+                lines.append(
+                    f"{r['benchmark']:<11} {r['condition']:<12} {r['metric']:<20} "
+                    f"{float(r['value']):>+8.3f}  {ci:<17} {r['n']}"
+                )
+    return "\n".join(lines)
+
+
+def print_summary(metrics_path: Path) -> None:
+    """Print the summary table and where the full table is."""
+    print(summary(metrics_path))
+    print(f"\nmetrics: {metrics_path}", file=sys.stderr)

@@ -1,0 +1,225 @@
+"""Batched next-token option probabilities, and two-stage CoT generation.
+
+Scoring (Q-type conditions): one forward pass per item. The prompt ends with the assistant prefix; the
+next-token distribution is read at its last position and restricted to the first token of each
+candidate (the letters, pronouns or yes/no), then renormalised. The raw probability mass on the
+candidates is kept so format failures show. Items are batched by token length with left padding. A
+candidate that the tokenizer splits into several tokens is scored by the summed log-probability of all
+its tokens (PROTOCOL section 1.3), which costs one extra forward pass for that item only.
+
+Generation (CoT): a sampling loop with a KV cache and one ``torch.Generator`` per item, so an item's
+reasoning depends on its own seed, not on which other items share its batch. It stops at EOS or at a
+stop string (``"\\n\\nHuman:"``), which is cut from the returned text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from selfcorrect.errors import UserError
+
+
+@dataclass(frozen=True)
+class Score:
+    """Renormalised candidate probabilities and the raw mass the model put on the candidates."""
+
+    probs: list[float]
+    mass: float
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), at most ``batch_size`` each.
+
+    ``max_tokens`` additionally caps ``batch_len x longest`` so long prompts get smaller batches. The plan
+    depends only on the lengths, so a resumed run rebuilds the same batches.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        cur = batches[-1] if batches else None
+        fits = cur is not None and len(cur) < batch_size
+        if fits and max_tokens is not None:
+            fits = (len(cur) + 1) * lengths[cur[0]] <= max_tokens
+        if fits:
+            cur.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+class Scorer:
+    """Scores candidate continuations and samples CoT reasoning with one causal LM."""
+
+    def __init__(self, model, tokenizer, *, add_special_tokens: bool = True, max_batch_tokens: int = 16384):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.add_special_tokens = add_special_tokens
+        self.max_batch_tokens = max_batch_tokens
+        if tokenizer.pad_token_id is None:
+            raise UserError("the tokenizer has neither a pad nor an EOS token")
+        self._candidate_ids = lru_cache(maxsize=65536)(self._candidate_ids_uncached)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---- tokenization -------------------------------------------------------------------------
+    def encode(self, text: str, special: bool | None = None) -> list[int]:
+        special = self.add_special_tokens if special is None else special
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def _candidate_ids_uncached(self, tail: str, candidate: str) -> tuple[int, ...]:
+        """Token ids of ``candidate`` as it continues text ending in ``tail``.
+
+        Taken from the joint tokenization when that extends the tail's own tokens, so merges at the
+        boundary are seen; else from the candidate alone.
+        """
+        base = self.encode(tail, special=False)
+        joint = self.encode(tail + candidate, special=False)
+        if joint[: len(base)] == base and len(joint) > len(base):
+            return tuple(joint[len(base) :])
+        return tuple(self.encode(candidate, special=False))
+
+    def candidate_ids(self, text: str, candidates: Sequence[str]) -> list[tuple[int, ...]]:
+        """Token ids per candidate; candidates that tokenize identically are a UserError."""
+        ids = [self._candidate_ids(text[-24:], c) for c in candidates]
+        for a in range(len(ids)):
+            for b in range(a + 1, len(ids)):
+                if ids[a] == ids[b] or (len(ids[a]) == 1 and len(ids[b]) == 1 and ids[a][0] == ids[b][0]):
+                    raise UserError(
+                        f"the tokenizer maps candidates {candidates[a]!r} and {candidates[b]!r} to the same "
+                        f"token(s) {list(ids[a])}: their probabilities cannot be told apart"
+                    )
+        return ids
+
+    # ---- forward passes -----------------------------------------------------------------------
+    def _pad_left(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=self.device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=self.device)
+        return ids, mask
+
+    @staticmethod
+    def _positions(mask: torch.Tensor) -> torch.Tensor:
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    @torch.inference_mode()
+    def _last_logprobs(self, seqs: list[list[int]]) -> torch.Tensor:
+        """Log-softmax of the next-token logits after each sequence (float32, on CPU)."""
+        ids, mask = self._pad_left(seqs)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=self._positions(mask), logits_to_keep=1)
+        return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
+
+    @torch.inference_mode()
+    def _continuation_logprob(self, prompt: list[int], cont: tuple[int, ...]) -> float:
+        """Summed log-probability of a multi-token continuation (one forward pass)."""
+        ids = torch.tensor([prompt + list(cont)], device=self.device)
+        logits = self.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        return float(logp[torch.arange(len(cont)), torch.tensor(cont, device=logp.device)].sum())
+
+    def score(self, texts: Sequence[str], candidates: Sequence[Sequence[str]], batch_size: int = 16) -> list[Score]:
+        """Candidate probabilities for each text (the prompt ending in the assistant prefix)."""
+        seqs = [self.encode(t) for t in texts]
+        cand_ids = [self.candidate_ids(t, c) for t, c in zip(texts, candidates)]
+        results: list[Score | None] = [None] * len(texts)
+        for batch in length_batches([len(s) for s in seqs], batch_size, self.max_batch_tokens):
+            logprobs = self._last_logprobs([seqs[i] for i in batch])
+            for row, i in enumerate(batch):
+                lp = []
+                for ids in cand_ids[i]:
+                    if len(ids) == 1:
+                        lp.append(float(logprobs[row, ids[0]]))
+                    else:
+                        lp.append(self._continuation_logprob(seqs[i], ids))
+                raw = torch.tensor(lp, dtype=torch.float64).exp()
+                mass = float(raw.sum())
+                probs = (raw / mass).tolist() if mass > 0 else [1.0 / len(lp)] * len(lp)
+                results[i] = Score(probs=probs, mass=mass)
+        return results  # type: ignore[return-value]
+
+    # ---- generation ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        texts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] = ("\n\nHuman:",),
+        batch_size: int = 16,
+    ) -> list[str]:
+        """Sample one continuation per text with its own seed; stop at EOS or a stop string."""
+        seqs = [self.encode(t) for t in texts]
+        outputs: list[str] = [""] * len(texts)
+        for batch in length_batches([len(s) for s in seqs], batch_size, self.max_batch_tokens):
+            texts_out = self._generate_batch(
+                [seqs[i] for i in batch], [seeds[i] for i in batch], max_new_tokens, temperature, top_p, stop
+            )
+            for i, text in zip(batch, texts_out):
+                outputs[i] = text
+        return outputs
+
+    def _sample(self, logits: torch.Tensor, gen: torch.Generator, temperature: float, top_p: float) -> int:
+        probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
+        if top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+    def _generate_batch(self, seqs, seeds, max_new_tokens, temperature, top_p, stop) -> list[str]:
+        from transformers import DynamicCache
+
+        eos = self.tokenizer.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        ids, mask = self._pad_left(seqs)
+        positions = self._positions(mask)
+        cache = DynamicCache()
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        new: list[list[int]] = [[] for _ in seqs]
+        done = [False] * len(seqs)
+        for _ in range(max_new_tokens):
+            step = []
+            for row in range(len(seqs)):
+                if done[row]:
+                    step.append(self.tokenizer.pad_token_id)
+                    continue
+                token = self._sample(out.logits[row, -1], gens[row], temperature, top_p)
+                new[row].append(token)
+                step.append(token)
+                if token in eos_ids or any(s in self.tokenizer.decode(new[row][-16:]) for s in stop):
+                    done[row] = True
+            if all(done):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            out = self.model(
+                input_ids=torch.tensor(step, device=self.device)[:, None],
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+        texts = []
+        for tokens in new:
+            text = self.tokenizer.decode([t for t in tokens if t not in eos_ids], skip_special_tokens=True)
+            for s in stop:
+                text = text.split(s)[0]
+            texts.append(text.rstrip())
+        return texts

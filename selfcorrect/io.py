@@ -1,0 +1,108 @@
+"""Small file helpers used everywhere: JSONL with line-numbered errors, atomic writes, appends, downloads."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+import urllib.request
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from selfcorrect.errors import UserError
+
+
+def iter_jsonl(path: str | Path, *, tolerate_torn_tail: bool = False) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, object)`` for each non-empty line; a malformed line is a UserError.
+
+    With ``tolerate_torn_tail`` a malformed *last* line without a newline (a write cut short by a kill)
+    is skipped instead: that is how per-item result files are read back.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    with path.open("rb") as f:
+        lines = f.read().split(b"\n")
+    last = len(lines)
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            if tolerate_torn_tail and number == last:
+                return
+            raise UserError(f"{path}: line {number}: malformed JSON ({exc.__class__.__name__}: {exc})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}: line {number}: expected a JSON object, got {type(obj).__name__}")
+        yield number, obj
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file so that readers see the old or the new content, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def append_jsonl(path: str | Path, objects: Iterable[dict[str, Any]]) -> None:
+    """Append objects as JSON lines in one write, flushed and synced (a kill loses whole lines only).
+
+    If an earlier writer was killed mid-line, the torn tail is cut off first.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objects).encode()
+    with path.open("a+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size:
+            f.seek(max(0, size - 1))
+            if f.read(1) != b"\n":
+                f.seek(0)
+                keep = f.read().rfind(b"\n") + 1
+                f.truncate(keep)
+                f.seek(0, os.SEEK_END)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def csv_text(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
+    """A CSV document as text."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(list(header))
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def download(url: str, dest: Path, *, what: str, timeout: float = 30.0) -> Path:
+    """Fetch a public file once into ``dest`` (atomically); offline is a one-line UserError."""
+    if dest.is_file():
+        return dest
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            data = resp.read()
+    except OSError as exc:
+        raise UserError(
+            f"{what}: no data directory given (--data-dir or SELFCORRECT_DATA_DIR) and the official "
+            f"release could not be downloaded from {url} ({exc.__class__.__name__}; offline?)"
+        ) from None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, dest)
+    return dest
