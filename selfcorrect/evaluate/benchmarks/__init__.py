@@ -3,6 +3,7 @@
 A benchmark module defines:
 - ``NAME`` and ``load(data_dir) -> list[unit]``: the records (BBQ examples, Winogender occupations, LSAC
   students), each a dict with a unique ``"id"``; ``data_dir=None`` fetches the official public release.
+  Loads are cached per process: treat the units as read-only.
 - ``stratum(unit)``: the stratum of ``--limit`` subsamples.
 - ``items(units, prompts, condition) -> list[ItemPrompt]``: the scored prompts (a law-school student
   gives two items, one per race).

@@ -15,6 +15,7 @@ Predictions are the argmax of the candidate probabilities, as in Parrish et al.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,7 @@ RELEASE_URL = "https://raw.githubusercontent.com/nyu-mll/BBQ/main/data/{category
 REQUIRED = ("example_id", "question_polarity", "context_condition", "context", "question", "answer_info", "label")
 
 
+@lru_cache(maxsize=4)
 def load(data_dir: Path | None) -> list[dict]:
     """Every example of the 11 categories, with ``id = "Category:example_id"``, target and unknown index."""
     units = []

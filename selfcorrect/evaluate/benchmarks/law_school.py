@@ -14,6 +14,7 @@ Metrics, over the students whose two items both have predictions (CIs resample s
 from __future__ import annotations
 
 import csv
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ def _number(text: str, where: str, field: str) -> float:
         raise UserError(f"{where}: field {field}: not a number: {text!r}") from None
 
 
+@lru_cache(maxsize=4)
 def load(data_dir: Path | None) -> list[dict]:
     """One unit per student row: id, original race, sex word, LSAT and GPA."""
     path = data_file(data_dir, "law_school/law_data.csv", RELEASE_URL, "law school")

