@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--output", type=Path, required=True, metavar="DIR", help="output directory")
     ev.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
+    ev.add_argument(
+        "--gen-batch-size",
+        type=int,
+        default=64,
+        help="prompts per batch when sampling CoT reasoning (default 64; decoding is memory-bound)",
+    )
     ev.add_argument("--seed", type=int, default=0, help="seed of subsamples, CoT sampling and bootstrap (default 0)")
     ev.add_argument(
         "--bootstrap", type=int, default=1000, metavar="B", help="bootstrap resamples for the 95%% CIs (default 1000)"
@@ -188,8 +194,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from selfcorrect.config import data_dir
     from selfcorrect.evaluate.runner import EvalSettings, evaluate, print_summary
 
-    if args.batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    for flag in ("batch_size", "gen_batch_size"):
+        if getattr(args, flag) <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     settings = EvalSettings(
         model=args.model,
         output=args.output,
@@ -200,6 +207,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data_dir=data_dir(args.data_dir),
         dialogue=args.dialogue,
         batch_size=args.batch_size,
+        gen_batch_size=args.gen_batch_size,
         seed=args.seed,
         n_boot=args.bootstrap,
         prompt_files=args.prompts,

@@ -228,48 +228,13 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _load_tokenizer(source: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+def _hub_error(ref: str, error: BaseException) -> UserError:
+    reason = _first_line(error)
+    return UserError(f"cannot load model '{ref}' from the Hugging Face Hub (offline or not found): {reason}")
 
 
-def _load_local(
-    model_dir: Path, torch_dtype: torch.dtype, trust_remote_code: bool
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"{model_dir}: no config.json found (not a Hugging Face model directory)")
-    if not _has_safetensors(model_dir):
-        raise UserError(f"{model_dir}: no safetensors weights (model.safetensors) found")
-    if not _has_tokenizer(model_dir):
-        raise UserError(f"{model_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) found")
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-    )
-    return model, _load_tokenizer(str(model_dir), trust_remote_code)
-
-
-def _load_hub(
-    ref: str, torch_dtype: torch.dtype, trust_remote_code: bool
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            ref, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-        )
-        tokenizer = _load_tokenizer(ref, trust_remote_code)
-    except OSError as error:  # also covers huggingface_hub's HTTP and offline errors
-        raise UserError(
-            f"cannot load model '{ref}' from the Hugging Face Hub (offline or not found): {_first_line(error)}"
-        ) from error
-    return model, tokenizer
-
-
-def _load_adapter(
-    adapter_dir: Path, torch_dtype: torch.dtype, device: str, trust_remote_code: bool, merge_lora: bool
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    from peft import PeftModel
-
+def _adapter_base_ref(adapter_dir: Path) -> tuple[Path, str]:
+    """The adapter config's path and its ``base_model_name_or_path``."""
     config_path = adapter_dir / "adapter_config.json"
     try:
         adapter_config = json.loads(config_path.read_text())
@@ -278,21 +243,71 @@ def _load_adapter(
     base_ref = adapter_config.get("base_model_name_or_path")
     if not isinstance(base_ref, str) or not base_ref:
         raise UserError(f"{config_path}: base_model_name_or_path is missing")
-    try:
-        base, base_tokenizer = load_model(
-            base_ref, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code
-        )
-    except UserError as error:
-        raise UserError(f"{config_path}: base_model_name_or_path '{base_ref}' cannot be loaded: {error}") from error
+    return config_path, base_ref
 
+
+def _base_error(config_path: Path, base_ref: str, error: UserError) -> UserError:
+    return UserError(f"{config_path}: base_model_name_or_path '{base_ref}' cannot be loaded: {error}")
+
+
+def load_tokenizer(ref: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load only the tokenizer of a model reference (same references as :func:`load_model`).
+
+    A LoRA adapter directory without tokenizer files gives its base model's tokenizer. The tokenizer
+    always has a pad token (the eos token if it had none); ``padding_side`` is left as it is.
+    """
+    resolved = resolve_model_path(ref)
+    path = Path(resolved)
+    if path.is_dir() and (path / "adapter_config.json").is_file() and not _has_tokenizer(path):
+        config_path, base_ref = _adapter_base_ref(path)
+        try:
+            return load_tokenizer(base_ref, trust_remote_code=trust_remote_code)
+        except UserError as error:
+            raise _base_error(config_path, base_ref, error) from error
+    if path.is_dir() and not _has_tokenizer(path):
+        raise UserError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) found")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        if path.is_dir():
+            raise
+        raise _hub_error(resolved, error) from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_local(model_dir: Path, torch_dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir}: no config.json found (not a Hugging Face model directory)")
+    if not _has_safetensors(model_dir):
+        raise UserError(f"{model_dir}: no safetensors weights (model.safetensors) found")
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+
+
+def _load_hub(ref: str, torch_dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            ref, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except OSError as error:  # also covers huggingface_hub's HTTP and offline errors
+        raise _hub_error(ref, error) from error
+
+
+def _load_adapter(
+    adapter_dir: Path, torch_dtype: torch.dtype, device: str, trust_remote_code: bool, merge_lora: bool
+) -> PreTrainedModel:
+    from peft import PeftModel
+
+    config_path, base_ref = _adapter_base_ref(adapter_dir)
+    try:
+        base, _ = load_model(base_ref, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
+    except UserError as error:
+        raise _base_error(config_path, base_ref, error) from error
     model = PeftModel.from_pretrained(base, adapter_dir)
-    if merge_lora:
-        model = model.merge_and_unload()
-    if _has_tokenizer(adapter_dir):
-        tokenizer = _load_tokenizer(str(adapter_dir), trust_remote_code)
-    else:
-        tokenizer = base_tokenizer
-    return model, tokenizer
+    return model.merge_and_unload() if merge_lora else model
 
 
 def load_model(
@@ -311,20 +326,21 @@ def load_model(
     :func:`default_device`. A LoRA adapter is merged into its base unless ``merge_lora`` is False, in
     which case the model returned is a ``peft.PeftModel`` around the base.
 
-    The tokenizer always has a pad token (the eos token if it had none); its ``padding_side`` is
-    left as it is, for the caller to set.
+    The tokenizer comes from :func:`load_tokenizer`: it always has a pad token (the eos token if it
+    had none), and its ``padding_side`` is left as it is, for the caller to set.
     """
     device = device or default_device()
     torch_dtype = _parse_dtype(dtype, device)
     resolved = resolve_model_path(ref)
-    local_dir = Path(resolved)
+    path = Path(resolved)
+    tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)  # cheap; fails early
 
-    if local_dir.is_dir() and (local_dir / "adapter_config.json").is_file():
-        model, tokenizer = _load_adapter(local_dir, torch_dtype, device, trust_remote_code, merge_lora)
-    elif local_dir.is_dir():
-        model, tokenizer = _load_local(local_dir, torch_dtype, trust_remote_code)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        model = _load_adapter(path, torch_dtype, device, trust_remote_code, merge_lora)
+    elif path.is_dir():
+        model = _load_local(path, torch_dtype, trust_remote_code)
     else:
-        model, tokenizer = _load_hub(resolved, torch_dtype, trust_remote_code)
+        model = _load_hub(resolved, torch_dtype, trust_remote_code)
 
     model.eval()
     model.to(device)

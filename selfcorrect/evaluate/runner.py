@@ -18,8 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +47,7 @@ class EvalSettings:
     data_dir: Path | None = None
     dialogue: str = "human_assistant"
     batch_size: int = 16
+    gen_batch_size: int = 64
     seed: int = 0
     n_boot: int = 1000
     prompt_files: list[Path] = field(default_factory=list)
@@ -146,18 +147,14 @@ def _identity(settings: EvalSettings) -> dict:
     }
 
 
-def _open_output(settings: EvalSettings, prompts: PromptSet, tasks: list[Task]) -> dict:
-    """Create or reopen the output dir; refuse one written with other settings (unless --overwrite)."""
+def _check_output(settings: EvalSettings, prompts: PromptSet, tasks: list[Task]) -> dict:
+    """The manifest to continue from (read-only): refuses an output dir written with other settings."""
     out = settings.output
     manifest_path = out / "evaluation.json"
     identity = _identity(settings)
     hashes = {t.key: _prompt_hash(prompts, t.benchmark, t.condition) for t in tasks}
-    if manifest_path.exists() and settings.overwrite:
-        for t in tasks:
-            shutil.rmtree(out / t.benchmark, ignore_errors=True)
-        manifest_path.unlink()
-        (out / "metrics.csv").unlink(missing_ok=True)
-    if manifest_path.exists():
+    fresh = {"settings": identity, "prompts": hashes, "complete": []}
+    if manifest_path.exists() and not settings.overwrite:
         try:
             manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError:
@@ -169,13 +166,22 @@ def _open_output(settings: EvalSettings, prompts: PromptSet, tasks: list[Task]) 
                 f"{manifest_path}: the output dir holds results made with other settings "
                 f"({', '.join(changed)}); use another --output or --overwrite"
             )
-    elif out.exists() and any(out.iterdir()):
+        manifest["prompts"].update(hashes)
+        return manifest
+    if not manifest_path.exists() and out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: not empty and not a selfcorrect evaluation output; use another --output")
-    else:
-        manifest = {"settings": identity, "prompts": {}, "complete": []}
-    manifest["prompts"].update(hashes)
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    return fresh
+
+
+def _write_manifest(settings: EvalSettings, manifest: dict, tasks: list[Task], samples: dict[str, dict]) -> None:
+    """Write evaluation.json and the samples (with --overwrite, after discarding the old results)."""
+    if settings.overwrite:
+        for t in tasks:
+            (settings.output / t.benchmark / f"{t.condition}.jsonl").unlink(missing_ok=True)
+        (settings.output / "metrics.csv").unlink(missing_ok=True)
+    for name, sample in samples.items():
+        atomic_write_text(settings.output / name / "sample.json", json.dumps(sample) + "\n")
+    atomic_write_text(settings.output / "evaluation.json", json.dumps(manifest, indent=2) + "\n")
 
 
 def _done_ids(path: Path) -> set[str]:
@@ -194,8 +200,11 @@ def _run_task(task: Task, scorer, settings: EvalSettings, prompts: PromptSet, to
         render(it.cot_turns() if it.is_cot else it.scored_turns(), settings.dialogue, tokenizer) for it in task.items
     ]
     lengths = [len(scorer.encode(t)) for t in first_stage]
-    batches = length_batches(lengths, settings.batch_size, scorer.max_batch_tokens)
+    # Decoding reads every weight once per step whatever the batch, so CoT uses larger batches.
+    batch_size = settings.gen_batch_size if task.is_cot else settings.batch_size
+    batches = length_batches(lengths, batch_size, scorer.max_batch_tokens)
     todo = sum(it.item_id not in done for it in task.items)
+    start = time.perf_counter()
     cot = prompts.cot_sampling
     stop = list(cot.stop) + ([tokenizer.eos_token] if settings.dialogue == "chat_template" else [])
     with tqdm(
@@ -229,7 +238,7 @@ def _run_task(task: Task, scorer, settings: EvalSettings, prompts: PromptSet, to
                 ]
                 for rec, text, seed in zip(records, reasoning, seeds):
                     rec.update(reasoning=text, seed=seed)
-            scores = scorer.score(texts, [task.items[i].candidates for i in batch], batch_size=len(batch))
+            scores = scorer.score(texts, [task.items[i].candidates for i in batch], batch_size=settings.batch_size)
             for rec, i, s in zip(records, batch, scores):
                 rec.update(
                     probs=s.probs,
@@ -239,6 +248,9 @@ def _run_task(task: Task, scorer, settings: EvalSettings, prompts: PromptSet, to
                 )
             append_jsonl(path, records)
             bar.update(len(batch))
+    elapsed = time.perf_counter() - start
+    if todo:
+        print(f"{task.key}: {todo} items in {elapsed:.1f} s ({todo / elapsed:.2f} items/s)", file=sys.stderr)
 
 
 def read_results(path: Path, wanted: set[str]) -> dict[str, dict]:
@@ -272,15 +284,18 @@ def evaluate(settings: EvalSettings) -> Path:
 
     prompts = load_prompts(settings.prompt_files)
     tasks, samples = plan(settings, prompts)
-    manifest = _open_output(settings, prompts, tasks)
-    for name, sample in samples.items():
-        atomic_write_text(settings.output / name / "sample.json", json.dumps(sample) + "\n")
+    manifest = _check_output(settings, prompts, tasks)
     pending = [t for t in tasks if t.key not in manifest["complete"]]
     if pending:
         model, tokenizer = load_model(
             settings.model, dtype=settings.dtype, device=settings.device, trust_remote_code=settings.trust_remote_code
         )
         scorer = Scorer(model, tokenizer, add_special_tokens=settings.dialogue == "human_assistant")
+        for task in pending:  # colliding candidates fail here, before anything is written
+            for item in {it.candidates: it for it in task.items}.values():
+                scorer.candidate_ids(item.assistant, item.candidates)
+    _write_manifest(settings, manifest, tasks, samples)
+    if pending:
         for task in pending:
             _run_task(task, scorer, settings, prompts, tokenizer)
             manifest["complete"] = sorted({*manifest["complete"], task.key})

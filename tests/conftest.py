@@ -1,0 +1,65 @@
+"""Shared fixtures: a throw-away model cache, a tiny random Llama, and the real embedded model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from selfcorrect.models import embedded_gguf_path, prepare_embedded
+
+
+@pytest.fixture(scope="session", autouse=True)
+def selfcorrect_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Point SELFCORRECT_CACHE_DIR at a test cache for the whole session, never at the user's cache.
+
+    The cache is $SELFCORRECT_TEST_CACHE_DIR if set (so CI can keep the embedded model's conversion
+    between runs), else a fresh temporary directory.
+    """
+    configured = os.environ.get("SELFCORRECT_TEST_CACHE_DIR")
+    path = Path(configured) if configured else tmp_path_factory.mktemp("selfcorrect-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SELFCORRECT_CACHE_DIR", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (2 layers, hidden size 64) with the real SmolLM2 tokenizer, saved as safetensors.
+
+    The tokenizer is read straight from the embedded GGUF file (a few seconds; no model conversion).
+    """
+    gguf_path = embedded_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)  # transformers 5 always writes safetensors
+    tokenizer.save_pretrained(out)
+    assert (out / "model.safetensors").is_file()
+    return out
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir(selfcorrect_cache_dir: Path) -> Path:
+    """The real embedded SmolLM2-135M-Instruct, converted at most once per session (about 30 s)."""
+    return prepare_embedded()
