@@ -276,7 +276,9 @@ def test_stratified_sample_is_proportional_and_seeded():
     strata = ["a"] * 700 + ["b"] * 200 + ["c"] * 100
     s = stratified_sample(keys, strata, 100, seed=3)
     assert len(s) == 100 and s == sorted(s)
-    assert sum(k < 700 for k in s) == 70 and sum(700 <= k < 900 for k in s) == 20
+    # one per stratum, then 97 in proportion to 699/199/99: 67.9 -> 68, 19.4 -> 19, 9.7 -> 10
+    assert sum(k < 700 for k in s) == 69 and sum(700 <= k < 900 for k in s) == 20 and sum(k >= 900 for k in s) == 11
     assert s == stratified_sample(keys, strata, 100, seed=3)
     assert s != stratified_sample(keys, strata, 100, seed=4)
     assert stratified_sample(keys, strata, 5000, seed=3) == keys
+    assert len(stratified_sample(keys, strata, 2, seed=3)) == 2  # fewer than the strata: proportional only

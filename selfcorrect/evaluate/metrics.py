@@ -94,8 +94,9 @@ def bootstrap(
 def stratified_sample(keys: Sequence[Hashable], strata: Sequence[Hashable], limit: int, seed: int) -> list[Hashable]:
     """A seeded sample of ``limit`` keys, allocated to strata in proportion to their size.
 
-    Allocation uses the largest remainder, so the sizes add up to ``limit`` exactly; the result keeps
-    the input order. ``limit >= len(keys)`` returns every key.
+    When ``limit`` allows, every stratum first gets one key (so small BBQ categories are never left
+    out); the rest is allocated in proportion to stratum size by the largest remainder, so the sizes add
+    up to ``limit`` exactly. The result keeps the input order; ``limit >= len(keys)`` returns every key.
     """
     if limit >= len(keys):
         return list(keys)
@@ -103,9 +104,11 @@ def stratified_sample(keys: Sequence[Hashable], strata: Sequence[Hashable], limi
     for i, s in enumerate(strata):
         groups.setdefault(s, []).append(i)
     names = sorted(groups, key=str)
-    quotas = np.array([limit * len(groups[s]) / len(keys) for s in names])
-    alloc = np.floor(quotas).astype(int)
-    order = np.argsort(-(quotas - alloc), kind="stable")
+    sizes = np.array([len(groups[s]) for s in names])
+    base = np.ones_like(sizes) if limit >= len(names) else np.zeros_like(sizes)
+    quotas = (limit - base.sum()) * (sizes - base) / (sizes - base).sum()
+    alloc = base + np.floor(quotas).astype(int)
+    order = np.argsort(-(quotas - np.floor(quotas)), kind="stable")
     alloc[order[: limit - alloc.sum()]] += 1
     rng = np.random.default_rng(seed)
     chosen: list[int] = []

@@ -163,7 +163,10 @@ class PromptSet:
 
 
 def load_prompts(extra_files: list[str | Path] | None = None) -> PromptSet:
-    """Load the shipped prompt files plus any extra ones; a condition defined twice is an error."""
+    """Load the shipped prompt files plus any extra ones; a condition defined twice is an error.
+
+    Readout and candidates come from the first file that defines them; ``cot_sampling`` from the last.
+    """
     paths = [configs_dir() / "prompts" / name for name in DEFAULT_PROMPT_FILES]
     paths += [Path(p) for p in extra_files or []]
     benchmarks: dict[str, BenchmarkPrompts] = {}
@@ -172,7 +175,7 @@ def load_prompts(extra_files: list[str | Path] | None = None) -> PromptSet:
     for path in paths:
         pf = load_config(path, PromptFile)
         join = join if join is not None else pf.join
-        cot_sampling = cot_sampling or pf.cot_sampling
+        cot_sampling = pf.cot_sampling or cot_sampling  # a later file may retune the CoT sampling
         for name in ("bbq", "winogender", "law_school"):
             bench: BenchmarkPrompts | None = getattr(pf, name)
             if bench is None:

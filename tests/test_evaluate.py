@@ -1,0 +1,230 @@
+"""`selfcorrect evaluate` end to end on a tiny random Llama: outputs, resume after SIGKILL, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from selfcorrect.cli import main
+
+
+def evaluate(model: Path | str, out: Path, *extra: str) -> int:
+    return main(["evaluate", str(model), "--output", str(out), "--bootstrap", "100", *extra])
+
+
+@pytest.fixture
+def short_cot(tmp_path) -> list[str]:
+    """A prompt file that only shortens the CoT sampling (a random tiny model never stops by itself)."""
+    path = tmp_path / "short_cot.yaml"
+    path.write_text("name: short_cot\ncot_sampling:\n  max_new_tokens: 12\n")
+    return ["--prompts", str(path)]
+
+
+def metrics(out: Path) -> list[dict]:
+    with (out / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def test_all_benchmarks_and_conditions(tiny_model_dir, tmp_path, capsys, short_cot):
+    out = tmp_path / "out"
+    assert evaluate(tiny_model_dir, out, "--limit", "12", "--cot-limit", "2", *short_cot) == 0
+    rows = metrics(out)
+    assert list(rows[0]) == ["benchmark", "condition", "subset", "metric", "value", "ci_low", "ci_high", "n"]
+    headline = {"bbq": "bias_score_ambig", "winogender": "pearson_r", "law_school": "parity_difference"}
+    for bench, metric in headline.items():
+        for cond in ("q", "q_if", "q_if_cot"):
+            (row,) = [
+                r
+                for r in rows
+                if (r["benchmark"], r["condition"], r["subset"], r["metric"]) == (bench, cond, "all", metric)
+            ]
+            assert row["value"] != ""
+            if cond != "q_if_cot":  # two CoT units are too few for a defined CI of every metric
+                assert float(row["ci_low"]) <= float(row["value"]) <= float(row["ci_high"])
+    # per-item files: 12 units (law: 2 prompts per student), CoT on the 2-unit subsample
+    assert len(lines(out / "bbq" / "q.jsonl")) == 12
+    assert len(lines(out / "law_school" / "q_if.jsonl")) == 24
+    assert len(lines(out / "winogender" / "q.jsonl")) == 12
+    cot = lines(out / "law_school" / "q_if_cot.jsonl")
+    assert len(cot) == 4 and all(isinstance(r["reasoning"], str) and isinstance(r["seed"], int) for r in cot)
+    first = lines(out / "bbq" / "q.jsonl")[0]
+    assert set(first) >= {"id", "probs", "mass", "prediction", "candidates"}
+    assert sum(first["probs"]) == pytest.approx(1.0) and 0 < first["mass"] <= 1
+    sample = json.loads((out / "bbq" / "sample.json").read_text())
+    assert len(sample["ids"]) == 12 and len(sample["cot_ids"]) == 2 and set(sample["cot_ids"]) <= set(sample["ids"])
+    assert "bias_score_ambig" in capsys.readouterr().out  # the summary table
+
+    # A rerun computes nothing and gives the same table.
+    before = {p: p.read_bytes() for p in out.rglob("*.jsonl")}
+    table = (out / "metrics.csv").read_bytes()
+    assert evaluate(tiny_model_dir, out, "--limit", "12", "--cot-limit", "2", *short_cot) == 0
+    assert {p: p.read_bytes() for p in out.rglob("*.jsonl")} == before
+    assert (out / "metrics.csv").read_bytes() == table
+
+
+def test_stratified_limit_and_subsets(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    assert evaluate(tiny_model_dir, out, "--benchmarks", "bbq", "--conditions", "q", "--limit", "88") == 0
+    ids = json.loads((out / "bbq" / "sample.json").read_text())["ids"]
+    categories = {i.split(":")[0] for i in ids}
+    assert len(ids) == 88 and len(categories) == 11  # every one of the 44 strata is represented
+    subsets = {r["subset"] for r in metrics(out)}
+    assert subsets == {"all", *categories}
+
+
+def test_match_stats_and_chat_template(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    code = evaluate(
+        tiny_model_dir,
+        out,
+        "--benchmarks",
+        "winogender",
+        "--conditions",
+        "match_stats,liu_neg",
+        "--dialogue",
+        "chat_template",
+    )
+    assert code == 0
+    rows = {(r["condition"], r["metric"]): r for r in metrics(out)}
+    assert rows[("match_stats", "pearson_r")]["n"] == "60"
+    assert ("liu_neg", "p_neutral_mean") in rows
+
+
+def test_resume_after_sigkill_recomputes_nothing_and_matches(tiny_model_dir, tmp_path):
+    args = ["--benchmarks", "bbq", "--conditions", "q", "--limit", "400", "--batch-size", "1", "--bootstrap", "100"]
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    cmd = [sys.executable, "-m", "selfcorrect", "evaluate", str(tiny_model_dir), "--output", str(killed), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    results = killed / "bbq" / "q.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if results.exists() and results.read_bytes().count(b"\n") >= 20:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the evaluation finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = results.read_bytes()
+    n_before = before.count(b"\n")
+    assert 20 <= n_before < 400
+    assert not (killed / "metrics.csv").exists()  # no table from a partial run
+
+    assert main(["evaluate", str(tiny_model_dir), "--output", str(killed), *args]) == 0
+    after = results.read_bytes()
+    whole = before[: before.rfind(b"\n") + 1]  # a line torn by the kill is dropped, never trusted
+    assert after.startswith(whole)
+    ids = [r["id"] for r in lines(results)]
+    assert len(ids) == len(set(ids)) == 400
+
+    assert main(["evaluate", str(tiny_model_dir), "--output", str(clean), *args]) == 0
+    assert (killed / "metrics.csv").read_bytes() == (clean / "metrics.csv").read_bytes()
+    by_id = {r["id"]: r["probs"] for r in lines(clean / "bbq" / "q.jsonl")}
+    assert {r["id"]: r["probs"] for r in lines(results)} == by_id
+
+
+def test_resume_cot_from_a_partial_file(tiny_model_dir, tmp_path, short_cot):
+    """A CoT condition cut short (simulated: file truncated, not marked complete) resumes to the same result."""
+    args = [
+        "--benchmarks",
+        "winogender",
+        "--conditions",
+        "q_if_cot",
+        "--limit",
+        "6",
+        "--gen-batch-size",
+        "2",
+        *short_cot,
+    ]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert evaluate(tiny_model_dir, full, *args) == 0
+    assert evaluate(tiny_model_dir, part, *args) == 0
+    path = part / "winogender" / "q_if_cot.jsonl"
+    kept = path.read_text().splitlines()[:2]
+    path.write_text("\n".join(kept) + "\n" + '{"id": "torn')
+    manifest = json.loads((part / "evaluation.json").read_text())
+    manifest["complete"] = []
+    (part / "evaluation.json").write_text(json.dumps(manifest))
+    assert evaluate(tiny_model_dir, part, *args) == 0
+    assert path.read_text().splitlines()[:2] == kept
+    got = {r["id"]: (r["reasoning"], r["probs"]) for r in lines(path)}
+    assert got == {r["id"]: (r["reasoning"], r["probs"]) for r in lines(full / "winogender" / "q_if_cot.jsonl")}
+    assert (part / "metrics.csv").read_bytes() == (full / "metrics.csv").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--limit", "0"], "--limit must be a positive number"),
+        (["--benchmarks", "bbq,wino"], "unknown benchmark 'wino'"),
+        (["--conditions", "q,q_iff"], "unknown condition 'q_iff'"),
+        (["--benchmarks", "bbq", "--conditions", "match_stats"], "unknown condition 'match_stats'"),
+        (["--batch-size", "0"], "--batch-size must be positive"),
+    ],
+)
+def test_bad_arguments(tiny_model_dir, tmp_path, capsys, extra, needle):
+    out = tmp_path / "out"
+    assert evaluate(tiny_model_dir, out, *extra) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_model_without_weights(tiny_model_dir, tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if not f.name.endswith(".safetensors"):
+            (model / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "out"
+    assert evaluate(model, out, "--benchmarks", "winogender", "--conditions", "q") == 2
+    err = capsys.readouterr().err
+    assert str(model) in err and "safetensors" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_output_with_other_settings_is_refused_and_untouched(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--benchmarks", "winogender", "--conditions", "q"]
+    assert evaluate(tiny_model_dir, out, *args, "--limit", "5") == 0
+    snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert evaluate(tiny_model_dir, out, *args, "--limit", "6") == 2
+    assert "other settings (limit)" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
+    assert evaluate(tiny_model_dir, out, *args, "--limit", "6", "--overwrite") == 0
+    assert len(lines(out / "winogender" / "q.jsonl")) == 6
+
+
+def test_non_evaluation_output_dir_is_refused(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert evaluate(tiny_model_dir, out, "--benchmarks", "winogender") == 2
+    assert "not a selfcorrect evaluation output" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.embedded
+def test_embedded_model_follows_the_answer_format(embedded_model_dir, tmp_path):
+    """The real SmolLM2-135M puts most of its next-token mass on the BBQ letters and on yes/no."""
+    out = tmp_path / "out"
+    args = ["--benchmarks", "bbq,law_school", "--conditions", "q", "--limit", "16"]
+    assert evaluate("embedded:smollm2-135m-instruct", out, *args) == 0
+    mass = {
+        r["benchmark"]: float(r["value"])
+        for r in metrics(out)
+        if r["metric"] == "candidate_mass" and r["subset"] == "all"
+    }
+    assert mass["bbq"] > 0.5 and mass["law_school"] > 0.5
