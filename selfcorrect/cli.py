@@ -15,6 +15,7 @@ from selfcorrect import __version__
 from selfcorrect.errors import UserError
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
+BENCHMARKS = ["bbq", "winogender", "law_school"]
 
 
 def _csv_list(text: str) -> list[str]:
@@ -45,6 +46,13 @@ def _add_prompts(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_seed_and_bootstrap(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="seed of subsamples, CoT sampling and bootstrap (default 0)")
+    p.add_argument(
+        "--bootstrap", type=int, default=1000, metavar="B", help="bootstrap resamples for the 95%% CIs (default 1000)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfcorrect",
@@ -61,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate MODEL on benchmarks x conditions. Per-item results are appended to "
         "OUTPUT/<benchmark>/<condition>.jsonl as they finish (a rerun skips finished items); the tidy table "
         "OUTPUT/metrics.csv has columns benchmark,condition,subset,metric,value,ci_low,ci_high,n with "
-        "95%% bootstrap CIs.",
+        "95% bootstrap CIs.",
     )
     ev.add_argument(
         "model",
@@ -114,10 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=64,
         help="prompts per batch when sampling CoT reasoning (default 64; decoding is memory-bound)",
     )
-    ev.add_argument("--seed", type=int, default=0, help="seed of subsamples, CoT sampling and bootstrap (default 0)")
-    ev.add_argument(
-        "--bootstrap", type=int, default=1000, metavar="B", help="bootstrap resamples for the 95%% CIs (default 1000)"
-    )
+    _add_seed_and_bootstrap(ev)
     ev.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
     ev.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     ev.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
@@ -139,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Item ids: BBQ Category:example_id (Age:0), Winogender the occupation (nurse), law school "
         "row:race (0:Black) with row the record id in law_data.csv.",
     )
-    show.add_argument("--benchmark", required=True, choices=["bbq", "winogender", "law_school"])
+    show.add_argument("--benchmark", required=True, choices=BENCHMARKS)
     show.add_argument("--condition", required=True)
     show.add_argument("--item", required=True, metavar="ID")
     show.add_argument("--dialogue", choices=["human_assistant", "chat_template"], default="human_assistant")
@@ -166,13 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         'Law school: {"row": 0, "race": "Black", "p_yes": 0.7} (row = record id in law_data.csv). '
         "Metrics cover exactly the items with predictions (n says how many); unknown ids are an error.",
     )
-    sc.add_argument("--benchmark", required=True, choices=["bbq", "winogender", "law_school"])
+    sc.add_argument("--benchmark", required=True, choices=BENCHMARKS)
     sc.add_argument("--predictions", required=True, type=Path, metavar="FILE")
     sc.add_argument("--condition", default="external", help="value of the condition column (default 'external')")
     sc.add_argument("--format", choices=["csv", "json"], default="csv", help="output format (default csv)")
     sc.add_argument("--output", type=Path, default=None, metavar="FILE", help="write to FILE instead of stdout")
-    sc.add_argument("--seed", type=int, default=0)
-    sc.add_argument("--bootstrap", type=int, default=1000, metavar="B")
+    _add_seed_and_bootstrap(sc)
     _add_data_dir(sc)
     sc.set_defaults(func=cmd_score)
 

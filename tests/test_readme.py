@@ -1,0 +1,56 @@
+"""The README stays true: its selfcorrect commands run, and `make demo` runs the evaluate command it shows."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from selfcorrect.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def bash_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    commands = []
+    for block in blocks:
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith("selfcorrect "):
+                commands.append(line)
+    return commands
+
+
+RUNNABLE = [c for c in bash_commands() if not c.startswith("selfcorrect evaluate") and "[" not in c]
+
+
+def test_readme_shows_commands():
+    assert len(RUNNABLE) >= 5
+
+
+@pytest.mark.parametrize("command", RUNNABLE)
+def test_readme_command_runs(command, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    assert main(shlex.split(command)[1:]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out
+
+
+def test_make_demo_runs_the_readme_evaluate_command():
+    (shown,) = [c for c in bash_commands() if c.startswith("selfcorrect evaluate embedded")]
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^demo:.*?\n((?:\t.*\n)+)", makefile, flags=re.M).group(1)
+    recipe = " ".join(recipe.replace("\\\n", " ").split())
+    args = shlex.split(shown)[2:]
+    words = recipe.replace("$(DEMO_OUT)", "out/demo").split()
+    assert "$(VENV)/bin/selfcorrect" in words and "evaluate" in words
+    start = words.index("evaluate") + 1
+    assert words[start : start + len(args)] == args
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci and "make test" in README
