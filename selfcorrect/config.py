@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from selfcorrect.errors import UserError
 
@@ -81,3 +81,52 @@ def data_dir(explicit: str | Path | None = None) -> Path | None:
 def cache_dir() -> Path:
     """Where converted models and downloaded data are cached: ``$SELFCORRECT_CACHE_DIR`` or ~/.cache/selfcorrect."""
     return Path(os.environ.get("SELFCORRECT_CACHE_DIR") or Path.home() / ".cache" / "selfcorrect").expanduser()
+
+
+# ---- sections shared by the training stages (SFT, reward model, PPO) -------------------------------
+
+
+class ModelSection(StrictModel):
+    """The policy's starting point: any model reference `selfcorrect.models.load_model` accepts."""
+
+    name_or_path: str = "embedded:smollm2-135m-instruct"
+    dtype: str | None = None  # float32 | bfloat16 | float16; default bf16 on CUDA, float32 on CPU
+    trust_remote_code: bool = False
+
+
+class LoraSection(StrictModel):
+    """LoRA (PEFT) adapters; leave the section out (``lora: null``) for full fine-tuning."""
+
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+
+class DatasetSpec(StrictModel):
+    """A dataset: a hub id or a local jsonl/json/csv/parquet/txt file (``.gz`` allowed for jsonl).
+
+    ``format`` says how records become training examples:
+    - ``hh``: Anthropic HH records ``{"chosen": transcript, "rejected": transcript}`` with transcripts
+      in the ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` format;
+    - ``messages``: records with a ``messages`` list of ``{"role", "content"}``;
+    - ``pairwise``: ``{"prompt", "chosen", "rejected"}`` (strings or message lists);
+    - ``ranked``: ``{"prompt", "responses": [best, ..., worst]}`` (K-wise reward data);
+    - ``prompt``: ``{"prompt": str}`` records (PPO prompts);
+    - ``text``: ``{"text": str}`` records or a plain .txt file with one document per line (ptx data).
+    """
+
+    path: str
+    format: Literal["hh", "messages", "pairwise", "ranked", "prompt", "text"]
+    split: str = "train"  # hub datasets: the split to read
+    name: str | None = None  # hub datasets: the configuration name (e.g. data_dir of Anthropic/hh-rlhf)
+    limit: int | None = Field(None, gt=0)  # keep the first N records (after the seeded shuffle)
+    test_size: float = Field(0.0, ge=0, lt=1)  # held-out share, split with the run's seed
+
+
+class TrackingSection(StrictModel):
+    """Experiment tracking: W&B (offline unless an API key is configured), tensorboard, or none."""
+
+    backend: Literal["wandb", "tensorboard", "none"] = "none"
+    project: str = "selfcorrect"
+    mode: Literal["online", "offline", "auto"] = "auto"  # auto: online if WANDB_API_KEY is set

@@ -41,11 +41,19 @@ def iter_jsonl(path: str | Path, *, tolerate_torn_tail: bool = False) -> Iterato
         yield number, obj
 
 
+def _umask_mode() -> int:
+    """The mode a plain new file gets (mkstemp would make it 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file so that readers see the old or the new content, never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, _umask_mode())
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
@@ -88,12 +96,15 @@ def csv_text(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
     return buf.getvalue()
 
 
-def download(url: str, dest: Path, *, what: str, timeout: float = 30.0) -> Path:
+DOWNLOAD_TIMEOUT = 30.0
+
+
+def download(url: str, dest: Path, *, what: str) -> Path:
     """Fetch a public file once into ``dest`` (atomically); offline is a one-line UserError."""
     if dest.is_file():
         return dest
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as resp:
             data = resp.read()
     except OSError as exc:
         raise UserError(
@@ -102,6 +113,7 @@ def download(url: str, dest: Path, *, what: str, timeout: float = 30.0) -> Path:
         ) from None
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    os.chmod(tmp, _umask_mode())
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, dest)

@@ -282,3 +282,17 @@ def test_stratified_sample_is_proportional_and_seeded():
     assert s != stratified_sample(keys, strata, 100, seed=4)
     assert stratified_sample(keys, strata, 5000, seed=3) == keys
     assert len(stratified_sample(keys, strata, 2, seed=3)) == 2  # fewer than the strata: proportional only
+
+
+def test_no_data_dir_and_offline_is_a_one_line_error(capsys, tmp_path, monkeypatch):
+    """Without a data dir the official release is fetched; offline (as here and in CI) that fails clearly."""
+    monkeypatch.delenv("SELFCORRECT_DATA_DIR")
+    monkeypatch.setenv("SELFCORRECT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr("selfcorrect.io.DOWNLOAD_TIMEOUT", 3.0)
+    winogender.load.cache_clear()
+    preds = tmp_path / "p.jsonl"
+    preds.write_text(json.dumps({"occupation": "nurse", "p_female": 1, "p_male": 0, "p_neutral": 0}) + "\n")
+    assert main(["score", "--benchmark", "winogender", "--predictions", str(preds)]) == 2
+    err = capsys.readouterr().err
+    assert "no data directory given" in err and "could not be downloaded" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "cache" / "data" / "winogender" / "templates.tsv").exists()

@@ -167,13 +167,20 @@ class Scorer:
                 outputs[i] = text
         return outputs
 
-    def _sample(self, logits: torch.Tensor, gen: torch.Generator, temperature: float, top_p: float) -> int:
-        probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
+    @staticmethod
+    def _sample(logits: torch.Tensor, gens: list[torch.Generator], temperature: float, top_p: float) -> list[int]:
+        """One token per row by inverse-CDF sampling, each row drawing its uniform from its own generator."""
+        probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+        order = None
         if top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            keep = sorted_p.cumsum(-1) - sorted_p < top_p
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        return int(torch.multinomial(probs, 1, generator=gen))
+            probs, order = probs.sort(dim=-1, descending=True)
+            probs = probs * (probs.cumsum(-1) - probs < top_p)
+        cdf = probs.cumsum(-1)
+        u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens]).float()
+        picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).clamp(max=cdf.shape[-1] - 1)
+        if order is not None:
+            picked = order.gather(-1, picked)
+        return picked.squeeze(-1).tolist()
 
     def _generate_batch(self, seqs, seeds, max_new_tokens, temperature, top_p, stop) -> list[str]:
         from transformers import DynamicCache
@@ -195,12 +202,12 @@ class Scorer:
         new: list[list[int]] = [[] for _ in seqs]
         done = [False] * len(seqs)
         for _ in range(max_new_tokens):
+            sampled = self._sample(out.logits[:, -1], gens, temperature, top_p)
             step = []
-            for row in range(len(seqs)):
+            for row, token in enumerate(sampled):
                 if done[row]:
                     step.append(self.tokenizer.pad_token_id)
                     continue
-                token = self._sample(out.logits[row, -1], gens[row], temperature, top_p)
                 new[row].append(token)
                 step.append(token)
                 if token in eos_ids or any(s in self.tokenizer.decode(new[row][-16:]) for s in stop):
