@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import os
@@ -16,7 +17,7 @@ from selfcorrect.errors import UserError
 
 
 def iter_jsonl(path: str | Path, *, tolerate_torn_tail: bool = False) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, object)`` for each non-empty line; a malformed line is a UserError.
+    """Yield ``(line_number, object)`` for each non-empty line (``.gz`` files too); a malformed line is a UserError.
 
     With ``tolerate_torn_tail`` a malformed *last* line without a newline (a write cut short by a kill)
     is skipped instead: that is how per-item result files are read back.
@@ -24,8 +25,11 @@ def iter_jsonl(path: str | Path, *, tolerate_torn_tail: bool = False) -> Iterato
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    with path.open("rb") as f:
-        lines = f.read().split(b"\n")
+    try:
+        with (gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")) as f:
+            lines = f.read().split(b"\n")
+    except (OSError, EOFError) as exc:
+        raise UserError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
     last = len(lines)
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():

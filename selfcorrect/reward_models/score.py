@@ -1,0 +1,309 @@
+"""Scoring (prompt, response) pairs with a reward model saved by :func:`~selfcorrect.reward_models.train.run_reward`
+or with a plain Python reward function.
+
+A reward reference given to :meth:`RewardModel.load` is one of:
+
+* a directory written by ``run_reward``: a sequence classifier with one output (``num_labels == 1``), its
+  tokenizer, and ``reward_manifest.json`` holding the normalisation bias (InstructGPT: the mean reward of
+  the SFT demonstrations is 0). A sequence-classification directory without the manifest loads with bias 0.
+* a directory whose manifest names a ``function`` (``run_reward`` with ``reward.function`` set);
+* ``"module:function"``: an importable function ``f(prompts: list[str], responses: list[str]) -> list[float]``.
+
+How a (prompt, response) pair becomes tokens (shared with training, so scores match what the model was trained on):
+
+* conversational prompt (a list of ``{"role", "content"}`` messages): the tokenizer's chat template is applied to
+  the prompt messages plus the assistant response -- exactly what TRL's ``RewardTrainer`` does;
+* plain-text prompt (``str``): ``prompt + response``, with the eos token appended if missing (TRL's rule).
+
+The sequence classifier reads the score at the right-most token that is not the pad token (transformers'
+``GenericForSequenceClassification``). Sequences are always right-padded here, as in TRL's collators, so position
+ids are the same as in training and the score does not depend on the batch a sequence lands in.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from selfcorrect.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "reward_manifest.json"
+FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+Messages = list[dict[str, Any]]
+Prompt = str | Messages
+Response = str | Messages
+
+
+# ---- rendering ---------------------------------------------------------------------------------------------------
+
+
+def response_messages(response: Response) -> Messages:
+    """A response as a list of messages: a string becomes one assistant message."""
+    if isinstance(response, str):
+        return [{"role": "assistant", "content": response}]
+    return list(response)
+
+
+def response_text(response: Response) -> str:
+    """A response as plain text: the concatenated contents of its messages."""
+    if isinstance(response, str):
+        return response
+    return "".join(str(message.get("content", "")) for message in response)
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, response: Response) -> list[int]:
+    """Token ids of one (prompt, response) pair, the way TRL's ``RewardTrainer`` tokenizes preference data."""
+    if isinstance(prompt, str):
+        text = prompt + response_text(response)
+        eos = tokenizer.eos_token
+        if eos is not None and not text.endswith(eos):
+            text += eos
+        return list(tokenizer(text)["input_ids"])
+    if tokenizer.chat_template is None:
+        raise UserError(f"{tokenizer.name_or_path}: the tokenizer has no chat template (needed for message prompts)")
+    messages = list(prompt) + response_messages(response)
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+
+def render_hh(prompt: Prompt) -> str:
+    """A prompt as text in the HH format (``"\\n\\nHuman: ...\\n\\nAssistant:"``); strings are returned unchanged.
+
+    Used to hand conversational prompts to ``module:function`` rewards, which take strings. System messages are
+    put first as plain text.
+    """
+    if isinstance(prompt, str):
+        return prompt
+    parts = []
+    for message in prompt:
+        role, content = message.get("role"), str(message.get("content", ""))
+        if role == "system":
+            parts.append(content)
+        elif role == "assistant":
+            parts.append(f"\n\nAssistant: {content}")
+        else:
+            parts.append(f"\n\nHuman: {content}")
+    return "".join(parts) + "\n\nAssistant:"
+
+
+# ---- function rewards --------------------------------------------------------------------------------------------
+
+
+def load_function(spec: str) -> Callable[[list[str], list[str]], Sequence[float]]:
+    """Import ``"module:function"``; any problem is a one-line UserError naming the spec."""
+    if not FUNCTION_SPEC.match(spec):
+        raise UserError(f"{spec}: not a reward model directory nor a 'module:function' reward")
+    module_name, function_name = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or the module failing at import time
+        raise UserError(f"{spec}: cannot import module '{module_name}' ({type(exc).__name__}: {exc})") from None
+    function = getattr(module, function_name, None)
+    if function is None:
+        raise UserError(f"{spec}: module '{module_name}' has no attribute '{function_name}'")
+    if not callable(function):
+        raise UserError(f"{spec}: '{function_name}' is not callable")
+    return function
+
+
+# ---- the reward model --------------------------------------------------------------------------------------------
+
+
+def _parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    from selfcorrect.models import DTYPE_NAMES, default_dtype
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if dtype not in DTYPE_NAMES:
+        raise UserError(f"unknown dtype '{dtype}' (known: auto, {', '.join(DTYPE_NAMES)})")
+    return DTYPE_NAMES[dtype]
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The ``reward_manifest.json`` of a directory, or None if there is none."""
+    manifest_path = path / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{manifest_path}: cannot read the reward manifest ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{manifest_path}: expected a JSON object")
+    return manifest
+
+
+def check_reward_dir(path: Path) -> Any:
+    """The config of a reward-model directory; UserError unless it holds a scalar-head sequence classifier."""
+    from transformers import AutoConfig
+
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: not a reward model (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read config.json ({exc})") from None
+    architectures = config.architectures or []
+    is_classifier = any(name.endswith("ForSequenceClassification") for name in architectures)
+    if not is_classifier or config.num_labels != 1:
+        raise UserError(f"{path}: not a reward model (no scalar head)")
+    has_weights = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
+    if not has_weights:
+        raise UserError(f"{path}: no safetensors weights (model.safetensors) found")
+    return config
+
+
+class RewardModel:
+    """A reward: a scalar-head sequence classifier plus a bias, or a Python function.
+
+    ``score(prompts, responses)`` returns one float32 reward per pair (on the CPU), with the bias added.
+    Build one with :meth:`load`, or directly from an in-memory model and tokenizer.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        *,
+        bias: float = 0.0,
+        function: Callable[[list[str], list[str]], Sequence[float]] | None = None,
+        max_length: int | None = None,
+        source: str = "",
+    ):
+        if (model is None) == (function is None):
+            raise ValueError("give either a model (with its tokenizer) or a function")
+        if model is not None and tokenizer is None:
+            raise ValueError("a model needs its tokenizer")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.bias = float(bias)
+        self.function = function
+        self.max_length = max_length
+        self.source = source
+        if model is not None:
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            text_config = model.config.get_text_config()
+            if text_config.pad_token_id is None:
+                text_config.pad_token_id = tokenizer.pad_token_id
+            if self.max_length is None:
+                self.max_length = getattr(text_config, "max_position_embeddings", None)
+
+    # -- loading --
+
+    @classmethod
+    def load(
+        cls, path_or_function: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None
+    ) -> RewardModel:
+        """Load a reward from a ``run_reward`` output directory or a ``"module:function"`` spec.
+
+        ``device`` defaults to CUDA when available; ``dtype`` to float32 on the CPU and bf16/fp16 on a GPU.
+        """
+        from selfcorrect.models import default_device, load_tokenizer
+
+        spec = str(path_or_function)
+        path = Path(spec).expanduser()
+        if not path.is_dir():
+            if FUNCTION_SPEC.match(spec):
+                return cls(function=load_function(spec), source=spec)
+            if path.exists():
+                raise UserError(f"{spec}: not a reward model directory")
+            raise UserError(f"{spec}: reward model not found (neither a directory nor a 'module:function' spec)")
+
+        manifest = read_manifest(path) or {}
+        if manifest.get("function"):
+            return cls(function=load_function(str(manifest["function"])), source=spec)
+
+        config = check_reward_dir(path)
+        from transformers import AutoModelForSequenceClassification
+
+        device = device or default_device()
+        torch_dtype = _parse_dtype(dtype, device)
+        tokenizer = load_tokenizer(str(path))
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
+        model.eval().to(device)
+        bias = manifest.get("bias", getattr(config, "reward_bias", 0.0)) or 0.0
+        if not math.isfinite(float(bias)):
+            raise UserError(f"{path / MANIFEST_NAME}: bias: not a finite number")
+        return cls(model, tokenizer, bias=float(bias), max_length=manifest.get("max_length"), source=spec)
+
+    # -- scoring --
+
+    @property
+    def device(self) -> torch.device:
+        if self.model is None:
+            return torch.device("cpu")
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def score_ids(self, sequences: Sequence[Sequence[int]], batch_size: int = 16) -> torch.Tensor:
+        """Raw model scores (bias NOT added) of tokenized sequences, as float32 on the CPU.
+
+        Sequences longer than ``max_length`` keep their last ``max_length`` tokens (the score is read at the end).
+        Batches are formed from sequences of similar length and right-padded.
+        """
+        if self.model is None:
+            raise ValueError("score_ids needs a model reward, not a function reward")
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        model, pad_id = self.model, self.tokenizer.pad_token_id
+        was_training = model.training
+        model.eval()
+        seqs = [list(s)[-self.max_length :] if self.max_length else list(s) for s in sequences]
+        if any(len(s) == 0 for s in seqs):
+            raise ValueError("cannot score an empty token sequence")
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        out = torch.empty(len(seqs), dtype=torch.float32)
+        device = self.device
+        try:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                width = max(len(seqs[i]) for i in idx)
+                input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):
+                    input_ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
+                    attention_mask[row, : len(seqs[i])] = 1
+                logits = model(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
+                ).logits
+                out[idx] = logits[:, 0].float().cpu()
+        finally:
+            model.train(was_training)
+        return out
+
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[Response], batch_size: int = 16) -> torch.Tensor:
+        """Rewards (with the bias) of (prompt, response) pairs: a float32 tensor of shape ``(len(prompts),)``.
+
+        Prompts are message lists (rendered with the chat template, the response as the assistant turn) or strings
+        (``prompt + response``). Function rewards get HH-format prompt strings and plain response strings.
+        """
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if self.function is not None:
+            texts = [render_hh(p) for p in prompts]
+            values = list(self.function(texts, [response_text(r) for r in responses]))
+            if len(values) != len(texts):
+                raise UserError(f"{self.source}: returned {len(values)} rewards for {len(texts)} responses")
+            try:
+                rewards = torch.tensor([float(v) for v in values], dtype=torch.float32)
+            except (TypeError, ValueError) as exc:
+                raise UserError(f"{self.source}: rewards must be numbers ({exc})") from None
+            return rewards.reshape(len(texts)) + self.bias
+        ids = [encode(self.tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
+        return self.score_ids(ids, batch_size=batch_size) + self.bias
+
+    __call__ = score

@@ -1,0 +1,704 @@
+"""Reward-model training on TRL's ``RewardTrainer`` (PROTOCOL §3.1, LANDSCAPE §6 item 5).
+
+Two losses:
+
+* ``pairwise``: TRL's ``RewardTrainer`` as is, ``-logsigmoid(r_chosen - r_rejected)`` averaged over comparisons.
+  Ranked data is expanded into its C(K,2) comparisons, each an independent example (the "shuffled comparisons"
+  set-up that InstructGPT found to overfit; kept as a baseline).
+* ``kwise``: InstructGPT's loss. The K ranked responses of one prompt are ONE batch element (K forward passes in
+  the same batch); the loss of a prompt is the mean of ``-logsigmoid(r_i - r_j)`` over its C(K,2) pairs (i ranked
+  above j), i.e. each comparison is weighted 1/C(K,2); the batch loss is the mean over prompts. For K = 2 this is
+  exactly TRL's pairwise loss. ``per_device_train_batch_size`` then counts prompts, not comparisons.
+
+Data (``datasets.Dataset``, TRL conversational or standard format):
+
+* pairwise: ``prompt``, ``chosen``, ``rejected``;
+* ranked: ``prompt`` and ``responses`` (best first, K >= 2, K may vary per prompt).
+
+Responses may be assistant message lists or strings (wrapped into one assistant message when the prompt is a
+message list). Sequences longer than ``max_length`` tokens are dropped (TRL's rule); a ranked prompt keeps its
+remaining responses if at least two are left.
+
+After training, ``run_reward`` evaluates on held-out data (``pairwise_accuracy``, ``kendall_tau``), sets the
+InstructGPT bias ``b = -mean(score(demonstration))`` so that the SFT demonstrations score 0 on average, and saves a
+plain sequence classifier (LoRA merged) + tokenizer + ``reward_manifest.json`` atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from pydantic import Field, field_validator, model_validator
+from transformers import PreTrainedTokenizerBase, TrainerCallback
+from transformers.data.data_collator import DataCollatorMixin
+from trl import RewardConfig, RewardTrainer
+from trl.trainer.utils import pad
+
+from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, StrictModel
+from selfcorrect.errors import UserError
+from selfcorrect.io import atomic_write_text
+from selfcorrect.reward_models.score import (
+    FUNCTION_SPEC,
+    MANIFEST_NAME,
+    RewardModel,
+    encode,
+    load_function,
+    response_messages,
+)
+
+logger = logging.getLogger(__name__)
+
+# RewardConfig fields that run_reward sets itself: a value under reward.trainer would be ignored or conflict.
+RESERVED_TRAINER_KEYS: dict[str, str] = {
+    "output_dir": "set by the run (the output directory)",
+    "seed": "set by the run (the top-level seed)",
+    "report_to": "set by the run (the tracking section)",
+    "max_length": "use reward.max_length",
+    "logging_nan_inf_filter": "always off here (a NaN or infinite loss must stop the run, not be hidden)",
+}
+CHECKPOINTING_ALIASES = (
+    ("gradient_checkpointing", "activation_checkpointing"),
+    ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+)
+REWARD_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(RewardConfig))
+
+
+def trainer_key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be a ``reward.trainer`` entry, or None if it can."""
+    if key not in REWARD_CONFIG_FIELDS:
+        return "unknown RewardConfig field"
+    return RESERVED_TRAINER_KEYS.get(key)
+
+
+class RewardSection(StrictModel):
+    """The ``reward`` section of a config: how to train (or which function to use as) the reward model."""
+
+    data: DatasetSpec | None = None  # pairwise or ranked preference data; not needed with ``function``
+    loss: Literal["pairwise", "kwise"] = "pairwise"
+    max_length: int = Field(512, gt=0)  # longer (prompt + response) sequences are dropped from training
+    normalize: bool = True  # InstructGPT bias: the mean reward of the SFT demonstrations is 0
+    trainer: dict[str, Any] = Field(default_factory=dict)  # any trl.RewardConfig field
+    function: str | None = None  # "module:function" reward used instead of a trained model (nothing is trained)
+
+    @field_validator("trainer")
+    @classmethod
+    def _check_trainer(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            problem = trainer_key_problem(key)
+            if problem:
+                raise ValueError(f"{key}: {problem}")
+        return value
+
+    @field_validator("function")
+    @classmethod
+    def _check_function(cls, value: str | None) -> str | None:
+        if value is not None and not FUNCTION_SPEC.match(value):
+            raise ValueError("expected 'module:function'")
+        return value
+
+    @model_validator(mode="after")
+    def _check_data(self) -> RewardSection:
+        if self.data is None and self.function is None:
+            raise ValueError("data: required unless function is set")
+        return self
+
+
+# ---- the K-wise loss and ranking metrics -------------------------------------------------------------------------
+
+
+def pad_groups(rewards: torch.Tensor | Sequence[torch.Tensor], sizes: Sequence[int] | torch.Tensor | None = None):
+    """Ragged per-prompt rewards -> ``(padded (P, Kmax), mask (P, Kmax))``.
+
+    ``rewards`` is either a list of 1-D tensors (one per prompt, best first) or a flat 1-D tensor of the
+    concatenated groups together with their ``sizes``.
+    """
+    if isinstance(rewards, torch.Tensor):
+        if sizes is None:
+            raise ValueError("a flat rewards tensor needs the group sizes")
+        sizes = [int(s) for s in sizes]
+        if sum(sizes) != rewards.numel():
+            raise ValueError(f"group sizes sum to {sum(sizes)} but there are {rewards.numel()} rewards")
+        groups = list(torch.split(rewards.reshape(-1), sizes))
+    else:
+        groups = [g.reshape(-1) for g in rewards]
+    if not groups:
+        raise ValueError("no groups")
+    k_max = max(g.numel() for g in groups)
+    ref = groups[0]
+    padded = ref.new_zeros((len(groups), k_max))
+    mask = torch.zeros((len(groups), k_max), dtype=torch.bool, device=ref.device)
+    for p, g in enumerate(groups):
+        padded[p, : g.numel()] = g
+        mask[p, : g.numel()] = True
+    return padded, mask
+
+
+def _pairs(rewards: torch.Tensor, mask: torch.Tensor | None):
+    """``diff[p, i, j] = r[p, i] - r[p, j]`` and the mask of the valid ranked pairs (i < j, both present)."""
+    if rewards.dim() == 1:
+        rewards = rewards.unsqueeze(0)
+    if mask is None:
+        mask = torch.ones_like(rewards, dtype=torch.bool)
+    mask = mask.to(torch.bool)
+    safe = torch.where(mask, rewards, torch.zeros_like(rewards))  # padded slots may hold garbage (nan, inf)
+    k = rewards.shape[-1]
+    upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=rewards.device), diagonal=1)
+    pair_mask = upper & mask.unsqueeze(-1) & mask.unsqueeze(-2)
+    diff = safe.unsqueeze(-1) - safe.unsqueeze(-2)
+    return safe, diff, pair_mask
+
+
+def kwise_loss(
+    rewards: torch.Tensor | Sequence[torch.Tensor],
+    mask: torch.Tensor | None = None,
+    *,
+    center_coefficient: float | None = None,
+) -> torch.Tensor:
+    """InstructGPT's K-wise reward-model loss (Ouyang et al. 2022, Eq. 1).
+
+    ``rewards``: ``(P, Kmax)`` scores, each row one prompt's responses in rank order (best first), padded on the
+    right; ``mask`` marks the real entries (None: all real). A list of 1-D tensors (ragged K) is also accepted.
+    For every prompt p with K_p responses, all C(K_p, 2) pairs (i, j), i < j (i ranked better) give
+    ``-logsigmoid(r_i - r_j)``; the prompt's loss is their mean (weight 1/C(K_p, 2)) and the result is the mean over
+    prompts with at least one pair. K = 2 reduces to TRL's ``-logsigmoid(r_chosen - r_rejected).mean()``.
+
+    ``center_coefficient`` adds TRL's centering term (``center_rewards_coefficient``) generalised the same way:
+    ``c * (r_i + r_j)^2`` averaged over a prompt's pairs, then over prompts.
+    """
+    if not isinstance(rewards, torch.Tensor):
+        rewards, mask = pad_groups(rewards)
+    _, diff, pair_mask = _pairs(rewards, mask)
+    per_pair = -F.logsigmoid(diff)
+    if center_coefficient:
+        safe, _, _ = _pairs(rewards, mask)
+        per_pair = per_pair + center_coefficient * (safe.unsqueeze(-1) + safe.unsqueeze(-2)) ** 2
+    n_pairs = pair_mask.sum(dim=(-1, -2))
+    per_prompt = torch.where(pair_mask, per_pair, torch.zeros_like(per_pair)).sum(dim=(-1, -2))
+    has_pairs = n_pairs > 0
+    if not bool(has_pairs.any()):
+        return per_pair.sum() * 0.0  # no comparisons: zero, still attached to the graph
+    return (per_prompt[has_pairs] / n_pairs[has_pairs]).mean()
+
+
+def ranking_metrics(rewards: torch.Tensor | Sequence[torch.Tensor], mask: torch.Tensor | None = None) -> dict:
+    """Held-out ranking quality of predicted scores against the true order (best first).
+
+    * ``pairwise_accuracy``: share of all comparisons (pooled over prompts) where the better response scores
+      strictly higher (TRL's ``accuracy``);
+    * ``kendall_tau``: mean over prompts of Kendall's tau-a between scores and true ranks,
+      (concordant - discordant) / C(K, 2), ties counting 0; for K = 2 it is ``2 * accuracy - 1`` (without ties);
+    * ``kwise_loss`` and ``pairwise_loss`` (the mean of ``-logsigmoid(r_i - r_j)`` pooled over all comparisons);
+    * ``n_prompts``, ``n_pairs``.
+    """
+    if not isinstance(rewards, torch.Tensor):
+        rewards, mask = pad_groups(rewards)
+    rewards = rewards.detach().float()
+    _, diff, pair_mask = _pairs(rewards, mask)
+    n_pairs = pair_mask.sum(dim=(-1, -2))
+    has_pairs = n_pairs > 0
+    sign = torch.where(pair_mask, torch.sign(diff), torch.zeros_like(diff))
+    tau = sign.sum(dim=(-1, -2))[has_pairs] / n_pairs[has_pairs]
+    correct = (pair_mask & (diff > 0)).sum()
+    total = int(n_pairs.sum())
+    per_pair = -F.logsigmoid(diff)
+    return {
+        "pairwise_accuracy": float(correct) / total if total else float("nan"),
+        "kendall_tau": float(tau.mean()) if tau.numel() else float("nan"),
+        "kwise_loss": float(kwise_loss(rewards, mask)) if total else float("nan"),
+        "pairwise_loss": float(per_pair[pair_mask].mean()) if total else float("nan"),
+        "n_prompts": int(has_pairs.sum()),
+        "n_pairs": total,
+    }
+
+
+# ---- data -----------------------------------------------------------------------------------------------------------
+
+
+def data_kind(dataset: Dataset) -> Literal["pairwise", "ranked"]:
+    """``ranked`` for ``prompt``/``responses`` data, ``pairwise`` for ``prompt``/``chosen``/``rejected`` data."""
+    columns = set(dataset.column_names)
+    if {"prompt", "responses"} <= columns:
+        return "ranked"
+    if {"chosen", "rejected"} <= columns:
+        return "pairwise"
+    raise UserError(f"reward data: expected columns prompt/chosen/rejected or prompt/responses, got {sorted(columns)}")
+
+
+def _normalise_response(prompt: Any, response: Any, where: str) -> Any:
+    if isinstance(prompt, str):
+        if not isinstance(response, str):
+            raise UserError(f"{where}: a text prompt needs text responses")
+        return response
+    return response_messages(response)
+
+
+def to_ranked(dataset: Dataset) -> Dataset:
+    """Ranked view (``prompt``, ``responses`` best first) of pairwise or ranked data; prompts with K < 2 dropped."""
+    kind = data_kind(dataset)
+    rows = []
+    for n, example in enumerate(dataset):
+        prompt = example.get("prompt", "")
+        prompt = prompt if prompt is not None else ""
+        responses = example["responses"] if kind == "ranked" else [example["chosen"], example["rejected"]]
+        responses = [_normalise_response(prompt, r, f"reward data: record {n}") for r in responses]
+        if len(responses) >= 2:
+            rows.append({"prompt": prompt, "responses": responses})
+    if not rows:
+        raise UserError("reward data: no prompt with at least two responses")
+    return Dataset.from_list(rows)
+
+
+def to_pairwise(dataset: Dataset) -> Dataset:
+    """Pairwise view (``prompt``, ``chosen``, ``rejected``); ranked data gives all C(K,2) pairs of each prompt."""
+    ranked = to_ranked(dataset)
+    rows = [
+        {"prompt": ex["prompt"], "chosen": ex["responses"][i], "rejected": ex["responses"][j]}
+        for ex in ranked
+        for i, j in itertools.combinations(range(len(ex["responses"])), 2)
+    ]
+    return Dataset.from_list(rows)
+
+
+def tokenize_ranked(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None) -> Dataset:
+    """Add ``response_ids`` (one token list per response); drop over-long responses, then prompts with K < 2."""
+
+    def tokenize(example: dict) -> dict:
+        ids = [encode(tokenizer, example["prompt"], r) for r in example["responses"]]
+        if max_length is not None:
+            ids = [x for x in ids if len(x) <= max_length]
+        return {"response_ids": ids}
+
+    dataset = dataset.map(tokenize)
+    return dataset.filter(lambda example: len(example["response_ids"]) >= 2)
+
+
+@dataclass
+class DataCollatorForRanking(DataCollatorMixin):
+    """Collate ranked examples: all K responses of every prompt in one right-padded batch.
+
+    Input: examples with ``response_ids`` (K_p token lists, best first). Output: ``input_ids`` and
+    ``attention_mask`` of shape ``(sum_p K_p, L)`` (prompt after prompt, responses in rank order) and
+    ``group_sizes`` ``(P,)``.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+    return_tensors: str = "pt"
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        sequences = [torch.tensor(ids) for example in examples for ids in example["response_ids"]]
+        sizes = torch.tensor([len(example["response_ids"]) for example in examples], dtype=torch.long)
+        masks = [torch.ones_like(ids) for ids in sequences]
+        return {
+            "input_ids": pad(sequences, self.pad_token_id, "right", self.pad_to_multiple_of),
+            "attention_mask": pad(masks, 0, "right", self.pad_to_multiple_of),
+            "group_sizes": sizes,
+        }
+
+
+class KWiseRewardTrainer(RewardTrainer):
+    """TRL ``RewardTrainer`` with InstructGPT's K-wise loss (see :func:`kwise_loss`).
+
+    Takes ranked datasets (``prompt``, ``responses`` best first) or already tokenized ones (``response_ids``).
+    One batch element is one prompt: its K responses are scored in the same forward pass.
+    """
+
+    _tag_names = ["trl", "reward-trainer", "kwise"]
+
+    def __init__(self, *args: Any, data_collator: Any = None, processing_class: Any = None, **kwargs: Any):
+        if data_collator is None:
+            if processing_class is None:
+                raise ValueError("KWiseRewardTrainer needs a processing_class (tokenizer)")
+            if processing_class.pad_token is None:
+                processing_class.pad_token = processing_class.eos_token
+            reward_args = kwargs.get("args") or (args[1] if len(args) > 1 else None)
+            data_collator = DataCollatorForRanking(
+                pad_token_id=processing_class.pad_token_id,
+                pad_to_multiple_of=getattr(reward_args, "pad_to_multiple_of", None),
+            )
+        super().__init__(*args, data_collator=data_collator, processing_class=processing_class, **kwargs)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # noqa: D102 (TRL hook)
+        if "response_ids" in dataset.column_names:
+            return dataset
+        return tokenize_ranked(to_ranked(dataset), processing_class, args.max_length)
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["response_ids"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        inputs = dict(inputs)
+        sizes = inputs.pop("group_sizes")
+        inputs["use_cache"] = False
+        outputs = model(**inputs)
+        rewards, mask = pad_groups(outputs.logits.squeeze(-1), sizes.tolist())
+        loss = kwise_loss(rewards, mask, center_coefficient=self.args.center_rewards_coefficient)
+
+        if mode == "train":
+            num_tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += num_tokens // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        with torch.no_grad():
+            all_rewards = self.accelerator.gather(outputs.logits)
+            self._metrics[mode]["min_reward"].append(all_rewards.min().item())
+            self._metrics[mode]["mean_reward"].append(all_rewards.mean().item())
+            self._metrics[mode]["max_reward"].append(all_rewards.max().item())
+            _, diff, pair_mask = _pairs(rewards.detach(), mask)
+            accuracy = (diff[pair_mask] > 0).float().mean()
+            self._metrics[mode]["accuracy"].append(self.accelerator.gather_for_metrics(accuracy).mean().item())
+            margin = diff[pair_mask].mean()
+            self._metrics[mode]["margin"].append(self.accelerator.gather_for_metrics(margin).mean().item())
+        return (loss, outputs) if return_outputs else loss
+
+
+class _NonFiniteLossGuard(TrainerCallback):
+    """Stop training as soon as a logged loss is NaN or infinite (run_reward then raises a UserError)."""
+
+    def __init__(self) -> None:
+        self.bad: tuple[int, float] | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)) and self.bad is None:
+            self.bad = (state.global_step, float(loss))
+            control.should_training_stop = True
+
+
+# ---- the stage -----------------------------------------------------------------------------------------------------
+
+
+def _default_bf16() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def build_reward_config(section: RewardSection, output_dir: Path, seed: int, report_to: str | list[str]):
+    """A ``trl.RewardConfig``: our defaults, then ``reward.trainer`` on top.
+
+    Defaults: InstructGPT's 1 epoch with cosine decay to 10% of the peak learning rate, no intermediate checkpoints,
+    bf16 only on a GPU that supports it (TRL would turn it on everywhere), the run's seed for model init and data
+    order, activation (gradient) checkpointing on as in TRL, pinned memory only with CUDA.
+    ``logging_nan_inf_filter`` is forced off so that a diverged loss is seen and stops the run.
+    """
+    for key in section.trainer:
+        problem = trainer_key_problem(key)
+        if problem:
+            raise UserError(f"reward.trainer.{key}: {problem}")
+    user = dict(section.trainer)
+    # transformers 5 renamed gradient_checkpointing* to activation_checkpointing*; TRL still sets the old name (True)
+    # by default, which warns. Pass the new name only, taking the user's value under either name.
+    for old_name, new_name in CHECKPOINTING_ALIASES:
+        if old_name in user:
+            value = user.pop(old_name)
+            user.setdefault(new_name, value)
+    values: dict[str, Any] = {
+        "num_train_epochs": 1,
+        "lr_scheduler_type": "cosine_with_min_lr",
+        "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
+        "save_strategy": "no",
+        "bf16": _default_bf16(),
+        "dataloader_pin_memory": torch.cuda.is_available(),
+        "activation_checkpointing": True,  # TRL's default
+        **user,
+        **{old_name: None for old_name, _ in CHECKPOINTING_ALIASES},
+        "output_dir": str(output_dir),
+        "seed": seed,
+        "report_to": report_to,
+        "max_length": section.max_length,
+        "logging_nan_inf_filter": False,
+    }
+    try:
+        return RewardConfig(**values)
+    except (TypeError, ValueError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"reward.trainer: invalid RewardConfig: {message}") from None
+
+
+def _versions() -> dict[str, str]:
+    import datasets
+    import peft
+    import transformers
+    import trl
+
+    import selfcorrect
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "peft": peft.__version__,
+        "datasets": datasets.__version__,
+        "selfcorrect": getattr(selfcorrect, "__version__", "unknown"),
+    }
+
+
+def _load_classifier(model: ModelSection, seed: int):
+    """The scalar-head sequence classifier (``num_labels=1``) and tokenizer of a model reference."""
+    from transformers import AutoModelForSequenceClassification, set_seed
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    from selfcorrect.models import DTYPE_NAMES, load_model, load_tokenizer, resolve_model_path
+
+    resolved = resolve_model_path(model.name_or_path)
+    path = Path(resolved)
+    dtype = DTYPE_NAMES.get(model.dtype or "float32")
+    if dtype is None:
+        raise UserError(f"model.dtype: unknown dtype '{model.dtype}' (known: {', '.join(DTYPE_NAMES)})")
+    tokenizer = load_tokenizer(resolved, trust_remote_code=model.trust_remote_code)
+    staging = None
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        # A LoRA SFT adapter: merge it into its base and start the classifier from the merged weights.
+        merged, _ = load_model(resolved, dtype=dtype, device="cpu", trust_remote_code=model.trust_remote_code)
+        staging = Path(tempfile.mkdtemp(prefix="selfcorrect-rm-base-"))
+        merged.save_pretrained(staging)
+        del merged
+        resolved = str(staging)
+    elif path.is_dir() and not (any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists()):
+        raise UserError(f"{path}: no safetensors weights (model.safetensors) found")
+    set_seed(seed)  # the score head is initialised randomly
+    try:
+        with suppress_seqcls_warning():
+            classifier = AutoModelForSequenceClassification.from_pretrained(
+                resolved,
+                num_labels=1,
+                dtype=dtype,
+                use_safetensors=True,
+                trust_remote_code=model.trust_remote_code,
+            )
+    except OSError as exc:
+        raise UserError(f"cannot load model '{model.name_or_path}': {str(exc).splitlines()[0]}") from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    classifier.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+    classifier.config.pad_token_id = tokenizer.pad_token_id
+    return classifier, tokenizer
+
+
+def _peft_config(lora: LoraSection):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        modules_to_save=["score"],  # the scalar head is new: train and save it in full
+    )
+
+
+def _split_demonstration(conversation: list[dict], index: int) -> tuple[list[dict], list[dict]]:
+    if not conversation or conversation[-1].get("role") != "assistant":
+        raise UserError(f"reward demonstrations: conversation {index} does not end with an assistant message")
+    return list(conversation[:-1]), [conversation[-1]]
+
+
+def _score_groups(reward_model: RewardModel, ranked_ids: Dataset, batch_size: int) -> list[torch.Tensor]:
+    flat = [ids for example in ranked_ids for ids in example["response_ids"]]
+    sizes = [len(example["response_ids"]) for example in ranked_ids]
+    scores = reward_model.score_ids(flat, batch_size=batch_size)
+    return list(torch.split(scores, sizes))
+
+
+def _install_atomically(staging: Path, output_dir: Path) -> None:
+    """Move the finished staging directory to ``output_dir``, replacing an earlier result."""
+    old = None
+    if output_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+        os.replace(output_dir, old / "previous")
+    os.replace(staging, output_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_reward(
+    section: RewardSection,
+    model: ModelSection,
+    lora: LoraSection | None,
+    output_dir: Path,
+    seed: int,
+    train_ds: Dataset | None,
+    eval_ds: Dataset | None = None,
+    demonstrations: list[list[dict]] | None = None,
+    report_to: str | list[str] = "none",
+) -> Path:
+    """Train a reward model and save it (with ``reward_manifest.json``) to ``output_dir``; return ``output_dir``.
+
+    * ``train_ds`` / ``eval_ds``: pairwise or ranked datasets (see the module docstring). Any kind works with
+      either loss: pairwise data under ``kwise`` is K = 2; ranked data under ``pairwise`` is expanded to pairs.
+    * ``demonstrations``: SFT conversations ending with the assistant reply; with ``section.normalize`` the bias
+      ``b = -mean(raw score)`` over them is stored (manifest ``bias`` and ``config.reward_bias``). Without
+      demonstrations the best response of every training prompt stands in (``bias_source`` says which).
+    * With ``section.function`` nothing is trained: the directory holds only a manifest naming the function,
+      which :meth:`RewardModel.load` resolves.
+
+    Written atomically: a temporary directory beside ``output_dir`` is renamed into place when complete. A NaN or
+    infinite loss is a UserError and leaves nothing behind.
+    """
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    staging.chmod(0o777 & ~mask)  # mkdtemp makes it 0700; the result should get the usual permissions
+    try:
+        if section.function is not None:
+            load_function(section.function)  # fail now, not during PPO
+            manifest = {
+                "stage": "reward",
+                "function": section.function,
+                "bias": 0.0,
+                "seed": seed,
+                "versions": _versions(),
+            }
+        else:
+            manifest = _train(section, model, lora, staging, seed, train_ds, eval_ds, demonstrations, report_to)
+        atomic_write_text(staging / MANIFEST_NAME, json.dumps(manifest, indent=2, default=str) + "\n")
+        _install_atomically(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir
+
+
+def _train(
+    section: RewardSection,
+    model_section: ModelSection,
+    lora: LoraSection | None,
+    staging: Path,
+    seed: int,
+    train_ds: Dataset | None,
+    eval_ds: Dataset | None,
+    demonstrations: list[list[dict]] | None,
+    report_to: str | list[str],
+) -> dict[str, Any]:
+    if train_ds is None or len(train_ds) == 0:
+        raise UserError("reward.data: no training records")
+    checkpoints = staging / "checkpoints"
+    args = build_reward_config(section, checkpoints, seed, report_to)
+    classifier, tokenizer = _load_classifier(model_section, seed)
+
+    ranked_train = tokenize_ranked(to_ranked(train_ds), tokenizer, section.max_length)
+    if len(ranked_train) == 0:
+        raise UserError(f"reward.data: no training prompt has two responses within max_length={section.max_length}")
+    ranked_eval = None
+    if eval_ds is not None and len(eval_ds) > 0:
+        ranked_eval = tokenize_ranked(to_ranked(eval_ds), tokenizer, section.max_length)
+
+    guard = _NonFiniteLossGuard()
+    common = {
+        "model": classifier,
+        "args": args,
+        "processing_class": tokenizer,
+        "callbacks": [guard],
+        "peft_config": _peft_config(lora) if lora is not None else None,
+    }
+    if section.loss == "kwise":
+        trainer = KWiseRewardTrainer(train_dataset=ranked_train, eval_dataset=ranked_eval, **common)
+    else:
+        pairs = to_pairwise(train_ds)
+        eval_pairs = to_pairwise(eval_ds) if ranked_eval is not None else None
+        trainer = RewardTrainer(train_dataset=pairs, eval_dataset=eval_pairs, **common)
+    n_train = len(trainer.train_dataset)
+    result = trainer.train()
+
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    if guard.bad is not None or not math.isfinite(result.training_loss):
+        step, value = guard.bad or (trainer.state.global_step, result.training_loss)
+        raise UserError(
+            f"reward training diverged: loss {value} at step {step} (try a lower reward.trainer."
+            "learning_rate); nothing was saved"
+        )
+
+    trained = trainer.model
+    if hasattr(trained, "merge_and_unload"):  # LoRA: save a plain sequence classifier
+        trained = trained.merge_and_unload()
+    trained.eval()
+    batch_size = args.per_device_eval_batch_size
+    reward_model = RewardModel(trained, tokenizer, max_length=section.max_length)
+
+    metrics: dict[str, Any] = {}
+    if ranked_eval is not None and len(ranked_eval) > 0:
+        metrics = ranking_metrics(_score_groups(reward_model, ranked_eval, batch_size))
+
+    bias, bias_source, n_demos = 0.0, "none", 0
+    if section.normalize:
+        if demonstrations:
+            split = [_split_demonstration(c, i) for i, c in enumerate(demonstrations)]
+            raw = reward_model.score([p for p, _ in split], [r for _, r in split], batch_size=batch_size)
+            bias_source, n_demos = "demonstrations", len(split)
+        else:
+            logger.warning("reward: no demonstrations given; the bias centres the best training responses instead")
+            raw = torch.cat([g[:1] for g in _score_groups(reward_model, ranked_train, batch_size)])
+            bias_source, n_demos = "train_best_responses", len(raw)
+        bias = -float(raw.double().mean())
+        if not math.isfinite(bias):
+            raise UserError("reward training diverged: the demonstration scores are not finite; nothing was saved")
+
+    trained.config.reward_bias = bias
+    trained.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()
+
+    n_pairs = sum(math.comb(len(example["response_ids"]), 2) for example in ranked_train)
+    eval_section = {key: metrics.get(key) for key in ("pairwise_accuracy", "kendall_tau", "n_prompts", "n_pairs")}
+    eval_section["loss"] = metrics.get(f"{section.loss}_loss")
+    return {
+        "stage": "reward",
+        "bias": bias,
+        "bias_source": bias_source,
+        "n_demonstrations": n_demos,
+        "normalize": section.normalize,
+        "loss_type": section.loss,
+        "loss": result.training_loss,
+        "final_loss": losses[-1] if losses else result.training_loss,
+        "first_loss": losses[0] if losses else None,
+        "pairwise_accuracy": metrics.get("pairwise_accuracy"),
+        "kendall_tau": metrics.get("kendall_tau"),
+        "eval": eval_section if metrics else None,
+        "n_train": n_train,
+        "n_train_prompts": len(ranked_train),
+        "n_train_pairs": n_pairs,
+        "max_length": section.max_length,
+        "global_step": trainer.state.global_step,
+        "model": model_section.model_dump(),
+        "lora": lora.model_dump() if lora is not None else None,
+        "trainer": section.trainer,
+        "seed": seed,
+        "versions": _versions(),
+        "log_history": trainer.state.log_history,
+    }
+
+
+__all__ = [
+    "DataCollatorForRanking",
+    "KWiseRewardTrainer",
+    "RewardSection",
+    "build_reward_config",
+    "data_kind",
+    "kwise_loss",
+    "pad_groups",
+    "ranking_metrics",
+    "run_reward",
+    "to_pairwise",
+    "to_ranked",
+    "tokenize_ranked",
+]

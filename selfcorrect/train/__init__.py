@@ -1,0 +1,1 @@
+"""The training stages: SFT, reward model, PPO-ptx."""

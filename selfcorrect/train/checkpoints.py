@@ -1,0 +1,498 @@
+"""Kept checkpoints (``checkpoints/step-NNNNNN/``) and the resume state (``last/``) of a training run.
+
+Layout under a stage's output directory ``root`` (e.g. ``runs/<name>/ppo``)::
+
+    root/checkpoints/step-000050/   model.safetensors (or adapter_model.safetensors + adapter_config.json),
+                                    config.json, tokenizer files, manifest.json
+    root/last/                      everything needed to resume (see :func:`save_last`)
+
+Kept checkpoints are the steps listed in ``save_at_steps``; they are written once and never overwritten or
+pruned. ``last/`` is replaced at every save. Both are written atomically: into a temporary directory in the
+same parent, then renamed into place, so a reader (or a restarted run) sees a complete directory or none.
+
+Only one process may write under ``root`` (with accelerate: the main process); leftover temporary
+directories from a killed writer are removed by the next save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from selfcorrect.errors import UserError
+
+__all__ = [
+    "MANIFEST_REQUIRED_KEYS",
+    "capture_rng",
+    "checkpoint_dir",
+    "config_hash",
+    "library_versions",
+    "load_last",
+    "restore_rng",
+    "restore_weights",
+    "save_checkpoint",
+    "save_last",
+    "validate_save_at_steps",
+]
+
+MANIFEST_REQUIRED_KEYS: tuple[str, ...] = ("episodes", "tokens", "mean_reward", "kl", "config_hash")
+"""Keys every kept checkpoint's manifest must receive from the caller (values may be None at step 0)."""
+
+LAST = "last"
+LAST_OLD = "last.old"
+LAST_TMP_PREFIX = "last.tmp-"
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng_state.pt"
+LAST_FORMAT = 1
+_LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "selfcorrect")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Schedule, names, hashes, versions
+# --------------------------------------------------------------------------------------------------------------
+
+
+def validate_save_at_steps(steps: list[int], total_steps: int, where: str) -> list[int]:
+    """Check a ``save_at_steps`` list and return it as a new list of ints.
+
+    Every entry must be an integer with ``0 <= step <= total_steps``; the list must be strictly ascending (so
+    sorted and without duplicates). Anything else is a :class:`UserError` whose message starts with ``where``
+    (e.g. ``"config.yaml: ppo.save_at_steps"``) and names the offending value.
+    """
+    checked: list[int] = []
+    for index, step in enumerate(steps):
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise UserError(f"{where}: entry {index} is {step!r}, expected a whole number of steps")
+        if step < 0:
+            raise UserError(f"{where}: step {step} is negative (steps count from 0)")
+        if step > total_steps:
+            raise UserError(f"{where}: step {step} is beyond the last step of the run ({total_steps})")
+        if step in checked:
+            raise UserError(f"{where}: step {step} is listed twice")
+        if checked and step < checked[-1]:
+            raise UserError(f"{where}: step {step} comes after {checked[-1]}; list the steps in ascending order")
+        checked.append(step)
+    return checked
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    """Directory of the kept checkpoint for ``step``: ``root / "checkpoints" / "step-000050"``."""
+    return Path(root) / "checkpoints" / f"step-{step:06d}"
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of python, torch, transformers, trl, peft, accelerate and selfcorrect.
+
+    A library that is not installed is reported as ``"not installed"``.
+    """
+    versions = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _json_default(value: Any) -> Any:
+    """JSON encoding of the non-JSON values a caller may reasonably pass (paths, tensor and numpy scalars)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray | torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"cannot write a {type(value).__name__} as JSON")
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """First 16 hex digits of the sha256 of ``config`` as canonical JSON (sorted keys, no spaces, UTF-8).
+
+    Paths are written as strings; two configs that differ only in key order have the same hash.
+    """
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flush every file under ``directory`` and the directory entries themselves to disk."""
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model weights
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _is_peft(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _weights_info(model: Any) -> dict[str, Any]:
+    """What kind of weights ``model`` saves: a LoRA/PEFT adapter (and on which base model) or a full model."""
+    if _is_peft(model):
+        adapter = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapters[0]
+        peft_config = model.peft_config[adapter]
+        return {
+            "weights": "adapter",
+            "adapter_type": str(
+                peft_config.peft_type.value if hasattr(peft_config.peft_type, "value") else peft_config.peft_type
+            ),
+            "base_model": peft_config.base_model_name_or_path,
+        }
+    if hasattr(model, "save_pretrained"):
+        return {"weights": "full", "base_model": None}
+    return {"weights": "state_dict", "base_model": None}
+
+
+def _save_weights(model: Any, directory: Path) -> None:
+    """Save ``model`` into ``directory`` as safetensors: ``save_pretrained`` (a PEFT model writes its adapter),
+    or for a plain ``torch.nn.Module`` its state dict as ``model.safetensors``. A save that produced no
+    safetensors file is a RuntimeError (weights are never written as pickle)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if _is_peft(model):
+        model.save_pretrained(directory, safe_serialization=True)
+    elif hasattr(model, "save_pretrained"):
+        model.save_pretrained(directory)  # transformers 5 always writes safetensors
+    else:
+        from safetensors.torch import save_model
+
+        save_model(model, str(directory / "model.safetensors"))
+    if not any(directory.glob("*.safetensors")):
+        raise RuntimeError(f"{directory}: saving {type(model).__name__} wrote no safetensors file")
+
+
+def restore_weights(model: Any, directory: str | Path) -> None:
+    """Load weights saved by :func:`save_last` / :func:`save_checkpoint` back into ``model``, in place.
+
+    A PEFT model gets its active adapter's weights from ``adapter_model.safetensors``; a transformers model
+    is reloaded with ``from_pretrained`` (so any key renaming of the save is undone) and copied in with a
+    strict ``load_state_dict``; a plain module reads ``model.safetensors``. Parameters keep their device and
+    dtype, so an optimizer built on them stays valid.
+    """
+    directory = Path(directory)
+    if _is_peft(model):
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        adapter = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapters[0]
+        result = set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"), adapter)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise RuntimeError(f"{directory}: adapter weights do not fit the model: {unexpected[:5]}")
+    elif hasattr(model, "save_pretrained"):
+        loaded = type(model).from_pretrained(directory, use_safetensors=True, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        del loaded
+    else:
+        from safetensors.torch import load_model
+
+        load_model(model, str(directory / "model.safetensors"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Kept checkpoints
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _remove_stale_temp_dirs(parent: Path, prefix: str) -> None:
+    if parent.is_dir():
+        for stale in parent.glob(f"{prefix}*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def save_checkpoint(root: Path, step: int, model: Any, tokenizer: Any, manifest: dict[str, Any]) -> Path:
+    """Write the kept checkpoint of ``step`` atomically and return its directory (:func:`checkpoint_dir`).
+
+    The directory holds ``model.save_pretrained`` output in safetensors (for a PEFT model: the adapter, with
+    the base model reference in ``adapter_config.json`` and in the manifest), the tokenizer, and
+    ``manifest.json``: ``step``, ``created_at`` (UTC ISO-8601), ``library_versions``, ``weights``
+    (``"full"`` or ``"adapter"``), ``base_model`` (the adapter's base model reference, else None), then every
+    key of ``manifest``, which must include :data:`MANIFEST_REQUIRED_KEYS` (``episodes``, ``tokens``,
+    ``mean_reward``, ``kl``, ``config_hash``; values may be None, e.g. at step 0). Pass the unwrapped model
+    (``accelerator.unwrap_model``), from the main process only.
+
+    Written into ``checkpoints/.step-NNNNNN.tmp-<pid>`` and renamed into place when complete.
+
+    **An existing checkpoint is never overwritten**: if the directory already exists (a resumed run reaching a
+    step it had saved before it was killed) it is returned unchanged, unless its manifest records a different
+    ``config_hash``, which is a :class:`UserError` (another configuration wrote into this run directory).
+    """
+    missing = [key for key in MANIFEST_REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise ValueError(f"save_checkpoint: the manifest lacks {', '.join(missing)}")
+    if "step" in manifest and manifest["step"] != step:
+        raise ValueError(f"save_checkpoint: manifest step {manifest['step']} differs from step {step}")
+    final = checkpoint_dir(root, step)
+    if final.exists():
+        _check_existing_checkpoint(final, manifest.get("config_hash"))
+        return final
+
+    full_manifest: dict[str, Any] = {
+        "step": step,
+        "created_at": _now(),
+        "library_versions": library_versions(),
+        **_weights_info(model),
+    }
+    full_manifest.update(manifest)
+    encoded = json.dumps(full_manifest, indent=2, sort_keys=True, default=_json_default) + "\n"  # fail early
+
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{final.name}.tmp-"
+    _remove_stale_temp_dirs(parent, prefix)
+    tmp = parent / f"{prefix}{os.getpid()}"
+    try:
+        tmp.mkdir()
+        _save_weights(model, tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "manifest.json").write_text(encoded, encoding="utf-8")
+        _fsync_tree(tmp)
+        os.rename(tmp, final)  # fails rather than replace if ``final`` appeared meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(parent)
+    return final
+
+
+def _check_existing_checkpoint(final: Path, expected_hash: str | None) -> None:
+    manifest_path = final / "manifest.json"
+    try:
+        existing = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"{manifest_path}: an existing checkpoint without a readable manifest ({error}); "
+            "move it away to save this step again"
+        ) from error
+    old_hash = existing.get("config_hash")
+    if expected_hash is not None and old_hash is not None and old_hash != expected_hash:
+        raise UserError(
+            f"{final}: already holds a checkpoint of another configuration (config_hash {old_hash}, "
+            f"this run {expected_hash}); use another output directory"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# RNG state
+# --------------------------------------------------------------------------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    """The global RNG states: python ``random``, numpy's legacy global generator, torch CPU, and torch CUDA
+    (every device) when CUDA is available. Plain python values and tensors, loadable with ``weights_only``."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    return state
+
+
+def restore_rng(rng: Mapping[str, Any]) -> None:
+    """Set the global RNG states from :func:`capture_rng` output (as returned in ``load_last(...)["rng"]``).
+
+    CUDA states are restored only when CUDA is available and the saved state has one entry per device.
+    """
+    python_state = rng["python"]
+    version, internal, gauss_next = python_state
+    random.setstate((version, tuple(internal), gauss_next))
+    numpy_state = rng["numpy"]
+    keys = np.asarray(
+        numpy_state["keys"].numpy() if isinstance(numpy_state["keys"], torch.Tensor) else numpy_state["keys"],
+        dtype=np.uint32,
+    )
+    np.random.set_state(
+        (numpy_state["kind"], keys, numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    )
+    torch.set_rng_state(rng["torch"])
+    cuda_states = rng.get("cuda")
+    if cuda_states is not None and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Resume state: last/
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _model_dirs(model: Any) -> dict[str, Any]:
+    """``{"model": model}`` for one model, or the mapping itself (names become subdirectory names)."""
+    models = dict(model) if isinstance(model, Mapping) else {"model": model}
+    reserved = {STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE}
+    for name in models:
+        if not name or not name.replace("_", "").replace("-", "").isalnum() or name in reserved:
+            raise ValueError(f"save_last: model name {name!r} must be letters, digits, '_' or '-'")
+    return models
+
+
+def save_last(
+    root: Path,
+    state: dict[str, Any],
+    model: Any,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None,
+    rng: bool = True,
+) -> Path:
+    """Replace ``root/last`` atomically with everything needed to resume; returns ``root/last``.
+
+    Contents: the weights of ``model`` via ``save_pretrained`` in ``last/model/`` (a PEFT model writes its
+    adapter; a mapping ``{"policy": ..., "value": ...}`` writes one subdirectory per name), ``optimizer.pt``
+    (``optimizer.state_dict()``), ``scheduler.pt`` (``scheduler.state_dict()``), ``rng_state.pt``
+    (:func:`capture_rng`, when ``rng``), and ``state.json``: ``{"format", "created_at", "library_versions",
+    "models", "state"}`` where ``state`` is the caller's dict (it must hold ``step``; put episodes, tokens, the
+    data position, the KL controller's ``state_dict()``... there). It must be JSON-serialisable; it is checked
+    before anything is written.
+
+    Replacement protocol (a kill at any point leaves a loadable state, see :func:`load_last`):
+    write everything into ``last.tmp-<pid>``; rename ``last`` to ``last.old``; rename ``last.tmp-<pid>`` to
+    ``last``; delete ``last.old``. If ``last`` is missing but ``last.old`` exists (a kill between the two
+    renames), ``last.old`` is kept until the new ``last`` is in place.
+    """
+    if "step" not in state:
+        raise ValueError("save_last: state must contain 'step'")
+    root = Path(root)
+    models = _model_dirs(model)
+    record = {
+        "format": LAST_FORMAT,
+        "created_at": _now(),
+        "library_versions": library_versions(),
+        "models": {name: _weights_info(m) for name, m in models.items()},
+        "has_optimizer": optimizer is not None,
+        "has_scheduler": scheduler is not None,
+        "has_rng": bool(rng),
+        "state": state,
+    }
+    encoded = json.dumps(record, indent=2, sort_keys=True, default=_json_default) + "\n"  # fail before writing
+
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(root, LAST_TMP_PREFIX)
+    tmp = root / f"{LAST_TMP_PREFIX}{os.getpid()}"
+    try:
+        tmp.mkdir()
+        for name, m in models.items():
+            _save_weights(m, tmp / name)
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+        if rng:
+            torch.save(capture_rng(), tmp / RNG_FILE)
+        (tmp / STATE_FILE).write_text(encoded, encoding="utf-8")  # written last: marks a complete directory
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    last, old = root / LAST, root / LAST_OLD
+    if last.exists():
+        if old.exists():  # a stale leftover: ``last`` is complete, so ``last.old`` is not needed
+            shutil.rmtree(old)
+        os.rename(last, old)
+    os.rename(tmp, last)
+    _fsync_dir(root)
+    if old.exists():
+        shutil.rmtree(old)
+    return last
+
+
+def load_last(root: Path) -> dict[str, Any] | None:
+    """Read the resume state written by :func:`save_last`, or None if ``root`` has none.
+
+    Uses ``root/last``; if it is missing but ``root/last.old`` exists (a run killed between the two renames of
+    :func:`save_last`), uses ``last.old``. Nothing is renamed or deleted here (the next save tidies up).
+    Returns::
+
+        {"path": Path,                        # the directory read (last/ or last.old/)
+         "state": dict,                       # the caller's state as saved
+         "model_dirs": {name: Path},          # "model" for a single model; pass to restore_weights / from_pretrained
+         "optimizer": dict | None,            # for optimizer.load_state_dict
+         "scheduler": dict | None,            # for scheduler.load_state_dict
+         "rng": dict | None,                  # for restore_rng
+         "created_at": str, "library_versions": dict}
+
+    Tensors are loaded to CPU with ``weights_only=True``. A directory without ``state.json`` (never produced
+    by :func:`save_last`) is a :class:`UserError`.
+    """
+    root = Path(root)
+    directory = root / LAST
+    if not directory.is_dir():
+        directory = root / LAST_OLD
+        if not directory.is_dir():
+            return None
+    state_path = directory / STATE_FILE
+    try:
+        record = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"{state_path}: cannot read the resume state ({error}); delete {directory} to start over "
+            "from the last kept checkpoint"
+        ) from error
+
+    def load(name: str, present: bool) -> Any:
+        return torch.load(directory / name, map_location="cpu", weights_only=True) if present else None
+
+    return {
+        "path": directory,
+        "state": record["state"],
+        "model_dirs": {name: directory / name for name in record["models"]},
+        "optimizer": load(OPTIMIZER_FILE, record["has_optimizer"]),
+        "scheduler": load(SCHEDULER_FILE, record["has_scheduler"]),
+        "rng": load(RNG_FILE, record["has_rng"]),
+        "created_at": record["created_at"],
+        "library_versions": record["library_versions"],
+    }

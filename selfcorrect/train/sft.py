@@ -1,0 +1,385 @@
+"""The SFT stage: supervised fine-tuning on demonstrations with TRL's SFTTrainer, optionally with ptx texts mixed in.
+
+InstructGPT's RLHF-init SFT model (PROTOCOL 3.3) was trained for 2 epochs on demonstrations with 10% pretraining
+data mixed in, cosine-decayed to 10% of the peak learning rate, with Adam betas (0.9, 0.95). Those are the
+defaults here; every SFTConfig field can be overridden from the ``trainer:`` mapping of :class:`SFTSection`.
+
+Loss masking (which tokens are trained)
+---------------------------------------
+* A demonstration trains on its **final assistant reply only**: the prompt (system prompt, user turns and any
+  earlier assistant turns, as the chat template renders them) is masked. This is TRL's prompt-completion
+  ``completion_only_loss``.
+* A ptx text (``ptx_fraction`` > 0) trains the **LM loss on all of its tokens**, as plain text with the EOS token
+  appended (no chat template).
+
+TRL 1.16 cannot mix conversational and plain-text rows in one dataset, and ``assistant_only_loss`` needs a chat
+template with ``{% generation %}`` markers, which SmolLM2's (and most) templates lack and TRL cannot patch for
+them. So both kinds of rows are tokenized here into the one form TRL takes for both: ``input_ids`` plus a
+``completion_mask`` (0 = no loss). A demonstration is tokenized exactly as TRL tokenizes a conversational
+prompt-completion example (the chat template applied to the prompt with the generation prompt, and to the whole
+conversation; the completion starts where the two token sequences diverge); a ptx text is ``tokenizer(text)``
+plus EOS with a mask of ones. SFTTrainer then builds the labels from the mask (``completion_only_loss=True``,
+set by default), truncates to ``max_length`` (dropping rows left with no trained token), pads and trains.
+
+Output
+------
+``output_dir`` receives the final model (or the LoRA adapter, whose ``base_model_name_or_path`` is the original
+model reference, so :func:`selfcorrect.models.load_model` reloads it), the tokenizer, ``trainer/`` (the
+Trainer's working directory) and ``manifest.json``. Everything is written into ``.NAME.partial`` beside it and
+renamed into place at the end: a failed run (including a loss that becomes nan) leaves no ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import typing
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, concatenate_datasets
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+from transformers import PreTrainedTokenizerBase, TrainerCallback, set_seed
+from trl import SFTConfig, SFTTrainer
+from trl.data_utils import common_prefix_length
+
+from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, StrictModel
+from selfcorrect.data import ptx_dataset, sft_dataset, train_test_split
+from selfcorrect.errors import UserError
+from selfcorrect.io import atomic_write_text
+from selfcorrect.models import EMBEDDED_PREFIX, load_model
+from selfcorrect.train.checkpoints import config_hash, library_versions
+
+logger = logging.getLogger(__name__)
+
+STAGE = "sft"
+MANIFEST = "manifest.json"
+SFT_CONFIG_FIELDS: dict[str, Any] = typing.get_type_hints(SFTConfig)
+OWN_FIELDS = {"max_length": "set sft.max_length instead"}  # SFTConfig fields that SFTSection itself sets
+
+
+class SFTSection(StrictModel):
+    """The ``sft:`` section of a config."""
+
+    data: DatasetSpec  # demonstrations (sft_dataset formats: hh, messages, pairwise, ranked)
+    ptx_data: DatasetSpec | None = None  # texts for the LM loss (format text or hh)
+    ptx_fraction: float = Field(0.0, ge=0, lt=1)  # share of ptx rows in the training set (InstructGPT: 0.1)
+    max_length: int = Field(512, gt=0)  # tokens per example; longer ones are truncated
+    trainer: dict[str, Any] = {}  # any trl.SFTConfig field, e.g. {learning_rate: 1.0e-5, num_train_epochs: 2}
+
+    @field_validator("trainer")
+    @classmethod
+    def _known_sft_config_fields(cls, trainer: dict[str, Any]) -> dict[str, Any]:
+        """Every key must be an SFTConfig field; values are checked (and YAML strings like "1e-5" converted)."""
+        checked = {}
+        for key, value in trainer.items():
+            if key not in SFT_CONFIG_FIELDS:
+                raise PydanticCustomError("sft_config_field", "{key}: unknown SFTConfig field", {"key": key})
+            if key in OWN_FIELDS:
+                raise PydanticCustomError("sft_config_field", "{key}: {hint}", {"key": key, "hint": OWN_FIELDS[key]})
+            adapter = TypeAdapter(SFT_CONFIG_FIELDS[key], config=ConfigDict(arbitrary_types_allowed=True))
+            try:
+                checked[key] = adapter.validate_python(value)
+            except ValidationError as exc:
+                problem = exc.errors()[0]["msg"]
+                raise PydanticCustomError(
+                    "sft_config_type", "{key}: {problem}", {"key": key, "problem": problem}
+                ) from None
+        return checked
+
+    @field_validator("ptx_data")
+    @classmethod
+    def _ptx_format(cls, ptx_data: DatasetSpec | None) -> DatasetSpec | None:
+        if ptx_data is not None and ptx_data.format not in ("text", "hh"):
+            raise PydanticCustomError(
+                "ptx_format", "format '{fmt}' cannot give ptx texts (use text or hh)", {"fmt": ptx_data.format}
+            )
+        return ptx_data
+
+    @field_validator("ptx_fraction")
+    @classmethod
+    def _ptx_needs_data(cls, ptx_fraction: float, info: ValidationInfo) -> float:
+        if ptx_fraction > 0 and info.data.get("ptx_data") is None:
+            raise PydanticCustomError("ptx_data", "ptx_fraction > 0 needs ptx_data")
+        return ptx_fraction
+
+
+# ---- datasets -------------------------------------------------------------------------------------------------
+
+
+def tokenize_demonstrations(ds: Dataset, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+    """``messages`` rows -> ``input_ids`` + ``completion_mask`` (1 on the final assistant reply only)."""
+
+    def tokenize(example: dict[str, Any]) -> dict[str, list[int]]:
+        messages = example["messages"]
+        prompt_ids = _chat_ids(tokenizer, messages[:-1], add_generation_prompt=True)
+        input_ids = _chat_ids(tokenizer, messages)
+        n_prompt = common_prefix_length(prompt_ids, input_ids)
+        return {"input_ids": input_ids, "completion_mask": [0] * n_prompt + [1] * (len(input_ids) - n_prompt)}
+
+    return ds.map(tokenize, remove_columns=ds.column_names, desc="Tokenizing demonstrations")
+
+
+def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = False) -> list:
+    encoded = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+    )
+    return list(encoded["input_ids"])
+
+
+def tokenize_ptx(ds: Dataset, tokenizer: PreTrainedTokenizerBase) -> Dataset:
+    """``text`` rows -> ``input_ids`` (the text, then EOS) + ``completion_mask`` of ones (LM loss on all tokens)."""
+
+    def tokenize(example: dict[str, Any]) -> dict[str, list[int]]:
+        input_ids = list(tokenizer(example["text"])["input_ids"])
+        if not input_ids or input_ids[-1] != tokenizer.eos_token_id:
+            input_ids.append(tokenizer.eos_token_id)
+        return {"input_ids": input_ids, "completion_mask": [1] * len(input_ids)}
+
+    return ds.map(tokenize, remove_columns=ds.column_names, desc="Tokenizing ptx texts")
+
+
+def n_ptx_rows(ptx_fraction: float, n_demonstrations: int) -> int:
+    """How many ptx rows make them ``ptx_fraction`` of the training set: ``round(f / (1 - f) * n_demos)``."""
+    return round(ptx_fraction / (1 - ptx_fraction) * n_demonstrations)
+
+
+# ---- trainer ----------------------------------------------------------------------------------------------------
+
+
+def sft_config(
+    section: SFTSection, output_dir: Path, seed: int, report_to: str | list[str] = "none", has_eval: bool = False
+) -> SFTConfig:
+    """The SFTConfig: InstructGPT-minded defaults, then ``section.trainer`` on top (its entries win)."""
+    defaults: dict[str, Any] = {
+        "output_dir": str(Path(output_dir) / "trainer"),
+        "seed": seed,
+        "max_length": section.max_length,
+        "completion_only_loss": True,  # demonstrations: loss on the reply only (ptx rows have no masked tokens)
+        "num_train_epochs": 2,  # RLHF-init SFT (PROTOCOL 3.3)
+        "adam_beta2": 0.95,  # InstructGPT: Adam betas (0.9, 0.95)
+        "save_strategy": "no",
+        "eval_strategy": "epoch" if has_eval else "no",
+        "logging_steps": 1,
+        "logging_nan_inf_filter": False,  # log nan losses as they are, so a diverged run is detected
+        "report_to": report_to,
+    }
+    if "lr_scheduler_type" not in section.trainer:  # cosine decay to 10% of the peak, no warmup
+        defaults["lr_scheduler_type"] = "cosine_with_min_lr"
+        defaults["lr_scheduler_kwargs"] = {"min_lr_rate": 0.1}
+    if "bf16" not in section.trainer and "fp16" not in section.trainer:  # TRL turns bf16 on even on a CPU
+        defaults["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        return SFTConfig(**{**defaults, **section.trainer})
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"sft.trainer: {_first_line(exc)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _portable_ref(ref: str) -> str:
+    """The reference to record as a base model: local directories made absolute, anything else unchanged."""
+    if not ref.startswith(EMBEDDED_PREFIX) and Path(ref).expanduser().is_dir():
+        return str(Path(ref).expanduser().resolve())
+    return ref
+
+
+def build_sft_trainer(
+    section: SFTSection,
+    model: ModelSection,
+    lora: LoraSection | None,
+    output_dir: Path,
+    seed: int,
+    report_to: str | list[str] = "none",
+) -> tuple[SFTTrainer, dict[str, int]]:
+    """Load the model and the data and set up the SFTTrainer (nothing is trained or saved).
+
+    Returns the trainer and the counts ``n_demonstrations``, ``n_ptx``, ``n_eval`` and ``n_train`` (the rows the
+    trainer kept: rows whose prompt fills ``max_length`` are dropped by TRL).
+    """
+    args = sft_config(section, output_dir, seed, report_to, has_eval=section.data.test_size > 0)
+    demos, eval_demos = train_test_split(sft_dataset(section.data, seed), section.data.test_size, seed)
+    n_ptx = n_ptx_rows(section.ptx_fraction, len(demos)) if section.ptx_data is not None else 0
+    ptx = None
+    if n_ptx:
+        ptx = ptx_dataset(section.ptx_data, seed)
+        if len(ptx) < n_ptx:
+            raise UserError(
+                f"{section.ptx_data.path}: {len(ptx)} ptx texts, but ptx_fraction {section.ptx_fraction} with "
+                f"{len(demos)} demonstrations needs {n_ptx}"
+            )
+        ptx = ptx.select(range(n_ptx))
+
+    # Full fine-tuning keeps float32 master weights (mixed precision on a GPU); LoRA may use a half-precision base.
+    dtype = model.dtype or ("float32" if lora is None else None)
+    set_seed(args.seed)
+    policy, tokenizer = load_model(
+        model.name_or_path, dtype=dtype, device="cpu", trust_remote_code=model.trust_remote_code
+    )
+    train = tokenize_demonstrations(demos, tokenizer)
+    if ptx is not None:
+        train = concatenate_datasets([train, tokenize_ptx(ptx, tokenizer)])
+    peft_config = None
+    if lora is not None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+    trainer = SFTTrainer(
+        model=policy,
+        args=args,
+        train_dataset=train,
+        eval_dataset=tokenize_demonstrations(eval_demos, tokenizer) if eval_demos is not None else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    n_dropped = len(train) - len(trainer.train_dataset)
+    if n_dropped == len(train):
+        raise UserError(f"sft: no training example keeps a reply within max_length={section.max_length} tokens")
+    if n_dropped:
+        logger.warning(
+            "sft: %d of %d examples dropped: prompt longer than max_length=%d tokens",
+            n_dropped,
+            len(train),
+            section.max_length,
+        )
+    if peft_config is not None:  # so that load_model(output_dir) finds the base model again
+        trainer.model.peft_config["default"].base_model_name_or_path = _portable_ref(model.name_or_path)
+    counts = {
+        "n_demonstrations": len(demos),
+        "n_ptx": n_ptx,
+        "n_eval": len(eval_demos) if eval_demos is not None else 0,
+        "n_train": len(trainer.train_dataset),
+    }
+    return trainer, counts
+
+
+class _NonFiniteLoss(TrainerCallback):
+    """Stops training at the first logged loss that is nan or inf and remembers the step."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss) and self.step is None:
+            self.step = state.global_step
+            control.should_training_stop = True
+
+
+def _check_replaceable(output_dir: Path) -> None:
+    """An existing output_dir may only be an earlier SFT output (or empty): nothing else is overwritten."""
+    if not output_dir.exists():
+        return
+    if output_dir.is_dir() and not any(output_dir.iterdir()):
+        return
+    try:
+        stage = json.loads((output_dir / MANIFEST).read_text()).get("stage")
+    except (OSError, ValueError, AttributeError):
+        stage = None
+    if stage != STAGE:
+        raise UserError(f"{output_dir}: exists and is not an SFT output (no manifest.json of stage 'sft'); not touched")
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    old = target.parent / f".{target.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(source, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _last_logged(log_history: list[dict[str, Any]], key: str) -> float | None:
+    values = [entry[key] for entry in log_history if key in entry]
+    return values[-1] if values else None
+
+
+def run_sft(
+    section: SFTSection,
+    model: ModelSection,
+    lora: LoraSection | None,
+    output_dir: Path,
+    seed: int,
+    report_to: str | list[str] = "none",
+) -> Path:
+    """Train the SFT model and save it (or its LoRA adapter) with the tokenizer and a manifest to ``output_dir``.
+
+    An existing ``output_dir`` is replaced only if it is an earlier SFT output. Raises UserError on bad input and
+    if the loss becomes nan or inf (then no ``output_dir`` is left behind). Returns ``output_dir``.
+    """
+    from accelerate import PartialState
+
+    output_dir = Path(output_dir)
+    _check_replaceable(output_dir)
+    work_dir = output_dir.parent / f".{output_dir.name}.partial"
+    state = PartialState()
+    if state.is_main_process:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        work_dir.mkdir(parents=True)
+    state.wait_for_everyone()
+    try:
+        trainer, counts = build_sft_trainer(section, model, lora, work_dir, seed, report_to)
+        nan_guard = _NonFiniteLoss()
+        trainer.add_callback(nan_guard)
+        result = trainer.train()
+        if nan_guard.step is not None or not math.isfinite(result.training_loss):
+            raise UserError(f"sft: loss became nan at step {nan_guard.step or trainer.state.global_step}")
+        if not all(torch.isfinite(p).all() for p in trainer.model.parameters() if p.requires_grad):
+            raise UserError(f"sft: the weights became nan or inf by step {trainer.state.global_step}")
+        trainer.save_model(str(work_dir))
+        if trainer.is_world_process_zero():
+            (work_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the args are in the manifest
+            config = {
+                "sft": section.model_dump(mode="json"),
+                "model": model.model_dump(mode="json"),
+                "lora": lora.model_dump(mode="json") if lora is not None else None,
+                "seed": seed,
+            }
+            manifest = {
+                "stage": STAGE,
+                "base_model": _portable_ref(model.name_or_path),
+                "finetuning": "lora" if lora is not None else "full",
+                **counts,
+                "steps": trainer.state.global_step,
+                "final_train_loss": _last_logged(trainer.state.log_history, "loss"),
+                "mean_train_loss": result.training_loss,
+                "eval_loss": _last_logged(trainer.state.log_history, "eval_loss"),
+                "seed": seed,
+                "config": config,
+                "config_hash": config_hash(config),
+                "training_args": json.loads(trainer.args.to_json_string()),
+                "library_versions": {**library_versions(), "datasets": _version("datasets")},
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            atomic_write_text(work_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+            _replace_dir(work_dir, output_dir)
+        state.wait_for_everyone()
+    except BaseException:
+        if state.is_main_process:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
