@@ -180,6 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(sc)
     sc.set_defaults(func=cmd_score)
 
+    stages = {
+        "sft": "supervised fine-tuning on demonstrations (TRL SFTTrainer; LoRA or full; optional ptx mix)",
+        "reward": "train the reward model (pairwise, or InstructGPT K-wise) and normalise it on the demonstrations",
+        "ppo": "PPO-ptx from the SFT policy; keeps the policy at ppo.save_at_steps; resumes from last/",
+    }
+    for name, text in stages.items():
+        st = sub.add_parser(
+            name,
+            help=text,
+            description=f"{text[0].upper()}{text[1:]}. Reads the '{name}' section of CONFIG (a run config) and "
+            f"writes under output_dir (default runs/<name>)/{name}/.",
+        )
+        st.add_argument("config", metavar="CONFIG", type=Path, help="run config (YAML)")
+        st.set_defaults(func=cmd_stage, stage=name)
+
     mo = sub.add_parser("models", help="manage the embedded default model", description="Manage models.")
     mosub = mo.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
     prep = mosub.add_parser(
@@ -292,6 +307,16 @@ def cmd_score(args: argparse.Namespace) -> int:
         atomic_write_text(args.output, text)
     else:
         sys.stdout.write(text)
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from selfcorrect import stages
+
+    cfg = stages.load_run_config(args.config)
+    runner = {"sft": stages.run_sft_stage, "reward": stages.run_reward_stage, "ppo": stages.run_ppo_stage}
+    out = runner[args.stage](cfg, args.config)
+    print(f"{args.stage}: {out}")
     return 0
 
 

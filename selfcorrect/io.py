@@ -26,7 +26,7 @@ def iter_jsonl(path: str | Path, *, tolerate_torn_tail: bool = False) -> Iterato
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
-        with (gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")) as f:
+        with gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb") as f:
             lines = f.read().split(b"\n")
     except (OSError, EOFError) as exc:
         raise UserError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None

@@ -94,8 +94,10 @@ def test_colliding_candidates_are_an_error(scorer):
 
 
 def test_generation_is_per_item_seeded_and_respects_stop(scorer, bbq_items):
-    texts = [render(it.cot_turns()) for it in bbq.items(
-        [u for u in bbq.load(data_dir()) if u["category"] == "Age"][:3], load_prompts(), "q_if_cot")]
+    texts = [
+        render(it.cot_turns())
+        for it in bbq.items([u for u in bbq.load(data_dir()) if u["category"] == "Age"][:3], load_prompts(), "q_if_cot")
+    ]
     alone = scorer.generate(texts[:1], [11], max_new_tokens=12)
     batched = scorer.generate(texts, [11, 12, 13], max_new_tokens=12)
     assert alone[0] == batched[0]

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from tqdm import tqdm
 from transformers import GenerationConfig, Trainer, TrainingArguments
@@ -80,6 +80,12 @@ class PPOSection(StrictModel):
     learning_rate: float = Field(1e-5, gt=0)
     save_last_every: int = Field(1, gt=0)
     trainer: dict[str, Any] = {}  # any transformers TrainingArguments field
+
+    @model_validator(mode="after")
+    def _check(self) -> PPOSection:
+        if self.gamma_ptx > 0 and self.ptx_data is None:
+            raise ValueError("gamma_ptx > 0 needs ptx_data (pretraining texts)")
+        return self
 
 
 RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
@@ -387,7 +393,7 @@ class PPOPtxTrainer(Trainer):
                     ("value/clipfrac", vf_clip),
                     ("policy/entropy", core.masked_mean(entropy.detach(), rmask)),
                 ):
-                    stats.setdefault(key, []).append(float(value))
+                    stats.setdefault(key, []).append(float(value.detach()))
         return {k: float(np.mean(v)) for k, v in stats.items()}
 
     # ---- 5. the loop -------------------------------------------------------------------------------------

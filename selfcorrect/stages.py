@@ -1,0 +1,188 @@
+"""One run config, three training stages: ``selfcorrect sft | reward | ppo CONFIG``.
+
+A run config (YAML) names the model, optional LoRA, and one section per stage; every stage writes under
+``output_dir`` (default ``runs/<name>``)::
+
+    runs/<name>/sft/                         the SFT policy (HF model or LoRA adapter) + manifest.json
+    runs/<name>/reward/                      the reward model (sequence classifier) + reward_manifest.json
+    runs/<name>/ppo/checkpoints/step-NNNNNN/ the policy at each step of ppo.save_at_steps + manifest.json
+    runs/<name>/ppo/last/                    what resuming needs (replaced atomically)
+
+Each stage reads only what earlier stages wrote, so any stage can be rerun alone.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from selfcorrect.config import LoraSection, ModelSection, StrictModel, TrackingSection, load_config
+from selfcorrect.errors import UserError
+from selfcorrect.reward_models.train import RewardSection
+from selfcorrect.train.ppo import PPOSection
+from selfcorrect.train.sft import SFTSection
+
+
+class RunConfig(StrictModel):
+    """A run: model, LoRA, and the sections of the stages it uses."""
+
+    name: str
+    output_dir: str | None = None
+    seed: int = 0
+    model: ModelSection = ModelSection()
+    lora: LoraSection | None = None
+    sft: SFTSection | None = None
+    reward: RewardSection | None = None
+    ppo: PPOSection | None = None
+    tracking: TrackingSection = TrackingSection()
+
+    def root(self) -> Path:
+        return Path(self.output_dir or Path("runs") / self.name)
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Load and validate a run config (one-line errors naming the file and field)."""
+    return load_config(path, RunConfig)
+
+
+def _section(cfg: RunConfig, name: str, path: Path):
+    section = getattr(cfg, name)
+    if section is None:
+        raise UserError(f"{path}: {name}: the config has no '{name}' section")
+    return section
+
+
+def report_to(cfg: RunConfig, stage: str) -> str:
+    """The ``report_to`` value of the stage's trainer, setting up W&B runs grouped by the run name."""
+    backend = cfg.tracking.backend
+    if backend == "wandb":
+        mode = cfg.tracking.mode
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        os.environ.setdefault("WANDB_MODE", mode)
+        os.environ.setdefault("WANDB_PROJECT", cfg.tracking.project)
+        os.environ["WANDB_RUN_GROUP"] = cfg.name
+        os.environ["WANDB_NAME"] = f"{cfg.name}-{stage}"
+        os.environ.setdefault("WANDB_DIR", str(cfg.root()))
+    return backend
+
+
+def run_sft_stage(cfg: RunConfig, path: Path) -> Path:
+    """SFT on the demonstrations (TRL SFTTrainer)."""
+    from selfcorrect.train.sft import run_sft
+
+    section = _section(cfg, "sft", path)
+    return run_sft(section, cfg.model, cfg.lora, cfg.root() / "sft", cfg.seed, report_to=report_to(cfg, "sft"))
+
+
+def _policy_ref(cfg: RunConfig) -> str:
+    sft_dir = cfg.root() / "sft"
+    return str(sft_dir) if (sft_dir / "manifest.json").exists() else cfg.model.name_or_path
+
+
+def run_reward_stage(cfg: RunConfig, path: Path) -> Path:
+    """Train the reward model (pairwise or K-wise) or record a function reward."""
+    from selfcorrect import data
+    from selfcorrect.reward_models.train import run_reward
+
+    section = _section(cfg, "reward", path)
+    train_ds = eval_ds = None
+    if section.function is None:
+        build = data.ranked_dataset if section.loss == "kwise" else data.preference_dataset
+        train_ds, eval_ds = data.train_test_split(build(section.data, cfg.seed), section.data.test_size, cfg.seed)
+    demonstrations = None
+    if cfg.sft is not None:
+        demonstrations = list(data.sft_dataset(cfg.sft.data, cfg.seed)["messages"])
+    start = ModelSection(**{**cfg.model.model_dump(), "name_or_path": _policy_ref(cfg)})
+    return run_reward(
+        section,
+        start,
+        cfg.lora,
+        cfg.root() / "reward",
+        cfg.seed,
+        train_ds,
+        eval_ds,
+        demonstrations=demonstrations,
+        report_to=report_to(cfg, "reward"),
+    )
+
+
+def run_ppo_stage(cfg: RunConfig, path: Path) -> Path:
+    """PPO-ptx from the SFT policy against the reward model; checkpoints at ppo.save_at_steps."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, TrainingArguments
+
+    from selfcorrect import data
+    from selfcorrect.models import load_model, resolve_model_path
+    from selfcorrect.reward_models.score import RewardModel
+    from selfcorrect.train.checkpoints import config_hash, validate_save_at_steps
+    from selfcorrect.train.ppo import PPOPtxTrainer
+
+    ppo = _section(cfg, "ppo", path)
+    validate_save_at_steps(ppo.save_at_steps, ppo.steps, where=f"{path}: ppo.save_at_steps")
+    prompts = list(data.prompt_dataset(ppo.prompts, cfg.seed)["prompt"])
+    ptx = list(data.ptx_dataset(ppo.ptx_data, cfg.seed)["text"]) if ppo.ptx_data else None
+    policy_ref = ppo.policy or _policy_ref(cfg)
+    reward_ref = ppo.reward_model or str(cfg.root() / "reward")
+    if ":" not in reward_ref and not Path(reward_ref).is_dir():
+        raise UserError(f"{path}: ppo.reward_model: {reward_ref} not found (run `selfcorrect reward` first)")
+    reward = RewardModel.load(reward_ref)
+
+    policy, tokenizer = load_model(policy_ref, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    policy.train()
+    if cfg.lora is not None:
+        lora = cfg.lora
+        policy = get_peft_model(
+            policy,
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    torch.manual_seed(cfg.seed)  # a new value head (function rewards) is initialised the same in every process
+    value_source = reward_ref if reward.function is None else resolve_model_path(policy_ref)
+    value_model = AutoModelForSequenceClassification.from_pretrained(
+        value_source, num_labels=1, use_safetensors=True, dtype=policy.dtype
+    )
+    value_model.config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.padding_side = "left"
+
+    def reward_fn(prompt_messages, responses):
+        return reward.score(prompt_messages, responses)
+
+    run_dir = cfg.root() / "ppo"
+    trainer_kwargs = {"lr_scheduler_type": "constant", "logging_steps": 1, "save_strategy": "no", **ppo.trainer}
+    args = TrainingArguments(
+        output_dir=str(run_dir / "trainer"),
+        learning_rate=ppo.learning_rate,
+        seed=cfg.seed,
+        report_to=report_to(cfg, "ppo"),
+        **trainer_kwargs,
+    )
+    hashed = {
+        "model": cfg.model.model_dump(),
+        "lora": cfg.lora and cfg.lora.model_dump(),
+        "ppo": ppo.model_dump(),
+        "seed": cfg.seed,
+        "policy": policy_ref,
+        "reward": reward_ref,
+    }
+    trainer = PPOPtxTrainer(
+        ppo,
+        args,
+        policy,
+        value_model,
+        tokenizer,
+        reward_fn,
+        prompts,
+        ptx_texts=ptx,
+        run_dir=run_dir,
+        config_hash=config_hash(hashed),
+        manifest_extra={"policy_init": policy_ref, "reward_model": reward_ref, "run": cfg.name},
+    )
+    trainer.train()
+    return run_dir

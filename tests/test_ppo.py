@@ -1,0 +1,250 @@
+"""PPO-ptx on a tiny random Llama: learning, ptx, checkpoint schedule, SIGKILL resume, bad configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    TrainingArguments,
+)
+
+from selfcorrect.cli import main
+from selfcorrect.config import DatasetSpec
+from selfcorrect.train.ppo import PPOPtxTrainer, PPOSection
+
+RULES = '''
+def vowels(prompts, responses):
+    """Share of vowels in the response text (a rule reward for tests)."""
+    return [sum(c in "aeiou" for c in r) / max(1, len(r)) for r in responses]
+'''
+
+
+@pytest.fixture(scope="module")
+def peaked_policy_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A tiny random Llama whose next-token distribution is peaked (scaled, untied LM head), so a few dozen
+    sampled episodes cover its likely tokens and PPO can move probability mass between them."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    out = tmp_path_factory.mktemp("peaked")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def make_trainer(policy_dir: Path, run_dir: Path, reward_fn, **overrides) -> PPOPtxTrainer:
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    tok.padding_side = "left"
+    policy = LlamaForCausalLM.from_pretrained(policy_dir)
+    value = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1)
+    value.config.pad_token_id = tok.pad_token_id
+    settings = dict(
+        prompts=DatasetSpec(path="unused", format="prompt"),
+        steps=8,
+        save_at_steps=[0],
+        ptx_data=DatasetSpec(path="unused", format="text"),
+        rollout_batch_size=8,
+        mini_batch_size=4,
+        max_new_tokens=8,
+        learning_rate=2e-3,
+        kl_coef=0.01,
+    )
+    ppo = PPOSection(**{**settings, **overrides})
+    args = TrainingArguments(
+        output_dir=str(run_dir / "trainer"),
+        learning_rate=ppo.learning_rate,
+        report_to="none",
+        seed=0,
+        lr_scheduler_type="constant",
+        disable_tqdm=True,
+    )
+    prompts = [[{"role": "user", "content": f"Tell me about the number {i}."}] for i in range(24)]
+    ptx = ["The quick brown fox jumps over the lazy dog.", "A stitch in time saves nine."]
+    return PPOPtxTrainer(
+        ppo, args, policy, value, tok, reward_fn, prompts, ptx_texts=ptx, run_dir=run_dir, config_hash="test"
+    )
+
+
+def test_ppo_raises_a_rule_reward(peaked_policy_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(peaked_policy_dir)
+
+    def even_tokens(prompts, responses):  # share of response tokens with an even id
+        ids = [tok(r, add_special_tokens=False)["input_ids"] for r in responses]
+        return torch.tensor([sum(i % 2 == 0 for i in x) / max(1, len(x)) for x in ids])
+
+    history = make_trainer(peaked_policy_dir, tmp_path / "run", even_tokens, steps=10, learning_rate=5e-4).train()
+    rewards = [h["reward"] for h in history]
+    assert len(history) == 10
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
+    for key in (
+        "reward",
+        "rlhf_reward",
+        "kl",
+        "kl_k3",
+        "kl_coef",
+        "policy/entropy",
+        "policy/clipfrac",
+        "policy/approx_kl",
+        "value/clipfrac",
+        "loss/policy",
+        "loss/value",
+        "loss/ptx",
+        "response_length",
+        "eos_rate",
+        "episodes",
+        "tokens",
+    ):
+        assert key in history[-1], key
+    assert history[-1]["episodes"] == 80 and history[0]["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert all(h["kl_k3"] >= -1e-6 for h in history)
+
+
+def test_ptx_lowers_lm_loss_on_pretraining_data(peaked_policy_dir, tmp_path):
+    def flat(prompts, responses):
+        return torch.zeros(len(responses))
+
+    def lm_loss(trainer: PPOPtxTrainer) -> float:
+        policy = trainer.accelerator.unwrap_model(trainer.model).policy
+        batch = trainer.tokenizer(trainer.ptx_texts, return_tensors="pt", padding=True)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        with torch.no_grad():
+            return float(policy(**batch, labels=labels).loss)
+
+    losses = {}
+    for gamma in (0.0, 1.0):
+        trainer = make_trainer(
+            peaked_policy_dir,
+            tmp_path / f"g{gamma}",
+            flat,
+            steps=4,
+            gamma_ptx=gamma,
+            ptx_batch_size=2,
+            learning_rate=1e-3,
+        )
+        history = trainer.train()
+        losses[gamma] = lm_loss(trainer)
+        assert (history[-1]["loss/ptx"] > 0) == (gamma > 0)
+    assert losses[1.0] < losses[0.0] - 0.5, losses
+
+
+def write_config(tmp_path: Path, policy: Path, out: Path, **ppo) -> Path:
+    (tmp_path / "rules_mod.py").write_text(RULES)
+    settings = {
+        "prompts": {
+            "path": str(Path(os.environ["SELFCORRECT_DATA_DIR"]) / "hh-rlhf/harmless-base-test.jsonl.gz"),
+            "format": "hh",
+            "limit": 16,
+        },
+        "policy": str(policy),
+        "reward_model": "rules_mod:vowels",
+        "steps": 4,
+        "save_at_steps": [0, 2, 4],
+        "rollout_batch_size": 4,
+        "mini_batch_size": 2,
+        "max_new_tokens": 6,
+        "max_prompt_length": 64,
+        "learning_rate": 1e-3,
+        **ppo,
+    }
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "output_dir": str(out), "seed": 3, "ppo": settings}))
+    return path
+
+
+def checkpoint_steps(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "ppo" / "checkpoints").iterdir())
+
+
+def test_checkpoints_at_exactly_the_listed_steps(peaked_policy_dir, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    assert main(["ppo", str(write_config(tmp_path, peaked_policy_dir, out))]) == 0
+    assert checkpoint_steps(out) == ["step-000000", "step-000002", "step-000004"]
+    for step in (0, 2, 4):
+        d = out / "ppo" / "checkpoints" / f"step-{step:06d}"
+        manifest = json.loads((d / "manifest.json").read_text())
+        assert manifest["step"] == step and manifest["episodes"] == 4 * step
+        assert (d / "model.safetensors").is_file() and (d / "tokenizer.json").is_file()
+        assert set(manifest["library_versions"]) >= {"torch", "transformers", "trl"}
+    assert json.loads((out / "ppo" / "last" / "state.json").read_text())["state"]["step"] == 4
+
+
+def test_sigkill_and_rerun_gives_identical_checkpoints(peaked_policy_dir, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    extra = {"steps": 6, "save_at_steps": [0, 3, 6]}
+    cfg_killed = write_config(tmp_path, peaked_policy_dir, killed, **extra)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "selfcorrect", "ppo", str(cfg_killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    state = killed / "ppo" / "last" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(state.read_text())["state"]["step"] >= 2:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert main(["ppo", str(cfg_killed)]) == 0
+    assert main(["ppo", str(write_config(tmp_path, peaked_policy_dir, clean, **extra))]) == 0
+    assert checkpoint_steps(killed) == checkpoint_steps(clean) == ["step-000000", "step-000003", "step-000006"]
+    for step in ("step-000003", "step-000006"):
+        a = load_file(killed / "ppo" / "checkpoints" / step / "model.safetensors")
+        b = load_file(clean / "ppo" / "checkpoints" / step / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), step
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"save_at_steps": [2, 0]}, "ppo.save_at_steps"),
+        ({"save_at_steps": [0, 9]}, "ppo.save_at_steps"),
+        ({"gamma_ptx": 1.0}, "gamma_ptx > 0 needs ptx_data"),
+        ({"kl_coeff": 0.1}, "ppo.kl_coeff: unknown key"),
+        ({"steps": "many"}, "ppo.steps"),
+    ],
+)
+def test_bad_ppo_config(peaked_policy_dir, tmp_path, capsys, monkeypatch, change, needle):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    path = write_config(tmp_path, peaked_policy_dir, out, **change)
+    assert main(["ppo", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (out / "ppo" / "checkpoints").exists()
