@@ -248,3 +248,43 @@ def test_bad_ppo_config(peaked_policy_dir, tmp_path, capsys, monkeypatch, change
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1, err
     assert not (out / "ppo" / "checkpoints").exists()
+
+
+def test_two_cpu_processes_under_accelerate_launch(peaked_policy_dir, tmp_path):
+    """The same short run under `accelerate launch` with 2 CPU processes (DDP over gloo) keeps the same schedule."""
+    out = tmp_path / "ddp"
+    cfg = write_config(tmp_path, peaked_policy_dir, out, steps=2, save_at_steps=[0, 1, 2])
+    accel = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "cpu_2proc.yaml"
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "ACCELERATE_USE_CPU": "true",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(accel),
+        "-m",
+        "selfcorrect",
+        "ppo",
+        str(cfg),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert checkpoint_steps(out) == ["step-000000", "step-000001", "step-000002"]
+    manifest = json.loads((out / "ppo" / "checkpoints" / "step-000002" / "manifest.json").read_text())
+    assert manifest["num_processes"] == 2
+    assert manifest["episodes"] == 8  # 4 prompts per RLHF step, 2 per process
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs" / "accelerate").glob("*.yaml"))
+)
+def test_accelerate_configs_are_valid(name):
+    """Every shipped accelerate config loads with accelerate's own config reader."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cfg = ClusterConfig.from_yaml_file(Path(__file__).resolve().parents[1] / "configs" / "accelerate" / name)
+    assert cfg.num_processes >= 1

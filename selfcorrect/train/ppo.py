@@ -423,6 +423,7 @@ class PPOPtxTrainer(Trainer):
                 "mean_reward": record.get("reward"),
                 "kl": record.get("kl"),
                 "config_hash": self.config_hash,
+                "num_processes": self.accelerator.num_processes,
                 "metrics": record,
                 **self.manifest_extra,
             }
