@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from selfcorrect.errors import UserError
 
@@ -116,12 +116,20 @@ class DatasetSpec(StrictModel):
     - ``text``: ``{"text": str}`` records or a plain .txt file with one document per line (ptx data).
     """
 
-    path: str
+    path: str  # environment variables are expanded: $SELFCORRECT_DATA_DIR/hh-rlhf/harmless-base-test.jsonl.gz
     format: Literal["hh", "messages", "pairwise", "ranked", "prompt", "text"]
     split: str = "train"  # hub datasets: the split to read
     name: str | None = None  # hub datasets: the configuration name (e.g. data_dir of Anthropic/hh-rlhf)
     limit: int | None = Field(None, gt=0)  # keep the first N records (after the seeded shuffle)
     test_size: float = Field(0.0, ge=0, lt=1)  # held-out share, split with the run's seed
+
+    @field_validator("path")
+    @classmethod
+    def _expand(cls, value: str) -> str:
+        expanded = os.path.expanduser(os.path.expandvars(value))
+        if "$" in expanded:
+            raise ValueError(f"'{value}' names an environment variable that is not set")
+        return expanded
 
 
 class TrackingSection(StrictModel):

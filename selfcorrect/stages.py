@@ -143,6 +143,9 @@ def run_ppo_stage(cfg: RunConfig, path: Path) -> Path:
                 task_type="CAUSAL_LM",
             ),
         )
+        # The adapter sits on the SFT policy (merged), so that is its base when a checkpoint is reloaded.
+        base = Path(policy_ref).expanduser()
+        policy.peft_config["default"].base_model_name_or_path = str(base.resolve()) if base.exists() else policy_ref
     torch.manual_seed(cfg.seed)  # a new value head (function rewards) is initialised the same in every process
     value_source = reward_ref if reward.function is None else resolve_model_path(policy_ref)
     value_model = AutoModelForSequenceClassification.from_pretrained(

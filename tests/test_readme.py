@@ -25,7 +25,10 @@ def bash_commands() -> list[str]:
     return commands
 
 
-RUNNABLE = [c for c in bash_commands() if not c.startswith("selfcorrect evaluate") and "[" not in c]
+TRAINING = [c for c in bash_commands() if c.split()[1] in ("sft", "reward", "ppo")]
+RUNNABLE = [
+    c for c in bash_commands() if not c.startswith("selfcorrect evaluate") and "[" not in c and c not in TRAINING
+]
 
 
 def test_readme_shows_commands():
@@ -49,6 +52,19 @@ def test_make_demo_runs_the_readme_evaluate_command():
     assert "$(VENV)/bin/selfcorrect" in words and "evaluate" in words
     start = words.index("evaluate") + 1
     assert words[start : start + len(args)] == args
+
+
+def test_readme_training_commands_are_the_quickstart_test():
+    """The training commands are run, in this order and on this config, by tests/test_quickstart.py."""
+    assert [c.split()[1:] for c in TRAINING] == [
+        [s, "configs/pipelines/quickstart.yaml"] for s in ("sft", "reward", "ppo")
+    ]
+    test = (ROOT / "tests" / "test_quickstart.py").read_text()
+    assert (
+        'main(["sft", str(path)])' in test
+        and 'main(["reward", str(path)])' in test
+        and 'main(["ppo", str(path)])' in test
+    )
 
 
 def test_ci_runs_the_readme_test_command():

@@ -43,7 +43,7 @@ FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 Messages = list[dict[str, Any]]
 Prompt = str | Messages
-Response = str | Messages
+Response = str | dict[str, Any] | Messages  # text, one assistant message, or a list of messages
 
 
 # ---- rendering ---------------------------------------------------------------------------------------------------
@@ -53,14 +53,14 @@ def response_messages(response: Response) -> Messages:
     """A response as a list of messages: a string becomes one assistant message."""
     if isinstance(response, str):
         return [{"role": "assistant", "content": response}]
+    if isinstance(response, dict):
+        return [response]
     return list(response)
 
 
 def response_text(response: Response) -> str:
     """A response as plain text: the concatenated contents of its messages."""
-    if isinstance(response, str):
-        return response
-    return "".join(str(message.get("content", "")) for message in response)
+    return "".join(str(message.get("content", "")) for message in response_messages(response))
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, response: Response) -> list[int]:

@@ -468,6 +468,7 @@ class PPOPtxTrainer(Trainer):
         start = state["step"]
         episodes, tokens = state["episodes"], state["tokens"]
         kept = set(ppo.save_at_steps)
+        negative_kl_steps = 0
         if start == 0 and 0 in kept:
             self._save_kept(0, {"episodes": 0, "tokens": 0})
         self.state.max_steps = ppo.steps
@@ -487,10 +488,11 @@ class PPOPtxTrainer(Trainer):
             tokens += n_tokens
             self.kl_ctl.update(record["kl"], ppo.rollout_batch_size)
             record.update(episodes=episodes, tokens=tokens, lr=float(self.lr_scheduler.get_last_lr()[0]))
-            if record["kl"] < -1e-3:
+            negative_kl_steps = negative_kl_steps + 1 if record["kl"] < 0 else 0
+            if negative_kl_steps == 3:
                 warnings.warn(
-                    f"RLHF step {step + 1}: mean KL is negative ({record['kl']:.4f}); the generation settings "
-                    "probably differ from the scoring distribution (LANDSCAPE section 4)",
+                    f"RLHF step {step + 1}: mean KL has been negative for 3 steps ({record['kl']:.4f}); the "
+                    "generation settings probably differ from the scoring distribution (LANDSCAPE section 4)",
                     stacklevel=1,
                 )
             self.state.global_step = step + 1
