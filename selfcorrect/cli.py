@@ -311,11 +311,14 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from selfcorrect import stages
+    from selfcorrect import stages, tracking
 
     cfg = stages.load_run_config(args.config)
     runner = {"sft": stages.run_sft_stage, "reward": stages.run_reward_stage, "ppo": stages.run_ppo_stage}
-    out = runner[args.stage](cfg, args.config)
+    try:
+        out = runner[args.stage](cfg, args.config)
+    finally:
+        tracking.finish(cfg.tracking)
     print(f"{args.stage}: {out}")
     return 0
 

@@ -13,9 +13,9 @@ Each stage reads only what earlier stages wrote, so any stage can be rerun alone
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from selfcorrect import tracking
 from selfcorrect.config import LoraSection, ModelSection, StrictModel, TrackingSection, load_config
 from selfcorrect.errors import UserError
 from selfcorrect.reward_models.train import RewardSection
@@ -53,18 +53,8 @@ def _section(cfg: RunConfig, name: str, path: Path):
 
 
 def report_to(cfg: RunConfig, stage: str) -> str:
-    """The ``report_to`` value of the stage's trainer, setting up W&B runs grouped by the run name."""
-    backend = cfg.tracking.backend
-    if backend == "wandb":
-        mode = cfg.tracking.mode
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        os.environ.setdefault("WANDB_MODE", mode)
-        os.environ.setdefault("WANDB_PROJECT", cfg.tracking.project)
-        os.environ["WANDB_RUN_GROUP"] = cfg.name
-        os.environ["WANDB_NAME"] = f"{cfg.name}-{stage}"
-        os.environ.setdefault("WANDB_DIR", str(cfg.root()))
-    return backend
+    """The trainers' ``report_to`` for one stage (W&B runs grouped by the run name)."""
+    return tracking.report_to(cfg.tracking, cfg.name, stage, cfg.root())
 
 
 def run_sft_stage(cfg: RunConfig, path: Path) -> Path:

@@ -412,6 +412,7 @@ def build_reward_config(section: RewardSection, output_dir: Path, seed: int, rep
         "lr_scheduler_type": "cosine_with_min_lr",
         "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
         "save_strategy": "no",
+        "logging_steps": 1,
         "bf16": _default_bf16(),
         "dataloader_pin_memory": torch.cuda.is_available(),
         "activation_checkpointing": True,  # TRL's default

@@ -1,0 +1,95 @@
+"""Experiment tracking: W&B (offline unless an API key is configured), tensorboard or none.
+
+Every stage of a run is one W&B run in a group named after the run (``WANDB_RUN_GROUP``), named
+``<run>-<stage>``. ``read_offline_run`` reads back what an offline W&B run recorded, without an account
+or network, from its ``.wandb`` file (a LevelDB-style log of protobuf ``Record`` messages).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+from selfcorrect.config import TrackingSection
+
+_BLOCK = 32768  # the log is written in 32 KiB blocks
+_HEADER = 7  # per chunk: crc32 (4 bytes), length (2), type (1); the file starts with ":W&B", magic, version
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def report_to(tracking: TrackingSection, run_name: str, stage: str, run_dir: Path) -> str:
+    """Set up the tracking backend for one stage and return the trainers' ``report_to`` value."""
+    if tracking.backend == "wandb":
+        mode = tracking.mode
+        if mode == "auto":  # an explicit WANDB_MODE wins; else online only with an API key
+            mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        os.environ["WANDB_MODE"] = mode
+        os.environ.setdefault("WANDB_PROJECT", tracking.project)
+        os.environ["WANDB_RUN_GROUP"] = run_name
+        os.environ["WANDB_NAME"] = f"{run_name}-{stage}"
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
+        Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
+    return tracking.backend
+
+
+def _chunks(data: bytes) -> list[bytes]:
+    if data[:4] != b":W&B":
+        raise ValueError("not a W&B run file (missing the ':W&B' header)")
+    records, pending, pos = [], b"", _HEADER
+    while pos + _HEADER <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _HEADER:  # the rest of a block too short for a chunk header is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
+        if kind == 0 and length == 0:  # zero padding up to the next block
+            pos += left
+            continue
+        chunk = data[pos + _HEADER : pos + _HEADER + length]
+        pos += _HEADER + length
+        if kind == _FULL:
+            records.append(chunk)
+        elif kind == _FIRST:
+            pending = chunk
+        elif kind == _MIDDLE:
+            pending += chunk
+        elif kind == _LAST:
+            records.append(pending + chunk)
+            pending = b""
+    return records
+
+
+def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
+    """What an offline W&B run directory (``.../offline-run-*``) recorded, read from its ``.wandb`` file.
+
+    Returns ``{"name", "group", "history"}``; ``history`` holds one dict per ``wandb.log`` call.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    files = sorted(Path(run_dir).glob("*.wandb"))
+    if not files:
+        raise FileNotFoundError(f"{run_dir}: no .wandb file")
+    run: dict[str, Any] = {"name": None, "group": None, "history": []}
+    for raw in _chunks(files[0].read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run["name"], run["group"] = record.run.display_name, record.run.run_group
+        elif kind == "history":
+            items = record.history.item
+            run["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items})
+    return run
+
+
+def finish(tracking: TrackingSection) -> None:
+    """Close the stage's W&B run (transformers leaves it open), so the next stage starts its own."""
+    if tracking.backend == "wandb":
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+        wandb.teardown()  # W&B reads WANDB_NAME and friends once per setup: the next stage sets them anew
