@@ -121,6 +121,9 @@ def test_ppo_raises_a_rule_reward(peaked_policy_dir, tmp_path):
         "eos_rate",
         "episodes",
         "tokens",
+        "time/rollout",
+        "time/score",
+        "time/update",
     ):
         assert key in history[-1], key
     assert history[-1]["episodes"] == 80 and history[0]["kl"] == pytest.approx(0.0, abs=1e-4)

@@ -10,7 +10,8 @@ One RLHF step = one rollout batch and its PPO epochs (PROTOCOL section 1.1 [OURS
 4. ``update``     per mini-batch, one optimizer step on clipped policy loss + ``vf_coef`` x clipped value loss
                   + ``gamma_ptx`` x LM loss on a pretraining batch (the ptx rows go through the same forward
                   pass, so DDP/DeepSpeed see one forward and one backward per step);
-5. ``log`` and keep the policy if the step is in ``save_at_steps``; refresh ``last/`` for resuming.
+5. ``log`` (with the wall time of each phase: ``time/rollout``, ``time/score``, ``time/update``) and keep the
+   policy if the step is in ``save_at_steps``; refresh ``last/`` for resuming.
 
 The trainer subclasses ``transformers.Trainer`` (as TRL's trainers do) so accelerate, DeepSpeed, callbacks and
 ``report_to`` behave as usual; it overrides ``train``. With LoRA the reference policy is the base model with
@@ -24,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -478,11 +480,16 @@ class PPOPtxTrainer(Trainer):
         for step in range(start, ppo.steps):
             torch.manual_seed(stable_seed(self.args.seed, "rollout", step, self.accelerator.process_index))
             self.model.eval()
+            clock = time.perf_counter()
             roll = self.rollout(self.step_prompts(step))
+            t_rollout = time.perf_counter() - clock
             self.score(roll)
             self.advantages(roll)
+            t_score = time.perf_counter() - clock - t_rollout
             record = self.rollout_stats(roll)
             record.update(self.update(roll, step))
+            t_update = time.perf_counter() - clock - t_rollout - t_score
+            record.update({"time/rollout": t_rollout, "time/score": t_score, "time/update": t_update})
             n_tokens = int(self.accelerator.gather_for_metrics(roll.attention_mask.sum().reshape(1)).sum())
             episodes += ppo.rollout_batch_size
             tokens += n_tokens
