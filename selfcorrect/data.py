@@ -46,7 +46,7 @@ import numpy as np
 from datasets import Dataset
 
 from selfcorrect.config import DatasetSpec
-from selfcorrect.errors import UserError
+from selfcorrect.errors import UserError, first_line
 from selfcorrect.io import iter_jsonl
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def _read_file(path: Path, fmt: str) -> list[tuple[str, Record]]:
         try:
             rows = pyarrow.parquet.read_table(path).to_pylist()
         except Exception as exc:  # pyarrow raises its own error types for bad files
-            raise UserError(f"{path}: cannot read the parquet file: {_first_line(exc)}") from None
+            raise UserError(f"{path}: cannot read the parquet file: {first_line(exc)}") from None
         return [(f"record {i}", row) for i, row in enumerate(rows)]
     if name.endswith(".txt"):
         if fmt != "text":
@@ -169,14 +169,9 @@ def _read_hub(spec: DatasetSpec) -> list[tuple[str, Record]]:
     except Exception as exc:  # offline, unknown id, bad split/config: datasets raises many unrelated types
         raise UserError(
             f"{spec.path}: not a local file, and it cannot be loaded as a Hugging Face Hub dataset "
-            f"(offline or not found): {_first_line(exc)}"
+            f"(offline or not found): {first_line(exc)}"
         ) from None
     return [(f"record {i}", row) for i, row in enumerate(ds)]
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ---- fields of one record -----------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from selfcorrect.errors import UserError
+from selfcorrect.config import cache_dir
+from selfcorrect.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +56,6 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-
-
-def cache_dir() -> Path:
-    """Where converted models are kept: ``$SELFCORRECT_CACHE_DIR``, else ``~/.cache/selfcorrect``."""
-    configured = os.environ.get("SELFCORRECT_CACHE_DIR")
-    if configured:
-        return Path(configured).expanduser()
-    return Path.home() / ".cache" / "selfcorrect"
 
 
 def embedded_gguf_path(name: str = "smollm2-135m-instruct") -> Path:
@@ -204,7 +197,8 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.float32
 
 
-def _parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """A dtype from a name (float32/fp32, bfloat16/bf16, float16/fp16) or ``auto``/None (``default_dtype``)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
@@ -223,13 +217,8 @@ def _has_tokenizer(model_dir: Path) -> bool:
     return any((model_dir / name).is_file() for name in TOKENIZER_FILES)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _hub_error(ref: str, error: BaseException) -> UserError:
-    reason = _first_line(error)
+    reason = first_line(error)
     return UserError(f"cannot load model '{ref}' from the Hugging Face Hub (offline or not found): {reason}")
 
 
@@ -239,7 +228,7 @@ def _adapter_base_ref(adapter_dir: Path) -> tuple[Path, str]:
     try:
         adapter_config = json.loads(config_path.read_text())
     except (OSError, ValueError) as error:
-        raise UserError(f"{config_path}: cannot read the adapter config: {_first_line(error)}") from error
+        raise UserError(f"{config_path}: cannot read the adapter config: {first_line(error)}") from error
     base_ref = adapter_config.get("base_model_name_or_path")
     if not isinstance(base_ref, str) or not base_ref:
         raise UserError(f"{config_path}: base_model_name_or_path is missing")
@@ -330,7 +319,7 @@ def load_model(
     had none), and its ``padding_side`` is left as it is, for the caller to set.
     """
     device = device or default_device()
-    torch_dtype = _parse_dtype(dtype, device)
+    torch_dtype = parse_dtype(dtype, device)
     resolved = resolve_model_path(ref)
     path = Path(resolved)
     tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)  # cheap; fails early

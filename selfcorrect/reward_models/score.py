@@ -35,6 +35,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfcorrect.errors import UserError
+from selfcorrect.models import parse_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -118,18 +119,6 @@ def load_function(spec: str) -> Callable[[list[str], list[str]], Sequence[float]
 
 
 # ---- the reward model --------------------------------------------------------------------------------------------
-
-
-def _parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    from selfcorrect.models import DTYPE_NAMES, default_dtype
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
-        return default_dtype(device)
-    if dtype not in DTYPE_NAMES:
-        raise UserError(f"unknown dtype '{dtype}' (known: auto, {', '.join(DTYPE_NAMES)})")
-    return DTYPE_NAMES[dtype]
 
 
 def read_manifest(path: Path) -> dict[str, Any] | None:
@@ -231,7 +220,7 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification
 
         device = device or default_device()
-        torch_dtype = _parse_dtype(dtype, device)
+        torch_dtype = parse_dtype(dtype, device)
         tokenizer = load_tokenizer(str(path))
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
         model.eval().to(device)

@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -50,7 +49,7 @@ from trl import RewardConfig, RewardTrainer
 from trl.trainer.utils import pad
 
 from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, StrictModel
-from selfcorrect.errors import UserError
+from selfcorrect.errors import UserError, first_line
 from selfcorrect.io import atomic_write_text
 from selfcorrect.reward_models.score import (
     FUNCTION_SPEC,
@@ -60,6 +59,7 @@ from selfcorrect.reward_models.score import (
     load_function,
     response_messages,
 )
+from selfcorrect.train.checkpoints import library_versions
 
 logger = logging.getLogger(__name__)
 
@@ -427,27 +427,7 @@ def build_reward_config(section: RewardSection, output_dir: Path, seed: int, rep
     try:
         return RewardConfig(**values)
     except (TypeError, ValueError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"reward.trainer: invalid RewardConfig: {message}") from None
-
-
-def _versions() -> dict[str, str]:
-    import datasets
-    import peft
-    import transformers
-    import trl
-
-    import selfcorrect
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl.__version__,
-        "peft": peft.__version__,
-        "datasets": datasets.__version__,
-        "selfcorrect": getattr(selfcorrect, "__version__", "unknown"),
-    }
+        raise UserError(f"reward.trainer: invalid RewardConfig: {first_line(exc)}") from None
 
 
 def _load_classifier(model: ModelSection, seed: int):
@@ -568,7 +548,7 @@ def run_reward(
                 "function": section.function,
                 "bias": 0.0,
                 "seed": seed,
-                "versions": _versions(),
+                "versions": library_versions(),
             }
         else:
             manifest = _train(section, model, lora, staging, seed, train_ds, eval_ds, demonstrations, report_to)
@@ -684,7 +664,7 @@ def _train(
         "lora": lora.model_dump() if lora is not None else None,
         "trainer": section.trainer,
         "seed": seed,
-        "versions": _versions(),
+        "versions": library_versions(),
         "log_history": trainer.state.log_history,
     }
 

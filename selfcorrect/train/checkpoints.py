@@ -58,7 +58,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng_state.pt"
 LAST_FORMAT = 1
-_LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "selfcorrect")
+_LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "selfcorrect")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def checkpoint_dir(root: Path, step: int) -> Path:
 
 
 def library_versions() -> dict[str, str]:
-    """Installed versions of python, torch, transformers, trl, peft, accelerate and selfcorrect.
+    """Installed versions of python, torch, transformers, trl, peft, accelerate, datasets and selfcorrect.
 
     A library that is not installed is reported as ``"not installed"``.
     """

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import time
 import warnings
@@ -199,6 +200,7 @@ class PPOPtxTrainer(Trainer):
         self.history: list[dict[str, float]] = []
 
     # ---- data ---------------------------------------------------------------------------------------------
+    @functools.lru_cache(maxsize=8)  # noqa: B019 (one trainer per process; the cache lives as long as it)
     def _order(self, n: int, epoch: int, salt: str) -> np.ndarray:
         return np.random.default_rng(stable_seed(self.args.seed, salt, epoch)).permutation(n)
 
@@ -276,10 +278,9 @@ class PPOPtxTrainer(Trainer):
         roll.ref_logprobs = self._ref_logprobs(roll)
         return roll
 
-    def _forward_response(self, roll: Rollout, model, rows: slice | None = None, extra=None):
-        """Policy log-probs of the response tokens, values, and entropy (optionally on ptx rows too)."""
-        rows = rows or slice(None)
-        ids, mask = roll.input_ids[rows], roll.attention_mask[rows]
+    def _forward_response(self, roll: Rollout, model):
+        """Policy log-probs of the response tokens, values, and entropy."""
+        ids, mask = roll.input_ids, roll.attention_mask
         logits, values = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask))
         return self._response_stats(roll, ids, logits, values)
 

@@ -51,7 +51,7 @@ from trl.data_utils import common_prefix_length
 
 from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, StrictModel
 from selfcorrect.data import ptx_dataset, sft_dataset, train_test_split
-from selfcorrect.errors import UserError
+from selfcorrect.errors import UserError, first_line
 from selfcorrect.io import atomic_write_text
 from selfcorrect.models import EMBEDDED_PREFIX, load_model
 from selfcorrect.train.checkpoints import config_hash, library_versions
@@ -178,12 +178,7 @@ def sft_config(
     try:
         return SFTConfig(**{**defaults, **section.trainer})
     except (TypeError, ValueError) as exc:
-        raise UserError(f"sft.trainer: {_first_line(exc)}") from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+        raise UserError(f"sft.trainer: {first_line(exc)}") from None
 
 
 def _portable_ref(ref: str) -> str:
@@ -363,7 +358,7 @@ def run_sft(
                 "config": config,
                 "config_hash": config_hash(config),
                 "training_args": json.loads(trainer.args.to_json_string()),
-                "library_versions": {**library_versions(), "datasets": _version("datasets")},
+                "library_versions": library_versions(),
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
             atomic_write_text(work_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
@@ -374,12 +369,3 @@ def run_sft(
             shutil.rmtree(work_dir, ignore_errors=True)
         raise
     return output_dir
-
-
-def _version(package: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
