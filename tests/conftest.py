@@ -27,6 +27,25 @@ def selfcorrect_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield path
 
 
+def tiny_llama(tokenizer, **overrides) -> LlamaForCausalLM:
+    """A seeded tiny random Llama (2 layers, hidden size 64) sized for ``tokenizer``."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **overrides,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama (2 layers, hidden size 64) with the real SmolLM2 tokenizer, saved as safetensors.
@@ -37,21 +56,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(tokenizer, tie_word_embeddings=True)
     out = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(out)  # transformers 5 always writes safetensors
     tokenizer.save_pretrained(out)

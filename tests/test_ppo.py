@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_llama
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    LlamaConfig,
     LlamaForCausalLM,
     TrainingArguments,
 )
@@ -38,20 +38,7 @@ def peaked_policy_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A tiny random Llama whose next-token distribution is peaked (scaled, untied LM head), so a few dozen
     sampled episodes cover its likely tokens and PPO can move probability mass between them."""
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
+    model = tiny_llama(tok, tie_word_embeddings=False)
     with torch.no_grad():
         model.lm_head.weight.mul_(20)
     out = tmp_path_factory.mktemp("peaked")
