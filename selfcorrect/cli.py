@@ -16,6 +16,7 @@ from selfcorrect.errors import UserError
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
 BENCHMARKS = ["bbq", "winogender", "law_school"]
+PIPELINE_STAGES = ["sft", "reward", "ppo", "evaluate", "report"]
 
 
 def _csv_list(text: str) -> list[str]:
@@ -65,16 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "evaluate",
-        help="evaluate a model on the benchmarks and prompt conditions",
+        help="evaluate a model, or every checkpoint of a run, on the benchmarks and prompt conditions",
         description="Evaluate MODEL on benchmarks x conditions. Per-item results are appended to "
         "OUTPUT/<benchmark>/<condition>.jsonl as they finish (a rerun skips finished items); the tidy table "
         "OUTPUT/metrics.csv has columns benchmark,condition,subset,metric,value,ci_low,ci_high,n with "
-        "95% bootstrap CIs.",
+        "95%% bootstrap CIs. Given a RUN_DIR (runs/<name>), every PPO checkpoint is evaluated into "
+        "OUTPUT/step-NNNNNN/ (OUTPUT default RUN_DIR/eval) and OUTPUT/metrics.csv gains the leading columns "
+        "model,params,step.",
     )
     ev.add_argument(
         "model",
-        metavar="MODEL",
-        help=f"hub id, local HF directory (safetensors), LoRA adapter directory, or {EMBEDDED}",
+        metavar="MODEL_OR_RUN_DIR",
+        help=f"hub id, local HF directory (safetensors), LoRA adapter directory, {EMBEDDED}, "
+        "or a run directory with ppo/checkpoints/",
     )
     ev.add_argument(
         "--benchmarks",
@@ -114,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="'human_assistant': the papers' \\n\\nHuman: ...\\n\\nAssistant: text (default); "
         "'chat_template': the model's own chat template, assistant turn continued",
     )
-    ev.add_argument("--output", type=Path, required=True, metavar="DIR", help="output directory")
+    ev.add_argument("--output", type=Path, default=None, metavar="DIR", help="output directory (required for a MODEL)")
     ev.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
     ev.add_argument(
         "--gen-batch-size",
@@ -195,6 +199,36 @@ def build_parser() -> argparse.ArgumentParser:
         st.add_argument("config", metavar="CONFIG", type=Path, help="run config (YAML)")
         st.set_defaults(func=cmd_stage, stage=name)
 
+    pi = sub.add_parser(
+        "pipeline",
+        help="SFT -> reward -> PPO -> evaluate every checkpoint -> report, from one run config",
+        description="Run every stage a run config defines, in one run dir (output_dir, default runs/<name>). "
+        "Finished stages with the same resolved config are skipped (recorded in pipeline.json); unfinished "
+        "ones continue (PPO from ppo/last/, evaluation from its per-item files), so rerunning the same command "
+        "after a crash finishes the run. A finished stage whose config changed is an error naming the changed "
+        "keys, unless --force. Training stages run as child processes (<launcher> -m selfcorrect STAGE CONFIG).",
+    )
+    pi.add_argument(
+        "config", metavar="CONFIG", type=Path, help="run config (YAML), e.g. configs/pipelines/quickstart.yaml"
+    )
+    group = pi.add_mutually_exclusive_group()
+    group.add_argument("--from", dest="from_stage", choices=PIPELINE_STAGES, help="rerun STAGE and the stages after it")
+    group.add_argument("--only", choices=PIPELINE_STAGES, help="rerun STAGE only (earlier stages must be done)")
+    pi.add_argument("--force", action="store_true", help="redo finished stages whose config changed")
+    pi.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (stages to run or skip, checkpoints, items per benchmark and condition, forward "
+        "passes and generated tokens of the evaluation) and exit",
+    )
+    pi.add_argument(
+        "--launcher",
+        default=None,
+        help='command prefix for the training stages, e.g. "accelerate launch --config_file '
+        "configs/accelerate/deepspeed_zero2.yaml\" (default: the config's launcher, else this Python)",
+    )
+    pi.set_defaults(func=cmd_pipeline)
+
     mo = sub.add_parser("models", help="manage the embedded default model", description="Manage models.")
     mosub = mo.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
     prep = mosub.add_parser(
@@ -216,9 +250,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for flag in ("batch_size", "gen_batch_size"):
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    run_dir = Path(args.model)
+    is_run = (run_dir / "ppo" / "checkpoints").is_dir()
+    if args.output is None and not is_run:
+        raise UserError("--output is required when evaluating a MODEL (it is optional for a RUN_DIR)")
     settings = EvalSettings(
         model=args.model,
-        output=args.output,
+        output=args.output or run_dir / "eval",
         benchmarks=args.benchmarks,
         conditions=args.conditions,
         limit=args.limit,
@@ -235,7 +273,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         overwrite=args.overwrite,
     )
-    print_summary(evaluate(settings))
+    if is_run:
+        from selfcorrect.evaluate.runner import evaluate_run
+
+        print_summary(evaluate_run(settings, run_dir))
+    else:
+        print_summary(evaluate(settings))
     return 0
 
 
@@ -320,6 +363,24 @@ def cmd_stage(args: argparse.Namespace) -> int:
     finally:
         tracking.finish(cfg.tracking)
     print(f"{args.stage}: {out}")
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from selfcorrect.pipeline import StageFailed, run_pipeline
+
+    try:
+        run_pipeline(
+            args.config,
+            from_stage=args.from_stage,
+            only=args.only,
+            force=args.force,
+            dry_run=args.dry_run,
+            launcher=args.launcher,
+        )
+    except StageFailed as exc:
+        print(f"selfcorrect: error: {exc}", file=sys.stderr)
+        return 2 if exc.returncode == 2 else 1  # 2: the stage refused its input
     return 0
 
 

@@ -138,3 +138,4 @@ class TrackingSection(StrictModel):
     backend: Literal["wandb", "tensorboard", "none"] = "none"
     project: str = "selfcorrect"
     mode: Literal["online", "offline", "auto"] = "auto"  # auto: online if WANDB_API_KEY is set
+    log_predictions: bool = True  # evaluation: per-item predictions as W&B Tables

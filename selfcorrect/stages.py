@@ -7,6 +7,7 @@ A run config (YAML) names the model, optional LoRA, and one section per stage; e
     runs/<name>/reward/                      the reward model (sequence classifier) + reward_manifest.json
     runs/<name>/ppo/checkpoints/step-NNNNNN/ the policy at each step of ppo.save_at_steps + manifest.json
     runs/<name>/ppo/last/                    what resuming needs (replaced atomically)
+    runs/<name>/eval/, report/, pipeline.json   written by `selfcorrect pipeline` (selfcorrect/pipeline.py)
 
 Each stage reads only what earlier stages wrote, so any stage can be rerun alone.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 from selfcorrect import tracking
 from selfcorrect.config import LoraSection, ModelSection, StrictModel, TrackingSection, load_config
 from selfcorrect.errors import UserError
+from selfcorrect.evaluate.runner import EvaluationSection
 from selfcorrect.reward_models.train import RewardSection
 from selfcorrect.train.ppo import PPOSection
 from selfcorrect.train.sft import SFTSection
@@ -34,7 +36,11 @@ class RunConfig(StrictModel):
     sft: SFTSection | None = None
     reward: RewardSection | None = None
     ppo: PPOSection | None = None
+    evaluation: EvaluationSection | None = None
     tracking: TrackingSection = TrackingSection()
+    # `selfcorrect pipeline` starts each training stage as `<launcher> -m selfcorrect <stage> CONFIG`;
+    # default: this Python. E.g. "accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml"
+    launcher: str | None = None
 
     def root(self) -> Path:
         return Path(self.output_dir or Path("runs") / self.name)

@@ -65,14 +65,15 @@ def _chunks(data: bytes) -> list[bytes]:
 def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
     """What an offline W&B run directory (``.../offline-run-*``) recorded, read from its ``.wandb`` file.
 
-    Returns ``{"name", "group", "history"}``; ``history`` holds one dict per ``wandb.log`` call.
+    Returns ``{"name", "group", "history", "metrics"}``; ``history`` holds one dict per ``wandb.log`` call,
+    ``metrics`` maps each ``define_metric`` name (or glob) to its step metric.
     """
     from wandb.proto import wandb_internal_pb2
 
     files = sorted(Path(run_dir).glob("*.wandb"))
     if not files:
         raise FileNotFoundError(f"{run_dir}: no .wandb file")
-    run: dict[str, Any] = {"name": None, "group": None, "history": []}
+    run: dict[str, Any] = {"name": None, "group": None, "history": [], "metrics": {}}
     for raw in _chunks(files[0].read_bytes()):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
@@ -82,6 +83,8 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
         elif kind == "history":
             items = record.history.item
             run["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items})
+        elif kind == "metric":
+            run["metrics"][record.metric.name or record.metric.glob_name] = record.metric.step_metric
     return run
 
 
@@ -93,3 +96,81 @@ def finish(tracking: TrackingSection) -> None:
         if wandb.run is not None:
             wandb.finish()
         wandb.teardown()  # W&B reads WANDB_NAME and friends once per setup: the next stage sets them anew
+
+
+def _start(tracking: TrackingSection, run_name: str, stage: str, run_dir: Path):
+    """A W&B run for a stage the pipeline runs itself (evaluate, report)."""
+    import wandb
+
+    report_to(tracking, run_name, stage, run_dir)
+    return wandb.init(
+        project=os.environ["WANDB_PROJECT"],
+        group=run_name,
+        name=f"{run_name}-{stage}",
+        dir=os.environ["WANDB_DIR"],
+        mode=os.environ["WANDB_MODE"],
+        job_type=stage,
+    )
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def log_evaluation(tracking: TrackingSection, run_name: str, run_dir: Path, targets: list) -> None:
+    """Log a run's evaluation to W&B: pooled metrics against ``rlhf_step``, per-item predictions as Tables.
+
+    Keys are ``eval/<benchmark>/<condition>/<metric>`` (+ ``_ci_low``/``_ci_high``) for the checkpoints, and one
+    ``eval/models`` Table for models evaluated without RLHF. No-op unless the backend is W&B.
+    """
+    if tracking.backend != "wandb":
+        return
+    import wandb
+
+    from selfcorrect.io import iter_jsonl
+
+    run = _start(tracking, run_name, "eval", run_dir)
+    try:
+        run.define_metric("rlhf_step")
+        run.define_metric("eval/*", step_metric="rlhf_step")
+        run.define_metric("predictions/*", step_metric="rlhf_step")
+        for target in sorted((t for t in targets if t.step is not None), key=lambda t: t.step):
+            record: dict[str, Any] = {"rlhf_step": target.step}
+            for r in _rows(target.output / "metrics.csv"):
+                if r["subset"] == "all" and r["value"]:
+                    key = f"eval/{r['benchmark']}/{r['condition']}/{r['metric']}"
+                    record[key] = float(r["value"])
+                    if r["ci_low"]:
+                        record[f"{key}_ci_low"], record[f"{key}_ci_high"] = float(r["ci_low"]), float(r["ci_high"])
+            if tracking.log_predictions:
+                for path in sorted(target.output.glob("*/*.jsonl")):
+                    columns = ["id", "prediction", "probs", "mass", "reasoning"]
+                    data = [
+                        [o["id"], o["prediction"], json.dumps(o["probs"]), o.get("mass"), o.get("reasoning", "")]
+                        for _, o in iter_jsonl(path, tolerate_torn_tail=True)
+                    ]
+                    record[f"predictions/{path.parent.name}/{path.stem}"] = wandb.Table(columns=columns, data=data)
+            run.log(record)
+        extra = [t for t in targets if t.step is None and (t.output / "metrics.csv").is_file()]
+        if extra:
+            columns = ["model", "benchmark", "condition", "subset", "metric", "value", "ci_low", "ci_high", "n"]
+            data = [[t.label, *(r[c] for c in columns[1:])] for t in extra for r in _rows(t.output / "metrics.csv")]
+            run.log({"eval/models": wandb.Table(columns=columns, data=data)})
+    finally:
+        finish(tracking)
+
+
+def log_report(tracking: TrackingSection, run_name: str, run_dir: Path, report_md: Path) -> None:
+    """Log the report's PNG plots to W&B as images (no-op unless the backend is W&B)."""
+    if tracking.backend != "wandb":
+        return
+    import wandb
+
+    run = _start(tracking, run_name, "report", run_dir)
+    try:
+        run.log({f"report/{png.stem}": wandb.Image(str(png)) for png in sorted(report_md.parent.glob("*.png"))})
+    finally:
+        finish(tracking)

@@ -7,6 +7,11 @@ Output layout (``--output DIR``)::
     DIR/<benchmark>/<condition>.jsonl   one line per item, appended batch by batch as it finishes
     DIR/metrics.csv                 benchmark,condition,subset,metric,value,ci_low,ci_high,n
 
+Evaluating a run (``selfcorrect evaluate RUN_DIR`` or the pipeline's evaluate stage) repeats this per
+target, i.e. per PPO checkpoint (``RUN_DIR/eval/step-000050/``) or per extra model
+(``RUN_DIR/eval/models/<model>/``), and joins their tables into ``RUN_DIR/eval/metrics.csv`` with the
+leading columns ``model,params,step`` (:data:`RUN_COLUMNS`).
+
 A rerun with the same settings skips every item already in a ``.jsonl`` file, and the batches are
 planned from the whole item list, so a resumed run scores exactly the batches an uninterrupted run
 would have, and gives the same metrics. ``metrics.csv`` is derived from the per-item files and written
@@ -18,13 +23,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
+from pydantic import Field, field_validator
 from tqdm import tqdm
 
+from selfcorrect.config import StrictModel, data_dir
 from selfcorrect.errors import UserError
 from selfcorrect.evaluate import benchmarks as bench_registry
 from selfcorrect.evaluate.metrics import METRIC_COLUMNS, MetricRow, stable_seed, stratified_sample
@@ -55,6 +65,49 @@ class EvalSettings:
     device: str | None = None
     trust_remote_code: bool = False
     overwrite: bool = False
+
+
+class EvaluationSection(StrictModel):
+    """The ``evaluation`` section of a run config: what the pipeline evaluates, and when."""
+
+    when: Literal["during", "after"] = "after"  # during: evaluate checkpoints while PPO saves later ones
+    checkpoints: bool = True  # evaluate the PPO checkpoints (ppo.save_at_steps)
+    models: list[str] = []  # extra models evaluated as they are (no RLHF), e.g. a model-size sweep
+    benchmarks: list[Literal["bbq", "winogender", "law_school"]] = list(bench_registry.BENCHMARK_NAMES)
+    conditions: list[str] = list(DEFAULT_CONDITIONS)
+    limit: int | None = Field(None, gt=0)  # stratified subsample per benchmark (None: all items)
+    cot_limit: int | None = Field(None, gt=0)  # CoT subsample, drawn from the --limit one
+    dialogue: Literal["human_assistant", "chat_template"] = "human_assistant"
+    prompts: list[str] = []  # extra prompt-condition files ($VARS expanded)
+    batch_size: int = Field(16, gt=0)
+    gen_batch_size: int = Field(64, gt=0)
+    bootstrap: int = Field(1000, ge=0)
+    poll_seconds: float = Field(10.0, gt=0)  # when: during, how often to look for new checkpoints
+
+    @field_validator("prompts")
+    @classmethod
+    def _expand(cls, value: list[str]) -> list[str]:
+        return [os.path.expanduser(os.path.expandvars(p)) for p in value]
+
+    def settings(self, output: Path, seed: int, dtype: str | None, trust_remote_code: bool) -> EvalSettings:
+        """The runner settings for one evaluation output dir (the model is set per target)."""
+        return EvalSettings(
+            model="",
+            output=output,
+            benchmarks=list(self.benchmarks),
+            conditions=list(self.conditions),
+            limit=self.limit,
+            cot_limit=self.cot_limit,
+            data_dir=data_dir(),
+            dialogue=self.dialogue,
+            batch_size=self.batch_size,
+            gen_batch_size=self.gen_batch_size,
+            seed=seed,
+            n_boot=self.bootstrap,
+            prompt_files=[Path(p) for p in self.prompts],
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+        )
 
 
 @dataclass
@@ -290,6 +343,7 @@ def evaluate(settings: EvalSettings) -> Path:
         model, tokenizer = load_model(
             settings.model, dtype=settings.dtype, device=settings.device, trust_remote_code=settings.trust_remote_code
         )
+        manifest["model_info"] = {"n_parameters": sum(p.numel() for p in model.parameters())}
         scorer = Scorer(model, tokenizer, add_special_tokens=settings.dialogue == "human_assistant")
         for task in pending:  # colliding candidates fail here, before anything is written
             for item in {it.candidates: it for it in task.items}.values():
@@ -356,3 +410,74 @@ def print_summary(metrics_path: Path) -> None:
     """Print the summary table and where the full table is."""
     print(summary(metrics_path))
     print(f"\nmetrics: {metrics_path}", file=sys.stderr)
+
+
+# ---- a run: every PPO checkpoint (and extra models), joined into one table ------------------------------
+
+RUN_COLUMNS = ("model", "params", "step")
+
+
+@dataclass(frozen=True)
+class EvalTarget:
+    """One model of a run to evaluate: a PPO checkpoint (``step`` set) or an extra model (``step`` None)."""
+
+    label: str  # the ``model`` column: the run name, or the model reference of an extra model
+    model: str  # what `load_model` loads
+    output: Path  # its evaluation output dir
+    step: int | None = None
+
+
+def model_slug(reference: str) -> str:
+    """A directory name for a model reference (``HuggingFaceTB/SmolLM2-360M`` -> ``HuggingFaceTB--SmolLM2-360M``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", reference.replace("/", "--")).strip("-") or "model"
+
+
+def checkpoint_targets(run_dir: Path, steps: list[int], label: str, eval_dir: Path) -> list[EvalTarget]:
+    """The targets of a run's PPO checkpoints at ``steps`` (whether or not they exist yet)."""
+    from selfcorrect.train.checkpoints import checkpoint_dir
+
+    return [EvalTarget(label, str(checkpoint_dir(run_dir / "ppo", s)), eval_dir / f"step-{s:06d}", s) for s in steps]
+
+
+def existing_checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the kept checkpoints in ``run_dir/ppo/checkpoints`` (complete ones: they appear by rename)."""
+    found = []
+    for path in (Path(run_dir) / "ppo" / "checkpoints").glob("step-*"):
+        if re.fullmatch(r"step-\d{6}", path.name) and (path / "manifest.json").is_file():
+            found.append(int(path.name[5:]))
+    return sorted(found)
+
+
+def evaluate_target(template: EvalSettings, target: EvalTarget) -> Path:
+    """Evaluate one target with the template's settings; returns its ``metrics.csv``."""
+    print(f"evaluate: {target.label}" + (f" step {target.step}" if target.step is not None else ""), file=sys.stderr)
+    return evaluate(replace(template, model=target.model, output=target.output))
+
+
+def join_metrics(targets: list[EvalTarget], path: Path) -> Path:
+    """Write the run's ``metrics.csv``: each evaluated target's table with ``model,params,step`` in front."""
+    import csv
+
+    rows = []
+    for target in targets:
+        table = target.output / "metrics.csv"
+        if not table.is_file():
+            continue
+        manifest = json.loads((target.output / "evaluation.json").read_text())
+        params = manifest.get("model_info", {}).get("n_parameters", "")
+        step = "" if target.step is None else target.step
+        with table.open(newline="") as f:
+            rows += [[target.label, params, step, *(r[c] for c in METRIC_COLUMNS)] for r in csv.DictReader(f)]
+    atomic_write_text(path, csv_text([*RUN_COLUMNS, *METRIC_COLUMNS], rows))
+    return path
+
+
+def evaluate_run(template: EvalSettings, run_dir: Path, label: str | None = None) -> Path:
+    """``selfcorrect evaluate RUN_DIR``: evaluate every kept checkpoint of a run into ``template.output``."""
+    steps = existing_checkpoint_steps(run_dir)
+    if not steps:
+        raise UserError(f"{run_dir / 'ppo' / 'checkpoints'}: no checkpoints to evaluate")
+    targets = checkpoint_targets(run_dir, steps, label or Path(run_dir).resolve().name, template.output)
+    for target in targets:
+        evaluate_target(template, target)
+    return join_metrics(targets, template.output / "metrics.csv")

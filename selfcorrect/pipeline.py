@@ -1,0 +1,382 @@
+"""``selfcorrect pipeline CONFIG``: SFT -> reward -> PPO -> evaluate every checkpoint -> report, in one run dir.
+
+Each stage's resolved config is hashed (with the hashes of the stages before it) and recorded in
+``runs/<name>/pipeline.json`` when the stage finishes. A rerun skips finished stages with the same hash,
+continues unfinished ones (PPO from ``ppo/last/``, evaluation from its per-item files), and refuses a
+finished stage whose config changed, naming the changed keys, unless ``--force``. ``--from STAGE`` and
+``--only STAGE`` rerun stages from scratch.
+
+Training stages run as child processes (``<launcher> -m selfcorrect <stage> CONFIG``; the launcher defaults
+to this Python and may be ``accelerate launch ...``) that die with the pipeline. Evaluation runs in this
+process, either after PPO or while PPO saves later checkpoints (``evaluation.when: during``); either way
+each checkpoint is evaluated once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from selfcorrect.errors import UserError
+from selfcorrect.io import atomic_write_text
+from selfcorrect.stages import RunConfig, load_run_config
+
+STAGES = ("sft", "reward", "ppo", "evaluate", "report")
+STAGE_DIRS = {"sft": "sft", "reward": "reward", "ppo": "ppo", "evaluate": "eval", "report": "report"}
+STATE_FILE = "pipeline.json"
+
+
+class StageFailed(Exception):
+    """A training stage's process exited with a non-zero code (its own message is above)."""
+
+    def __init__(self, stage: str, returncode: int):
+        super().__init__(f"stage '{stage}' failed (exit code {returncode}); fix the cause and rerun to continue")
+        self.returncode = returncode
+
+
+# ---- what each stage depends on -------------------------------------------------------------------------
+
+
+def stages_in(cfg: RunConfig) -> list[str]:
+    """The stages the config defines, in pipeline order."""
+    present = {
+        "sft": cfg.sft is not None,
+        "reward": cfg.reward is not None,
+        "ppo": cfg.ppo is not None,
+        "evaluate": cfg.evaluation is not None,
+        "report": cfg.evaluation is not None,
+    }
+    return [s for s in STAGES if present[s]]
+
+
+def resolved_configs(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    """Per stage, the config that decides its outputs (tracking, launcher and batch sizes do not).
+
+    Each includes the hashes of the stages before it, so a change upstream changes every later hash.
+    """
+    from selfcorrect.train.checkpoints import config_hash
+
+    common = {"model": cfg.model.model_dump(), "lora": cfg.lora and cfg.lora.model_dump(), "seed": cfg.seed}
+    out: dict[str, dict[str, Any]] = {}
+    upstream: dict[str, str] = {}
+    for stage in stages_in(cfg):
+        if stage in ("sft", "reward", "ppo"):
+            own = {**common, stage: getattr(cfg, stage).model_dump()}
+            if stage == "reward" and cfg.sft is not None:  # the reward is normalised on the SFT demonstrations
+                own["sft_data"] = cfg.sft.data.model_dump()
+        elif stage == "evaluate":
+            skip = {"when", "batch_size", "gen_batch_size", "poll_seconds"}
+            own = {"evaluation": cfg.evaluation.model_dump(exclude=skip), "model": common["model"], "seed": cfg.seed}
+        else:
+            own = {}
+        own["after"] = dict(upstream)
+        out[stage] = own
+        upstream[stage] = config_hash(own)
+    return out
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        flat: dict[str, Any] = {}
+        for key, value in obj.items():
+            flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: obj}
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs (upstream hashes left out)."""
+    a, b = (
+        _flatten({k: v for k, v in old.items() if k != "after"}),
+        _flatten({k: v for k, v in new.items() if k != "after"}),
+    )
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
+
+
+# ---- the state file and the plan ------------------------------------------------------------------------
+
+
+def read_state(root: Path) -> dict[str, Any]:
+    """``pipeline.json`` of a run dir ({} when absent); malformed JSON is a UserError."""
+    path = root / STATE_FILE
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: malformed JSON; move the run dir away or fix the file") from None
+
+
+def _write_state(root: Path, state: dict[str, Any]) -> None:
+    atomic_write_text(root / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+
+@dataclass
+class StagePlan:
+    """What the pipeline will do with one stage."""
+
+    stage: str
+    action: str  # "run" | "rerun" | "skip"
+    reason: str
+    clear: bool = False  # remove the stage's outputs before running it
+
+
+def make_plan(
+    cfg: RunConfig, path: Path, state: dict[str, Any], *, from_stage: str | None, only: str | None, force: bool
+) -> list[StagePlan]:
+    """Decide per stage: run, rerun (from scratch) or skip. Raises UserError on a changed finished stage."""
+    present = stages_in(cfg)
+    for flag, stage in (("--from", from_stage), ("--only", only)):
+        if stage is not None and stage not in present:
+            raise UserError(f"{path}: {flag} {stage}: the config defines the stages {', '.join(present)}")
+    if state.get("name") not in (None, cfg.name):
+        raise UserError(f"{cfg.root() / STATE_FILE}: the run dir belongs to run '{state['name']}', not '{cfg.name}'")
+    resolved = resolved_configs(cfg)
+    done = state.get("stages", {})
+    plans: list[StagePlan] = []
+    selected = (
+        [only] if only else present[present.index(from_stage) :] if from_stage else None
+    )  # None: run what is needed
+    for stage in present:
+        record = done.get(stage)
+        finished_same = record is not None and record.get("resolved") == resolved[stage]
+        if selected is not None and stage not in selected:
+            if not finished_same:
+                raise UserError(
+                    f"{path}: stage '{stage}' has not finished with this config; run it first "
+                    f"(selfcorrect pipeline {path} --from {stage})"
+                )
+            plans.append(StagePlan(stage, "skip", "not selected"))
+        elif selected is not None:
+            plans.append(StagePlan(stage, "rerun", "selected", clear=True))
+        elif finished_same:
+            plans.append(StagePlan(stage, "skip", f"done ({record.get('completed_at', '?')})"))
+        elif record is not None:
+            keys = changed_keys(record.get("resolved", {}), resolved[stage])
+            what = ", ".join(keys) if keys else "an earlier stage"
+            if not force:
+                raise UserError(
+                    f"{path}: stage '{stage}' finished with another config (changed: {what}); "
+                    "rerun with --force to redo it and the stages after it, or use another run name"
+                )
+            plans.append(StagePlan(stage, "rerun", f"config changed: {what}", clear=True))
+        elif force:
+            plans.append(StagePlan(stage, "rerun", "--force", clear=True))
+        else:
+            partial = (cfg.root() / STAGE_DIRS[stage]).exists()
+            plans.append(StagePlan(stage, "run", "continue from its partial outputs" if partial else "not run yet"))
+    return plans
+
+
+# ---- running ---------------------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the child gets SIGKILL when the pipeline dies, so a killed pipeline leaves no stage running."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def start_stage(stage: str, config: Path, launcher: str | None) -> subprocess.Popen:
+    """Start ``<launcher> -m selfcorrect <stage> CONFIG`` (launcher default: this Python)."""
+    prefix = shlex.split(launcher) if launcher else [sys.executable]
+    command = [*prefix, "-m", "selfcorrect", stage, str(config)]
+    print(f"pipeline: {shlex.join(command)}", file=sys.stderr, flush=True)
+    return subprocess.Popen(command, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+
+
+def _wait(stage: str, proc: subprocess.Popen) -> None:
+    if proc.wait() != 0:
+        raise StageFailed(stage, proc.returncode)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_pipeline(
+    config: Path,
+    *,
+    from_stage: str | None = None,
+    only: str | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    launcher: str | None = None,
+) -> Path | None:
+    """Run (or with ``dry_run`` only print) the pipeline of a run config; returns the report path if made."""
+    cfg = load_run_config(config)
+    root = cfg.root()
+    state = read_state(root)
+    plans = make_plan(cfg, config, state, from_stage=from_stage, only=only, force=force)
+    print(describe_plan(cfg, plans))
+    if dry_run:
+        return None
+    todo = {p.stage for p in plans if p.action != "skip"}
+    if not todo:
+        print(f"pipeline: nothing to do; report: {root / 'report' / 'report.md'}")
+        return root / "report" / "report.md"
+    root.mkdir(parents=True, exist_ok=True)
+    resolved = resolved_configs(cfg)
+    state = {"name": cfg.name, "config": str(config), "stages": dict(state.get("stages", {}))}
+    for plan in plans:  # a stage that runs again invalidates its record and its outputs first
+        if plan.action != "skip":
+            state["stages"].pop(plan.stage, None)
+    _write_state(root, state)
+    for plan in plans:
+        if plan.clear and (root / STAGE_DIRS[plan.stage]).exists():
+            print(f"pipeline: removing {root / STAGE_DIRS[plan.stage]} ({plan.reason})", file=sys.stderr)
+            shutil.rmtree(root / STAGE_DIRS[plan.stage])
+
+    def finished(stage: str) -> None:
+        state["stages"][stage] = {"resolved": resolved[stage], "completed_at": _now()}
+        _write_state(root, state)
+
+    launcher = launcher or cfg.launcher
+    report = None
+    for stage in [p.stage for p in plans if p.stage in todo]:
+        if stage in ("sft", "reward"):
+            _wait(stage, start_stage(stage, config, launcher))
+        elif stage == "ppo":
+            proc = start_stage("ppo", config, launcher)
+            if "evaluate" in todo and cfg.evaluation.when == "during":
+                run_evaluation(cfg, training=proc)
+                _wait("ppo", proc)
+                finished("ppo")
+                finished("evaluate")
+                continue
+            _wait("ppo", proc)
+        elif stage == "evaluate":
+            if "evaluate" in state["stages"]:  # done during PPO
+                continue
+            run_evaluation(cfg, training=None)
+        elif stage == "report":
+            report = run_report(cfg)
+        finished(stage)
+    if report is not None:
+        print(f"pipeline: done; report: {report}")
+    return report
+
+
+def wait_for(proc: subprocess.Popen, seconds: float) -> int | None:
+    """Sleep up to ``seconds`` or until ``proc`` ends; returns its exit code, or None while it runs."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return proc.returncode
+        time.sleep(min(0.5, seconds))
+    return proc.poll()
+
+
+# ---- the evaluate and report stages ----------------------------------------------------------------------
+
+
+def eval_targets(cfg: RunConfig) -> list:
+    """Every model the evaluate stage covers: the PPO checkpoints in save_at_steps, then the extra models."""
+    from selfcorrect.evaluate.runner import EvalTarget, checkpoint_targets, model_slug
+
+    evaluation, root = cfg.evaluation, cfg.root()
+    targets = []
+    if evaluation.checkpoints and cfg.ppo is not None:
+        targets += checkpoint_targets(root, list(cfg.ppo.save_at_steps), cfg.name, root / "eval")
+    for ref in evaluation.models:
+        targets.append(EvalTarget(ref, ref, root / "eval" / "models" / model_slug(ref)))
+    return targets
+
+
+def _settings(cfg: RunConfig):
+    return cfg.evaluation.settings(cfg.root() / "eval", cfg.seed, cfg.model.dtype, cfg.model.trust_remote_code)
+
+
+def run_evaluation(cfg: RunConfig, training: subprocess.Popen | None) -> Path:
+    """Evaluate every target once; with ``training`` (PPO running), evaluate checkpoints as they appear."""
+    from selfcorrect import tracking
+    from selfcorrect.evaluate.runner import evaluate_target, join_metrics
+
+    targets = eval_targets(cfg)
+    if not targets:
+        raise UserError(f"{cfg.name}: evaluation: nothing to evaluate (no ppo checkpoints and no evaluation.models)")
+    template = _settings(cfg)
+    metrics = cfg.root() / "eval" / "metrics.csv"
+    pending = list(targets)
+    while pending:
+        ready = [t for t in pending if t.step is None or (Path(t.model) / "manifest.json").is_file()]
+        if not ready:
+            if training is None:
+                missing = ", ".join(t.model for t in pending)
+                raise UserError(f"{cfg.name}: evaluation: checkpoints missing after PPO finished: {missing}")
+            code = wait_for(training, cfg.evaluation.poll_seconds)
+            if code not in (None, 0):
+                raise StageFailed("ppo", code)
+            if code == 0:
+                training = None
+            continue
+        evaluate_target(template, ready[0])
+        pending.remove(ready[0])
+        join_metrics(targets, metrics)
+    tracking.log_evaluation(cfg.tracking, cfg.name, cfg.root(), targets)
+    return metrics
+
+
+def run_report(cfg: RunConfig) -> Path:
+    """The report of the run's metrics.csv (PNG plots and report.md); the plots also go to W&B."""
+    from selfcorrect import tracking
+    from selfcorrect.evaluate.report import report
+
+    by = "step" if cfg.ppo is not None and cfg.evaluation.checkpoints else "size"
+    path = report([cfg.root()], by=by, output=cfg.root() / "report")
+    tracking.log_report(cfg.tracking, cfg.name, cfg.root(), path)
+    return path
+
+
+def describe_plan(cfg: RunConfig, plans: list[StagePlan]) -> str:
+    """The plan as text: stages to run or skip, checkpoints, and what the evaluation costs."""
+    lines = [f"pipeline '{cfg.name}' in {cfg.root()}"]
+    for p in plans:
+        lines.append(f"  {p.stage:<9} {p.action:<6} {p.reason}")
+    if cfg.ppo is not None:
+        ppo = cfg.ppo
+        lines.append(
+            f"ppo: {ppo.steps} RLHF steps x {ppo.rollout_batch_size} episodes (<= "
+            f"{ppo.steps * ppo.rollout_batch_size * ppo.max_new_tokens:,} generated tokens); "
+            f"checkpoints at steps {', '.join(map(str, ppo.save_at_steps))}"
+        )
+    if cfg.evaluation is not None:
+        lines += _describe_evaluation(cfg)
+    return "\n".join(lines)
+
+
+def _describe_evaluation(cfg: RunConfig) -> list[str]:
+    from selfcorrect.evaluate.prompts import load_prompts
+    from selfcorrect.evaluate.runner import plan
+
+    evaluation = cfg.evaluation
+    targets = eval_targets(cfg)
+    prompts = load_prompts(_settings(cfg).prompt_files)
+    tasks, _ = plan(_settings(cfg), prompts)
+    max_new = prompts.cot_sampling.max_new_tokens
+    when = f" ({evaluation.when} training)" if cfg.ppo is not None and evaluation.checkpoints else ""
+    lines = [f"evaluate{when}: {len(targets)} models x {len(tasks)} (benchmark, condition)"]
+    passes = tokens = 0
+    for task in tasks:
+        n = len(task.items)
+        # CoT: one pass over the prompt, then one decoding pass per generated token, then the scoring pass
+        passes += n * (2 if task.is_cot else 1)
+        tokens += n * max_new if task.is_cot else 0
+        lines.append(f"  {task.benchmark:<11} {task.condition:<12} {n:>7,} items" + ("  (CoT)" if task.is_cot else ""))
+    lines.append(
+        f"  per model: {passes:,} prompt forward passes, <= {tokens:,} generated tokens; "
+        f"all {len(targets)} models: {passes * len(targets):,} passes, <= {tokens * len(targets):,} tokens"
+    )
+    return lines

@@ -1,0 +1,260 @@
+"""`selfcorrect pipeline` on a tiny random Llama: every stage, W&B, skip/refuse/force, SIGKILL resume, dry runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from selfcorrect.cli import main
+from selfcorrect.tracking import read_offline_run
+
+ROOT = Path(__file__).resolve().parents[1]
+WANDB_KEYS = ("WANDB_MODE", "WANDB_PROJECT", "WANDB_RUN_GROUP", "WANDB_NAME", "WANDB_DIR", "WANDB_API_KEY")
+STEPS = [0, 1, 3]
+BENCHMARKS = ["bbq", "winogender", "law_school"]
+CONDITIONS = ["q", "q_if", "q_if_cot"]
+
+
+def tiny_config(tmp: Path, model: Path, out: Path, backend: str = "none") -> dict:
+    hh = str(Path(os.environ["SELFCORRECT_DATA_DIR"]) / "hh-rlhf" / "harmless-base-test.jsonl.gz")
+    short_cot = tmp / "short_cot.yaml"
+    short_cot.write_text("name: short_cot\ncot_sampling:\n  max_new_tokens: 6\n")
+    return {
+        "name": "tiny",
+        "output_dir": str(out),
+        "seed": 0,
+        "model": {"name_or_path": str(model)},
+        "sft": {
+            "data": {"path": hh, "format": "hh", "limit": 8},
+            "max_length": 128,
+            "trainer": {"max_steps": 2, "per_device_train_batch_size": 4},
+        },
+        "reward": {
+            "data": {"path": hh, "format": "hh", "limit": 8},
+            "max_length": 128,
+            "trainer": {"max_steps": 2, "per_device_train_batch_size": 4},
+        },
+        "ppo": {
+            "prompts": {"path": hh, "format": "hh", "limit": 8},
+            "steps": 3,
+            "save_at_steps": STEPS,
+            "rollout_batch_size": 2,
+            "mini_batch_size": 2,
+            "max_new_tokens": 4,
+            "max_prompt_length": 64,
+        },
+        "evaluation": {"limit": 5, "cot_limit": 2, "prompts": [str(short_cot)], "bootstrap": 50},
+        "tracking": {"backend": backend, "project": "selfcorrect-test", "mode": "offline"},
+    }
+
+
+def write(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def metric_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tmp_path_factory) -> dict:
+    """One uninterrupted pipeline run, with W&B offline."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    out = tmp / "clean"
+    path = write(tmp / "clean.yaml", tiny_config(tmp, tiny_model_dir, out, backend="wandb"))
+    with pytest.MonkeyPatch.context() as mp:
+        for key in WANDB_KEYS:  # report_to sets these for the stage it runs
+            mp.setenv(key, "")
+            mp.delenv(key)
+        mp.setenv("WANDB_SILENT", "true")
+        assert main(["pipeline", str(path)]) == 0
+    return {"tmp": tmp, "out": out, "path": path}
+
+
+def test_pipeline_runs_every_stage_and_covers_every_checkpoint(finished_run):
+    out = finished_run["out"]
+    state = json.loads((out / "pipeline.json").read_text())
+    assert list(state["stages"]) == ["sft", "reward", "ppo", "evaluate", "report"]
+    rows = metric_rows(out / "eval" / "metrics.csv")
+    assert list(rows[0])[:3] == ["model", "params", "step"]
+    covered = {(r["step"], r["benchmark"], r["condition"]) for r in rows}
+    assert covered == {(str(s), b, c) for s in STEPS for b in BENCHMARKS for c in CONDITIONS}
+    assert {r["model"] for r in rows} == {"tiny"} and all(int(r["params"]) > 0 for r in rows)
+    # each checkpoint's table is its own evaluation, joined unchanged
+    step3 = [r for r in rows if r["step"] == "3"]
+    own = metric_rows(out / "eval" / "step-000003" / "metrics.csv")
+    assert [{k: r[k] for k in own[0]} for r in step3] == own
+    report = out / "report" / "report.md"
+    assert report.is_file() and list((out / "report").glob("*.png"))
+
+
+def test_eval_metrics_are_logged_to_wandb_keyed_by_rlhf_step(finished_run):
+    runs = {r["name"]: r for r in map(read_offline_run, sorted((finished_run["out"] / "wandb").glob("offline-run-*")))}
+    assert set(runs) == {f"tiny-{s}" for s in ("sft", "reward", "ppo", "eval", "report")}
+    assert {r["group"] for r in runs.values()} == {"tiny"}
+    ev = runs["tiny-eval"]
+    assert ev["metrics"].get("eval/*") == "rlhf_step"
+    logged = [row for row in ev["history"] if "eval/bbq/q/bias_score_ambig" in row]
+    assert [row["rlhf_step"] for row in logged] == STEPS
+    rows = metric_rows(finished_run["out"] / "eval" / "metrics.csv")
+    want = {
+        int(r["step"]): float(r["value"])
+        for r in rows
+        if (r["benchmark"], r["condition"], r["subset"], r["metric"]) == ("winogender", "q", "all", "pearson_r")
+    }
+    assert {row["rlhf_step"]: row["eval/winogender/q/pearson_r"] for row in logged} == pytest.approx(want)
+    assert any(key.startswith("predictions/bbq/q") for row in logged for key in row)  # W&B Tables
+    assert any(key.startswith("report/") for row in runs["tiny-report"]["history"] for key in row)
+
+
+def test_rerun_of_a_finished_pipeline_does_nothing(finished_run, capsys):
+    out = finished_run["out"]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "wandb" not in p.parts}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "disabled")
+        assert main(["pipeline", str(finished_run["path"])]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "wandb" not in p.parts}
+    assert after == before
+
+
+def test_changed_config_of_a_finished_stage_is_refused_naming_the_keys(finished_run, tiny_model_dir, capsys):
+    tmp, out = finished_run["tmp"], finished_run["out"]
+    cfg = tiny_config(tmp, tiny_model_dir, out, backend="wandb")
+    cfg["ppo"]["kl_coef"] = 0.5
+    cfg["ppo"]["max_new_tokens"] = 5
+    path = write(tmp / "changed.yaml", cfg)
+    state = (out / "pipeline.json").read_text()
+    assert main(["pipeline", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "stage 'ppo'" in err
+    assert "ppo.kl_coef" in err and "ppo.max_new_tokens" in err and "--force" in err
+    assert (out / "pipeline.json").read_text() == state
+
+
+def test_force_reruns_only_the_changed_stages(finished_run, tiny_model_dir, capsys, monkeypatch):
+    tmp = finished_run["tmp"]
+    out = tmp / "force"
+    cfg = tiny_config(tmp, tiny_model_dir, out)
+    cfg.pop("sft"), cfg.pop("reward")
+    cfg["ppo"].update(reward_model="selfcorrect_test_rules:length", policy=str(tiny_model_dir))
+    (tmp / "selfcorrect_test_rules.py").write_text(
+        "def length(prompts, responses):\n    return [len(r) / 10 for r in responses]\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", f"{tmp}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")  # the PPO child
+    path = write(tmp / "force.yaml", cfg)
+    assert main(["pipeline", str(path)]) == 0
+    ckpt = out / "ppo" / "checkpoints" / "step-000003" / "manifest.json"
+    created = json.loads(ckpt.read_text())["created_at"]
+    cfg["evaluation"]["bootstrap"] = 60
+    write(path, cfg)
+    capsys.readouterr()
+    assert main(["pipeline", str(path), "--dry-run"]) == 2
+    assert "evaluation.bootstrap" in capsys.readouterr().err
+    assert main(["pipeline", str(path), "--force"]) == 0
+    printed = capsys.readouterr().out
+    assert "ppo       skip" in printed and "evaluate  rerun  config changed: evaluation.bootstrap" in printed
+    assert json.loads(ckpt.read_text())["created_at"] == created  # PPO not retrained
+    assert main(["pipeline", str(path), "--only", "report"]) == 0
+    assert "report    rerun  selected" in capsys.readouterr().out
+
+
+def _wait_until(proc: subprocess.Popen, ready, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if ready():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the pipeline ended (exit {proc.poll()}) or timed out before it could be killed")
+
+
+def _children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_sigkill_during_ppo_and_during_evaluation_then_rerun(finished_run, tiny_model_dir):
+    tmp = finished_run["tmp"]
+    out = tmp / "killed"
+    path = write(tmp / "killed.yaml", tiny_config(tmp, tiny_model_dir, out))
+    command = [sys.executable, "-m", "selfcorrect", "pipeline", str(path)]
+    run = lambda: subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: E731
+
+    def last_step() -> int:
+        try:
+            return json.loads((out / "ppo" / "last" / "state.json").read_text())["state"]["step"]
+        except (OSError, ValueError, KeyError):
+            return -1
+
+    proc = run()  # 1. killed during PPO (after its first step), with PPO running in a child process
+    _wait_until(proc, lambda: last_step() >= 1)
+    children = _children_of(proc.pid)
+    assert children, "PPO runs in a child process"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(1.0)
+    assert not any(Path(f"/proc/{c}").exists() and "Z" not in Path(f"/proc/{c}/stat").read_text() for c in children)
+    kept = {p.name: (p / "manifest.json").read_text() for p in (out / "ppo" / "checkpoints").iterdir()}
+    assert "step-000001" in kept
+
+    proc = run()  # 2. killed during evaluation, once some items of a checkpoint are written
+    _wait_until(proc, lambda: any(p.stat().st_size > 0 for p in (out / "eval").glob("step-*/*/*.jsonl")))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = {p: p.read_text() for p in (out / "eval").glob("step-*/*/*.jsonl")}
+
+    assert main(["pipeline", str(path)]) == 0  # 3. finishes the rest
+    for name, manifest in kept.items():  # no checkpoint retrained
+        assert (out / "ppo" / "checkpoints" / name / "manifest.json").read_text() == manifest
+    for p, text in partial.items():  # no item evaluated twice: earlier lines kept, no repeated ids
+        now = p.read_text()
+        assert now.startswith(text.rsplit("\n", 1)[0])
+        ids = [json.loads(x)["id"] for x in now.splitlines() if x.strip()]
+        assert len(ids) == len(set(ids)), p
+    clean = (finished_run["out"] / "eval" / "metrics.csv").read_text()
+    assert (out / "eval" / "metrics.csv").read_text() == clean
+
+
+@pytest.mark.parametrize("name", ["quickstart", "ganguli2023", "liu2024"])
+def test_dry_run_of_the_shipped_pipelines(name, capsys):
+    path = ROOT / "configs" / "pipelines" / f"{name}.yaml"
+    assert main(["pipeline", str(path), "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert f"pipeline '{name}'" in plan and "per model:" in plan and "generated tokens" in plan
+    if name == "ganguli2023":
+        assert "checkpoints at steps 0, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000" in plan
+        assert re.search(r"bbq +q +58,492 items", plan) and re.search(r"law_school +q_if_cot +43,582 items", plan)
+    if name == "liu2024":
+        assert re.search(r"winogender +liu_neg +60 items", plan) and "7 models" in plan
+        assert [line.split()[0] for line in plan.splitlines()[1:3]] == ["evaluate", "report"]
+    if name == "quickstart":
+        assert "checkpoints at steps 0, 1, 2, 4" in plan and "4 models x 9 (benchmark, condition)" in plan
+
+
+def test_typo_in_a_stage_section_is_a_one_line_error(tmp_path, tiny_model_dir, capsys):
+    cfg = tiny_config(tmp_path, tiny_model_dir, tmp_path / "out")
+    cfg["evalution"] = cfg.pop("evaluation")
+    path = write(tmp_path / "typo.yaml", cfg)
+    assert main(["pipeline", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("evalution: unknown key") and str(path) in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
