@@ -211,12 +211,12 @@ def test_hand_written_table_shows_exactly_the_numbers(tmp_path, capsys):
         "| m | 1.7B | 0 | bbq | q_if | bias_score_ambig | -0.062 | n/a | 100 |",
         "| m | 1.7B | 0 | law_school | liu_neg | parity_difference | n/a | n/a | 0 |",
     ]
-    # absent benchmarks are skipped with a note; a single step still gives figures
+    # absent benchmarks (and one without a value) are skipped with a note; a single step still gives figures
     assert_png(run / "report" / "bbq.png")
-    assert_png(run / "report" / "law_school.png")
     assert_png(run / "report" / "self_correction.png")
-    assert not (run / "report" / "winogender.png").exists()
-    assert "Winogender: no metrics in the input" in text
+    assert not (run / "report" / "winogender.png").exists() and not (run / "report" / "law_school.png").exists()
+    assert "Winogender: no metric values in the input" in text
+    assert "Law-school admissions: no metric values in the input" in text
 
 
 def test_single_step_and_only_q_plots_without_self_correction(units, tmp_path, capsys):

@@ -344,8 +344,11 @@ class Style:
             fig.legend(handles=handles, title="model", loc="outside lower center", ncols=ncols, frameon=False)
 
 
-def _new_figure(n_panels: int, title: str) -> tuple[Figure, list]:
-    """A figure with its panels in one row (up to three) or two per row (drawn on the Agg canvas)."""
+def _new_figure(n_panels: int, title: str, subject: str) -> tuple[Figure, list]:
+    """A figure with its panels in one row (up to three) or two per row (drawn on the Agg canvas).
+
+    The title's second line names the model(s), so a long model id does not run into the legend.
+    """
     ncols = n_panels if n_panels <= 3 else 2
     nrows = math.ceil(n_panels / ncols)
     fig = Figure(figsize=(4.8 * ncols + 1.8, 3.5 * nrows + 1.0), layout="constrained", dpi=110)
@@ -353,7 +356,7 @@ def _new_figure(n_panels: int, title: str) -> tuple[Figure, list]:
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
     for ax in axes[n_panels:]:
         ax.set_visible(False)
-    fig.suptitle(title, fontsize=13)
+    fig.suptitle(f"{title}\n{subject}", fontsize=12)
     return fig, axes[:n_panels]
 
 
@@ -425,11 +428,11 @@ def _subject(points: Iterable[Row | Delta | Checkpoint]) -> str:
 
 
 def plot_benchmark(benchmark: str, rows: list[Row], style: Style) -> bytes | None:
-    """The benchmark's metrics (pooled subset) vs steps or size, one panel per metric; None without data."""
-    panels = [p for p in PANELS[benchmark] if any(r.metric == p.metric for r in rows)]
+    """The benchmark's metrics (pooled subset) vs steps or size, one panel per metric with a value; None if none."""
+    panels = [p for p in PANELS[benchmark] if any(r.metric == p.metric and math.isfinite(r.value) for r in rows)]
     if not panels:
         return None
-    fig, axes = _new_figure(len(panels), f"{BENCHMARK_TITLES[benchmark]} vs {_x_word(style)}: {_subject(rows)}")
+    fig, axes = _new_figure(len(panels), f"{BENCHMARK_TITLES[benchmark]} vs {_x_word(style)}", _subject(rows))
     for ax, panel in zip(axes, panels):
         points = [r for r in rows if r.metric == panel.metric]
         _draw_series(ax, points, style, lambda r: r.value, lambda r: (r.ci_low, r.ci_high))
@@ -445,8 +448,8 @@ def plot_self_correction(deltas: list[Delta], style: Style) -> bytes | None:
     benchmarks = [b for b in PANELS if any(d.benchmark == b for d in deltas)]
     if not benchmarks:
         return None
-    title = f"Self-correction (condition − Q) vs {_x_word(style)}: {_subject(deltas)}"
-    fig, axes = _new_figure(len(benchmarks), title)
+    title = f"Self-correction (condition − Q) vs {_x_word(style)}"
+    fig, axes = _new_figure(len(benchmarks), title, _subject(deltas))
     for ax, benchmark in zip(axes, benchmarks):
         points = [d for d in deltas if d.benchmark == benchmark]
         _draw_series(ax, points, style, lambda d: d.value)
@@ -470,7 +473,7 @@ def plot_training(checkpoints: list[Checkpoint], rows: list[Row], style: Style) 
     n_panels = len(covariates) + bool(unknown)
     if not n_panels:
         return None
-    fig, axes = _new_figure(n_panels, f"Training covariates vs RLHF steps: {_subject(rows)}")
+    fig, axes = _new_figure(n_panels, "Training covariates vs RLHF steps", _subject(rows))
     steps = [k.step for k in checkpoints] + [r.step for r in unknown]  # one x range for every panel
     for ax, (field, title, ylabel) in zip(axes, covariates):
         for model in sorted({k.model for k in checkpoints}):
@@ -591,7 +594,7 @@ def draw_figures(rows: list[Row], checkpoints: list[Checkpoint], style: Style) -
     for benchmark, title in BENCHMARK_TITLES.items():
         png = plot_benchmark(benchmark, [r for r in rows if r.benchmark == benchmark], style)
         if png is None:
-            notes.append(f"{title}: no metrics in the input, no figure.")
+            notes.append(f"{title}: no metric values in the input, no figure.")
         else:
             drawn.append(Drawn(f"{benchmark}.png", title, CAPTIONS[benchmark], png))
     png = plot_self_correction(self_correction_deltas(rows), style)
