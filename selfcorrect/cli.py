@@ -184,6 +184,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(sc)
     sc.set_defaults(func=cmd_score)
 
+    rp = sub.add_parser(
+        "report",
+        help="plot metrics vs RLHF steps (or vs model size) and write a Markdown report",
+        description="Plot the evaluation of one or more runs and write report.md with the figures and a table "
+        "of the headline numbers. Reads RUN_DIR/eval/metrics.csv (columns model,params,step,benchmark,condition,"
+        "subset,metric,value,ci_low,ci_high,n) and, when present, the PPO checkpoint manifests "
+        "RUN_DIR/ppo/checkpoints/step-*/manifest.json. Writes <benchmark>.png (BBQ bias scores and accuracies, "
+        "Winogender r, law-school parity, one line per prompt condition with 95% CI bands), self_correction.png "
+        "(each condition minus Q), training.png (--by step: mean reward, KL, response length and the BBQ "
+        "unknown rate per checkpoint) and report.md. Nothing is written when an input is bad.",
+    )
+    rp.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directory (holds eval/metrics.csv)")
+    rp.add_argument(
+        "--by",
+        choices=["step", "size"],
+        default="step",
+        help="'step' (default): metrics vs RLHF steps, one line per model and condition; 'size': each model at "
+        "its largest RLHF step vs its parameter count (log scale), as in Ganguli et al. Fig. 1 (needs 'params')",
+    )
+    rp.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="output directory (default RUN_DIR/report, or RUN_DIR/report-by-size with --by size; "
+        "required for several run directories)",
+    )
+    rp.set_defaults(func=cmd_report)
+
     stages = {
         "sft": "supervised fine-tuning on demonstrations (TRL SFTTrainer; LoRA or full; optional ptx mix)",
         "reward": "train the reward model (pairwise, or InstructGPT K-wise) and normalise it on the demonstrations",
@@ -350,6 +379,14 @@ def cmd_score(args: argparse.Namespace) -> int:
         atomic_write_text(args.output, text)
     else:
         sys.stdout.write(text)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from selfcorrect.evaluate.report import report
+
+    path = report(args.run_dirs, by=args.by, output=args.output)
+    print(f"report: {path}")
     return 0
 
 

@@ -1,0 +1,667 @@
+"""Tidy metrics tables -> plots (PNG) and a Markdown report: ``selfcorrect report``.
+
+Input, per run directory::
+
+    RUN_DIR/eval/metrics.csv      model,params,step + the columns of evaluate's metrics.csv
+    RUN_DIR/ppo/checkpoints/step-NNNNNN/manifest.json   optional: mean_reward, kl, metrics.response_length
+
+Output (``RUN_DIR/report/`` for one run by step, ``RUN_DIR/report-by-size/`` by size, else ``--output``)::
+
+    <benchmark>.png        the benchmark's metrics vs RLHF steps (or vs parameter count), one line per
+                           condition, 95% CI bands
+    self_correction.png    each condition's headline metric minus Q's at the same checkpoint
+    training.png           by step only: mean reward, KL, response length per kept checkpoint, BBQ unknown rate
+    report.md              the figures with captions and a table of the headline numbers
+
+Every input is read and every figure drawn in memory before anything is written; each file is then
+replaced atomically, so bad input leaves an existing report untouched. Figures are drawn on matplotlib's
+Agg canvas, without pyplot.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
+
+from selfcorrect.errors import UserError, first_line
+from selfcorrect.evaluate.metrics import METRIC_COLUMNS
+from selfcorrect.io import atomic_write_bytes, atomic_write_text
+
+LEADING_COLUMNS = ("model", "params", "step")
+COLUMNS = (*LEADING_COLUMNS, *METRIC_COLUMNS)
+BY = ("step", "size")
+
+CONDITION_LABELS = {"q": "Q", "q_if": "Q+IF", "q_if_cot": "Q+IF+CoT", "match_stats": "Q+Match Stats"}
+BENCHMARK_TITLES = {"bbq": "BBQ", "winogender": "Winogender", "law_school": "Law-school admissions"}
+LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One plotted metric: its metrics.csv name, a title, and how to draw its y axis."""
+
+    metric: str
+    title: str
+    zero_line: bool = False  # 0 = no bias / no correlation / parity
+    unit_range: bool = False  # rates and accuracies: y in [0, 1]
+
+
+PANELS: dict[str, tuple[Panel, ...]] = {
+    "bbq": (
+        Panel("bias_score_ambig", "Bias score, ambiguous contexts", zero_line=True),
+        Panel("bias_score_disambig", "Bias score, disambiguated contexts", zero_line=True),
+        Panel("accuracy_ambig", "Accuracy, ambiguous contexts", unit_range=True),
+        Panel("accuracy_disambig", "Accuracy, disambiguated contexts", unit_range=True),
+    ),
+    "winogender": (Panel("pearson_r", "Pearson r: p(female pronoun) vs BLS share of women", zero_line=True),),
+    "law_school": (Panel("parity_difference", "Parity: p(admit | Black) − p(admit | white)", zero_line=True),),
+}
+HEADLINE = {benchmark: panels[0] for benchmark, panels in PANELS.items()}
+UNKNOWN_RATE = Panel("unknown_rate", "BBQ 'unknown' answers (all categories)", unit_range=True)
+
+CAPTIONS = {
+    "bbq": "BBQ: bias score (0 = unbiased, +1 = always the stereotyped answer, −1 = always the other one; "
+    "the ambiguous-context score is scaled by 1 − accuracy) and accuracy.",
+    "winogender": "Winogender: Pearson r across occupations between the model's probability of a female pronoun "
+    "and the BLS share of women in the occupation (0 = unrelated to the occupational statistics).",
+    "law_school": "Law school: demographic parity difference, the mean over students of p(admit | Black) − "
+    "p(admit | white) with all else equal (0 = parity, negative = against Black students).",
+}
+
+
+# ---- 1. input ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Row:
+    """One row of a run's eval/metrics.csv (NaN for an empty value or CI cell)."""
+
+    model: str
+    params: int | None
+    step: int | None
+    benchmark: str
+    condition: str
+    subset: str
+    metric: str
+    value: float
+    ci_low: float
+    ci_high: float
+    n: int | None
+    source: Path
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Training covariates of one kept PPO checkpoint (NaN where not logged)."""
+
+    model: str
+    step: int
+    mean_reward: float
+    kl: float
+    response_length: float
+
+
+def _cell_number(text: str, where: str, column: str, *, integer: bool) -> float | int | None:
+    """A CSV cell as a number; None for an empty cell."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"{where}: column '{column}': not a number: {text!r}") from None
+    if integer:
+        if not value.is_integer():
+            raise UserError(f"{where}: column '{column}': expected an integer, got {text!r}")
+        return int(value)
+    return value
+
+
+def _parse_row(raw: dict[str, str], where: str, source: Path) -> Row:
+    text = {c: (raw[c] or "").strip() for c in ("model", "benchmark", "condition", "subset", "metric")}
+    empty = [c for c, v in text.items() if not v]
+    if empty:
+        raise UserError(f"{where}: empty {', '.join(empty)}")
+    integers = {c: _cell_number(raw[c] or "", where, c, integer=True) for c in ("params", "step", "n")}
+    floats = {c: _cell_number(raw[c] or "", where, c, integer=False) for c in ("value", "ci_low", "ci_high")}
+    return Row(**text, **integers, **{c: float("nan") if v is None else v for c, v in floats.items()}, source=source)
+
+
+def read_metrics(run_dir: Path) -> list[Row]:
+    """The rows of ``RUN_DIR/eval/metrics.csv``; a missing file, missing columns or no rows is a UserError."""
+    path = Path(run_dir) / "eval" / "metrics.csv"
+    if not path.is_file():
+        raise UserError(f"{path}: no metrics (is {run_dir} a run directory whose evaluation has finished?)")
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise UserError(f"{path}: missing columns {', '.join(missing)}")
+            rows = [_parse_row(raw, f"{path}: line {reader.line_num}", path) for raw in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{path}: cannot read ({first_line(exc)})") from None
+    if not rows:
+        raise UserError(f"{path}: no rows")
+    return rows
+
+
+def _manifest_number(manifest: dict, key: str, path: Path) -> float:
+    value = manifest.get(key)
+    if value is None:
+        return float("nan")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{path}: '{key}' must be a number or null, got {value!r}")
+    return float(value)
+
+
+def read_checkpoints(run_dir: Path, model: str) -> list[Checkpoint]:
+    """Training covariates from ``RUN_DIR/ppo/checkpoints/step-*/manifest.json`` (none for eval-only runs)."""
+    checkpoints = []
+    for path in sorted((Path(run_dir) / "ppo" / "checkpoints").glob("step-*/manifest.json")):
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path}: unreadable manifest ({first_line(exc)})") from None
+        if not isinstance(manifest, dict) or isinstance(manifest.get("step"), bool):
+            raise UserError(f"{path}: expected a JSON object with an integer 'step'")
+        if not isinstance(manifest.get("step"), int):
+            raise UserError(f"{path}: 'step' must be an integer, got {manifest.get('step')!r}")
+        logged = manifest.get("metrics") or {}
+        if not isinstance(logged, dict):
+            raise UserError(f"{path}: 'metrics' must be a JSON object")
+        checkpoints.append(
+            Checkpoint(
+                model=model,
+                step=manifest["step"],
+                mean_reward=_manifest_number(manifest, "mean_reward", path),
+                kl=_manifest_number(manifest, "kl", path),
+                response_length=_manifest_number(logged, "response_length", path),
+            )
+        )
+    return checkpoints
+
+
+def load_runs(run_dirs: Iterable[Path]) -> tuple[list[Row], list[Checkpoint]]:
+    """All metric rows and checkpoint covariates of the run directories; a row given twice is a UserError.
+
+    The checkpoints of a run are labelled with its model when its metrics.csv names one model, else with
+    the directory name.
+    """
+    rows: list[Row] = []
+    checkpoints: list[Checkpoint] = []
+    for run_dir in run_dirs:
+        run_rows = read_metrics(run_dir)
+        models = {r.model for r in run_rows}
+        label = models.pop() if len(models) == 1 else Path(run_dir).name
+        rows += run_rows
+        checkpoints += read_checkpoints(run_dir, label)
+    seen: dict[tuple, Row] = {}
+    for r in rows:
+        key = (r.model, r.step, r.benchmark, r.condition, r.subset, r.metric)
+        if key in seen:
+            other = seen[key].source
+            where = str(r.source) if other == r.source else f"{other} and {r.source}"
+            raise UserError(
+                f"{where}: two rows for model {r.model!r}, step {r.step}, {r.benchmark}/{r.condition}/{r.subset}/"
+                f"{r.metric} (give each run its own model label)"
+            )
+        seen[key] = r
+    return rows, checkpoints
+
+
+# ---- 2. which rows are plotted -------------------------------------------------------------------------------
+def rows_with_step(rows: list[Row]) -> list[Row]:
+    """``--by step``: the rows that have an RLHF step; a UserError when none has."""
+    kept = [r for r in rows if r.step is not None]
+    if not kept:
+        sources = ", ".join(sorted({str(r.source) for r in rows}))
+        raise UserError(f"{sources}: no row has an RLHF step (empty 'step' column); use --by size to compare models")
+    return kept
+
+
+def rows_at_largest_step(rows: list[Row]) -> list[Row]:
+    """``--by size``: each model's rows at its largest RLHF step (or without a step, if it has none).
+
+    Every model needs one parameter count; a missing or ambiguous count is a UserError.
+    """
+    params: dict[str, set[int | None]] = {}
+    for r in rows:
+        params.setdefault(r.model, set()).add(r.params)
+    for model, counts in params.items():
+        source = next(r.source for r in rows if r.model == model)
+        if None in counts:
+            raise UserError(f"{source}: model {model!r} has no 'params' (parameter count); --by size needs it")
+        if len(counts) > 1:
+            raise UserError(f"{source}: model {model!r} has several parameter counts: {sorted(counts)}")
+    last: dict[str, int] = {}
+    for r in rows:
+        last[r.model] = max(last.get(r.model, -1), -1 if r.step is None else r.step)
+    return [r for r in rows if (-1 if r.step is None else r.step) == last[r.model]]
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A self-correction difference: ``condition``'s metric minus Q's, same model and step."""
+
+    model: str
+    params: int | None
+    step: int | None
+    benchmark: str
+    metric: str
+    condition: str
+    value: float
+
+
+def self_correction_deltas(rows: list[Row]) -> list[Delta]:
+    """For each headline metric (pooled subset), every non-Q condition minus Q at the same (model, step).
+
+    Point estimates only: the per-item predictions a paired bootstrap would resample are not in metrics.csv.
+    """
+    headline = {(b, p.metric) for b, p in HEADLINE.items()}
+    pooled = [r for r in rows if r.subset == "all" and (r.benchmark, r.metric) in headline]
+    q = {(r.model, r.step, r.benchmark): r.value for r in pooled if r.condition == "q"}
+    deltas = []
+    for r in pooled:
+        base = q.get((r.model, r.step, r.benchmark))
+        if r.condition != "q" and base is not None and math.isfinite(base) and math.isfinite(r.value):
+            deltas.append(Delta(r.model, r.params, r.step, r.benchmark, r.metric, r.condition, r.value - base))
+    return deltas
+
+
+# ---- 3. drawing ----------------------------------------------------------------------------------------------
+def condition_label(condition: str) -> str:
+    """Display name of a prompt condition (its id when it has none)."""
+    return CONDITION_LABELS.get(condition, condition)
+
+
+def format_params(params: float) -> str:
+    """A parameter count for people: 135M, 1.7B."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if params >= scale:
+            return f"{params / scale:.3g}{suffix}"
+    return f"{params:.0f}"
+
+
+def _condition_order(condition: str) -> tuple[int, str]:
+    known = list(CONDITION_LABELS)
+    return (known.index(condition), "") if condition in known else (len(known), condition)
+
+
+@dataclass(frozen=True)
+class Style:
+    """Colours by condition and line styles by model, the same in every figure of a report."""
+
+    by: str
+    colors: dict[str, str]
+    lines: dict[str, tuple[str, str]]  # model -> (line style, marker)
+
+    @classmethod
+    def of(cls, by: str, conditions: Iterable[str], models: Iterable[str]) -> Style:
+        conditions = sorted(set(conditions), key=_condition_order)
+        models = sorted(set(models))
+        return cls(
+            by=by,
+            colors={c: f"C{i % 10}" for i, c in enumerate(conditions)},
+            lines={m: (LINE_STYLES[i % len(LINE_STYLES)], MARKERS[i % len(MARKERS)]) for i, m in enumerate(models)},
+        )
+
+    def x(self, point: Row | Delta) -> float:
+        """The x coordinate of a point: its RLHF step, or its parameter count."""
+        return point.step if self.by == "step" else point.params
+
+    def series(self, point: Row | Delta) -> tuple[str, str]:
+        """(model, condition) by step; by size one line per condition runs across the models."""
+        return (point.model if self.by == "step" else "", point.condition)
+
+    def line(self, model: str) -> tuple[str, str]:
+        """(line style, marker) of a model; by size every line runs across models and is solid."""
+        return self.lines.get(model, ("-", "o"))
+
+    def legend(self, fig: Figure, conditions: set[str], models: set[str]) -> None:
+        """Conditions (colours) to the right of the panels; models (line styles) below them if several."""
+        if conditions:
+            handles = [
+                Line2D([], [], color=self.colors[c], marker="o", lw=2, label=condition_label(c))
+                for c in sorted(conditions, key=_condition_order)
+            ]
+            fig.legend(handles=handles, title="condition", loc="outside right upper", frameon=False)
+        if self.by == "step" and len(models) > 1:
+            handles = [
+                Line2D([], [], color="0.25", ls=self.line(m)[0], marker=self.line(m)[1], label=m)
+                for m in sorted(models)
+            ]
+            ncols = min(4, len(models))
+            fig.legend(handles=handles, title="model", loc="outside lower center", ncols=ncols, frameon=False)
+
+
+def _new_figure(n_panels: int, title: str, subject: str) -> tuple[Figure, list]:
+    """A figure with its panels in one row (up to three) or two per row (drawn on the Agg canvas).
+
+    The title's second line names the model(s), so a long model id does not run into the legend.
+    """
+    ncols = n_panels if n_panels <= 3 else 2
+    nrows = math.ceil(n_panels / ncols)
+    fig = Figure(figsize=(4.8 * ncols + 1.8, 3.5 * nrows + 1.0), layout="constrained", dpi=110)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    fig.suptitle(f"{title}\n{subject}", fontsize=12)
+    return fig, axes[:n_panels]
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _format_axes(ax, style: Style, xs: Iterable[float], panel: Panel | None) -> None:
+    """x axis by step (integer steps) or by size (log scale, ticks at the models' sizes), zero line, y range."""
+    xs = sorted(set(xs))
+    if style.by == "size":
+        ax.set_xscale("log")
+        ax.set_xticks(xs)
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_params(v)))
+        ax.set_xlabel("parameters")
+    else:
+        if len(xs) <= 3:
+            ax.set_xticks(xs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
+        pad = 0.04 * (xs[-1] - xs[0]) or 0.5
+        ax.set_xlim(xs[0] - pad, xs[-1] + pad)
+        ax.set_xlabel("RLHF steps")
+    if panel is not None and panel.zero_line:
+        ax.axhline(0.0, color="0.35", lw=0.9, zorder=0)
+    if panel is not None and panel.unit_range:
+        ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.25)
+
+
+def _draw_series(ax, points: list, style: Style, value: Callable, ci: Callable | None = None) -> None:
+    """One line per series with markers; 95% CI as a band, or as an error bar where a series has one point.
+
+    By step, single points are spread a little around their step by condition, so their error bars show.
+    """
+    series: dict[tuple[str, str], list] = {}
+    for p in points:
+        series.setdefault(style.series(p), []).append(p)
+    conditions = sorted({c for _, c in series}, key=_condition_order)
+    for (model, condition), ps in sorted(series.items(), key=lambda kv: (kv[0][0], _condition_order(kv[0][1]))):
+        ps.sort(key=style.x)
+        xs, ys = [style.x(p) for p in ps], [value(p) for p in ps]
+        if len(ps) == 1 and style.by == "step":
+            xs = [xs[0] + 0.08 * (conditions.index(condition) - (len(conditions) - 1) / 2)]
+        color = style.colors.get(condition, "0.25")
+        ls, marker = style.line(model)
+        ax.plot(xs, ys, color=color, ls=ls, marker=marker, ms=5, lw=1.8)
+        if ci is None:
+            continue
+        lo, hi = zip(*(ci(p) for p in ps))
+        if len(ps) > 1:
+            ax.fill_between(xs, lo, hi, color=color, alpha=0.15, lw=0)
+        elif math.isfinite(lo[0]) and math.isfinite(hi[0]):
+            err = [[max(ys[0] - lo[0], 0.0)], [max(hi[0] - ys[0], 0.0)]]
+            ax.errorbar(xs, ys, yerr=err, color=color, capsize=4, lw=1.2, fmt="none")
+
+
+def _x_word(style: Style) -> str:
+    return "RLHF steps" if style.by == "step" else "parameter count"
+
+
+def _subject(points: Iterable[Row | Delta | Checkpoint]) -> str:
+    """What a figure shows: the model's name, or how many models."""
+    models = sorted({p.model for p in points})
+    return models[0] if len(models) == 1 else f"{len(models)} models"
+
+
+def plot_benchmark(benchmark: str, rows: list[Row], style: Style) -> bytes | None:
+    """The benchmark's metrics (pooled subset) vs steps or size, one panel per metric with a value; None if none."""
+    panels = [p for p in PANELS[benchmark] if any(r.metric == p.metric and math.isfinite(r.value) for r in rows)]
+    if not panels:
+        return None
+    fig, axes = _new_figure(len(panels), f"{BENCHMARK_TITLES[benchmark]} vs {_x_word(style)}", _subject(rows))
+    for ax, panel in zip(axes, panels):
+        points = [r for r in rows if r.metric == panel.metric]
+        _draw_series(ax, points, style, lambda r: r.value, lambda r: (r.ci_low, r.ci_high))
+        _format_axes(ax, style, map(style.x, points), panel)
+        ax.set_title(panel.title, fontsize=10.5)
+        ax.set_ylabel(panel.metric)
+    style.legend(fig, {r.condition for r in rows}, {r.model for r in rows})
+    return _png(fig)
+
+
+def plot_self_correction(deltas: list[Delta], style: Style) -> bytes | None:
+    """Headline metric of each condition minus Q's, one panel per benchmark; None without deltas."""
+    benchmarks = [b for b in PANELS if any(d.benchmark == b for d in deltas)]
+    if not benchmarks:
+        return None
+    title = f"Self-correction (condition − Q) vs {_x_word(style)}"
+    fig, axes = _new_figure(len(benchmarks), title, _subject(deltas))
+    for ax, benchmark in zip(axes, benchmarks):
+        points = [d for d in deltas if d.benchmark == benchmark]
+        _draw_series(ax, points, style, lambda d: d.value)
+        panel = HEADLINE[benchmark]
+        _format_axes(ax, style, map(style.x, points), Panel(panel.metric, panel.title, zero_line=True))
+        ax.set_title(f"{BENCHMARK_TITLES[benchmark]}: {panel.metric}", fontsize=10.5)
+        ax.set_ylabel(f"Δ {panel.metric} (condition − Q)")
+    style.legend(fig, {d.condition for d in deltas}, {d.model for d in deltas})
+    return _png(fig)
+
+
+def plot_training(checkpoints: list[Checkpoint], rows: list[Row], style: Style) -> bytes | None:
+    """Mean reward, KL, response length per kept checkpoint and the BBQ unknown rate per condition vs step."""
+    covariates = [
+        ("mean_reward", "Mean reward (reward model)", "mean reward"),
+        ("kl", "KL(policy ‖ reference) per response", "KL (nats)"),
+        ("response_length", "Response length", "tokens"),
+    ]
+    covariates = [c for c in covariates if any(math.isfinite(getattr(k, c[0])) for k in checkpoints)]
+    unknown = [r for r in rows if r.benchmark == "bbq" and r.metric == UNKNOWN_RATE.metric]
+    n_panels = len(covariates) + bool(unknown)
+    if not n_panels:
+        return None
+    fig, axes = _new_figure(n_panels, "Training covariates vs RLHF steps", _subject(rows))
+    steps = [k.step for k in checkpoints] + [r.step for r in unknown]  # one x range for every panel
+    for ax, (field, title, ylabel) in zip(axes, covariates):
+        for model in sorted({k.model for k in checkpoints}):
+            ks = [k for k in checkpoints if k.model == model and math.isfinite(getattr(k, field))]
+            ks.sort(key=lambda k: k.step)
+            ls, marker = style.line(model)
+            ax.plot([k.step for k in ks], [getattr(k, field) for k in ks], color="0.2", ls=ls, marker=marker, ms=5)
+        _format_axes(ax, style, steps, None)
+        ax.set_title(title, fontsize=10.5)
+        ax.set_ylabel(ylabel)
+    if unknown:
+        ax = axes[-1]
+        _draw_series(ax, unknown, style, lambda r: r.value, lambda r: (r.ci_low, r.ci_high))
+        _format_axes(ax, style, steps, UNKNOWN_RATE)
+        ax.set_title(UNKNOWN_RATE.title, fontsize=10.5)
+        ax.set_ylabel(UNKNOWN_RATE.metric)
+    style.legend(fig, {r.condition for r in unknown}, {r.model for r in rows} | {k.model for k in checkpoints})
+    return _png(fig)
+
+
+# ---- 4. report.md ---------------------------------------------------------------------------------------------
+def _number(value: float) -> str:
+    return f"{value:+.3f}" if math.isfinite(value) else "n/a"
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def headline_table(rows: list[Row]) -> str:
+    """Markdown table of the plotted metrics (pooled subset): value, 95% CI and n per model, step, condition."""
+    order = [(b, p.metric) for b, panels in PANELS.items() for p in panels]
+    table = [r for r in rows if r.subset == "all" and (r.benchmark, r.metric) in order]
+    table.sort(
+        key=lambda r: (
+            r.params or 0,
+            r.model,
+            -1 if r.step is None else r.step,
+            order.index((r.benchmark, r.metric)),
+            _condition_order(r.condition),
+        )
+    )
+    lines = [
+        "| model | params | step | benchmark | condition | metric | value | 95% CI | n |",
+        "|---|---:|---:|---|---|---|---:|---|---:|",
+    ]
+    for r in table:
+        ci = f"[{_number(r.ci_low)}, {_number(r.ci_high)}]" if math.isfinite(r.ci_low + r.ci_high) else "n/a"
+        lines.append(
+            "| "
+            + " | ".join(
+                _cell(v)
+                for v in (
+                    r.model,
+                    "–" if r.params is None else format_params(r.params),
+                    "–" if r.step is None else r.step,
+                    r.benchmark,
+                    r.condition,
+                    r.metric,
+                    _number(r.value),
+                    ci,
+                    "–" if r.n is None else r.n,
+                )
+            )
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _intro(rows: list[Row], style: Style) -> str:
+    """How to read the figures: what x is, what a line is, what a band is."""
+    if style.by == "step":
+        models = len({r.model for r in rows})
+        lines = "one line per prompt condition (colour)" + ("; line style per model" if models > 1 else "")
+        x = "x: RLHF steps of the kept checkpoints"
+    else:
+        at = ", ".join(
+            f"{m} {'without RLHF' if s is None else f'at step {s}'}"
+            for m, s in sorted({(r.model, r.step) for r in rows})
+        )
+        lines = "one line per prompt condition (colour) across the models"
+        x = f"x: parameter count (log scale), each model at its largest evaluated RLHF step ({at})"
+    return (
+        f"{x}; {lines}. Bands are 95% bootstrap CIs (error bars where a line has a single point). "
+        "Metrics are pooled over all items (`subset` = all)."
+    )
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """One figure of the report: file name, heading, caption and the PNG bytes."""
+
+    name: str
+    heading: str
+    caption: str
+    png: bytes
+
+
+SELF_CORRECTION_CAPTION = (
+    "Self-correction: each condition's headline metric minus Q's at the same checkpoint. Point estimates only, "
+    "no CI: a CI for the difference needs a paired bootstrap over the per-item predictions, which metrics.csv "
+    "does not hold; where a condition was scored on a smaller subsample (CoT, see n in the table) the difference "
+    "also carries the noise of the different item sets. Below zero: the instruction lowered the metric (less "
+    "bias for BBQ; less tracking of occupational statistics for Winogender). Law-school parity is best at 0, so "
+    "read its Δ together with its level in the law-school figure."
+)
+TRAINING_CAPTION = (
+    "Training covariates of each kept checkpoint from its PPO manifest (mean reward, KL to the reference policy, "
+    "response length; step 0 has no rollout yet), and the share of BBQ answers that pick the 'unknown' option, "
+    "so that a fall in bias can be told apart from more 'unknown' answers."
+)
+
+
+def draw_figures(rows: list[Row], checkpoints: list[Checkpoint], style: Style) -> tuple[list[Drawn], list[str]]:
+    """Every figure there is data for (pooled rows), and a note for each one left out."""
+    drawn: list[Drawn] = []
+    notes: list[str] = []
+    for benchmark, title in BENCHMARK_TITLES.items():
+        png = plot_benchmark(benchmark, [r for r in rows if r.benchmark == benchmark], style)
+        if png is None:
+            notes.append(f"{title}: no metric values in the input, no figure.")
+        else:
+            drawn.append(Drawn(f"{benchmark}.png", title, CAPTIONS[benchmark], png))
+    png = plot_self_correction(self_correction_deltas(rows), style)
+    if png is None:
+        notes.append("Self-correction: no condition shares a checkpoint with Q, no figure.")
+    else:
+        drawn.append(Drawn("self_correction.png", "Self-correction", SELF_CORRECTION_CAPTION, png))
+    if style.by == "step":
+        png = plot_training(checkpoints, rows, style)
+        if png is None:
+            notes.append("Training covariates: no PPO checkpoint manifests and no BBQ unknown rate, no figure.")
+        else:
+            missing = "" if checkpoints else " No PPO checkpoint manifests were found (evaluation-only run)."
+            drawn.append(Drawn("training.png", "Training covariates", TRAINING_CAPTION + missing, png))
+    return drawn, notes
+
+
+def _markdown(
+    title: str, intro: str, drawn: list[Drawn], notes: list[str], rows: list[Row], run_dirs: list[Path]
+) -> str:
+    parts = [f"# {title}\n", "Runs: " + ", ".join(f"`{d}`" for d in run_dirs) + "\n", intro + "\n"]
+    for d in drawn:
+        parts.append(f"## {d.heading}\n\n![{d.heading}]({d.name})\n\n*{d.caption}*\n")
+    if notes:
+        parts.append("## Notes\n\n" + "".join(f"- {n}\n" for n in notes))
+    parts.append(
+        "## Headline numbers\n\nValue, 95% bootstrap CI and n (units behind the metric).\n\n" + headline_table(rows)
+    )
+    return "\n".join(parts)
+
+
+# ---- 5. the command ------------------------------------------------------------------------------------------
+def default_output(run_dirs: list[Path], by: str) -> Path:
+    """``RUN_DIR/report`` (``report-by-size`` with --by size) for one run directory; several need --output."""
+    if len(run_dirs) != 1:
+        raise UserError(f"{len(run_dirs)} run directories: give --output DIR for the combined report")
+    return Path(run_dirs[0]) / ("report" if by == "step" else "report-by-size")
+
+
+def report(run_dirs: list[Path], by: str = "step", output: Path | None = None) -> Path:
+    """Plots and report.md for one or more run directories; returns the path of report.md.
+
+    ``by="step"``: metrics vs RLHF steps (one line per model and condition) and training covariates;
+    ``by="size"``: each model's metrics at its largest step vs its parameter count.
+    Everything is read and drawn before the first file is written.
+    """
+    if by not in BY:
+        raise UserError(f"--by must be one of {', '.join(BY)}, got {by!r}")
+    run_dirs = [Path(d) for d in run_dirs]
+    if not run_dirs:
+        raise UserError("no run directory given")
+    output = Path(output) if output is not None else default_output(run_dirs, by)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"{output}: exists and is not a directory")
+    all_rows, checkpoints = load_runs(run_dirs)
+    rows = rows_with_step(all_rows) if by == "step" else rows_at_largest_step(all_rows)
+    pooled = [r for r in rows if r.subset == "all"]
+    style = Style.of(by, (r.condition for r in pooled), [r.model for r in pooled] + [k.model for k in checkpoints])
+    drawn, notes = draw_figures(pooled, checkpoints, style)
+    no_step = sorted({r.model for r in all_rows if r.step is None})
+    if by == "step" and no_step:
+        notes.append(f"Left out of the step plots (no RLHF step): {', '.join(no_step)}; see --by size.")
+
+    title = f"selfcorrect report: {_subject(pooled)} by {'RLHF steps' if by == 'step' else 'model size'}"
+    text = _markdown(title, _intro(pooled, style), drawn, notes, rows, run_dirs)
+    for d in drawn:
+        atomic_write_bytes(output / d.name, d.png)
+    path = output / "report.md"
+    atomic_write_text(path, text)
+    return path

@@ -1,0 +1,349 @@
+"""`selfcorrect report`: metrics.csv files (from the real metric code) -> PNGs and report.md."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from selfcorrect.cli import main
+from selfcorrect.config import data_dir
+from selfcorrect.errors import UserError
+from selfcorrect.evaluate.benchmarks import bbq, law_school, winogender
+from selfcorrect.evaluate.metrics import METRIC_COLUMNS, stable_seed, stratified_sample
+from selfcorrect.evaluate.report import COLUMNS, load_runs, report, self_correction_deltas
+from selfcorrect.evaluate.runner import metrics_csv
+
+CONDITIONS = ("q", "q_if", "q_if_cot")
+STEPS = (0, 50, 100)
+STEP_PNGS = ("bbq.png", "winogender.png", "law_school.png", "self_correction.png", "training.png")
+
+
+def uniform(*parts: object) -> float:
+    """A deterministic number in [0, 1) from any parts."""
+    return stable_seed(*parts) / 2**32
+
+
+def bias_level(step: int, condition: str) -> float:
+    """How often the synthetic model gives the biased answer: less with RLHF and with instructions."""
+    return max(0.05, 0.6 - 0.15 * CONDITIONS.index(condition) - 0.002 * step)
+
+
+def bbq_preds(units: list[dict], step: int, condition: str) -> dict[str, dict]:
+    """Ambiguous: the bias target with probability bias_level, else 'unknown'; disambiguated: 80% correct."""
+    preds = {}
+    for u in units:
+        r = uniform(u["id"], step, condition)
+        if u["target"] is None:  # items without a bias target: always right
+            choice = u["label"]
+        elif u["context_condition"] == "ambig":
+            choice = u["target"] if r < bias_level(step, condition) else u["unknown"]
+        else:
+            choice = u["label"] if r < 0.8 else u["target"]
+        probs = [0.1, 0.1, 0.1]
+        probs[choice] = 0.8
+        preds[u["id"]] = {"probs": probs, "mass": 0.9}
+    return preds
+
+
+def winogender_preds(units: list[dict], step: int, condition: str) -> dict[str, dict]:
+    """p_female follows the BLS share in proportion to bias_level, plus noise."""
+    w = bias_level(step, condition)
+    preds = {}
+    for u in units:
+        p_female = w * u["bls_pct_female"] / 100 + (1 - w) * 0.5 + 0.1 * (uniform(u["id"], step, condition) - 0.5)
+        preds[u["id"]] = {"probs": [0.6 * p_female, 0.6 * (1 - p_female), 0.4], "mass": 0.5}
+    return preds
+
+
+def law_preds(units: list[dict], step: int, condition: str) -> dict[str, dict]:
+    """p_yes rises with GPA; Black students get -0.1 * bias_level against them, plus noise."""
+    preds = {}
+    for u in units:
+        base = min(0.9, max(0.1, u["gpa"] / 4.0))
+        for race, shift in (("Black", -0.1 * bias_level(step, condition)), ("white", 0.0)):
+            p = min(1.0, max(0.0, base + shift + 0.02 * (uniform(u["id"], race, step) - 0.5)))
+            preds[f"{u['id']}:{race}"] = {"probs": [p, 1 - p], "mass": 0.8}
+    return preds
+
+
+@pytest.fixture(scope="module")
+def units() -> dict[str, list[dict]]:
+    """Seeded stratified subsamples of the real benchmark data."""
+    out = {}
+    for module, limit in ((bbq, 400), (winogender, 60), (law_school, 80)):
+        all_units = module.load(data_dir())
+        keep = set(stratified_sample([u["id"] for u in all_units], [module.stratum(u) for u in all_units], limit, 0))
+        out[module.NAME] = [u for u in all_units if u["id"] in keep]
+    return out
+
+
+def real_metrics_csv(units: dict[str, list[dict]], model: str, params: int | str, steps=STEPS, conditions=CONDITIONS):
+    """metrics.csv text from the real benchmark metrics() on synthetic predictions, per step and condition."""
+    makers = {bbq: bbq_preds, winogender: winogender_preds, law_school: law_preds}
+    parts = []
+    for step in steps:
+        rows = []
+        for module, make in makers.items():
+            for condition in conditions:
+                preds = make(units[module.NAME], step, condition)
+                rows += module.metrics(units[module.NAME], preds, condition, n_boot=100, seed=0)
+        text = metrics_csv(rows, {"model": model, "params": params, "step": step})
+        parts.append(text if not parts else text.split("\n", 1)[1])
+    return "".join(parts)
+
+
+def write_run(run_dir: Path, metrics: str, manifests: dict[int, dict] | None = None) -> Path:
+    (run_dir / "eval").mkdir(parents=True)
+    (run_dir / "eval" / "metrics.csv").write_text(metrics)
+    for step, manifest in (manifests or {}).items():
+        path = run_dir / "ppo" / "checkpoints" / f"step-{step:06d}" / "manifest.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"step": step, **manifest}))
+    return run_dir
+
+
+def manifests(steps=STEPS) -> dict[int, dict]:
+    """PPO manifests as train/ppo.py writes them (no rollout yet at step 0)."""
+    out = {}
+    for step in steps:
+        logged = {"reward": 0.01 * step, "kl": 0.002 * step, "response_length": 40 + 0.1 * step} if step else {}
+        out[step] = {
+            "episodes": 64 * step,
+            "tokens": 4000 * step,
+            "mean_reward": logged.get("reward"),
+            "kl": logged.get("kl"),
+            "config_hash": "abc",
+            "metrics": logged,
+        }
+    return out
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    height, width, _ = matplotlib.image.imread(path).shape
+    assert 500 <= width <= 2000 and 300 <= height <= 1600, (path, width, height)
+
+
+def run_report(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["report", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def table_line(r: dict) -> str:
+    """The report.md table line of a metrics.csv row (params 135M, values with 3 decimals)."""
+    ci = f"[{float(r['ci_low']):+.3f}, {float(r['ci_high']):+.3f}]" if r["ci_low"] else "n/a"
+    params = {"135000000": "135M", "1700000000": "1.7B", "": "–"}[r["params"]]
+    cells = [r["model"], params, r["step"], r["benchmark"], r["condition"], r["metric"]]
+    return "| " + " | ".join([*cells, f"{float(r['value']):+.3f}", ci, r["n"]]) + " |"
+
+
+def test_columns_are_the_evaluate_columns_with_model_params_step():
+    assert COLUMNS == ("model", "params", "step", *METRIC_COLUMNS)
+
+
+def test_report_by_step_from_real_metrics(units, tmp_path, capsys):
+    run = write_run(tmp_path / "run", real_metrics_csv(units, "tiny-rlhf", 135_000_000), manifests())
+    code, out, err = run_report(capsys, str(run))
+    assert code == 0, err
+    report_md = run / "report" / "report.md"
+    assert out.strip() == f"report: {report_md}"
+    text = report_md.read_text()
+    for name in STEP_PNGS:
+        assert_png(run / "report" / name)
+        assert f"]({name})" in text
+    headline = {"bias_score_ambig", "bias_score_disambig", "accuracy_ambig", "accuracy_disambig"}
+    headline |= {"pearson_r", "parity_difference"}
+    rows = [r for r in read_csv(run / "eval" / "metrics.csv") if r["subset"] == "all" and r["metric"] in headline]
+    table = [line for line in text.splitlines() if line.startswith("| tiny-rlhf |")]
+    assert sorted(table) == sorted(table_line(r) for r in rows)
+    assert len(table) == len(STEPS) * len(CONDITIONS) * len(headline)
+    # the synthetic model gets less biased with RLHF steps, and the real BBQ metric shows it
+    amb = {
+        int(r["step"]): float(r["value"]) for r in rows if r["metric"] == "bias_score_ambig" and r["condition"] == "q"
+    }
+    assert amb[0] > amb[100] > 0
+
+
+def test_self_correction_deltas_are_condition_minus_q(units, tmp_path):
+    run = write_run(tmp_path / "run", real_metrics_csv(units, "m", 135_000_000, steps=(0, 50)))
+    rows, _ = load_runs([run])
+    value = {(r.step, r.benchmark, r.metric, r.condition): r.value for r in rows if r.subset == "all"}
+    deltas = self_correction_deltas(rows)
+    assert {(d.benchmark, d.metric) for d in deltas} == {
+        ("bbq", "bias_score_ambig"),
+        ("winogender", "pearson_r"),
+        ("law_school", "parity_difference"),
+    }
+    assert len(deltas) == 2 * 3 * 2  # steps x benchmarks x (q_if, q_if_cot)
+    for d in deltas:
+        assert d.value == pytest.approx(
+            value[(d.step, d.benchmark, d.metric, d.condition)] - value[(d.step, d.benchmark, d.metric, "q")]
+        )
+
+
+def test_hand_written_table_shows_exactly_the_numbers(tmp_path, capsys):
+    header = ",".join(COLUMNS)
+    lines = [
+        "m,1700000000,0,bbq,q,all,bias_score_ambig,0.125,0.05,0.2,100",
+        "m,1700000000,0,bbq,q_if,all,bias_score_ambig,-0.0625,,,100",
+        "m,1700000000,0,bbq,q,Age,bias_score_ambig,0.9,0.8,1,10",
+        "m,1700000000,0,bbq,q,all,candidate_mass,0.5,0.4,0.6,100",
+        "m,1700000000,0,law_school,liu_neg,all,parity_difference,,,,0",
+    ]
+    run = write_run(tmp_path / "run", "\n".join([header, *lines]) + "\n")
+    code, _, err = run_report(capsys, str(run))
+    assert code == 0, err
+    text = (run / "report" / "report.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("| m |")]
+    assert table == [
+        "| m | 1.7B | 0 | bbq | q | bias_score_ambig | +0.125 | [+0.050, +0.200] | 100 |",
+        "| m | 1.7B | 0 | bbq | q_if | bias_score_ambig | -0.062 | n/a | 100 |",
+        "| m | 1.7B | 0 | law_school | liu_neg | parity_difference | n/a | n/a | 0 |",
+    ]
+    # absent benchmarks (and one without a value) are skipped with a note; a single step still gives figures
+    assert_png(run / "report" / "bbq.png")
+    assert_png(run / "report" / "self_correction.png")
+    assert not (run / "report" / "winogender.png").exists() and not (run / "report" / "law_school.png").exists()
+    assert "Winogender: no metric values in the input" in text
+    assert "Law-school admissions: no metric values in the input" in text
+
+
+def test_single_step_and_only_q_plots_without_self_correction(units, tmp_path, capsys):
+    run = write_run(tmp_path / "run", real_metrics_csv(units, "m", 135_000_000, steps=(0,), conditions=("q",)))
+    code, _, err = run_report(capsys, str(run))
+    assert code == 0, err
+    for name in ("bbq.png", "winogender.png", "law_school.png", "training.png"):
+        assert_png(run / "report" / name)
+    assert not (run / "report" / "self_correction.png").exists()
+    assert "Self-correction: no condition shares a checkpoint with Q" in (run / "report" / "report.md").read_text()
+
+
+def test_several_runs_by_step_need_output(units, tmp_path, capsys):
+    a = write_run(tmp_path / "a", real_metrics_csv(units, "run-a", 135_000_000), manifests())
+    b = write_run(tmp_path / "b", real_metrics_csv(units, "run-b", 135_000_000, steps=(0, 100)))
+    code, _, err = run_report(capsys, str(a), str(b))
+    assert code == 2 and "--output" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_report(capsys, str(a), str(b), "--output", str(tmp_path / "both"))
+    assert code == 0, err
+    text = (tmp_path / "both" / "report.md").read_text()
+    for name in STEP_PNGS:
+        assert_png(tmp_path / "both" / name)
+        assert f"]({name})" in text
+    assert "| run-a |" in text and "| run-b |" in text
+
+
+def test_by_size_over_two_runs_uses_the_largest_step(units, tmp_path, capsys):
+    small = write_run(tmp_path / "small", real_metrics_csv(units, "small", 135_000_000, steps=(0, 100)))
+    large = write_run(tmp_path / "large", real_metrics_csv(units, "large", 1_700_000_000, steps=(0, 50)))
+    out = tmp_path / "sizes"
+    code, stdout, err = run_report(capsys, str(small), str(large), "--by", "size", "--output", str(out))
+    assert code == 0, err
+    assert stdout.strip() == f"report: {out / 'report.md'}"
+    text = (out / "report.md").read_text()
+    for name in ("bbq.png", "winogender.png", "law_school.png", "self_correction.png"):
+        assert_png(out / name)
+        assert f"]({name})" in text
+    assert not (out / "training.png").exists()
+    table = [line.split(" | ") for line in text.splitlines() if line.startswith(("| small |", "| large |"))]
+    assert {(cells[0], cells[1], cells[2]) for cells in table} == {
+        ("| small", "135M", "100"),
+        ("| large", "1.7B", "50"),
+    }
+
+
+def test_by_size_over_one_run_with_several_models(units, tmp_path, capsys):
+    """An evaluation-only sweep: model a without RLHF (empty step), model b at step 0."""
+    text = real_metrics_csv(units, "a", 135_000_000, steps=(0,)).replace(",135000000,0,", ",135000000,,")
+    text += real_metrics_csv(units, "b", 1_700_000_000, steps=(0,)).split("\n", 1)[1]
+    run = write_run(tmp_path / "sweep", text)
+    code, _, err = run_report(capsys, str(run), "--by", "size")
+    assert code == 0, err
+    assert_png(run / "report-by-size" / "bbq.png")
+    report = (run / "report-by-size" / "report.md").read_text()
+    assert "| a | 135M | – | bbq |" in report and "| b | 1.7B | 0 | law_school |" in report
+
+
+def test_by_size_needs_params(units, tmp_path, capsys):
+    run = write_run(tmp_path / "run", real_metrics_csv(units, "m", "", steps=(0,)))
+    code, _, err = run_report(capsys, str(run), "--by", "size")
+    assert code == 2
+    assert err.strip() == (
+        f"selfcorrect: error: {run / 'eval' / 'metrics.csv'}: model 'm' has no 'params' (parameter count); "
+        "--by size needs it"
+    )
+
+
+def test_no_metrics_is_a_one_line_error_and_overwrites_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "report").mkdir(parents=True)
+    (run / "report" / "report.md").write_text("old report\n")
+    (run / "report" / "bbq.png").write_bytes(b"old png")
+    code, out, err = run_report(capsys, str(run))
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [err.strip()]
+    assert f"{run / 'eval' / 'metrics.csv'}: no metrics" in err
+    assert (run / "report" / "report.md").read_text() == "old report\n"
+    assert (run / "report" / "bbq.png").read_bytes() == b"old png"
+    assert sorted(p.name for p in (run / "report").iterdir()) == ["bbq.png", "report.md"]
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("model,step,benchmark,condition,subset,metric,value\nm,0,bbq,q,all,unknown_rate,0.3\n", "missing columns"),
+        (",".join(COLUMNS) + "\n", "no rows"),
+        (",".join(COLUMNS) + "\nm,,x,bbq,q,all,unknown_rate,0.3,,,10\n", "line 2: column 'step': not a number"),
+        (",".join(COLUMNS) + "\nm,,0,bbq,q,all,x,0.1,,,1\nm,,0,bbq,q,all,x,0.2,,,1\n", "two rows for model 'm'"),
+        (",".join(COLUMNS) + "\nm,,,bbq,q,all,unknown_rate,0.3,,,10\n", "no row has an RLHF step"),
+    ],
+)
+def test_bad_metrics_csv(tmp_path, capsys, content, needle):
+    run = write_run(tmp_path / "run", content)
+    (run / "report").mkdir()
+    (run / "report" / "report.md").write_text("old\n")
+    code, _, err = run_report(capsys, str(run))
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert str(run / "eval" / "metrics.csv") in err and needle in err
+    assert (run / "report" / "report.md").read_text() == "old\n"
+
+
+def test_bad_manifest_names_the_file(tmp_path, capsys):
+    run = write_run(tmp_path / "run", ",".join(COLUMNS) + "\nm,,0,bbq,q,all,unknown_rate,0.3,,,10\n")
+    path = run / "ppo" / "checkpoints" / "step-000050" / "manifest.json"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"step": 50, "mean_reward": "high"}')
+    code, _, err = run_report(capsys, str(run))
+    assert code == 2 and f"{path}: 'mean_reward' must be a number or null" in err
+
+
+def test_training_covariates_from_manifests(tmp_path, capsys):
+    """An eval-only metric set plus manifests: training.png has the reward/KL/length and unknown panels."""
+    rows = [f"m,,{s},bbq,{c},all,unknown_rate,{0.2 + 0.001 * s},0.1,0.4,50" for s in STEPS for c in CONDITIONS]
+    run = write_run(tmp_path / "run", "\n".join([",".join(COLUMNS), *rows]) + "\n", manifests())
+    code, _, err = run_report(capsys, str(run))
+    assert code == 0, err
+    assert_png(run / "report" / "training.png")
+    image = matplotlib.image.imread(run / "report" / "training.png")
+    assert image.shape[0] > image.shape[1] * 0.6  # 2 x 2 panels
+    assert np.asarray(image).std() > 0.05  # something is drawn
+
+
+def test_report_returns_the_report_path_and_refuses_a_file_as_output(tmp_path):
+    run = write_run(tmp_path / "run", ",".join(COLUMNS) + "\nm,,0,bbq,q,all,unknown_rate,0.3,,,10\n")
+    assert report([run]) == run / "report" / "report.md"
+    (tmp_path / "taken").write_text("a file\n")
+    with pytest.raises(UserError, match="taken: exists and is not a directory"):
+        report([run], output=tmp_path / "taken")
+    assert (tmp_path / "taken").read_text() == "a file\n"
