@@ -23,6 +23,10 @@ WANDB_KEYS = ("WANDB_MODE", "WANDB_PROJECT", "WANDB_RUN_GROUP", "WANDB_NAME", "W
 STEPS = [0, 1, 3]
 BENCHMARKS = ["bbq", "winogender", "law_school"]
 CONDITIONS = ["q", "q_if", "q_if_cot"]
+PPO_KEYS = (
+    "reward rlhf_reward kl kl_k3 kl_coef policy/entropy policy/clipfrac policy/approx_kl value/clipfrac "
+    "loss/policy loss/value loss/ptx response_length eos_rate episodes tokens"
+).split()
 
 
 def tiny_config(tmp: Path, model: Path, out: Path, backend: str = "none") -> dict:
@@ -86,7 +90,7 @@ def finished_run(tiny_model_dir, tmp_path_factory) -> dict:
 def test_pipeline_runs_every_stage_and_covers_every_checkpoint(finished_run):
     out = finished_run["out"]
     state = json.loads((out / "pipeline.json").read_text())
-    assert list(state["stages"]) == ["sft", "reward", "ppo", "evaluate", "report"]
+    assert set(state["stages"]) == {"sft", "reward", "ppo", "evaluate", "report"}
     rows = metric_rows(out / "eval" / "metrics.csv")
     assert list(rows[0])[:3] == ["model", "params", "step"]
     covered = {(r["step"], r["benchmark"], r["condition"]) for r in rows}
@@ -117,6 +121,14 @@ def test_eval_metrics_are_logged_to_wandb_keyed_by_rlhf_step(finished_run):
     assert {row["rlhf_step"]: row["eval/winogender/q/pearson_r"] for row in logged} == pytest.approx(want)
     assert any(key.startswith("predictions/bbq/q") for row in logged for key in row)  # W&B Tables
     assert any(key.startswith("report/") for row in runs["tiny-report"]["history"] for key in row)
+    # the training stages log through the trainers' report_to
+    logged = {name: set().union(*(row.keys() for row in r["history"])) for name, r in runs.items()}
+    assert "train/loss" in logged["tiny-sft"]
+    assert {"train/loss", "train/accuracy"} <= logged["tiny-reward"]
+    ppo_keys = {f"train/{k}" for k in PPO_KEYS}
+    assert ppo_keys <= logged["tiny-ppo"], ppo_keys - logged["tiny-ppo"]
+    episodes = [row["train/episodes"] for row in runs["tiny-ppo"]["history"] if "train/episodes" in row]
+    assert episodes == [2, 4, 6]
 
 
 def test_rerun_of_a_finished_pipeline_does_nothing(finished_run, capsys):
@@ -144,16 +156,33 @@ def test_changed_config_of_a_finished_stage_is_refused_naming_the_keys(finished_
     assert (out / "pipeline.json").read_text() == state
 
 
-def test_force_reruns_only_the_changed_stages(finished_run, tiny_model_dir, capsys, monkeypatch):
-    tmp = finished_run["tmp"]
-    out = tmp / "force"
-    cfg = tiny_config(tmp, tiny_model_dir, out)
+def light_config(tmp: Path, model: Path, out: Path) -> dict:
+    """PPO (rule reward) -> evaluate -> report: the pipeline without the SFT and reward stages."""
+    cfg = tiny_config(tmp, model, out)
     cfg.pop("sft"), cfg.pop("reward")
-    cfg["ppo"].update(reward_model="selfcorrect_test_rules:length", policy=str(tiny_model_dir))
+    cfg["ppo"].update(reward_model="selfcorrect_test_rules:length", policy=str(model))
     (tmp / "selfcorrect_test_rules.py").write_text(
         "def length(prompts, responses):\n    return [len(r) / 10 for r in responses]\n"
     )
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def light_run(tiny_model_dir, tmp_path_factory) -> dict:
+    """An uninterrupted light pipeline run (its rule reward is importable by the child processes)."""
+    tmp = tmp_path_factory.mktemp("light")
+    out = tmp / "clean"
+    path = write(tmp / "clean.yaml", light_config(tmp, tiny_model_dir, out))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", f"{tmp}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+        assert main(["pipeline", str(path)]) == 0
+    return {"tmp": tmp, "out": out, "path": path}
+
+
+def test_force_reruns_only_the_changed_stages(light_run, tiny_model_dir, capsys, monkeypatch):
+    tmp, out = light_run["tmp"], light_run["tmp"] / "force"
     monkeypatch.setenv("PYTHONPATH", f"{tmp}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")  # the PPO child
+    cfg = light_config(tmp, tiny_model_dir, out)
     path = write(tmp / "force.yaml", cfg)
     assert main(["pipeline", str(path)]) == 0
     ckpt = out / "ppo" / "checkpoints" / "step-000003" / "manifest.json"
@@ -192,10 +221,13 @@ def _children_of(pid: int) -> list[int]:
     return found
 
 
-def test_sigkill_during_ppo_and_during_evaluation_then_rerun(finished_run, tiny_model_dir):
-    tmp = finished_run["tmp"]
+def test_sigkill_during_ppo_and_during_evaluation_then_rerun(light_run, tiny_model_dir, monkeypatch):
+    tmp = light_run["tmp"]
     out = tmp / "killed"
-    path = write(tmp / "killed.yaml", tiny_config(tmp, tiny_model_dir, out))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    cfg = light_config(tmp, tiny_model_dir, out)
+    cfg["evaluation"].update(when="during", poll_seconds=0.5)  # checkpoints evaluated while PPO trains
+    path = write(tmp / "killed.yaml", cfg)
     command = [sys.executable, "-m", "selfcorrect", "pipeline", str(path)]
     run = lambda: subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: E731
 
@@ -230,8 +262,8 @@ def test_sigkill_during_ppo_and_during_evaluation_then_rerun(finished_run, tiny_
         assert now.startswith(text.rsplit("\n", 1)[0])
         ids = [json.loads(x)["id"] for x in now.splitlines() if x.strip()]
         assert len(ids) == len(set(ids)), p
-    clean = (finished_run["out"] / "eval" / "metrics.csv").read_text()
-    assert (out / "eval" / "metrics.csv").read_text() == clean
+    clean = (light_run["out"] / "eval" / "metrics.csv").read_text()
+    assert (out / "eval" / "metrics.csv").read_text() == clean  # "when" does not change what is computed
 
 
 @pytest.mark.parametrize("name", ["quickstart", "ganguli2023", "liu2024"])
