@@ -4,7 +4,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA_DIR ?= $(if $(SELFCORRECT_DATA_DIR),$(SELFCORRECT_DATA_DIR),../shared/data)
-DEMO_OUT ?= out/demo
 
 .PHONY: install test demo lint clean
 
@@ -25,11 +24,11 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check selfcorrect tests benchmarks
 
-# The main job on the embedded default model: the three benchmarks under Q, Q+IF and Q+IF+CoT on a
-# seeded, stratified subsample (CPU-sized), written to $(DEMO_OUT)/metrics.csv.
+# The main job on the embedded default model: SFT -> reward model -> PPO-ptx with LoRA, every kept
+# checkpoint evaluated on BBQ, Winogender and law school under Q, Q+IF and Q+IF+CoT (CPU-sized subsamples),
+# and the report: runs/quickstart/report/report.md. A rerun skips what is done.
 demo: install
-	SELFCORRECT_DATA_DIR=$(DATA_DIR) $(VENV)/bin/selfcorrect evaluate embedded:smollm2-135m-instruct \
-		--limit 200 --cot-limit 20 --output $(DEMO_OUT)
+	SELFCORRECT_DATA_DIR=$(DATA_DIR) $(VENV)/bin/selfcorrect pipeline configs/pipelines/quickstart.yaml
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out runs .pytest_cache

@@ -290,3 +290,17 @@ def test_typo_in_a_stage_section_is_a_one_line_error(tmp_path, tiny_model_dir, c
     err = capsys.readouterr().err.strip()
     assert err.endswith("evalution: unknown key") and str(path) in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_run_dir_covers_every_checkpoint(light_run, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = ["evaluate", str(light_run["out"]), "--benchmarks", "winogender", "--conditions", "q"]
+    assert main([*args, "--limit", "4", "--bootstrap", "20", "--output", str(out)]) == 0
+    rows = metric_rows(out / "metrics.csv")
+    assert list(rows[0])[:3] == ["model", "params", "step"]
+    assert sorted({int(r["step"]) for r in rows}) == STEPS and {r["model"] for r in rows} == {"clean"}
+    assert {(r["benchmark"], r["condition"]) for r in rows} == {("winogender", "q")}
+    assert [p.name for p in sorted(out.glob("step-*"))] == [f"step-{s:06d}" for s in STEPS]
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path), "--limit", "4"]) == 2  # a model dir needs --output
+    assert "--output is required" in capsys.readouterr().err
