@@ -7,6 +7,7 @@ A run config (YAML) names the model, optional LoRA, and one section per stage; e
     runs/<name>/reward/                      the reward model (sequence classifier) + reward_manifest.json
     runs/<name>/ppo/checkpoints/step-NNNNNN/ the policy at each step of ppo.save_at_steps + manifest.json
     runs/<name>/ppo/last/                    what resuming needs (replaced atomically)
+    runs/<name>/ppo/last-deepspeed/<tag>/    under DeepSpeed: the engine checkpoint that last/ names
 
 Each stage reads only what earlier stages wrote, so any stage can be rerun alone.
 """

@@ -473,21 +473,22 @@ class PPOPtxTrainer(Trainer):
                 f"{last['path']}: made with another config (hash {state.get('config_hash')} != {self.config_hash}); "
                 "use another output dir or --force"
             )
-        saved_world, world = state.get("num_processes", 1), self.accelerator.num_processes
         tag = state.get("deepspeed_tag")
         if (tag is not None) != (zero_stage(self.accelerator) is not None):
             made, now = ("with", "without") if tag is not None else ("without", "with")
             raise UserError(f"{last['path']}: made {made} DeepSpeed, resumed {now}; resume with the same launch config")
         if tag is not None:
+            saved_world, world = state.get("num_processes"), self.accelerator.num_processes
             if saved_world != world:
                 raise UserError(
                     f"{last['path']}: a DeepSpeed state split over {saved_world} processes cannot resume on {world}"
                 )
-            loaded, _ = self.model.load_checkpoint(
-                str(self._engine_dir()), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
-            )
+            engine_checkpoint = self._engine_dir() / tag
+            if not engine_checkpoint.is_dir():
+                raise UserError(f"{engine_checkpoint}: missing (named by {last['path']}); cannot resume")
+            loaded, _ = self.model.load_checkpoint(str(self._engine_dir()), tag=tag, load_lr_scheduler_states=False)
             if loaded is None:
-                raise UserError(f"{self._engine_dir() / tag}: missing (named by {last['path']}); cannot resume")
+                raise UserError(f"{engine_checkpoint}: DeepSpeed could not load it; cannot resume")
         else:
             unwrapped = self.accelerator.unwrap_model(self.model)
             restore_weights(unwrapped.policy, last["model_dirs"]["policy"])
