@@ -100,7 +100,7 @@ def run_reward_stage(cfg: RunConfig, path: Path) -> Path:
 def run_ppo_stage(cfg: RunConfig, path: Path) -> Path:
     """PPO-ptx from the SFT policy against the reward model; checkpoints at ppo.save_at_steps."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification, TrainingArguments
 
     from selfcorrect import data
@@ -122,17 +122,7 @@ def run_ppo_stage(cfg: RunConfig, path: Path) -> Path:
     policy, tokenizer = load_model(policy_ref, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     policy.train()
     if cfg.lora is not None:
-        lora = cfg.lora
-        policy = get_peft_model(
-            policy,
-            LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=lora.target_modules,
-                task_type="CAUSAL_LM",
-            ),
-        )
+        policy = get_peft_model(policy, cfg.lora.peft_config("CAUSAL_LM"))
         # The adapter sits on the SFT policy (merged), so that is its base when a checkpoint is reloaded.
         base = Path(policy_ref).expanduser()
         policy.peft_config["default"].base_model_name_or_path = str(base.resolve()) if base.exists() else policy_ref
