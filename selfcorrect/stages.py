@@ -122,6 +122,7 @@ def run_ppo_stage(cfg: RunConfig, path: Path) -> Path:
     policy, tokenizer = load_model(policy_ref, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     policy.train()
     if cfg.lora is not None:
+        torch.manual_seed(cfg.seed)  # random adapter init: the same in every run (a rerun, a resume) and process
         policy = get_peft_model(policy, cfg.lora.peft_config("CAUSAL_LM"))
         # The adapter sits on the SFT policy (merged), so that is its base when a checkpoint is reloaded.
         base = Path(policy_ref).expanduser()

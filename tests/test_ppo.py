@@ -31,6 +31,7 @@ def vowels(prompts, responses):
     """Share of vowels in the response text (a rule reward for tests)."""
     return [sum(c in "aeiou" for c in r) / max(1, len(r)) for r in responses]
 '''
+LORA = {"r": 4, "alpha": 8, "dropout": 0.05, "target_modules": "all-linear"}
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,8 @@ def test_ptx_lowers_lm_loss_on_pretraining_data(peaked_policy_dir, tmp_path):
     assert losses[1.0] < losses[0.0] - 0.5, losses
 
 
-def write_config(tmp_path: Path, policy: Path, out: Path, **ppo) -> Path:
+def write_config(tmp_path: Path, policy: Path, out: Path, lora: dict | None = None, **ppo) -> Path:
+    """A PPO run config with the vowel-share rule reward (``rules_mod`` in ``tmp_path``); ``ppo`` overrides."""
     (tmp_path / "rules_mod.py").write_text(RULES)
     settings = {
         "prompts": {
@@ -165,7 +167,7 @@ def write_config(tmp_path: Path, policy: Path, out: Path, **ppo) -> Path:
         **ppo,
     }
     path = tmp_path / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump({"name": "t", "output_dir": str(out), "seed": 3, "ppo": settings}))
+    path.write_text(yaml.safe_dump({"name": "t", "output_dir": str(out), "seed": 3, "lora": lora, "ppo": settings}))
     return path
 
 
@@ -187,10 +189,17 @@ def test_checkpoints_at_exactly_the_listed_steps(peaked_policy_dir, tmp_path, mo
     assert json.loads((out / "ppo" / "last" / "state.json").read_text())["state"]["step"] == 4
 
 
-def test_sigkill_and_rerun_gives_identical_checkpoints(peaked_policy_dir, tmp_path, monkeypatch):
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The tensors of the one safetensors file in ``directory`` (a full model or a LoRA adapter)."""
+    (path,) = directory.glob("*.safetensors")
+    return load_file(path)
+
+
+@pytest.mark.parametrize("lora", [None, LORA], ids=["full", "lora"])
+def test_sigkill_and_rerun_gives_identical_checkpoints(peaked_policy_dir, tmp_path, monkeypatch, lora):
     monkeypatch.syspath_prepend(str(tmp_path))
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    extra = {"steps": 6, "save_at_steps": [0, 3, 6]}
+    extra = {"lora": lora, "steps": 6, "save_at_steps": [0, 3, 6]}
     cfg_killed = write_config(tmp_path, peaked_policy_dir, killed, **extra)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen(
@@ -214,10 +223,10 @@ def test_sigkill_and_rerun_gives_identical_checkpoints(peaked_policy_dir, tmp_pa
     assert main(["ppo", str(cfg_killed)]) == 0
     assert main(["ppo", str(write_config(tmp_path, peaked_policy_dir, clean, **extra))]) == 0
     assert checkpoint_steps(killed) == checkpoint_steps(clean) == ["step-000000", "step-000003", "step-000006"]
-    for step in ("step-000003", "step-000006"):
-        a = load_file(killed / "ppo" / "checkpoints" / step / "model.safetensors")
-        b = load_file(clean / "ppo" / "checkpoints" / step / "model.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), step
+    kept = [Path("checkpoints") / step for step in ("step-000003", "step-000006")]
+    for part in [*kept, Path("last") / "policy", Path("last") / "value"]:
+        a, b = weights(killed / "ppo" / part), weights(clean / "ppo" / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
 
 
 @pytest.mark.parametrize(
