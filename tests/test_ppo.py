@@ -24,6 +24,7 @@ from transformers import (
 
 from selfcorrect.cli import main
 from selfcorrect.config import DatasetSpec
+from selfcorrect.stages import build_ppo_trainer, load_run_config
 from selfcorrect.train.ppo import PPOPtxTrainer, PPOSection
 
 RULES = '''
@@ -227,6 +228,40 @@ def test_sigkill_and_rerun_gives_identical_checkpoints(peaked_policy_dir, tmp_pa
     for part in [*kept, Path("last") / "policy", Path("last") / "value"]:
         a, b = weights(killed / "ppo" / part), weights(clean / "ppo" / part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    kinds = json.loads((clean / "ppo" / "last" / "state.json").read_text())["models"]
+    expected = "adapter" if lora else "full"
+    assert kinds["policy"]["weights"] == kinds["value"]["weights"] == expected
+
+
+@pytest.mark.parametrize("lora", [None, LORA], ids=["full", "lora"])
+def test_trainable_parameters_and_optimizer_state(peaked_policy_dir, tmp_path, monkeypatch, lora):
+    """The stage's trainer trains everything without ``lora``; with it, only the LoRA adapters of the policy and
+    of the value model, plus the value model's scalar head: frozen weights get no gradient, no optimizer state,
+    and stay as loaded."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write_config(tmp_path, peaked_policy_dir, tmp_path / "run", lora=lora, steps=1, save_at_steps=[0])
+    trainer = build_ppo_trainer(load_run_config(path), path)
+    frozen_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    trainer.train()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    params = dict(model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps the torch optimizer
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(params[n]) for n in trainable}
+    assert {id(p) for p in optimizer.state} == in_optimizer  # Adam state exactly for the trained parameters
+    if lora is None:
+        assert trainable == set(params) and not frozen_before
+        return
+    value_trainable = {n for n in trainable if n.startswith("value_model.")}
+    head = {n for n in value_trainable if ".score.modules_to_save." in n}
+    assert head and all("lora_" in n for n in value_trainable - head)
+    assert all(n.startswith("policy.") and "lora_" in n for n in trainable - value_trainable)
+    n_value = sum(p.numel() for n, p in params.items() if n.startswith("value_model."))
+    assert sum(params[n].numel() for n in value_trainable) < 0.1 * n_value
+    assert set(frozen_before) == set(params) - trainable
+    for name, before in frozen_before.items():
+        assert params[name].grad is None and torch.equal(params[name], before), name
 
 
 @pytest.mark.parametrize(
