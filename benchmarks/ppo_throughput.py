@@ -1,16 +1,17 @@
 """PPO-ptx throughput and peak memory: LoRA against full fine-tuning on the embedded SmolLM2-135M-Instruct.
 
-Each variant runs the real PPO stage (:func:`selfcorrect.stages.run_ppo_stage`, i.e. ``PPOPtxTrainer.train``)
-in its own subprocess, so that the peak memory is that variant's alone:
+Each variant runs the real PPO stage (the trainer of :func:`selfcorrect.stages.build_ppo_trainer`, then its
+``train``) in its own subprocess, so that the peak memory is that variant's alone:
 
-* **full** -- no ``lora`` section: the whole policy is trained, and the trainer keeps a frozen deep copy of it as
-  the reference policy for the KL penalty;
+* **full** -- no ``lora`` section: the whole policy and value model are trained, and the trainer keeps a frozen
+  deep copy of the policy as the reference policy for the KL penalty;
 * **lora** -- ``lora: {r: 8, alpha: 16, dropout: 0.0, target_modules: all-linear}``: only the adapters of the
-  policy are trained, and the reference policy is the same model with the adapters disabled.
+  policy and of the value model (plus the value model's scalar head) are trained, and the reference policy is
+  the policy with its adapters disabled.
 
 In both, the reward is a cheap Python function (the share of letters in the response, written into a temporary
 module and given as ``ppo.reward_model: "module:function"``), so nothing depends on SFT or reward-stage outputs,
-and the value model is a fresh scalar head on the policy's base model, trained in full in both variants.
+and the value model is a fresh scalar head on the policy's base model.
 
 It prints, per variant: episodes/s (rollout batch size over the summed phase times of a step), the wall time of
 each phase of an RLHF step from the trainer's log keys ``time/rollout`` (generation), ``time/score`` (reference
@@ -95,8 +96,7 @@ def worker(variant: str, args: argparse.Namespace, out: Path) -> None:
     import torch
     import yaml
 
-    from selfcorrect.stages import load_run_config, run_ppo_stage
-    from selfcorrect.train.ppo import PPOPtxTrainer
+    from selfcorrect.stages import build_ppo_trainer, load_run_config
 
     work = Path(tempfile.mkdtemp(prefix=f"ppo-bench-{variant}-"))
     (work / f"{REWARD_MODULE}.py").write_text(REWARD_SOURCE)
@@ -106,28 +106,18 @@ def worker(variant: str, args: argparse.Namespace, out: Path) -> None:
     config_path.write_text(yaml.safe_dump(run_config(variant, args, args.data_file, output_dir), sort_keys=False))
     cfg = load_run_config(config_path)
 
-    captured: dict[str, Any] = {}
-    original_train = PPOPtxTrainer.train
-
-    def train(self: PPOPtxTrainer, *a: Any, **kw: Any) -> list[dict[str, float]]:
-        captured["history"] = original_train(self, *a, **kw)
-        captured["trainable"] = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        captured["total"] = sum(p.numel() for p in self.model.parameters())
-        captured["ref_copy"] = self.ref_policy is not None
-        return captured["history"]
-
-    PPOPtxTrainer.train = train  # type: ignore[method-assign]
     torch.manual_seed(SEED)
     clock = time.perf_counter()
-    run_ppo_stage(cfg, config_path)
+    trainer = build_ppo_trainer(cfg, config_path)
+    history = trainer.train()
     wall = time.perf_counter() - clock
     cuda = torch.cuda.is_available()
     result = {
         "variant": variant,
-        "history": captured["history"],
-        "trainable_params": captured["trainable"],
-        "total_params": captured["total"],
-        "reference_copy": captured["ref_copy"],
+        "history": history,
+        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in trainer.model.parameters()),
+        "reference_copy": trainer.ref_policy is not None,
         "wall_s": wall,
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
         "cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,

@@ -102,6 +102,23 @@ class LoraSection(StrictModel):
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | str = "all-linear"
 
+    def peft_config(self, task_type: Literal["CAUSAL_LM", "SEQ_CLS"]) -> Any:
+        """This section as a ``peft.LoraConfig``: ``CAUSAL_LM`` for a policy, ``SEQ_CLS`` for a reward or value model.
+
+        For ``SEQ_CLS`` the scalar head ``score`` is trained and saved in full (``modules_to_save``), next to the
+        adapters; every other weight of the model stays frozen.
+        """
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            task_type=task_type,
+            modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
+        )
+
 
 class DatasetSpec(StrictModel):
     """A dataset: a hub id or a local jsonl/json/csv/parquet/txt file (``.gz`` allowed for jsonl).

@@ -22,7 +22,7 @@ from selfcorrect.config import LoraSection, ModelSection, StrictModel, TrackingS
 from selfcorrect.errors import UserError
 from selfcorrect.evaluate.runner import EvaluationSection
 from selfcorrect.reward_models.train import RewardSection
-from selfcorrect.train.ppo import PPOSection
+from selfcorrect.train.ppo import PPOPtxTrainer, PPOSection
 from selfcorrect.train.sft import SFTSection
 
 
@@ -104,10 +104,14 @@ def run_reward_stage(cfg: RunConfig, path: Path) -> Path:
     )
 
 
-def run_ppo_stage(cfg: RunConfig, path: Path) -> Path:
-    """PPO-ptx from the SFT policy against the reward model; checkpoints at ppo.save_at_steps."""
+def build_ppo_trainer(cfg: RunConfig, path: Path) -> PPOPtxTrainer:
+    """The PPO-ptx trainer of a run config: policy (from SFT), value model (from the reward model), reward, data.
+
+    With ``lora`` the policy and the value model each get LoRA adapters (the value model's scalar head is trained
+    in full), so only adapters and that head are trained; without it both are trained in full.
+    """
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification, TrainingArguments
 
     from selfcorrect import data
@@ -115,7 +119,6 @@ def run_ppo_stage(cfg: RunConfig, path: Path) -> Path:
     from selfcorrect.reward_models.score import RewardModel
     from selfcorrect.train.checkpoints import config_hash, validate_save_at_steps
     from selfcorrect.train.distributed import trainer_device_kwargs
-    from selfcorrect.train.ppo import PPOPtxTrainer
 
     ppo = _section(cfg, "ppo", path)
     validate_save_at_steps(ppo.save_at_steps, ppo.steps, where=f"{path}: ppo.save_at_steps")
@@ -131,26 +134,19 @@ def run_ppo_stage(cfg: RunConfig, path: Path) -> Path:
     policy, tokenizer = load_model(policy_ref, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     policy.train()
     if cfg.lora is not None:
-        lora = cfg.lora
-        policy = get_peft_model(
-            policy,
-            LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=lora.target_modules,
-                task_type="CAUSAL_LM",
-            ),
-        )
+        torch.manual_seed(cfg.seed)  # random adapter init: the same in every run (a rerun, a resume) and process
+        policy = get_peft_model(policy, cfg.lora.peft_config("CAUSAL_LM"))
         # The adapter sits on the SFT policy (merged), so that is its base when a checkpoint is reloaded.
         base = Path(policy_ref).expanduser()
         policy.peft_config["default"].base_model_name_or_path = str(base.resolve()) if base.exists() else policy_ref
-    torch.manual_seed(cfg.seed)  # a new value head (function rewards) is initialised the same in every process
+    torch.manual_seed(cfg.seed)  # a new value head (function rewards) and the value adapters: likewise
     value_source = reward_ref if reward.function is None else resolve_model_path(policy_ref)
     value_model = AutoModelForSequenceClassification.from_pretrained(
         value_source, num_labels=1, use_safetensors=True, dtype=policy.dtype
     )
     value_model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.lora is not None:  # adapters + the scalar head are trained; the base stays frozen (no grads, no Adam)
+        value_model = get_peft_model(value_model, cfg.lora.peft_config("SEQ_CLS"))
     tokenizer.padding_side = "left"
 
     def reward_fn(prompt_messages, responses):
@@ -180,7 +176,9 @@ def run_ppo_stage(cfg: RunConfig, path: Path) -> Path:
         "policy": policy_ref,
         "reward": reward_ref,
     }
-    trainer = PPOPtxTrainer(
+    if cfg.lora is not None:  # runs from before the value model had adapters cannot resume from its last/
+        hashed["value_model"] = "lora"
+    return PPOPtxTrainer(
         ppo,
         args,
         policy,
@@ -193,5 +191,9 @@ def run_ppo_stage(cfg: RunConfig, path: Path) -> Path:
         config_hash=config_hash(hashed),
         manifest_extra={"policy_init": policy_ref, "reward_model": reward_ref, "run": cfg.name},
     )
-    trainer.train()
-    return run_dir
+
+
+def run_ppo_stage(cfg: RunConfig, path: Path) -> Path:
+    """PPO-ptx from the SFT policy against the reward model; checkpoints at ppo.save_at_steps."""
+    build_ppo_trainer(cfg, path).train()
+    return cfg.root() / "ppo"

@@ -25,6 +25,7 @@ from transformers import (
 
 from selfcorrect.cli import main
 from selfcorrect.config import DatasetSpec
+from selfcorrect.stages import build_ppo_trainer, load_run_config
 from selfcorrect.train.ppo import PPOPtxTrainer, PPOSection
 
 RULES = '''
@@ -32,6 +33,7 @@ def vowels(prompts, responses):
     """Share of vowels in the response text (a rule reward for tests)."""
     return [sum(c in "aeiou" for c in r) / max(1, len(r)) for r in responses]
 '''
+LORA = {"r": 4, "alpha": 8, "dropout": 0.05, "target_modules": "all-linear"}
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +148,8 @@ def test_ptx_lowers_lm_loss_on_pretraining_data(peaked_policy_dir, tmp_path):
     assert losses[1.0] < losses[0.0] - 0.5, losses
 
 
-def write_config(tmp_path: Path, policy: Path, out: Path, **ppo) -> Path:
+def write_config(tmp_path: Path, policy: Path, out: Path, lora: dict | None = None, **ppo) -> Path:
+    """A PPO run config with the vowel-share rule reward (``rules_mod`` in ``tmp_path``); ``ppo`` overrides."""
     (tmp_path / "rules_mod.py").write_text(RULES)
     settings = {
         "prompts": {
@@ -166,7 +169,7 @@ def write_config(tmp_path: Path, policy: Path, out: Path, **ppo) -> Path:
         **ppo,
     }
     path = tmp_path / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump({"name": "t", "output_dir": str(out), "seed": 3, "ppo": settings}))
+    path.write_text(yaml.safe_dump({"name": "t", "output_dir": str(out), "seed": 3, "lora": lora, "ppo": settings}))
     return path
 
 
@@ -188,10 +191,17 @@ def test_checkpoints_at_exactly_the_listed_steps(peaked_policy_dir, tmp_path, mo
     assert json.loads((out / "ppo" / "last" / "state.json").read_text())["state"]["step"] == 4
 
 
-def test_sigkill_and_rerun_gives_identical_checkpoints(peaked_policy_dir, tmp_path, monkeypatch):
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The tensors of the one safetensors file in ``directory`` (a full model or a LoRA adapter)."""
+    (path,) = directory.glob("*.safetensors")
+    return load_file(path)
+
+
+@pytest.mark.parametrize("lora", [None, LORA], ids=["full", "lora"])
+def test_sigkill_and_rerun_gives_identical_checkpoints(peaked_policy_dir, tmp_path, monkeypatch, lora):
     monkeypatch.syspath_prepend(str(tmp_path))
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    extra = {"steps": 6, "save_at_steps": [0, 3, 6]}
+    extra = {"lora": lora, "steps": 6, "save_at_steps": [0, 3, 6]}
     cfg_killed = write_config(tmp_path, peaked_policy_dir, killed, **extra)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen(
@@ -215,10 +225,44 @@ def test_sigkill_and_rerun_gives_identical_checkpoints(peaked_policy_dir, tmp_pa
     assert main(["ppo", str(cfg_killed)]) == 0
     assert main(["ppo", str(write_config(tmp_path, peaked_policy_dir, clean, **extra))]) == 0
     assert checkpoint_steps(killed) == checkpoint_steps(clean) == ["step-000000", "step-000003", "step-000006"]
-    for step in ("step-000003", "step-000006"):
-        a = load_file(killed / "ppo" / "checkpoints" / step / "model.safetensors")
-        b = load_file(clean / "ppo" / "checkpoints" / step / "model.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), step
+    kept = [Path("checkpoints") / step for step in ("step-000003", "step-000006")]
+    for part in [*kept, Path("last") / "policy", Path("last") / "value"]:
+        a, b = weights(killed / "ppo" / part), weights(clean / "ppo" / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    kinds = json.loads((clean / "ppo" / "last" / "state.json").read_text())["models"]
+    expected = "adapter" if lora else "full"
+    assert kinds["policy"]["weights"] == kinds["value"]["weights"] == expected
+
+
+@pytest.mark.parametrize("lora", [None, LORA], ids=["full", "lora"])
+def test_trainable_parameters_and_optimizer_state(peaked_policy_dir, tmp_path, monkeypatch, lora):
+    """The stage's trainer trains everything without ``lora``; with it, only the LoRA adapters of the policy and
+    of the value model, plus the value model's scalar head: frozen weights get no gradient, no optimizer state,
+    and stay as loaded."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write_config(tmp_path, peaked_policy_dir, tmp_path / "run", lora=lora, steps=1, save_at_steps=[0])
+    trainer = build_ppo_trainer(load_run_config(path), path)
+    frozen_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    trainer.train()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    params = dict(model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps the torch optimizer
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(params[n]) for n in trainable}
+    assert {id(p) for p in optimizer.state} == in_optimizer  # Adam state exactly for the trained parameters
+    if lora is None:
+        assert trainable == set(params) and not frozen_before
+        return
+    value_trainable = {n for n in trainable if n.startswith("value_model.")}
+    head = {n for n in value_trainable if ".score.modules_to_save." in n}
+    assert head and all("lora_" in n for n in value_trainable - head)
+    assert all(n.startswith("policy.") and "lora_" in n for n in trainable - value_trainable)
+    n_value = sum(p.numel() for n, p in params.items() if n.startswith("value_model."))
+    assert sum(params[n].numel() for n in value_trainable) < 0.1 * n_value
+    assert set(frozen_before) == set(params) - trainable
+    for name, before in frozen_before.items():
+        assert params[name].grad is None and torch.equal(params[name], before), name
 
 
 @pytest.mark.parametrize(
@@ -305,8 +349,8 @@ def launch(accelerate_config: str, config: Path, module: str = "selfcorrect", **
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def weights(out: Path, step: str) -> dict[str, torch.Tensor]:
-    return load_file(out / "ppo" / "checkpoints" / step / "model.safetensors")
+def checkpoint_weights(out: Path, step: str) -> dict[str, torch.Tensor]:
+    return weights(out / "ppo" / "checkpoints" / step)
 
 
 def manifest(out: Path, step: str) -> dict:
@@ -344,7 +388,7 @@ def assert_same_run(out: Path, reference: Path, atol: float) -> None:
         assert got["num_processes"] == 2
         for key in ("mean_reward", "kl"):
             assert got[key] == pytest.approx(want[key], abs=1e-4), (step, key)
-        a, b = weights(out, step), weights(reference, step)
+        a, b = checkpoint_weights(out, step), checkpoint_weights(reference, step)
         assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a), step
         assert max(float((a[k] - b[k]).abs().max()) for k in a) <= atol, step
 
@@ -404,7 +448,7 @@ def test_deepspeed_zero2_kill_and_rerun_gives_identical_checkpoints(peaked_polic
     launch("deepspeed_zero2_cpu.yaml", config)
     assert checkpoint_steps(out) == LAUNCHED_STEPS
     for step in LAUNCHED_STEPS[1:]:
-        a, b = weights(out, step), weights(zero2_run, step)
+        a, b = checkpoint_weights(out, step), checkpoint_weights(zero2_run, step)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), step
 
 

@@ -473,19 +473,6 @@ def _load_classifier(model: ModelSection, seed: int):
     return classifier, tokenizer
 
 
-def _peft_config(lora: LoraSection):
-    from peft import LoraConfig, TaskType
-
-    return LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        modules_to_save=["score"],  # the scalar head is new: train and save it in full
-    )
-
-
 def _split_demonstration(conversation: list[dict], index: int) -> tuple[list[dict], list[dict]]:
     if not conversation or conversation[-1].get("role") != "assistant":
         raise UserError(f"reward demonstrations: conversation {index} does not end with an assistant message")
@@ -589,7 +576,7 @@ def _train(
         "args": args,
         "processing_class": tokenizer,
         "callbacks": [guard],
-        "peft_config": _peft_config(lora) if lora is not None else None,
+        "peft_config": lora.peft_config("SEQ_CLS") if lora is not None else None,
     }
     if section.loss == "kwise":
         trainer = KWiseRewardTrainer(train_dataset=ranked_train, eval_dataset=ranked_eval, **common)

@@ -16,8 +16,10 @@ One RLHF step = one rollout batch and its PPO epochs (PROTOCOL section 1.1 [OURS
 The trainer subclasses ``transformers.Trainer`` (as TRL's trainers do) so accelerate, DeepSpeed, callbacks and
 ``report_to`` behave as usual; it overrides ``train``. With LoRA the reference policy is the base model with
 the adapter disabled; the value model starts from the reward model (or, for a function reward, from the
-policy's base with a new scalar head). Randomness of step ``k`` on rank ``r`` is seeded from
-``(seed, k, r)``, so a resumed run samples exactly what an uninterrupted one would have.
+policy's base with a new scalar head) and, with LoRA, trains only its own adapters and scalar head. The
+optimizer gets only parameters with ``requires_grad``, so frozen base weights have no gradients or Adam state.
+Randomness of step ``k`` on rank ``r`` is seeded from ``(seed, k, r)``, so a resumed run samples exactly what an
+uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -118,9 +120,12 @@ class PolicyAndValue(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids):
         logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-        backbone = getattr(self.value_model, self.value_model.base_model_prefix)
+        # A LoRA value model (PEFT) holds its adapters inside the wrapped classifier: call that one's backbone.
+        unwrap = getattr(self.value_model, "get_base_model", None)
+        classifier = unwrap() if unwrap is not None else self.value_model
+        backbone = getattr(classifier, classifier.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        values = self.value_model.score(hidden.last_hidden_state).squeeze(-1)
+        values = classifier.score(hidden.last_hidden_state).squeeze(-1)
         return logits, values
 
 

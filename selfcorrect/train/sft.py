@@ -223,17 +223,7 @@ def build_sft_trainer(
     train = tokenize_demonstrations(demos, tokenizer)
     if ptx is not None:
         train = concatenate_datasets([train, tokenize_ptx(ptx, tokenizer)])
-    peft_config = None
-    if lora is not None:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
-            task_type="CAUSAL_LM",
-        )
+    peft_config = lora.peft_config("CAUSAL_LM") if lora is not None else None
     trainer = SFTTrainer(
         model=policy,
         args=args,
