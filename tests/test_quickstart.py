@@ -39,7 +39,7 @@ def test_quickstart_training_end_to_end(embedded_model_dir, tmp_path, capsys):
 
     assert main(["ppo", str(path)]) == 0
     kept = sorted(p.name for p in (out / "ppo" / "checkpoints").iterdir())
-    assert kept == ["step-000000", "step-000002", "step-000004"]
+    assert kept == ["step-000000", "step-000001", "step-000002", "step-000004"]
     manifest = json.loads((out / "ppo" / "checkpoints" / "step-000004" / "manifest.json").read_text())
     assert manifest["episodes"] == 16 and manifest["weights"] == "adapter"
     assert set(manifest["metrics"]) >= {"reward", "kl", "kl_k3", "loss/ptx", "response_length"}
