@@ -394,15 +394,19 @@ def summary(metrics_path: Path) -> str:
         "parity_difference",
         "candidate_mass",
     }
-    lines = [f"{'benchmark':<11} {'condition':<12} {'metric':<20} {'value':>8}  95% CI            n"]
     with metrics_path.open() as f:
-        for r in csv.DictReader(f):
-            if r["subset"] == "all" and r["metric"] in headline and r["value"]:
-                ci = f"[{float(r['ci_low']):+.3f}, {float(r['ci_high']):+.3f}]" if r["ci_low"] else "[n/a]"
-                lines.append(
-                    f"{r['benchmark']:<11} {r['condition']:<12} {r['metric']:<20} "
-                    f"{float(r['value']):>+8.3f}  {ci:<17} {r['n']}"
-                )
+        rows = list(csv.DictReader(f))
+    by_step = bool(rows) and "step" in rows[0]  # a run's table: one block of lines per checkpoint
+    header = f"{'benchmark':<11} {'condition':<12} {'metric':<20} {'value':>8}  95% CI            n"
+    lines = [("step  " if by_step else "") + header]
+    for r in rows:
+        if r["subset"] == "all" and r["metric"] in headline and r["value"]:
+            ci = f"[{float(r['ci_low']):+.3f}, {float(r['ci_high']):+.3f}]" if r["ci_low"] else "[n/a]"
+            lines.append(
+                (f"{r['step']:>4}  " if by_step else "")
+                + f"{r['benchmark']:<11} {r['condition']:<12} {r['metric']:<20} "
+                f"{float(r['value']):>+8.3f}  {ci:<17} {r['n']}"
+            )
     return "\n".join(lines)
 
 
