@@ -146,7 +146,8 @@ class DatasetSpec(StrictModel):
         expanded = os.path.expanduser(os.path.expandvars(value))
         if "$" in expanded:
             raise ValueError(f"'{value}' names an environment variable that is not set")
-        return expanded
+        # a local file becomes absolute, so the same data reached another way hashes the same
+        return str(Path(expanded).resolve()) if Path(expanded).exists() else expanded
 
 
 class TrackingSection(StrictModel):

@@ -310,22 +310,24 @@ def run_evaluation(cfg: RunConfig, training: subprocess.Popen | None) -> Path:
     template = _settings(cfg)
     metrics = cfg.root() / "eval" / "metrics.csv"
     pending = list(targets)
-    while pending:
-        ready = [t for t in pending if t.step is None or (Path(t.model) / "manifest.json").is_file()]
-        if not ready:
-            if training is None:
-                missing = ", ".join(t.model for t in pending)
-                raise UserError(f"{cfg.name}: evaluation: checkpoints missing after PPO finished: {missing}")
-            code = wait_for(training, cfg.evaluation.poll_seconds)
-            if code not in (None, 0):
-                raise StageFailed("ppo", code)
-            if code == 0:
-                training = None
-            continue
-        evaluate_target(template, ready[0])
-        pending.remove(ready[0])
-        join_metrics(targets, metrics)
-    tracking.log_evaluation(cfg.tracking, cfg.name, cfg.root(), targets)
+    with tracking.EvalLog(cfg.tracking, cfg.name, cfg.root()) as log:
+        while pending:
+            ready = [t for t in pending if t.step is None or (Path(t.model) / "manifest.json").is_file()]
+            if not ready:
+                if training is None:
+                    missing = ", ".join(t.model for t in pending)
+                    raise UserError(f"{cfg.name}: evaluation: checkpoints missing after PPO finished: {missing}")
+                code = wait_for(training, cfg.evaluation.poll_seconds)
+                if code not in (None, 0):
+                    raise StageFailed("ppo", code)
+                if code == 0:
+                    training = None
+                continue
+            evaluate_target(template, ready[0])
+            pending.remove(ready[0])
+            join_metrics(targets, metrics)
+            log.checkpoint(ready[0])  # live, so a W&B dashboard follows the run
+        log.models(targets)
     return metrics
 
 

@@ -120,47 +120,67 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def log_evaluation(tracking: TrackingSection, run_name: str, run_dir: Path, targets: list) -> None:
-    """Log a run's evaluation to W&B: pooled metrics against ``rlhf_step``, per-item predictions as Tables.
+class EvalLog:
+    """The W&B run of a run's evaluation, logged live: one row per checkpoint as soon as it is evaluated.
 
-    Keys are ``eval/<benchmark>/<condition>/<metric>`` (+ ``_ci_low``/``_ci_high``) for the checkpoints, and one
-    ``eval/models`` Table for models evaluated without RLHF. No-op unless the backend is W&B.
+    Keys are ``eval/<benchmark>/<condition>/<metric>`` (+ ``_ci_low``/``_ci_high``) against ``rlhf_step``,
+    per-item predictions as Tables (``predictions/<benchmark>/<condition>``), and, on close, one
+    ``eval/models`` Table for models evaluated without RLHF. Every method is a no-op unless the backend is
+    W&B. Use as a context manager.
     """
-    if tracking.backend != "wandb":
-        return
-    import wandb
 
-    from selfcorrect.io import iter_jsonl
+    def __init__(self, tracking: TrackingSection, run_name: str, run_dir: Path):
+        self.tracking = tracking
+        self.run = None
+        if tracking.backend == "wandb":
+            self.run = _start(tracking, run_name, "eval", run_dir)
+            self.run.define_metric("rlhf_step")
+            self.run.define_metric("eval/*", step_metric="rlhf_step")
+            self.run.define_metric("predictions/*", step_metric="rlhf_step")
 
-    run = _start(tracking, run_name, "eval", run_dir)
-    try:
-        run.define_metric("rlhf_step")
-        run.define_metric("eval/*", step_metric="rlhf_step")
-        run.define_metric("predictions/*", step_metric="rlhf_step")
-        for target in sorted((t for t in targets if t.step is not None), key=lambda t: t.step):
-            record: dict[str, Any] = {"rlhf_step": target.step}
-            for r in _rows(target.output / "metrics.csv"):
-                if r["subset"] == "all" and r["value"]:
-                    key = f"eval/{r['benchmark']}/{r['condition']}/{r['metric']}"
-                    record[key] = float(r["value"])
-                    if r["ci_low"]:
-                        record[f"{key}_ci_low"], record[f"{key}_ci_high"] = float(r["ci_low"]), float(r["ci_high"])
-            if tracking.log_predictions:
-                for path in sorted(target.output.glob("*/*.jsonl")):
-                    columns = ["id", "prediction", "probs", "mass", "reasoning"]
-                    data = [
-                        [o["id"], o["prediction"], json.dumps(o["probs"]), o.get("mass"), o.get("reasoning", "")]
-                        for _, o in iter_jsonl(path, tolerate_torn_tail=True)
-                    ]
-                    record[f"predictions/{path.parent.name}/{path.stem}"] = wandb.Table(columns=columns, data=data)
-            run.log(record)
+    def __enter__(self) -> EvalLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.run is not None:
+            finish(self.tracking)
+            self.run = None
+
+    def checkpoint(self, target: Any) -> None:
+        """Log one evaluated checkpoint (a target with ``step``, ``output``)."""
+        if self.run is None or target.step is None:
+            return
+        import wandb
+
+        from selfcorrect.io import iter_jsonl
+
+        record: dict[str, Any] = {"rlhf_step": target.step}
+        for r in _rows(target.output / "metrics.csv"):
+            if r["subset"] == "all" and r["value"]:
+                key = f"eval/{r['benchmark']}/{r['condition']}/{r['metric']}"
+                record[key] = float(r["value"])
+                if r["ci_low"]:
+                    record[f"{key}_ci_low"], record[f"{key}_ci_high"] = float(r["ci_low"]), float(r["ci_high"])
+        if self.tracking.log_predictions:
+            columns = ["id", "prediction", "probs", "mass", "reasoning"]
+            for path in sorted(target.output.glob("*/*.jsonl")):
+                data = [
+                    [o["id"], o["prediction"], json.dumps(o["probs"]), o.get("mass"), o.get("reasoning", "")]
+                    for _, o in iter_jsonl(path, tolerate_torn_tail=True)
+                ]
+                record[f"predictions/{path.parent.name}/{path.stem}"] = wandb.Table(columns=columns, data=data)
+        self.run.log(record)
+
+    def models(self, targets: list) -> None:
+        """Log the tables of the models evaluated without RLHF (targets without ``step``) as one Table."""
         extra = [t for t in targets if t.step is None and (t.output / "metrics.csv").is_file()]
-        if extra:
-            columns = ["model", "benchmark", "condition", "subset", "metric", "value", "ci_low", "ci_high", "n"]
-            data = [[t.label, *(r[c] for c in columns[1:])] for t in extra for r in _rows(t.output / "metrics.csv")]
-            run.log({"eval/models": wandb.Table(columns=columns, data=data)})
-    finally:
-        finish(tracking)
+        if self.run is None or not extra:
+            return
+        import wandb
+
+        columns = ["model", "benchmark", "condition", "subset", "metric", "value", "ci_low", "ci_high", "n"]
+        data = [[t.label, *(r[c] for c in columns[1:])] for t in extra for r in _rows(t.output / "metrics.csv")]
+        self.run.log({"eval/models": wandb.Table(columns=columns, data=data)})
 
 
 def log_report(tracking: TrackingSection, run_name: str, run_dir: Path, report_md: Path) -> None:

@@ -267,7 +267,8 @@ def test_sigkill_during_ppo_and_during_evaluation_then_rerun(light_run, tiny_mod
 
 
 @pytest.mark.parametrize("name", ["quickstart", "ganguli2023", "liu2024"])
-def test_dry_run_of_the_shipped_pipelines(name, capsys):
+def test_dry_run_of_the_shipped_pipelines(name, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/<name> of the working directory: empty here
     path = ROOT / "configs" / "pipelines" / f"{name}.yaml"
     assert main(["pipeline", str(path), "--dry-run"]) == 0
     plan = capsys.readouterr().out
@@ -280,6 +281,7 @@ def test_dry_run_of_the_shipped_pipelines(name, capsys):
         assert [line.split()[0] for line in plan.splitlines()[1:3]] == ["evaluate", "report"]
     if name == "quickstart":
         assert "checkpoints at steps 0, 1, 2, 4" in plan and "4 models x 9 (benchmark, condition)" in plan
+        assert "<= 576 generated tokens" in plan  # 12 CoT items x 48: quickstart_cot.yaml, found in configs/prompts/
 
 
 def test_typo_in_a_stage_section_is_a_one_line_error(tmp_path, tiny_model_dir, capsys):

@@ -34,7 +34,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from tqdm import tqdm
 
-from selfcorrect.config import StrictModel, data_dir
+from selfcorrect.config import StrictModel, configs_dir, data_dir
 from selfcorrect.errors import UserError
 from selfcorrect.evaluate import benchmarks as bench_registry
 from selfcorrect.evaluate.metrics import METRIC_COLUMNS, MetricRow, stable_seed, stratified_sample
@@ -78,7 +78,7 @@ class EvaluationSection(StrictModel):
     limit: int | None = Field(None, gt=0)  # stratified subsample per benchmark (None: all items)
     cot_limit: int | None = Field(None, gt=0)  # CoT subsample, drawn from the --limit one
     dialogue: Literal["human_assistant", "chat_template"] = "human_assistant"
-    prompts: list[str] = []  # extra prompt-condition files ($VARS expanded)
+    prompts: list[str] = []  # extra prompt-condition files: a path ($VARS expanded) or a name in configs/prompts/
     batch_size: int = Field(16, gt=0)
     gen_batch_size: int = Field(64, gt=0)
     bootstrap: int = Field(1000, ge=0)
@@ -87,7 +87,12 @@ class EvaluationSection(StrictModel):
     @field_validator("prompts")
     @classmethod
     def _expand(cls, value: list[str]) -> list[str]:
-        return [os.path.expanduser(os.path.expandvars(p)) for p in value]
+        files = []
+        for name in value:
+            path = Path(os.path.expanduser(os.path.expandvars(name)))
+            shipped = configs_dir() / "prompts" / name
+            files.append(str(shipped if not path.exists() and shipped.is_file() else path))
+        return files
 
     def settings(self, output: Path, seed: int, dtype: str | None, trust_remote_code: bool) -> EvalSettings:
         """The runner settings for one evaluation output dir (the model is set per target)."""
