@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator
+import subprocess
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -68,3 +71,21 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def embedded_model_dir(selfcorrect_cache_dir: Path) -> Path:
     """The real embedded SmolLM2-135M-Instruct, converted at most once per session (about 30 s)."""
     return prepare_embedded()
+
+
+def last_ppo_step(run_dir: Path) -> int:
+    """The RLHF step that ``run_dir/ppo/last/`` holds (-1 while there is none, or while it is being replaced)."""
+    try:
+        return json.loads((run_dir / "ppo" / "last" / "state.json").read_text())["state"]["step"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def wait_until(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 600) -> None:
+    """Poll ``ready()`` while ``proc`` runs; fail if ``proc`` ends or ``timeout`` passes first (nothing to kill)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if ready():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the process ended (exit {proc.poll()}) or timed out before it could be killed")

@@ -12,8 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
+from conftest import last_ppo_step, wait_until
 
 from selfcorrect.cli import main
 from selfcorrect.tracking import read_offline_run
@@ -200,25 +202,12 @@ def test_force_reruns_only_the_changed_stages(light_run, tiny_model_dir, capsys,
     assert "report    rerun  selected" in capsys.readouterr().out
 
 
-def _wait_until(proc: subprocess.Popen, ready, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if ready():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"the pipeline ended (exit {proc.poll()}) or timed out before it could be killed")
-
-
-def _children_of(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
+def _alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (state from /proc/PID/stat, after the command name)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_sigkill_during_ppo_and_during_evaluation_then_rerun(light_run, tiny_model_dir, monkeypatch):
@@ -231,25 +220,19 @@ def test_sigkill_during_ppo_and_during_evaluation_then_rerun(light_run, tiny_mod
     command = [sys.executable, "-m", "selfcorrect", "pipeline", str(path)]
     run = lambda: subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: E731
 
-    def last_step() -> int:
-        try:
-            return json.loads((out / "ppo" / "last" / "state.json").read_text())["state"]["step"]
-        except (OSError, ValueError, KeyError):
-            return -1
-
     proc = run()  # 1. killed during PPO (after its first step), with PPO running in a child process
-    _wait_until(proc, lambda: last_step() >= 1)
-    children = _children_of(proc.pid)
+    wait_until(proc, lambda: last_ppo_step(out) >= 1)
+    children = [c.pid for c in psutil.Process(proc.pid).children()]
     assert children, "PPO runs in a child process"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     time.sleep(1.0)
-    assert not any(Path(f"/proc/{c}").exists() and "Z" not in Path(f"/proc/{c}/stat").read_text() for c in children)
+    assert not any(map(_alive, children)), "the PPO child outlived the killed pipeline"
     kept = {p.name: (p / "manifest.json").read_text() for p in (out / "ppo" / "checkpoints").iterdir()}
     assert "step-000001" in kept
 
     proc = run()  # 2. killed during evaluation, once some items of a checkpoint are written
-    _wait_until(proc, lambda: any(p.stat().st_size > 0 for p in (out / "eval").glob("step-*/*/*.jsonl")))
+    wait_until(proc, lambda: any(p.stat().st_size > 0 for p in (out / "eval").glob("step-*/*/*.jsonl")))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     partial = {p: p.read_text() for p in (out / "eval").glob("step-*/*/*.jsonl")}

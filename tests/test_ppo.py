@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import tiny_llama
+from conftest import last_ppo_step, tiny_llama, wait_until
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForSequenceClassification,
@@ -210,16 +209,7 @@ def test_sigkill_and_rerun_gives_identical_checkpoints(peaked_policy_dir, tmp_pa
         stderr=subprocess.DEVNULL,
         env=env,
     )
-    state = killed / "ppo" / "last" / "state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if json.loads(state.read_text())["state"]["step"] >= 2:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
+    wait_until(proc, lambda: last_ppo_step(killed) >= 2, timeout=300)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert main(["ppo", str(cfg_killed)]) == 0
@@ -429,22 +419,13 @@ def test_deepspeed_zero2_kill_and_rerun_gives_identical_checkpoints(peaked_polic
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    state = out / "ppo" / "last" / "state.json"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if json.loads(state.read_text())["state"]["step"] >= 1:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
+    wait_until(proc, lambda: last_ppo_step(out) >= 1)
     workers = psutil.Process(proc.pid).children(recursive=True)  # torchrun starts them in sessions of their own
     for process in [*workers, psutil.Process(proc.pid)]:
         process.kill()
     proc.wait()
     psutil.wait_procs(workers, timeout=30)
-    assert json.loads(state.read_text())["state"]["step"] < 4, "the run finished before it was killed"
+    assert last_ppo_step(out) < 4, "the run finished before it was killed"
     launch("deepspeed_zero2_cpu.yaml", config)
     assert checkpoint_steps(out) == LAUNCHED_STEPS
     for step in LAUNCHED_STEPS[1:]:
