@@ -66,17 +66,19 @@ def resolved_configs(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     """
     from selfcorrect.train.checkpoints import config_hash
 
-    common = {"model": cfg.model.model_dump(), "lora": cfg.lora and cfg.lora.model_dump(), "seed": cfg.seed}
+    # JSON mode: what pipeline.json stores reads back equal (enums as strings, tuples as lists)
+    dump = lambda section, **kw: section and section.model_dump(mode="json", **kw)  # noqa: E731
+    common = {"model": dump(cfg.model), "lora": dump(cfg.lora), "seed": cfg.seed}
     out: dict[str, dict[str, Any]] = {}
     upstream: dict[str, str] = {}
     for stage in stages_in(cfg):
         if stage in ("sft", "reward", "ppo"):
-            own = {**common, stage: getattr(cfg, stage).model_dump()}
+            own = {**common, stage: dump(getattr(cfg, stage))}
             if stage == "reward" and cfg.sft is not None:  # the reward is normalised on the SFT demonstrations
-                own["sft_data"] = cfg.sft.data.model_dump()
+                own["sft_data"] = dump(cfg.sft.data)
         elif stage == "evaluate":
             skip = {"when", "batch_size", "gen_batch_size", "poll_seconds"}
-            own = {"evaluation": cfg.evaluation.model_dump(exclude=skip), "model": common["model"], "seed": cfg.seed}
+            own = {"evaluation": dump(cfg.evaluation, exclude=skip), "model": common["model"], "seed": cfg.seed}
         else:
             own = {}
         own["after"] = dict(upstream)
