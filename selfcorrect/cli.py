@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from selfcorrect import __version__
+from selfcorrect.dialogue import FORMATS
 from selfcorrect.errors import UserError
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
@@ -45,6 +46,33 @@ def _add_prompts(p: argparse.ArgumentParser) -> None:
         metavar="YAML",
         help="extra prompt-condition file(s), on top of configs/prompts/ganguli2023.yaml and liu2024.yaml",
     )
+
+
+def _add_dialogue(p: argparse.ArgumentParser, default_help: str) -> None:
+    p.add_argument(
+        "--dialogue",
+        choices=list(FORMATS),
+        default=None,
+        help="'human_assistant': the papers' \\n\\nHuman: ...\\n\\nAssistant: text; 'chat_template': the model's "
+        f"own chat template, assistant turn continued ({default_help})",
+    )
+    p.add_argument(
+        "--system-prompt",
+        default=None,
+        metavar="TEXT",
+        help="with --dialogue chat_template: the system message to put first (default: the template's own)",
+    )
+
+
+def _dialogue(args: argparse.Namespace):
+    """The --dialogue/--system-prompt flags as a DialogueSpec, or None when neither was given."""
+    from selfcorrect.dialogue import parse
+
+    if args.dialogue is None and args.system_prompt is None:
+        return None
+    if args.dialogue is None:
+        raise UserError("--system-prompt needs --dialogue chat_template")
+    return parse({"format": args.dialogue, "system_prompt": args.system_prompt}, "--dialogue")
 
 
 def _add_seed_and_bootstrap(p: argparse.ArgumentParser) -> None:
@@ -111,12 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         "generate up to 256 tokens per item",
     )
     _add_data_dir(ev)
+    _add_dialogue(ev, default_help="default: the format a selfcorrect checkpoint was trained in (its manifest), "
+                  "else human_assistant")
     ev.add_argument(
-        "--dialogue",
-        choices=["human_assistant", "chat_template"],
-        default="human_assistant",
-        help="'human_assistant': the papers' \\n\\nHuman: ...\\n\\nAssistant: text (default); "
-        "'chat_template': the model's own chat template, assistant turn continued",
+        "--override-dialogue",
+        action="store_true",
+        help="evaluate in --dialogue even where the checkpoint was trained in another format (recorded in "
+        "evaluation.json)",
     )
     ev.add_argument("--output", type=Path, default=None, metavar="DIR", help="output directory (required for a MODEL)")
     ev.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
@@ -151,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--benchmark", required=True, choices=BENCHMARKS)
     show.add_argument("--condition", required=True)
     show.add_argument("--item", required=True, metavar="ID")
-    show.add_argument("--dialogue", choices=["human_assistant", "chat_template"], default="human_assistant")
+    _add_dialogue(show, default_help="default human_assistant")
     show.add_argument(
         "--model", default=EMBEDDED, help="model whose chat template to use with --dialogue chat_template"
     )
@@ -291,7 +320,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         limit=args.limit,
         cot_limit=args.cot_limit,
         data_dir=data_dir(args.data_dir),
-        dialogue=args.dialogue,
+        dialogue=_dialogue(args),
+        override_dialogue=args.override_dialogue,
         batch_size=args.batch_size,
         gen_batch_size=args.gen_batch_size,
         seed=args.seed,
@@ -324,6 +354,7 @@ def _find_item(module, units: list[dict], prompts, condition: str, item: str):
 
 def cmd_prompts_show(args: argparse.Namespace) -> int:
     from selfcorrect.config import data_dir
+    from selfcorrect.dialogue import DialogueSpec
     from selfcorrect.evaluate import benchmarks
     from selfcorrect.evaluate.prompts import load_prompts, render
 
@@ -331,8 +362,9 @@ def cmd_prompts_show(args: argparse.Namespace) -> int:
     prompts.condition(args.benchmark, args.condition)
     module = benchmarks.get(args.benchmark)
     item = _find_item(module, module.load(data_dir(args.data_dir)), prompts, args.condition, args.item)
+    spec = _dialogue(args) or DialogueSpec()
     tokenizer = None
-    if args.dialogue == "chat_template":
+    if spec.format == "chat_template":
         from selfcorrect.models import load_tokenizer
 
         tokenizer = load_tokenizer(args.model)
@@ -340,7 +372,7 @@ def cmd_prompts_show(args: argparse.Namespace) -> int:
         turns = item.cot_turns()
     else:
         turns = item.scored_turns(args.reasoning)
-    text = render(turns, args.dialogue, tokenizer)
+    text = render(turns, spec, tokenizer)
     sys.stdout.write(json.dumps(text) + "\n" if args.json else text)
     return 0
 

@@ -68,7 +68,7 @@ def resolved_configs(cfg: RunConfig) -> dict[str, dict[str, Any]]:
 
     # JSON mode: what pipeline.json stores reads back equal (enums as strings, tuples as lists)
     dump = lambda section, **kw: section and section.model_dump(mode="json", **kw)  # noqa: E731
-    common = {"model": dump(cfg.model), "lora": dump(cfg.lora), "seed": cfg.seed}
+    common = {"model": dump(cfg.model), "lora": dump(cfg.lora), "seed": cfg.seed, "dialogue": dump(cfg.dialogue)}
     out: dict[str, dict[str, Any]] = {}
     upstream: dict[str, str] = {}
     for stage in stages_in(cfg):
@@ -78,7 +78,12 @@ def resolved_configs(cfg: RunConfig) -> dict[str, dict[str, Any]]:
                 own["sft_data"] = dump(cfg.sft.data)
         elif stage == "evaluate":
             skip = {"when", "batch_size", "gen_batch_size", "poll_seconds"}
-            own = {"evaluation": dump(cfg.evaluation, exclude=skip), "model": common["model"], "seed": cfg.seed}
+            own = {
+                "evaluation": dump(cfg.evaluation, exclude=skip),
+                "model": common["model"],
+                "seed": cfg.seed,
+                "dialogue": common["dialogue"],
+            }
         else:
             own = {}
         own["after"] = dict(upstream)
@@ -298,7 +303,9 @@ def eval_targets(cfg: RunConfig) -> list:
 
 
 def _settings(cfg: RunConfig):
-    return cfg.evaluation.settings(cfg.root() / "eval", cfg.seed, cfg.model.dtype, cfg.model.trust_remote_code)
+    return cfg.evaluation.settings(
+        cfg.root() / "eval", cfg.seed, cfg.model.dtype, cfg.model.trust_remote_code, cfg.dialogue
+    )
 
 
 def run_evaluation(cfg: RunConfig, training: subprocess.Popen | None) -> Path:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from selfcorrect import tracking
 from selfcorrect.config import LoraSection, ModelSection, StrictModel, TrackingSection, load_config
-from selfcorrect.errors import UserError
+from selfcorrect.dialogue import DialogueSpec
+from selfcorrect.errors import UserError, first_line
 from selfcorrect.evaluate.runner import EvaluationSection
 from selfcorrect.reward_models.train import RewardSection
 from selfcorrect.train.ppo import PPOPtxTrainer, PPOSection
@@ -33,6 +34,7 @@ class RunConfig(StrictModel):
     output_dir: str | None = None
     seed: int = 0
     model: ModelSection = ModelSection()
+    dialogue: DialogueSpec = DialogueSpec()  # one format for SFT, reward model, PPO and evaluation (dialogue.py)
     lora: LoraSection | None = None
     sft: SFTSection | None = None
     reward: RewardSection | None = None
@@ -69,7 +71,8 @@ def run_sft_stage(cfg: RunConfig, path: Path) -> Path:
     from selfcorrect.train.sft import run_sft
 
     section = _section(cfg, "sft", path)
-    return run_sft(section, cfg.model, cfg.lora, cfg.root() / "sft", cfg.seed, report_to=report_to(cfg, "sft"))
+    out = cfg.root() / "sft"
+    return run_sft(section, cfg.model, cfg.lora, out, cfg.seed, report_to=report_to(cfg, "sft"), dialogue=cfg.dialogue)
 
 
 def _policy_ref(cfg: RunConfig) -> str:
@@ -101,6 +104,7 @@ def run_reward_stage(cfg: RunConfig, path: Path) -> Path:
         eval_ds,
         demonstrations=demonstrations,
         report_to=report_to(cfg, "reward"),
+        dialogue=cfg.dialogue,
     )
 
 
@@ -129,7 +133,7 @@ def build_ppo_trainer(cfg: RunConfig, path: Path) -> PPOPtxTrainer:
     reward_ref = ppo.reward_model or str(cfg.root() / "reward")
     if ":" not in reward_ref and not Path(reward_ref).is_dir():
         raise UserError(f"{path}: ppo.reward_model: {reward_ref} not found (run `selfcorrect reward` first)")
-    reward = RewardModel.load(reward_ref)
+    reward = RewardModel.load(reward_ref)  # on this process's own device
 
     policy, tokenizer = load_model(policy_ref, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     policy.train()
@@ -149,25 +153,26 @@ def build_ppo_trainer(cfg: RunConfig, path: Path) -> PPOPtxTrainer:
         value_model = get_peft_model(value_model, cfg.lora.peft_config("SEQ_CLS"))
     tokenizer.padding_side = "left"
 
-    def reward_fn(prompt_messages, responses):
-        return reward.score(prompt_messages, responses)
-
     run_dir = cfg.root() / "ppo"
     trainer_kwargs = {
-        "lr_scheduler_type": "constant",
+        "lr_scheduler_type": "constant",  # unused: PPOPtxTrainer.create_scheduler is InstructGPT's warmup + constant
+        "adam_beta2": 0.95,  # InstructGPT: Adam betas (0.9, 0.95)
         "logging_steps": 1,
         "save_strategy": "no",
         "per_device_train_batch_size": ppo.mini_batch_size,  # DeepSpeed's micro batch: episodes per optimizer step
         **device_kwargs,
         **ppo.trainer,
     }
-    args = TrainingArguments(
-        output_dir=str(run_dir / "trainer"),
-        learning_rate=ppo.learning_rate,
-        seed=cfg.seed,
-        report_to=report_to(cfg, "ppo"),
-        **trainer_kwargs,
-    )
+    try:
+        args = TrainingArguments(
+            output_dir=str(run_dir / "trainer"),
+            learning_rate=ppo.learning_rate,
+            seed=cfg.seed,
+            report_to=report_to(cfg, "ppo"),
+            **trainer_kwargs,
+        )
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{path}: ppo.trainer: {first_line(exc)}") from None
     hashed = {
         "model": cfg.model.model_dump(),
         "lora": cfg.lora and cfg.lora.model_dump(),
@@ -175,6 +180,7 @@ def build_ppo_trainer(cfg: RunConfig, path: Path) -> PPOPtxTrainer:
         "seed": cfg.seed,
         "policy": policy_ref,
         "reward": reward_ref,
+        "dialogue": cfg.dialogue.record(),
     }
     if cfg.lora is not None:  # runs from before the value model had adapters cannot resume from its last/
         hashed["value_model"] = "lora"
@@ -184,12 +190,13 @@ def build_ppo_trainer(cfg: RunConfig, path: Path) -> PPOPtxTrainer:
         policy,
         value_model,
         tokenizer,
-        reward_fn,
+        reward,
         prompts,
         ptx_texts=ptx,
         run_dir=run_dir,
         config_hash=config_hash(hashed),
         manifest_extra={"policy_init": policy_ref, "reward_model": reward_ref, "run": cfg.name},
+        dialogue=cfg.dialogue,
     )
 
 

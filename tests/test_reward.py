@@ -16,6 +16,7 @@ from datasets import Dataset
 from pydantic import ValidationError
 
 from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, load_config
+from selfcorrect.dialogue import DialogueSpec, example_ids
 from selfcorrect.errors import UserError
 from selfcorrect.reward_models import train as rm_train
 from selfcorrect.reward_models.score import MANIFEST_NAME, RewardModel, encode
@@ -158,11 +159,13 @@ def test_kwise_trainer_matches_trl_pairwise_for_k2(classifier, tmp_path: Path):
     data = pairwise_data(6, seed=1)
     args = build_reward_config(section, tmp_path / "trainer", seed=0, report_to="none")
     trl_trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-    kw_trainer = KWiseRewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trl_rows = list(trl_trainer.train_dataset)
+    # The same token ids through the K-wise trainer (TRL tokenizes with the chat template; we use the run's format).
+    same_ids = Dataset.from_list([{"response_ids": [r["chosen_ids"], r["rejected_ids"]]} for r in trl_rows])
+    kw_trainer = KWiseRewardTrainer(model=model, args=args, train_dataset=same_ids, processing_class=tokenizer)
     model.eval()
 
-    trl_rows, kw_rows = list(trl_trainer.train_dataset), list(kw_trainer.train_dataset)
-    assert [r["response_ids"] for r in kw_rows] == [[r["chosen_ids"], r["rejected_ids"]] for r in trl_rows]
+    kw_rows = list(kw_trainer.train_dataset)
     trl_batch = trl_trainer.data_collator(trl_rows)
     kw_batch = kw_trainer.data_collator(kw_rows)
     assert kw_batch["group_sizes"].tolist() == [2] * 6
@@ -197,6 +200,24 @@ def _hh_records(n: int) -> list[tuple[str, str]]:
     return out
 
 
+@pytest.mark.parametrize("dialogue", ["human_assistant", "chat_template"])
+def test_reward_data_is_tokenized_in_the_runs_dialogue_format(classifier, tmp_path: Path, dialogue: str):
+    _, tokenizer = classifier
+    spec = DialogueSpec(format=dialogue)
+    section = RewardSection(data=SPEC, max_length=512, trainer={**FAST, "use_cpu": True})
+    args = build_reward_config(section, tmp_path / "trainer", seed=0, report_to="none")
+    data = ranked_data(3, seed=2)
+    trainer = KWiseRewardTrainer(
+        model=classifier[0], args=args, train_dataset=data, processing_class=tokenizer, dialogue=spec
+    )
+    for row, example in zip(trainer.train_dataset, data):
+        for ids, response in zip(row["response_ids"], example["responses"]):
+            expected, _ = example_ids(tokenizer, example["prompt"], response, spec)
+            assert ids == expected and ids[-1] == tokenizer.eos_token_id
+            text = tokenizer.decode(ids)
+            assert text.startswith("\n\nHuman: " if dialogue == "human_assistant" else "<|im_start|>system")
+
+
 def test_score_is_padding_and_batch_invariant(classifier):
     model, tokenizer = classifier
     reward = RewardModel(model, tokenizer, bias=0.5)
@@ -212,7 +233,7 @@ def test_score_is_padding_and_batch_invariant(classifier):
     # Unpadded single forward passes, by hand: the score is the last token's, plus the bias.
     with torch.no_grad():
         for i in (0, 1, len(prompts) - 1):
-            ids = torch.tensor([encode(tokenizer, prompts[i], responses[i])])
+            ids = torch.tensor([encode(tokenizer, prompts[i], responses[i], DialogueSpec())])
             assert batched[i].item() == pytest.approx(model(input_ids=ids).logits.item() + 0.5, abs=1e-5)
 
 

@@ -13,6 +13,7 @@ from peft import PeftModel
 
 from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, load_config
 from selfcorrect.data import sft_dataset
+from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError
 from selfcorrect.models import load_model
 from selfcorrect.train.sft import (
@@ -102,7 +103,8 @@ def test_lora_adapter_reloads_from_its_original_base_reference(tiny_model_dir, h
     assert difference > 1e-4
 
 
-def test_ptx_rows_train_on_every_token_and_demonstration_prompts_are_masked(tiny_model_dir, hh_path, tmp_path):
+@pytest.mark.parametrize("dialogue", ["human_assistant", "chat_template"])
+def test_ptx_rows_train_on_every_token_and_demonstration_prompts_are_masked(dialogue, tiny_model_dir, hh_path, tmp_path):
     sft = SFTSection(
         data=DatasetSpec(path=hh_path, format="hh", limit=16),
         ptx_data=DatasetSpec(path=hh_path, format="hh"),
@@ -110,7 +112,9 @@ def test_ptx_rows_train_on_every_token_and_demonstration_prompts_are_masked(tiny
         max_length=4096,  # long enough that TRL drops no row, so the counts are exact
         trainer=FAST,
     )
-    trainer, counts = build_sft_trainer(sft, ModelSection(name_or_path=str(tiny_model_dir)), None, tmp_path, seed=0)
+    model = ModelSection(name_or_path=str(tiny_model_dir))
+    spec = DialogueSpec(format=dialogue)
+    trainer, counts = build_sft_trainer(sft, model, None, tmp_path, seed=0, dialogue=spec)
     assert counts == {"n_demonstrations": 16, "n_ptx": 16, "n_eval": 0, "n_train": 32}
     tokenizer = trainer.processing_class
     ptx_rows, demo_rows = [], []
@@ -124,15 +128,21 @@ def test_ptx_rows_train_on_every_token_and_demonstration_prompts_are_masked(tiny
         text = tokenizer.decode(row["input_ids"])
         assert text.startswith("\n\nHuman:") and text.endswith(tokenizer.eos_token)
         assert row["labels"] == row["input_ids"]
-    for row in demo_rows:  # chat-formatted; the loss only on the final reply (and its end-of-turn)
+    for row in demo_rows:  # in the run's dialogue format; the loss only on the final reply and its end-of-turn
         n_masked = row["labels"].index(next(label for label in row["labels"] if label != -100))
         assert all(label == -100 for label in row["labels"][:n_masked])
         assert all(label != -100 for label in row["labels"][n_masked:])
         prompt = tokenizer.decode(row["input_ids"][:n_masked])
-        assert prompt.startswith("<|im_start|>system") and prompt.endswith("<|im_start|>assistant\n")
-        assert "<|im_start|>user" in prompt
         reply = tokenizer.decode(row["input_ids"][n_masked:])
-        assert reply.endswith("<|im_end|>\n") and "<|im_start|>" not in reply
+        assert row["input_ids"][-1] == tokenizer.eos_token_id
+        if dialogue == "chat_template":
+            assert prompt.startswith("<|im_start|>system") and prompt.endswith("<|im_start|>assistant\n")
+            assert "<|im_start|>user" in prompt
+            assert reply.endswith("<|im_end|>") and "<|im_start|>" not in reply
+        else:  # the HH text: the prompt ends with the opened turn, the reply follows after one space
+            assert prompt.startswith("\n\nHuman: ") and prompt.endswith("\n\nAssistant:")
+            assert "<|im_start|>" not in prompt + reply
+            assert reply.startswith(" ") and reply.endswith(tokenizer.eos_token)
 
 
 def test_n_ptx_rows_makes_ptx_the_requested_share():

@@ -14,9 +14,9 @@ from typing import Literal
 from pydantic import Field
 
 from selfcorrect.config import StrictModel, configs_dir, load_config
+from selfcorrect.dialogue import DialogueSpec, continued_text
 from selfcorrect.errors import UserError
 
-DIALOGUES = ("human_assistant", "chat_template")
 DEFAULT_PROMPT_FILES = ("ganguli2023.yaml", "liu2024.yaml")
 
 
@@ -196,18 +196,11 @@ def load_prompts(extra_files: list[str | Path] | None = None) -> PromptSet:
     return PromptSet(benchmarks, files, join if join is not None else "\n\n", cot_sampling or CotSampling())
 
 
-def render(turns: list[Turn], dialogue: str = "human_assistant", tokenizer=None) -> str:
-    """The text of a dialogue whose last turn is an assistant prefix to be continued.
+def render(turns: list[Turn], dialogue: DialogueSpec | None = None, tokenizer=None) -> str:
+    """The text of a dialogue whose last turn is an assistant prefix to be continued, in a dialogue format.
 
-    ``human_assistant``: the papers' ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` text.
+    ``human_assistant`` (the default): the papers' ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` text.
     ``chat_template``: the tokenizer's own chat template, with the assistant turn opened and continued.
     """
-    if dialogue == "human_assistant":
-        return "".join(f"\n\n{'Human' if t.role == 'human' else 'Assistant'}: {t.text}" for t in turns)
-    if dialogue == "chat_template":
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise UserError("dialogue chat_template: the model's tokenizer has no chat template")
-        messages = [{"role": "user" if t.role == "human" else "assistant", "content": t.text} for t in turns[:-1]]
-        opened = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return opened + turns[-1].text
-    raise UserError(f"unknown dialogue format '{dialogue}' (known: {', '.join(DIALOGUES)})")
+    messages = [{"role": "user" if t.role == "human" else "assistant", "content": t.text} for t in turns[:-1]]
+    return continued_text(messages, turns[-1].text, dialogue or DialogueSpec(), tokenizer)

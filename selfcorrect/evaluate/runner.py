@@ -31,14 +31,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
+from selfcorrect import dialogue as dialogues
 from selfcorrect.config import StrictModel, configs_dir, data_dir
+from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError
 from selfcorrect.evaluate import benchmarks as bench_registry
 from selfcorrect.evaluate.metrics import METRIC_COLUMNS, MetricRow, stable_seed, stratified_sample
-from selfcorrect.evaluate.prompts import DIALOGUES, ItemPrompt, PromptSet, load_prompts, render
+from selfcorrect.evaluate.prompts import ItemPrompt, PromptSet, load_prompts, render
 from selfcorrect.io import append_jsonl, atomic_write_text, csv_text, iter_jsonl
 
 DEFAULT_CONDITIONS = ("q", "q_if", "q_if_cot")
@@ -55,7 +57,8 @@ class EvalSettings:
     limit: int | None = None
     cot_limit: int | None = None
     data_dir: Path | None = None
-    dialogue: str = "human_assistant"
+    dialogue: DialogueSpec | None = None  # None: the format the model was trained in (manifest), else human_assistant
+    override_dialogue: bool = False  # evaluate in ``dialogue`` even where the model was trained in another format
     batch_size: int = 16
     gen_batch_size: int = 64
     seed: int = 0
@@ -77,12 +80,20 @@ class EvaluationSection(StrictModel):
     conditions: list[str] = list(DEFAULT_CONDITIONS)
     limit: int | None = Field(None, gt=0)  # stratified subsample per benchmark (None: all items)
     cot_limit: int | None = Field(None, gt=0)  # CoT subsample, drawn from the --limit one
-    dialogue: Literal["human_assistant", "chat_template"] = "human_assistant"
     prompts: list[str] = []  # extra prompt-condition files: a path ($VARS expanded) or a name in configs/prompts/
     batch_size: int = Field(16, gt=0)
     gen_batch_size: int = Field(64, gt=0)
     bootstrap: int = Field(1000, ge=0)
     poll_seconds: float = Field(10.0, gt=0)  # when: during, how often to look for new checkpoints
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dialogue_moved(cls, value: object) -> object:
+        if isinstance(value, dict) and "dialogue" in value:
+            raise ValueError(
+                "dialogue: set the run-level 'dialogue' key instead (one format for training and evaluation)"
+            )
+        return value
 
     @field_validator("prompts")
     @classmethod
@@ -94,8 +105,10 @@ class EvaluationSection(StrictModel):
             files.append(str(shipped if not path.exists() and shipped.is_file() else path))
         return files
 
-    def settings(self, output: Path, seed: int, dtype: str | None, trust_remote_code: bool) -> EvalSettings:
-        """The runner settings for one evaluation output dir (the model is set per target)."""
+    def settings(
+        self, output: Path, seed: int, dtype: str | None, trust_remote_code: bool, dialogue: DialogueSpec
+    ) -> EvalSettings:
+        """The runner settings for one evaluation output dir (the model is set per target) in the run's format."""
         return EvalSettings(
             model="",
             output=output,
@@ -104,7 +117,7 @@ class EvaluationSection(StrictModel):
             limit=self.limit,
             cot_limit=self.cot_limit,
             data_dir=data_dir(),
-            dialogue=self.dialogue,
+            dialogue=dialogue,
             batch_size=self.batch_size,
             gen_batch_size=self.gen_batch_size,
             seed=seed,
@@ -149,8 +162,6 @@ def plan(settings: EvalSettings, prompts: PromptSet) -> tuple[list[Task], dict[s
     """Load data, draw the subsamples and build every item prompt (before any model is loaded)."""
     _check_limit(settings.limit, "--limit")
     _check_limit(settings.cot_limit, "--cot-limit")
-    if settings.dialogue not in DIALOGUES:
-        raise UserError(f"unknown dialogue format '{settings.dialogue}' (known: {', '.join(DIALOGUES)})")
     modules = [bench_registry.get(b) for b in settings.benchmarks]
     for cond in settings.conditions:
         if not any(cond in prompts.conditions(b) for b in settings.benchmarks):
@@ -196,7 +207,7 @@ def _identity(settings: EvalSettings) -> dict:
         model = str(Path(model).expanduser().resolve())
     return {
         "model": model,
-        "dialogue": settings.dialogue,
+        "dialogue": settings.dialogue.record() if settings.dialogue else None,
         "limit": settings.limit,
         "cot_limit": settings.cot_limit,
         "seed": settings.seed,
@@ -264,7 +275,7 @@ def _run_task(task: Task, scorer, settings: EvalSettings, prompts: PromptSet, to
     todo = sum(it.item_id not in done for it in task.items)
     start = time.perf_counter()
     cot = prompts.cot_sampling
-    stop = list(cot.stop) + ([tokenizer.eos_token] if settings.dialogue == "chat_template" else [])
+    stop = list(cot.stop) + ([tokenizer.eos_token] if settings.dialogue.format == "chat_template" else [])
     with tqdm(
         total=len(task.items),
         initial=len(task.items) - todo,
@@ -335,21 +346,50 @@ def metrics_csv(rows: list[MetricRow], extra: dict[str, object] | None = None) -
     )
 
 
+def resolve_dialogue(settings: EvalSettings) -> tuple[DialogueSpec, dict]:
+    """The dialogue format to evaluate in, and how it was chosen (for ``evaluation.json``).
+
+    A model trained by selfcorrect is scored in the format its manifest records; ``settings.dialogue`` may only
+    repeat it, unless ``override_dialogue`` (then the override is recorded and printed). Any other model is scored
+    in ``settings.dialogue``, default ``human_assistant``.
+    """
+    trained_in = dialogues.recorded(settings.model) if Path(settings.model).expanduser().is_dir() else None
+    asked = settings.dialogue
+    if trained_in is None:
+        return asked or DialogueSpec(), {"source": "given" if asked else "default"}
+    if asked is None or asked == trained_in:
+        return trained_in, {"source": "recorded"}
+    if not settings.override_dialogue:
+        raise UserError(
+            f"{settings.model}: trained in dialogue {trained_in.describe()}; --dialogue {asked.describe()} "
+            "contradicts it (add --override-dialogue to evaluate in it anyway)"
+        )
+    print(
+        f"note: {settings.model} was trained in dialogue {trained_in.describe()}; evaluating in "
+        f"{asked.describe()} as asked (--override-dialogue)",
+        file=sys.stderr,
+    )
+    return asked, {"source": "override", "recorded": trained_in.record()}
+
+
 def evaluate(settings: EvalSettings) -> Path:
     """Run the evaluation and return the path of ``metrics.csv``."""
     from selfcorrect.evaluate.scoring import Scorer
     from selfcorrect.models import load_model
 
+    spec, how = resolve_dialogue(settings)
+    settings = replace(settings, dialogue=spec)
     prompts = load_prompts(settings.prompt_files)
     tasks, samples = plan(settings, prompts)
     manifest = _check_output(settings, prompts, tasks)
+    manifest["dialogue"] = {**spec.record(), **how}
     pending = [t for t in tasks if t.key not in manifest["complete"]]
     if pending:
         model, tokenizer = load_model(
             settings.model, dtype=settings.dtype, device=settings.device, trust_remote_code=settings.trust_remote_code
         )
         manifest["model_info"] = {"n_parameters": sum(p.numel() for p in model.parameters())}
-        scorer = Scorer(model, tokenizer, add_special_tokens=settings.dialogue == "human_assistant")
+        scorer = Scorer(model, tokenizer, add_special_tokens=dialogues.add_special_tokens(settings.dialogue))
         for task in pending:  # colliding candidates fail here, before anything is written
             for item in {it.candidates: it for it in task.items}.values():
                 scorer.candidate_ids(item.assistant, item.candidates)

@@ -5,19 +5,22 @@ A reward reference given to :meth:`RewardModel.load` is one of:
 
 * a directory written by ``run_reward``: a sequence classifier with one output (``num_labels == 1``), its
   tokenizer, and ``reward_manifest.json`` holding the normalisation bias (InstructGPT: the mean reward of
-  the SFT demonstrations is 0). A sequence-classification directory without the manifest loads with bias 0.
+  the SFT demonstrations is 0), the dialogue format it was trained in and its ``max_length``. A
+  sequence-classification directory without the manifest loads with bias 0;
 * a directory whose manifest names a ``function`` (``run_reward`` with ``reward.function`` set);
 * ``"module:function"``: an importable function ``f(prompts: list[str], responses: list[str]) -> list[float]``.
 
 How a (prompt, response) pair becomes tokens (shared with training, so scores match what the model was trained on):
-
-* conversational prompt (a list of ``{"role", "content"}`` messages): the tokenizer's chat template is applied to
-  the prompt messages plus the assistant response -- exactly what TRL's ``RewardTrainer`` does;
-* plain-text prompt (``str``): ``prompt + response``, with the eos token appended if missing (TRL's rule).
+:func:`selfcorrect.dialogue.example_ids` in the reward model's dialogue format -- the prompt messages up to the opened
+assistant turn, the response, then the end-of-turn (EOS) token. PPO hands the rollout's own token ids to
+:meth:`RewardModel.score_ids` instead, with EOS only where the policy produced one. Sequences longer than
+``max_length`` are dropped from reward training, so they cannot be scored (a ValueError; PPO's config check keeps
+prompt + response within it).
 
 The sequence classifier reads the score at the right-most token that is not the pad token (transformers'
-``GenericForSequenceClassification``). Sequences are always right-padded here, as in TRL's collators, so position
-ids are the same as in training and the score does not depend on the batch a sequence lands in.
+``GenericForSequenceClassification``). Sequences are always right-padded here, as in training, so position ids are
+the same as in training and the score does not depend on the batch a sequence lands in. (Where the pad token is
+the EOS token, as for SmolLM2, the score is read at the token before a final EOS, in training and scoring alike.)
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from selfcorrect import dialogue as dialogues
+from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError
 from selfcorrect.models import parse_dtype
 
@@ -43,7 +48,7 @@ MANIFEST_NAME = "reward_manifest.json"
 FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 Messages = list[dict[str, Any]]
-Prompt = str | Messages
+Prompt = str | Messages  # messages, or a string already rendered in the dialogue format
 Response = str | dict[str, Any] | Messages  # text, one assistant message, or a list of messages
 
 
@@ -64,38 +69,20 @@ def response_text(response: Response) -> str:
     return "".join(str(message.get("content", "")) for message in response_messages(response))
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, response: Response) -> list[int]:
-    """Token ids of one (prompt, response) pair, the way TRL's ``RewardTrainer`` tokenizes preference data."""
-    if isinstance(prompt, str):
-        text = prompt + response_text(response)
-        eos = tokenizer.eos_token
-        if eos is not None and not text.endswith(eos):
-            text += eos
-        return list(tokenizer(text)["input_ids"])
-    if tokenizer.chat_template is None:
-        raise UserError(f"{tokenizer.name_or_path}: the tokenizer has no chat template (needed for message prompts)")
-    messages = list(prompt) + response_messages(response)
-    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+def encode(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, response: Response, dialogue: DialogueSpec) -> list:
+    """Token ids of one complete (prompt, response) exchange in a dialogue format (ends with the EOS token).
 
-
-def render_hh(prompt: Prompt) -> str:
-    """A prompt as text in the HH format (``"\\n\\nHuman: ...\\n\\nAssistant:"``); strings are returned unchanged.
-
-    Used to hand conversational prompts to ``module:function`` rewards, which take strings. System messages are
-    put first as plain text.
+    A prompt is a message list, or a string already rendered in the format (e.g. ``"\\n\\nHuman: hi\\n\\nAssistant:"``).
     """
     if isinstance(prompt, str):
-        return prompt
-    parts = []
-    for message in prompt:
-        role, content = message.get("role"), str(message.get("content", ""))
-        if role == "system":
-            parts.append(content)
-        elif role == "assistant":
-            parts.append(f"\n\nAssistant: {content}")
-        else:
-            parts.append(f"\n\nHuman: {content}")
-    return "".join(parts) + "\n\nAssistant:"
+        reply = dialogues.reply_ids(tokenizer, response_text(response), dialogue)
+        return dialogues.encode(tokenizer, prompt, dialogue) + reply + [tokenizer.eos_token_id]
+    return dialogues.example_ids(tokenizer, prompt, response_text(response), dialogue)[0]
+
+
+def hh_prompt(prompt: Prompt) -> str:
+    """A prompt as the HH-format string that function rewards receive (strings are passed as they are)."""
+    return prompt if isinstance(prompt, str) else dialogues.prompt_text(prompt, DialogueSpec())
 
 
 # ---- function rewards --------------------------------------------------------------------------------------------
@@ -170,6 +157,7 @@ class RewardModel:
         bias: float = 0.0,
         function: Callable[[list[str], list[str]], Sequence[float]] | None = None,
         max_length: int | None = None,
+        dialogue: DialogueSpec | None = None,
         source: str = "",
     ):
         if (model is None) == (function is None):
@@ -181,6 +169,7 @@ class RewardModel:
         self.bias = float(bias)
         self.function = function
         self.max_length = max_length
+        self.dialogue = dialogue  # the format it was trained in (None: not recorded)
         self.source = source
         if model is not None:
             if tokenizer.pad_token_id is None:
@@ -199,9 +188,12 @@ class RewardModel:
     ) -> RewardModel:
         """Load a reward from a ``run_reward`` output directory or a ``"module:function"`` spec.
 
-        ``device`` defaults to CUDA when available; ``dtype`` to float32 on the CPU and bf16/fp16 on a GPU.
+        ``device`` defaults to this process's own device (accelerate's: ``cuda:<local rank>`` under a multi-GPU
+        launch, else CUDA when available, else the CPU); ``dtype`` to float32 on the CPU and bf16/fp16 on a GPU.
         """
-        from selfcorrect.models import default_device, load_tokenizer
+        from accelerate import PartialState
+
+        from selfcorrect.models import load_tokenizer
 
         spec = str(path_or_function)
         path = Path(spec).expanduser()
@@ -219,7 +211,7 @@ class RewardModel:
         config = check_reward_dir(path)
         from transformers import AutoModelForSequenceClassification
 
-        device = device or default_device()
+        device = device or str(PartialState().device)
         torch_dtype = parse_dtype(dtype, device)
         tokenizer = load_tokenizer(str(path))
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
@@ -227,7 +219,11 @@ class RewardModel:
         bias = manifest.get("bias", getattr(config, "reward_bias", 0.0)) or 0.0
         if not math.isfinite(float(bias)):
             raise UserError(f"{path / MANIFEST_NAME}: bias: not a finite number")
-        return cls(model, tokenizer, bias=float(bias), max_length=manifest.get("max_length"), source=spec)
+        dialogue = manifest.get("dialogue")
+        dialogue = None if dialogue is None else dialogues.parse(dialogue, f"{path / MANIFEST_NAME}: dialogue")
+        return cls(
+            model, tokenizer, bias=float(bias), max_length=manifest.get("max_length"), dialogue=dialogue, source=spec
+        )
 
     # -- scoring --
 
@@ -241,8 +237,8 @@ class RewardModel:
     def score_ids(self, sequences: Sequence[Sequence[int]], batch_size: int = 16) -> torch.Tensor:
         """Raw model scores (bias NOT added) of tokenized sequences, as float32 on the CPU.
 
-        Sequences longer than ``max_length`` keep their last ``max_length`` tokens (the score is read at the end).
-        Batches are formed from sequences of similar length and right-padded.
+        Sequences longer than ``max_length`` are a ValueError: reward training drops them, so the model never saw
+        one (callers keep within it). Batches are formed from sequences of similar length and right-padded.
         """
         if self.model is None:
             raise ValueError("score_ids needs a model reward, not a function reward")
@@ -251,9 +247,12 @@ class RewardModel:
         model, pad_id = self.model, self.tokenizer.pad_token_id
         was_training = model.training
         model.eval()
-        seqs = [list(s)[-self.max_length :] if self.max_length else list(s) for s in sequences]
+        seqs = [list(s) for s in sequences]
         if any(len(s) == 0 for s in seqs):
             raise ValueError("cannot score an empty token sequence")
+        too_long = [len(s) for s in seqs if self.max_length and len(s) > self.max_length]
+        if too_long:
+            raise ValueError(f"{len(too_long)} sequence(s) longer than the reward model's max_length {self.max_length}")
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         out = torch.empty(len(seqs), dtype=torch.float32)
         device = self.device
@@ -274,25 +273,37 @@ class RewardModel:
             model.train(was_training)
         return out
 
-    def score(self, prompts: Sequence[Prompt], responses: Sequence[Response], batch_size: int = 16) -> torch.Tensor:
-        """Rewards (with the bias) of (prompt, response) pairs: a float32 tensor of shape ``(len(prompts),)``.
+    def score(
+        self,
+        prompts: Sequence[Prompt],
+        responses: Sequence[Response],
+        batch_size: int = 16,
+        dialogue: DialogueSpec | None = None,
+    ) -> torch.Tensor:
+        """Rewards (with the bias) of complete (prompt, response) exchanges: float32, shape ``(len(prompts),)``.
 
-        Prompts are message lists (rendered with the chat template, the response as the assistant turn) or strings
-        (``prompt + response``). Function rewards get HH-format prompt strings and plain response strings.
+        Prompts are message lists (or strings already in the format); a model reward tokenizes each exchange with
+        :func:`encode` in ``dialogue`` (default: the format the reward model was trained in, else ``human_assistant``).
+        Function rewards get HH-format prompt strings (``"\\n\\nHuman: ...\\n\\nAssistant:"``) and plain response
+        strings.
         """
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         if self.function is not None:
-            texts = [render_hh(p) for p in prompts]
-            values = list(self.function(texts, [response_text(r) for r in responses]))
-            if len(values) != len(texts):
-                raise UserError(f"{self.source}: returned {len(values)} rewards for {len(texts)} responses")
-            try:
-                rewards = torch.tensor([float(v) for v in values], dtype=torch.float32)
-            except (TypeError, ValueError) as exc:
-                raise UserError(f"{self.source}: rewards must be numbers ({exc})") from None
-            return rewards.reshape(len(texts)) + self.bias
-        ids = [encode(self.tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
+            return self.score_texts([hh_prompt(p) for p in prompts], responses)
+        spec = dialogue or self.dialogue or DialogueSpec()
+        ids = [encode(self.tokenizer, p, r, spec) for p, r in zip(prompts, responses, strict=True)]
         return self.score_ids(ids, batch_size=batch_size) + self.bias
+
+    def score_texts(self, prompts: Sequence[str], responses: Sequence[Response]) -> torch.Tensor:
+        """Rewards (with the bias) from a function reward, given HH-format prompt strings."""
+        values = list(self.function(list(prompts), [response_text(r) for r in responses]))
+        if len(values) != len(prompts):
+            raise UserError(f"{self.source}: returned {len(values)} rewards for {len(prompts)} responses")
+        try:
+            rewards = torch.tensor([float(v) for v in values], dtype=torch.float32)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"{self.source}: rewards must be numbers ({exc})") from None
+        return rewards.reshape(len(prompts)) + self.bias
 
     __call__ = score

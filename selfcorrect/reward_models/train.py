@@ -2,9 +2,10 @@
 
 Two losses:
 
-* ``pairwise``: TRL's ``RewardTrainer`` as is, ``-logsigmoid(r_chosen - r_rejected)`` averaged over comparisons.
-  Ranked data is expanded into its C(K,2) comparisons, each an independent example (the "shuffled comparisons"
-  set-up that InstructGPT found to overfit; kept as a baseline).
+* ``pairwise``: TRL's loss, ``-logsigmoid(r_chosen - r_rejected)`` averaged over comparisons. Ranked data is expanded
+  into its C(K,2) comparisons, each an independent example (the "shuffled comparisons" set-up that InstructGPT
+  found to overfit; kept as a baseline). Trained as K = 2 groups of the K-wise trainer below, which for K = 2 is
+  exactly TRL's ``RewardTrainer`` loss, so both losses tokenize identically.
 * ``kwise``: InstructGPT's loss. The K ranked responses of one prompt are ONE batch element (K forward passes in
   the same batch); the loss of a prompt is the mean of ``-logsigmoid(r_i - r_j)`` over its C(K,2) pairs (i ranked
   above j), i.e. each comparison is weighted 1/C(K,2); the batch loss is the mean over prompts. For K = 2 this is
@@ -15,9 +16,10 @@ Data (``datasets.Dataset``, TRL conversational or standard format):
 * pairwise: ``prompt``, ``chosen``, ``rejected``;
 * ranked: ``prompt`` and ``responses`` (best first, K >= 2, K may vary per prompt).
 
-Responses may be assistant message lists or strings (wrapped into one assistant message when the prompt is a
-message list). Sequences longer than ``max_length`` tokens are dropped (TRL's rule); a ranked prompt keeps its
-remaining responses if at least two are left.
+Responses may be assistant message lists or strings. Each (prompt, response) is tokenized with
+:func:`selfcorrect.dialogue.example_ids` in the run's dialogue format (prompt up to the opened assistant turn, the
+response, EOS), as SFT and PPO do. Sequences longer than ``max_length`` tokens are dropped (TRL's rule); a ranked
+prompt keeps its remaining responses if at least two are left.
 
 After training, ``run_reward`` evaluates on held-out data (``pairwise_accuracy``, ``kendall_tau``), sets the
 InstructGPT bias ``b = -mean(score(demonstration))`` so that the SFT demonstrations score 0 on average, and saves a
@@ -49,6 +51,7 @@ from trl import RewardConfig, RewardTrainer
 from trl.trainer.utils import pad
 
 from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, StrictModel
+from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError, first_line
 from selfcorrect.io import atomic_write_text
 from selfcorrect.reward_models.score import (
@@ -274,11 +277,13 @@ def to_pairwise(dataset: Dataset) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def tokenize_ranked(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None) -> Dataset:
+def tokenize_ranked(
+    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None, dialogue: DialogueSpec
+) -> Dataset:
     """Add ``response_ids`` (one token list per response); drop over-long responses, then prompts with K < 2."""
 
     def tokenize(example: dict) -> dict:
-        ids = [encode(tokenizer, example["prompt"], r) for r in example["responses"]]
+        ids = [encode(tokenizer, example["prompt"], r, dialogue) for r in example["responses"]]
         if max_length is not None:
             ids = [x for x in ids if len(x) <= max_length]
         return {"response_ids": ids}
@@ -320,7 +325,15 @@ class KWiseRewardTrainer(RewardTrainer):
 
     _tag_names = ["trl", "reward-trainer", "kwise"]
 
-    def __init__(self, *args: Any, data_collator: Any = None, processing_class: Any = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        data_collator: Any = None,
+        processing_class: Any = None,
+        dialogue: DialogueSpec | None = None,
+        **kwargs: Any,
+    ):
+        self.dialogue = dialogue or DialogueSpec()  # how untokenized data is tokenized (see _prepare_dataset)
         if data_collator is None:
             if processing_class is None:
                 raise ValueError("KWiseRewardTrainer needs a processing_class (tokenizer)")
@@ -336,7 +349,7 @@ class KWiseRewardTrainer(RewardTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # noqa: D102 (TRL hook)
         if "response_ids" in dataset.column_names:
             return dataset
-        return tokenize_ranked(to_ranked(dataset), processing_class, args.max_length)
+        return tokenize_ranked(to_ranked(dataset), processing_class, args.max_length, self.dialogue)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -391,9 +404,9 @@ def _default_bf16() -> bool:
 def build_reward_config(section: RewardSection, output_dir: Path, seed: int, report_to: str | list[str]):
     """A ``trl.RewardConfig``: our defaults, then ``reward.trainer`` on top.
 
-    Defaults: InstructGPT's 1 epoch with cosine decay to 10% of the peak learning rate, no intermediate checkpoints,
-    bf16 only on a GPU that supports it (TRL would turn it on everywhere), the run's seed for model init and data
-    order, activation (gradient) checkpointing on as in TRL, pinned memory only with CUDA.
+    Defaults: InstructGPT's 1 epoch with cosine decay to 10% of the peak learning rate and Adam betas (0.9, 0.95), no
+    intermediate checkpoints, bf16 only on a GPU that supports it (TRL would turn it on everywhere), the run's seed for
+    model init and data order, activation (gradient) checkpointing on as in TRL, pinned memory only with CUDA.
     ``logging_nan_inf_filter`` is forced off so that a diverged loss is seen and stops the run.
     """
     for key in section.trainer:
@@ -409,6 +422,7 @@ def build_reward_config(section: RewardSection, output_dir: Path, seed: int, rep
             user.setdefault(new_name, value)
     values: dict[str, Any] = {
         "num_train_epochs": 1,
+        "adam_beta2": 0.95,  # InstructGPT: Adam betas (0.9, 0.95) for all models
         "lr_scheduler_type": "cosine_with_min_lr",
         "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
         "save_strategy": "no",
@@ -507,6 +521,7 @@ def run_reward(
     eval_ds: Dataset | None = None,
     demonstrations: list[list[dict]] | None = None,
     report_to: str | list[str] = "none",
+    dialogue: DialogueSpec | None = None,
 ) -> Path:
     """Train a reward model and save it (with ``reward_manifest.json``) to ``output_dir``; return ``output_dir``.
 
@@ -515,6 +530,7 @@ def run_reward(
     * ``demonstrations``: SFT conversations ending with the assistant reply; with ``section.normalize`` the bias
       ``b = -mean(raw score)`` over them is stored (manifest ``bias`` and ``config.reward_bias``). Without
       demonstrations the best response of every training prompt stands in (``bias_source`` says which).
+    * ``dialogue``: the run's dialogue format (default ``human_assistant``), recorded in the manifest.
     * With ``section.function`` nothing is trained: the directory holds only a manifest naming the function,
       which :meth:`RewardModel.load` resolves.
 
@@ -522,6 +538,7 @@ def run_reward(
     infinite loss is a UserError and leaves nothing behind.
     """
     output_dir = Path(output_dir)
+    dialogue = dialogue or DialogueSpec()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     mask = os.umask(0)
@@ -535,10 +552,13 @@ def run_reward(
                 "function": section.function,
                 "bias": 0.0,
                 "seed": seed,
+                "dialogue": dialogue.record(),
                 "versions": library_versions(),
             }
         else:
-            manifest = _train(section, model, lora, staging, seed, train_ds, eval_ds, demonstrations, report_to)
+            manifest = _train(
+                section, model, lora, staging, seed, train_ds, eval_ds, demonstrations, report_to, dialogue
+            )
         atomic_write_text(staging / MANIFEST_NAME, json.dumps(manifest, indent=2, default=str) + "\n")
         _install_atomically(staging, output_dir)
     finally:
@@ -556,6 +576,7 @@ def _train(
     eval_ds: Dataset | None,
     demonstrations: list[list[dict]] | None,
     report_to: str | list[str],
+    dialogue: DialogueSpec,
 ) -> dict[str, Any]:
     if train_ds is None or len(train_ds) == 0:
         raise UserError("reward.data: no training records")
@@ -563,12 +584,14 @@ def _train(
     args = build_reward_config(section, checkpoints, seed, report_to)
     classifier, tokenizer = _load_classifier(model_section, seed)
 
-    ranked_train = tokenize_ranked(to_ranked(train_ds), tokenizer, section.max_length)
+    # pairwise: every comparison its own K = 2 group (the kwise loss of one pair is TRL's pairwise loss)
+    view = to_ranked if section.loss == "kwise" else lambda ds: to_ranked(to_pairwise(ds))
+    ranked_train = tokenize_ranked(view(train_ds), tokenizer, section.max_length, dialogue)
     if len(ranked_train) == 0:
         raise UserError(f"reward.data: no training prompt has two responses within max_length={section.max_length}")
     ranked_eval = None
     if eval_ds is not None and len(eval_ds) > 0:
-        ranked_eval = tokenize_ranked(to_ranked(eval_ds), tokenizer, section.max_length)
+        ranked_eval = tokenize_ranked(to_ranked(eval_ds), tokenizer, section.max_length, dialogue)
 
     guard = _NonFiniteLossGuard()
     common = {
@@ -578,12 +601,7 @@ def _train(
         "callbacks": [guard],
         "peft_config": lora.peft_config("SEQ_CLS") if lora is not None else None,
     }
-    if section.loss == "kwise":
-        trainer = KWiseRewardTrainer(train_dataset=ranked_train, eval_dataset=ranked_eval, **common)
-    else:
-        pairs = to_pairwise(train_ds)
-        eval_pairs = to_pairwise(eval_ds) if ranked_eval is not None else None
-        trainer = RewardTrainer(train_dataset=pairs, eval_dataset=eval_pairs, **common)
+    trainer = KWiseRewardTrainer(train_dataset=ranked_train, eval_dataset=ranked_eval, dialogue=dialogue, **common)
     n_train = len(trainer.train_dataset)
     result = trainer.train()
 
@@ -600,18 +618,22 @@ def _train(
         trained = trained.merge_and_unload()
     trained.eval()
     batch_size = args.per_device_eval_batch_size
-    reward_model = RewardModel(trained, tokenizer, max_length=section.max_length)
+    reward_model = RewardModel(trained, tokenizer, max_length=section.max_length, dialogue=dialogue)
 
     metrics: dict[str, Any] = {}
     if ranked_eval is not None and len(ranked_eval) > 0:
         metrics = ranking_metrics(_score_groups(reward_model, ranked_eval, batch_size))
 
-    bias, bias_source, n_demos = 0.0, "none", 0
+    bias, bias_source, n_demos, n_demos_dropped = 0.0, "none", 0, 0
     if section.normalize:
         if demonstrations:
             split = [_split_demonstration(c, i) for i, c in enumerate(demonstrations)]
-            raw = reward_model.score([p for p, _ in split], [r for _, r in split], batch_size=batch_size)
-            bias_source, n_demos = "demonstrations", len(split)
+            ids = [encode(tokenizer, p, r, dialogue) for p, r in split]
+            kept = [x for x in ids if len(x) <= section.max_length]  # as in training: over-long ones are dropped
+            if not kept:
+                raise UserError(f"reward: no SFT demonstration fits reward.max_length={section.max_length}")
+            raw = reward_model.score_ids(kept, batch_size=batch_size)
+            bias_source, n_demos, n_demos_dropped = "demonstrations", len(kept), len(ids) - len(kept)
         else:
             logger.warning("reward: no demonstrations given; the bias centres the best training responses instead")
             raw = torch.cat([g[:1] for g in _score_groups(reward_model, ranked_train, batch_size)])
@@ -634,6 +656,8 @@ def _train(
         "bias": bias,
         "bias_source": bias_source,
         "n_demonstrations": n_demos,
+        "n_demonstrations_over_max_length": n_demos_dropped,
+        "dialogue": dialogue.record(),
         "normalize": section.normalize,
         "loss_type": section.loss,
         "loss": result.training_loss,

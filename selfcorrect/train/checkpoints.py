@@ -57,6 +57,7 @@ STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng_state.pt"
+TENSORS_FILE = "tensors.safetensors"
 LAST_FORMAT = 1
 _LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "selfcorrect")
 
@@ -373,7 +374,7 @@ def restore_rng(rng: Mapping[str, Any]) -> None:
 def _model_dirs(model: Any) -> dict[str, Any]:
     """``{"model": model}`` for one model, or the mapping itself (names become subdirectory names)."""
     models = dict(model) if isinstance(model, Mapping) else {"model": model}
-    reserved = {STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE}
+    reserved = {STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE, TENSORS_FILE}
     for name in models:
         if not name or not name.replace("_", "").replace("-", "").isalnum() or name in reserved:
             raise ValueError(f"save_last: model name {name!r} must be letters, digits, '_' or '-'")
@@ -387,13 +388,15 @@ def save_last(
     optimizer: torch.optim.Optimizer | None,
     scheduler: Any | None,
     rng: bool = True,
+    tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Replace ``root/last`` atomically with everything needed to resume; returns ``root/last``.
 
     Contents: the weights of ``model`` via ``save_pretrained`` in ``last/model/`` (a PEFT model writes its
     adapter; a mapping ``{"policy": ..., "value": ...}`` writes one subdirectory per name), ``optimizer.pt``
     (``optimizer.state_dict()``), ``scheduler.pt`` (``scheduler.state_dict()``), ``rng_state.pt``
-    (:func:`capture_rng`, when ``rng``), and ``state.json``: ``{"format", "created_at", "library_versions",
+    (:func:`capture_rng`, when ``rng``), ``tensors.safetensors`` (any named tensors of the caller, e.g. an EMA of the
+    weights, when given), and ``state.json``: ``{"format", "created_at", "library_versions",
     "models", "state"}`` where ``state`` is the caller's dict (it must hold ``step``; put episodes, tokens, the
     data position, the KL controller's ``state_dict()``... there). It must be JSON-serialisable; it is checked
     before anything is written.
@@ -415,6 +418,7 @@ def save_last(
         "has_optimizer": optimizer is not None,
         "has_scheduler": scheduler is not None,
         "has_rng": bool(rng),
+        "has_tensors": tensors is not None,
         "state": state,
     }
     encoded = json.dumps(record, indent=2, sort_keys=True, default=_json_default) + "\n"  # fail before writing
@@ -432,6 +436,10 @@ def save_last(
             torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         if rng:
             torch.save(capture_rng(), tmp / RNG_FILE)
+        if tensors is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS_FILE))
         (tmp / STATE_FILE).write_text(encoded, encoding="utf-8")  # written last: marks a complete directory
         _fsync_tree(tmp)
     except BaseException:
@@ -450,6 +458,12 @@ def save_last(
     return last
 
 
+def _load_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / TENSORS_FILE))
+
+
 def load_last(root: Path) -> dict[str, Any] | None:
     """Read the resume state written by :func:`save_last`, or None if ``root`` has none.
 
@@ -463,6 +477,7 @@ def load_last(root: Path) -> dict[str, Any] | None:
          "optimizer": dict | None,            # for optimizer.load_state_dict
          "scheduler": dict | None,            # for scheduler.load_state_dict
          "rng": dict | None,                  # for restore_rng
+         "tensors": dict | None,              # the named tensors given to save_last (on the CPU)
          "created_at": str, "library_versions": dict}
 
     Tensors are loaded to CPU with ``weights_only=True``. A directory without ``state.json`` (never produced
@@ -493,6 +508,7 @@ def load_last(root: Path) -> dict[str, Any] | None:
         "optimizer": load(OPTIMIZER_FILE, record["has_optimizer"]),
         "scheduler": load(SCHEDULER_FILE, record["has_scheduler"]),
         "rng": load(RNG_FILE, record["has_rng"]),
+        "tensors": _load_tensors(directory) if record.get("has_tensors") else None,
         "created_at": record["created_at"],
         "library_versions": record["library_versions"],
     }

@@ -24,10 +24,10 @@ uninterrupted one would have.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
-import math
 import shutil
 import time
 import warnings
@@ -37,14 +37,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 from tqdm import tqdm
 from transformers import GenerationConfig, Trainer, TrainingArguments
 
+from selfcorrect import dialogue as dialogues
 from selfcorrect.config import DatasetSpec, StrictModel
+from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError
 from selfcorrect.evaluate.metrics import stable_seed
+from selfcorrect.reward_models.score import RewardModel, hh_prompt
 from selfcorrect.train import ppo_core as core
 from selfcorrect.train.checkpoints import load_last, restore_weights, save_checkpoint, save_last
 from selfcorrect.train.distributed import distributed_name, gathered, zero_stage
@@ -55,6 +58,50 @@ class AdaptiveKLSection(StrictModel):
 
     target: float = Field(6.0, gt=0)
     horizon: int = Field(10000, gt=0)
+
+
+TRAINING_ARGUMENTS_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainingArguments))
+# The TrainingArguments fields PPOPtxTrainer honours (it replaces Trainer.train, so most others would do nothing).
+HONOURED_TRAINER_FIELDS = frozenset(
+    {
+        "bf16",
+        "fp16",
+        "tf32",
+        "activation_checkpointing",
+        "activation_checkpointing_kwargs",
+        "gradient_checkpointing",
+        "gradient_checkpointing_kwargs",
+        "max_grad_norm",
+        "weight_decay",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_epsilon",
+        "optim",
+        "optim_args",
+        "ddp_backend",
+        "ddp_timeout",
+        "run_name",
+        "logging_dir",
+    }
+)
+# TrainingArguments fields that PPO sets from its own keys: naming one under ppo.trainer is an error with this hint.
+RUN_OWNED_TRAINER_FIELDS = {
+    "learning_rate": "use ppo.learning_rate and ppo.value_learning_rate",
+    "warmup_steps": "use ppo.warmup_iterations and ppo.warmup_start_factor (RLHF steps)",
+    "warmup_ratio": "use ppo.warmup_iterations and ppo.warmup_start_factor (RLHF steps)",
+    "lr_scheduler_type": "PPO's schedule is InstructGPT's: ppo.warmup_iterations, then constant",
+    "lr_scheduler_kwargs": "PPO's schedule is InstructGPT's: ppo.warmup_iterations, then constant",
+    "per_device_train_batch_size": "use ppo.mini_batch_size",
+    "gradient_accumulation_steps": "each PPO mini-batch is one optimizer step (use ppo.mini_batch_size)",
+    "num_train_epochs": "use ppo.steps and ppo.ppo_epochs",
+    "max_steps": "use ppo.steps",
+    "seed": "set by the run (the top-level seed)",
+    "report_to": "set by the run (the tracking section)",
+    "output_dir": "set by the run (output_dir)",
+    "save_strategy": "use ppo.save_at_steps",
+    "save_steps": "use ppo.save_at_steps",
+    "logging_steps": "PPO logs every RLHF step",
+}
 
 
 class PPOSection(StrictModel):
@@ -69,7 +116,7 @@ class PPOSection(StrictModel):
     rollout_batch_size: int = Field(8, gt=0)  # episodes (prompts) per RLHF step, over all processes
     mini_batch_size: int = Field(4, gt=0)  # episodes per optimizer step, per process
     ppo_epochs: int = Field(1, gt=0)
-    max_prompt_length: int = Field(256, gt=0)
+    max_prompt_length: int = Field(256, gt=0)  # longer prompts are dropped (InstructGPT), counted in the manifests
     max_new_tokens: int = Field(64, gt=0)
     temperature: float = Field(1.0, gt=0)
     kl_coef: float = Field(0.02, ge=0)
@@ -84,9 +131,35 @@ class PPOSection(StrictModel):
     ptx_batch_size: int = Field(4, gt=0)  # pretraining sequences per optimizer step, per process
     ptx_max_length: int = Field(256, gt=0)
     missing_eos_penalty: float | None = None
-    learning_rate: float = Field(1e-5, gt=0)
+    learning_rate: float = Field(1e-5, gt=0)  # the policy's peak learning rate
+    value_learning_rate: float | None = Field(None, gt=0)  # the value model's (InstructGPT 9e-6); None: learning_rate
+    warmup_iterations: int = Field(0, ge=0)  # RLHF steps of linear warmup, then constant (InstructGPT: 10)
+    warmup_start_factor: float = Field(0.1, gt=0, le=1)  # the warmup starts at this share of the peak (InstructGPT)
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the policy weights (InstructGPT: 0.992); None: off
     save_last_every: int = Field(1, gt=0)
-    trainer: dict[str, Any] = {}  # any transformers TrainingArguments field
+    trainer: dict[str, Any] = {}  # TrainingArguments fields PPO honours: HONOURED_TRAINER_FIELDS
+
+    @field_validator("warmup_iterations")
+    @classmethod
+    def _warmup_within_steps(cls, value: int, info: ValidationInfo) -> int:
+        steps = info.data.get("steps")
+        if steps is not None and value > steps:
+            raise ValueError(f"{value} warmup iterations is more than the run's {steps} steps")
+        return value
+
+    @field_validator("trainer")
+    @classmethod
+    def _honoured_fields_only(cls, trainer: dict[str, Any]) -> dict[str, Any]:
+        for key in trainer:
+            if key in RUN_OWNED_TRAINER_FIELDS:
+                raise ValueError(f"{key}: {RUN_OWNED_TRAINER_FIELDS[key]}")
+            if key not in TRAINING_ARGUMENTS_FIELDS:
+                raise ValueError(f"{key}: unknown TrainingArguments field")
+            if key not in HONOURED_TRAINER_FIELDS:
+                raise ValueError(
+                    f"{key}: not used by the PPO trainer (it honours {', '.join(sorted(HONOURED_TRAINER_FIELDS))})"
+                )
+        return trainer
 
     @model_validator(mode="after")
     def _check(self) -> PPOSection:
@@ -94,8 +167,65 @@ class PPOSection(StrictModel):
             raise ValueError("gamma_ptx > 0 needs ptx_data (pretraining texts)")
         return self
 
+    def adam_betas(self) -> tuple[float, float]:
+        """Adam's betas: ``trainer.adam_beta1/2`` or InstructGPT's (0.9, 0.95)."""
+        return float(self.trainer.get("adam_beta1", 0.9)), float(self.trainer.get("adam_beta2", 0.95))
+
+    def describe_optimizer(self) -> str:
+        """The learning-rate schedule, Adam betas and EMA in one line (for dry runs and logs)."""
+        value_lr = self.value_learning_rate or self.learning_rate
+        if self.warmup_iterations:
+            start = self.warmup_start_factor * self.learning_rate
+            schedule = (
+                f"lr warmup over {self.warmup_iterations} RLHF steps from {start:.3g} to {self.learning_rate:.3g} "
+                "(peak), then constant"
+            )
+        else:
+            schedule = f"lr {self.learning_rate:.3g}, constant (no warmup)"
+        beta1, beta2 = self.adam_betas()
+        ema = "no EMA"
+        if self.ema_decay:
+            ema = f"EMA of the policy weights, decay {self.ema_decay} (kept checkpoints hold the EMA)"
+        return f"{schedule}; value lr {value_lr:.3g}; Adam betas ({beta1}, {beta2}); {ema}"
+
 
 RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
+
+DROPOUT_ATTRIBUTES = ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "layerdrop")
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability of ``model`` to 0, whatever mode it is in.
+
+    PPO's importance ratio compares the policy in the update with the policy that sampled the rollout; dropout in
+    either makes them differ before any update (LoRA's default 0.05, GPT-2, OPT). Modules stay in train mode, so
+    gradient checkpointing (active only in training mode) still works: ``nn.Dropout`` modules get ``p = 0`` and
+    the float rates that attention and decoder layers read in ``forward`` (``attention_dropout``...) are zeroed.
+    Saved model configs are not touched.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name in DROPOUT_ATTRIBUTES:
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
+@contextlib.contextmanager
+def own_sampling_only(model: nn.Module):
+    """A context in which ``generate`` uses only the GenerationConfig it is given.
+
+    transformers fills every field a GenerationConfig leaves unset from the model's ``generation_config.json``
+    (repetition_penalty, min_p, no_repeat_ngram_size...), and rollouts must come from ``softmax(logits / T)`` itself,
+    or the KL estimate is biased. So the model's own generation config is replaced by an empty one meanwhile.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = inner.generation_config
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
 
 
 class PolicyAndValue(nn.Module):
@@ -107,16 +237,16 @@ class PolicyAndValue(nn.Module):
         self.value_model = value_model
 
     @property
-    def is_gradient_checkpointing(self) -> bool:
-        return bool(getattr(self.policy, "is_gradient_checkpointing", False))
+    def is_activation_checkpointing(self) -> bool:
+        return bool(getattr(self.policy, "is_activation_checkpointing", False))
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
-        for m in (self.policy, self.value_model):
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    is_gradient_checkpointing = is_activation_checkpointing
 
-    def gradient_checkpointing_disable(self) -> None:
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs) -> None:
+        """Activation (gradient) checkpointing in both models; ``use_reentrant=False`` unless given."""
+        options = activation_checkpointing_kwargs or {"use_reentrant": False}
         for m in (self.policy, self.value_model):
-            m.gradient_checkpointing_disable()
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **kwargs)
 
     def forward(self, input_ids, attention_mask, position_ids):
         logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
@@ -127,6 +257,17 @@ class PolicyAndValue(nn.Module):
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         values = classifier.score(hidden.last_hidden_state).squeeze(-1)
         return logits, values
+
+
+def _first_true(predicate: Callable[[int], bool], low: int, high: int) -> int:
+    """The smallest ``k`` in ``[low, high]`` with ``predicate(k)``, for a predicate false then true (binary search)."""
+    while low < high:
+        mid = (low + high) // 2
+        if predicate(mid):
+            high = mid
+        else:
+            low = mid + 1
+    return low
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -141,8 +282,10 @@ class Rollout:
     input_ids: torch.Tensor  # (B, P + R): left-padded prompt, then the right-padded response
     attention_mask: torch.Tensor
     context_length: int  # P
-    response_mask: torch.Tensor  # (B, R): response tokens up to and including EOS
-    responses: list[str]
+    response_mask: torch.Tensor  # (B, R): the policy's actions: response tokens up to and including the turn's end
+    responses: list[str]  # the replies as text (without the end-of-turn token or stop string)
+    prompt_ids: list[list[int]] = dataclasses.field(default_factory=list)  # unpadded
+    reply_ids: list[list[int]] = dataclasses.field(default_factory=list)  # the reply's tokens (no end of turn)
     logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
@@ -151,11 +294,16 @@ class Rollout:
     kl: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
-    has_eos: torch.Tensor | None = None
+    has_eos: torch.Tensor | None = None  # the policy ended its turn (EOS, or the HH format's next "Human:" turn)
 
 
 class PPOPtxTrainer(Trainer):
-    """PPO with a per-token KL penalty and pretraining-loss mixing, on top of ``transformers.Trainer``."""
+    """PPO with a per-token KL penalty and pretraining-loss mixing, on top of ``transformers.Trainer``.
+
+    ``reward_fn`` is a :class:`~selfcorrect.reward_models.score.RewardModel` (a trained model scores the rollout's own
+    token ids; a function reward gets HH-format prompt strings and the reply texts) or any callable
+    ``f(prompt_messages, reply_texts) -> rewards``.
+    """
 
     def __init__(
         self,
@@ -164,23 +312,28 @@ class PPOPtxTrainer(Trainer):
         policy: nn.Module,
         value_model: nn.Module,
         tokenizer,
-        reward_fn: RewardFn,
+        reward_fn: RewardModel | RewardFn,
         prompts: list[list[dict]],
         ptx_texts: list[str] | None = None,
         ref_policy: nn.Module | None = None,
         run_dir: Path | None = None,
         config_hash: str = "",
         manifest_extra: dict[str, Any] | None = None,
+        dialogue: DialogueSpec | None = None,
     ):
         if not prompts:
             raise UserError("ppo.prompts: the prompt dataset is empty")
         if ppo.gamma_ptx > 0 and not ptx_texts:
             raise UserError("ppo.gamma_ptx > 0 needs ppo.ptx_data (pretraining texts)")
+        for model in (policy, value_model, ref_policy):
+            if model is not None:
+                disable_dropout(model)
         super().__init__(model=PolicyAndValue(policy, value_model), args=args, processing_class=tokenizer)
         self.ppo = ppo
         self.tokenizer = tokenizer
+        self.dialogue = dialogue or DialogueSpec()
         self.reward_fn = reward_fn
-        self.prompts = prompts
+        self.prompts, self.prompt_ids, n_dropped = self._tokenize_prompts(prompts)
         self.ptx_texts = ptx_texts or []
         self.is_peft = hasattr(policy, "disable_adapter")
         self.ref_policy = None
@@ -189,7 +342,14 @@ class PPOPtxTrainer(Trainer):
             self.ref_policy.eval().requires_grad_(False).to(self.accelerator.device)
         self.run_dir = Path(run_dir or args.output_dir)
         self.config_hash = config_hash
-        self.manifest_extra = manifest_extra or {}
+        self.manifest_extra = {
+            **(manifest_extra or {}),
+            "dialogue": self.dialogue.record(),
+            "n_prompts": len(self.prompts),
+            "n_prompts_over_max_length": n_dropped,
+            "ema_decay": ppo.ema_decay,
+            "policy_weights": "ema" if ppo.ema_decay else "raw",
+        }
         if ppo.adaptive_kl is not None:
             self.kl_ctl = core.AdaptiveKLController(ppo.kl_coef, ppo.adaptive_kl.target, ppo.adaptive_kl.horizon)
         else:
@@ -203,8 +363,53 @@ class PPOPtxTrainer(Trainer):
                 f"ppo.mini_batch_size ({ppo.mini_batch_size}) must divide the per-process rollout batch "
                 f"({self.local_batch})"
             )
+        self.updates_per_step = ppo.ppo_epochs * (self.local_batch // ppo.mini_batch_size)
+        if ppo.ema_decay and zero_stage(self.accelerator) == 3:
+            raise UserError("ppo.ema_decay: not supported under DeepSpeed ZeRO-3 (the weights are split); use ZeRO-2")
         self.eos_ids = {tokenizer.eos_token_id} - {None}
+        self.stop_strings = dialogues.stop_strings(self.dialogue)
+        self.reward_ids_match = self._check_reward()
+        self.ema: list[torch.Tensor] | None = None
         self.history: list[dict[str, float]] = []
+
+    def _tokenize_prompts(self, prompts: list[list[dict]]) -> tuple[list[list[dict]], list[np.ndarray], int]:
+        """Every prompt in the run's dialogue format, as token ids; prompts longer than max_prompt_length dropped."""
+        texts = [dialogues.prompt_text(p, self.dialogue, self.tokenizer) for p in prompts]
+        encoded = dialogues.encode_many(self.tokenizer, texts, self.dialogue)
+        keep = [i for i, ids in enumerate(encoded) if len(ids) <= self.ppo.max_prompt_length]
+        if not keep:
+            raise UserError(
+                f"ppo.prompts: all {len(prompts)} prompts are longer than ppo.max_prompt_length "
+                f"({self.ppo.max_prompt_length} tokens)"
+            )
+        if len(keep) < len(prompts):
+            warnings.warn(
+                f"ppo: {len(prompts) - len(keep)} of {len(prompts)} prompts are longer than max_prompt_length "
+                f"({self.ppo.max_prompt_length} tokens) and are dropped (InstructGPT dropped prompts over 1k tokens)",
+                stacklevel=2,
+            )
+        kept_ids = [np.asarray(encoded[i], dtype=np.int64) for i in keep]
+        return [prompts[i] for i in keep], kept_ids, len(prompts) - len(keep)
+
+    def _check_reward(self) -> bool:
+        """A reward model must share the run's dialogue format and fit prompt + response; returns whether it shares
+        the policy's vocabulary (then it scores the rollout's token ids as they are)."""
+        reward = self.reward_fn
+        if not isinstance(reward, RewardModel) or reward.model is None:
+            return False
+        if reward.dialogue is not None and reward.dialogue != self.dialogue:
+            raise UserError(
+                f"{reward.source}: the reward model was trained in dialogue {reward.dialogue.describe()}, but this run "
+                f"uses {self.dialogue.describe()}"
+            )
+        longest = self.ppo.max_prompt_length + self.ppo.max_new_tokens
+        if reward.max_length and reward.max_length < longest:
+            raise UserError(
+                f"ppo: max_prompt_length + max_new_tokens = {longest} tokens is more than the reward model's "
+                f"max_length ({reward.max_length}, {reward.source}), which reward training drops; raise "
+                "reward.max_length or lower ppo.max_prompt_length / ppo.max_new_tokens"
+            )
+        return reward.tokenizer.get_vocab() == self.tokenizer.get_vocab()
 
     # ---- data ---------------------------------------------------------------------------------------------
     @functools.lru_cache(maxsize=8)  # noqa: B019 (one trainer per process; the cache lives as long as it)
@@ -219,39 +424,55 @@ class PPOPtxTrainer(Trainer):
             out.append(int(self._order(n_items, epoch, salt)[k]))
         return out
 
-    def step_prompts(self, step: int) -> list[list[dict]]:
-        """This process's prompts of RLHF step ``step`` (0-based): a pure function of the step."""
+    def step_prompts(self, step: int) -> list[int]:
+        """Indices of this process's prompts of RLHF step ``step`` (0-based): a pure function of the step."""
         ids = self._take(len(self.prompts), step * self.ppo.rollout_batch_size, self.ppo.rollout_batch_size, "p")
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        return [self.prompts[i] for i in ids[rank::world]]
+        return ids[rank::world]
 
     def ptx_batch(self, step: int, minibatch: int) -> list[str]:
         """Pretraining texts for one optimizer step."""
-        per_step = self.ppo.ptx_batch_size * self.ppo.ppo_epochs * (self.local_batch // self.ppo.mini_batch_size)
+        per_step = self.ppo.ptx_batch_size * self.updates_per_step
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         start = ((step * world + rank) * per_step) + minibatch * self.ppo.ptx_batch_size
         return [self.ptx_texts[i] for i in self._take(len(self.ptx_texts), start, self.ppo.ptx_batch_size, "ptx")]
 
     # ---- 1. rollout --------------------------------------------------------------------------------------
-    def _encode_prompts(self, prompts: list[list[dict]]) -> tuple[torch.Tensor, torch.Tensor]:
-        seqs = [
-            self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
-            for p in prompts
-        ]
-        seqs = [list(s["input_ids"] if isinstance(s, dict) else s)[-self.ppo.max_prompt_length :] for s in seqs]
+    def _pad_prompts(self, seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in seqs)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            ids[row, width - len(s) :] = torch.from_numpy(s)
+            mask[row, width - len(s) :] = 1
         return ids.to(self.accelerator.device), mask.to(self.accelerator.device)
 
+    def _turn_end(self, tokens: list[int]) -> tuple[int, int, bool]:
+        """Where a sampled response ends: ``(actions, reply, ended)``.
+
+        ``actions``: the tokens the policy chose, through the end-of-turn EOS or the HH format's stop string
+        (``"\\n\\nHuman:"``); ``reply``: the tokens of the reply itself, before either; ``ended``: whether the policy
+        ended its turn (else it ran out of ``max_new_tokens``).
+        """
+        eos = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
+        body = tokens if eos is None else tokens[:eos]
+        decode = functools.partial(self.tokenizer.decode, skip_special_tokens=False)
+        if self.stop_strings and any(stop in decode(body) for stop in self.stop_strings):
+            has_stop = lambda k, j=0: any(stop in decode(body[j:k]) for stop in self.stop_strings)  # noqa: E731
+            end = _first_true(lambda k: has_stop(k), 1, len(body))  # shortest prefix holding the stop string
+            start = _first_true(lambda j: not has_stop(end, j), 0, end) - 1  # latest start of a suffix holding it
+            return end, start, True
+        if eos is not None:
+            return eos + 1, eos, True
+        return len(tokens), len(tokens), False
+
     @torch.no_grad()
-    def rollout(self, prompts: list[list[dict]]) -> Rollout:
+    def rollout(self, prompt_indices: list[int]) -> Rollout:
         """Sample one response per prompt with the current policy, then store log-probs and values."""
         from trl.models.utils import unwrap_model_for_generation
 
-        ids, mask = self._encode_prompts(prompts)
-        config = GenerationConfig(  # explicit: a model's own generation_config (top_k, top_p...) would bias KL
+        ids, mask = self._pad_prompts([self.prompt_ids[i] for i in prompt_indices])
+        config = GenerationConfig(  # every sampling field set here: samples come from softmax(logits / T)
             do_sample=True,
             temperature=self.ppo.temperature,
             top_k=0,
@@ -259,29 +480,39 @@ class PPOPtxTrainer(Trainer):
             max_new_tokens=self.ppo.max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
+            stop_strings=self.stop_strings or None,
             use_cache=True,
         )
         # Under ZeRO-3 this gathers the weights once for the whole generate call (and turns DeepSpeed's
         # per-module fetch hooks off meanwhile), instead of fetching every layer for every new token.
         with unwrap_model_for_generation(self.model, self.accelerator) as unwrapped:
-            out = unwrapped.policy.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            with own_sampling_only(unwrapped.policy):
+                out = unwrapped.policy.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    generation_config=config,
+                    tokenizer=self.tokenizer if self.stop_strings else None,
+                )
         response_ids = out[:, ids.shape[1] :]
         response_mask = torch.zeros_like(response_ids)
-        has_eos = torch.zeros(len(prompts), dtype=torch.bool)
-        for row in range(len(prompts)):
-            tokens = response_ids[row].tolist()
-            end = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
-            has_eos[row] = end is not None
-            response_mask[row, : (end + 1 if end is not None else len(tokens))] = 1
-            if not response_mask[row].any():
-                response_mask[row, 0] = 1
+        has_eos = torch.zeros(len(prompt_indices), dtype=torch.bool)
+        reply_ids = []
+        for row, tokens in enumerate(response_ids.tolist()):
+            actions, reply, has_eos[row] = self._turn_end(tokens)
+            response_mask[row, :actions] = 1
+            reply_ids.append(tokens[:reply])
         input_ids = torch.cat([ids, response_ids], dim=1)
         attention_mask = torch.cat([mask, response_mask], dim=1)
-        texts = [
-            self.tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True)
-            for r, m in zip(response_ids.cpu(), response_mask.cpu())
-        ]
-        roll = Rollout(prompts, input_ids, attention_mask, ids.shape[1], response_mask.float(), texts)
+        roll = Rollout(
+            [self.prompts[i] for i in prompt_indices],
+            input_ids,
+            attention_mask,
+            ids.shape[1],
+            response_mask.float(),
+            [self.tokenizer.decode(r, skip_special_tokens=True) for r in reply_ids],
+            prompt_ids=[self.prompt_ids[i].tolist() for i in prompt_indices],
+            reply_ids=reply_ids,
+        )
         roll.has_eos = has_eos
         roll.logprobs, roll.values, _ = self._forward_response(roll, self.model)
         roll.ref_logprobs = self._ref_logprobs(roll)
@@ -314,11 +545,34 @@ class PPOPtxTrainer(Trainer):
         return core.logprobs_from_logits(logits[:, p - 1 : -1].float() / self.ppo.temperature, ids[:, p:])
 
     # ---- 2. score ----------------------------------------------------------------------------------------
+    def reward_scores(self, roll: Rollout) -> torch.Tensor:
+        """The reward of each (prompt, response) of a rollout, as the reward model was trained to give it.
+
+        A reward model scores ``prompt ids + reply ids + [EOS]`` in the run's dialogue format, EOS only where the
+        policy ended its turn: the rollout's own ids when it shares the policy's vocabulary, else the same exchange
+        re-tokenized with its tokenizer. A function reward gets HH-format prompt strings and the reply texts.
+        """
+        reward = self.reward_fn
+        if not isinstance(reward, RewardModel):
+            return torch.as_tensor(reward(roll.prompts, roll.responses), dtype=torch.float32)
+        if reward.model is None:
+            return reward.score_texts([hh_prompt(p) for p in roll.prompts], roll.responses)
+        eos = [[self.tokenizer.eos_token_id] if ended else [] for ended in roll.has_eos.tolist()]
+        if self.reward_ids_match:
+            sequences = [p + r + e for p, r, e in zip(roll.prompt_ids, roll.reply_ids, eos)]
+        else:
+            rm_tok, rm_eos = reward.tokenizer, [reward.tokenizer.eos_token_id]
+            sequences = [
+                dialogues.prompt_ids(rm_tok, p, self.dialogue) + dialogues.reply_ids(rm_tok, text, self.dialogue)
+                + (rm_eos if ended else [])
+                for p, text, ended in zip(roll.prompts, roll.responses, roll.has_eos.tolist())
+            ]
+        return reward.score_ids(sequences) + reward.bias
+
     @torch.no_grad()
     def score(self, roll: Rollout) -> None:
         """RM score at the last token minus kl_coef x per-token KL against the reference policy."""
-        score = torch.as_tensor(self.reward_fn(roll.prompts, roll.responses), dtype=torch.float32)
-        score = score.to(roll.logprobs.device)
+        score = self.reward_scores(roll).to(device=roll.logprobs.device, dtype=torch.float32)
         if self.ppo.missing_eos_penalty is not None:
             score = score - self.ppo.missing_eos_penalty * (~roll.has_eos).to(score)
         roll.score = score
@@ -394,6 +648,8 @@ class PPOPtxTrainer(Trainer):
                     self.optimizer.step()
                     self.lr_scheduler.step()
                     self.optimizer.zero_grad()
+                    if self.ema is not None:
+                        core.ema_update_(self.ema, self._policy_parameters(), self.ppo.ema_decay)
                 minibatch += 1
                 for key, value in (
                     ("loss/policy", pg),
@@ -426,6 +682,69 @@ class PPOPtxTrainer(Trainer):
             "eos_rate": self._gather_mean(roll.has_eos.float().mean()),
         }
 
+    # ---- optimizer, learning-rate schedule, EMA -------------------------------------------------------------
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """The optimizer with the policy and the value model at their own learning rates (param groups).
+
+        Only parameters with ``requires_grad`` get one (so frozen base weights get no Adam state); weight decay as
+        the Trainer applies it (none on biases and norms).
+        """
+        if self.optimizer is not None:
+            return self.optimizer
+        model = model or self.model
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+        optimizer_kwargs.pop("lr", None)
+        decay = set(self.get_decay_parameter_names(model))
+        groups = []
+        for part, lr in (("policy", self.ppo.learning_rate), ("value_model", self.ppo.value_learning_rate)):
+            named = [(f"{part}.{n}", p) for n, p in getattr(model, part).named_parameters() if p.requires_grad]
+            for weight_decay, chosen in ((self.args.weight_decay, True), (0.0, False)):
+                params = [p for n, p in named if (n in decay) == chosen]
+                if params:
+                    groups.append({"params": params, "lr": lr or self.ppo.learning_rate, "weight_decay": weight_decay})
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """InstructGPT's schedule: linear warmup over ``warmup_iterations`` RLHF steps from ``warmup_start_factor`` x
+        the peak, then constant (:func:`ppo_core.warmup_factor`), for every param group. Stepped once per optimizer
+        step; the factor depends on the RLHF step the optimizer step belongs to."""
+        ppo = self.ppo
+
+        def factor(optimizer_step: int) -> float:
+            iteration = optimizer_step // self.updates_per_step
+            return core.warmup_factor(iteration, ppo.warmup_iterations, ppo.warmup_start_factor)
+
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
+        return self.lr_scheduler
+
+    def _policy_parameters(self) -> list[nn.Parameter]:
+        policy = self.accelerator.unwrap_model(self.model).policy
+        return [p for p in policy.parameters() if p.requires_grad]
+
+    def _policy_parameter_names(self) -> list[str]:
+        policy = self.accelerator.unwrap_model(self.model).policy
+        return [n for n, p in policy.named_parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        """A context in which the policy's trainable weights are the EMA (for saving a kept checkpoint)."""
+        if self.ema is None:
+            yield
+            return
+        params = self._policy_parameters()
+        raw = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, average in zip(params, self.ema):
+                p.copy_(average.to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, value in zip(params, raw):
+                    p.copy_(value)
+
+    # ---- checkpoints and resume ---------------------------------------------------------------------------
     def _save_kept(self, step: int, record: dict[str, Any]) -> None:
         policy = self.accelerator.unwrap_model(self.model).policy
         with gathered(self.accelerator, policy.parameters()):  # ZeRO-3: whole weights, every process takes part
@@ -441,7 +760,8 @@ class PPOPtxTrainer(Trainer):
                     "metrics": record,
                     **self.manifest_extra,
                 }
-                save_checkpoint(self.run_dir, step, policy, self.tokenizer, manifest)
+                with self._ema_weights():  # with EMA on, a kept checkpoint holds the EMA of the weights
+                    save_checkpoint(self.run_dir, step, policy, self.tokenizer, manifest)
         self.accelerator.wait_for_everyone()
 
     # Under DeepSpeed the weights and the optimizer state are split between the processes (ZeRO), so ``last/``
@@ -457,15 +777,18 @@ class PPOPtxTrainer(Trainer):
             self.model.save_checkpoint(str(self._engine_dir()), tag=state["deepspeed_tag"], save_latest=False)
             self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
+            tensors = None
+            if self.ema is not None:  # last/ holds the raw weights; the EMA goes beside them
+                tensors = {f"ema/{n}": t for n, t in zip(self._policy_parameter_names(), self.ema)}
             if deepspeed:
-                save_last(self.run_dir, state, {}, None, self.lr_scheduler)
+                save_last(self.run_dir, state, {}, None, self.lr_scheduler, tensors=tensors)
                 for old in self._engine_dir().iterdir():
                     if old.is_dir() and old.name != state["deepspeed_tag"]:
                         shutil.rmtree(old, ignore_errors=True)
             else:
                 unwrapped = self.accelerator.unwrap_model(self.model)
                 models = {"policy": unwrapped.policy, "value": unwrapped.value_model}
-                save_last(self.run_dir, state, models, self.optimizer, self.lr_scheduler)
+                save_last(self.run_dir, state, models, self.optimizer, self.lr_scheduler, tensors=tensors)
         self.accelerator.wait_for_everyone()
 
     def _resume(self) -> dict[str, Any]:
@@ -501,17 +824,26 @@ class PPOPtxTrainer(Trainer):
             self.optimizer.load_state_dict(last["optimizer"])
         self.lr_scheduler.load_state_dict(last["scheduler"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
+        if self.ema is not None:
+            saved = last.get("tensors") or {}
+            names = self._policy_parameter_names()
+            if any(f"ema/{n}" not in saved for n in names):
+                raise UserError(f"{last['path']}: holds no EMA of the policy weights; cannot resume with ppo.ema_decay")
+            for average, name in zip(self.ema, names):
+                average.copy_(saved[f"ema/{name}"])
         self.history = state.get("history", [])
         return state
 
     def train(self, *args, **kwargs) -> list[dict[str, float]]:
         """Run RLHF steps up to ``ppo.steps`` (resuming from ``last/`` if present); returns the logged history."""
         ppo = self.ppo
-        updates_per_step = ppo.ppo_epochs * math.ceil(self.local_batch / ppo.mini_batch_size)
-        self.create_optimizer_and_scheduler(num_training_steps=ppo.steps * updates_per_step)
-        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
-            self.model, self.optimizer, self.lr_scheduler
-        )
+        if self.args.activation_checkpointing:  # Trainer.train would switch it on; this train replaces that one
+            self.model.activation_checkpointing_enable(self.args.activation_checkpointing_kwargs)
+        self.create_optimizer_and_scheduler(num_training_steps=ppo.steps * self.updates_per_step)
+        # The scheduler stays ours (stepped once per optimizer step): accelerate would step it once per process.
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        if ppo.ema_decay:
+            self.ema = [p.detach().float().clone() for p in self._policy_parameters()]
         if zero_stage(self.accelerator) is not None and self.ref_policy is not None:
             from trl.models.utils import prepare_deepspeed
 
@@ -531,6 +863,7 @@ class PPOPtxTrainer(Trainer):
         for step in range(start, ppo.steps):
             torch.manual_seed(stable_seed(self.args.seed, "rollout", step, self.accelerator.process_index))
             self.model.eval()
+            lrs = self.lr_scheduler.get_last_lr()  # the learning rates of this step's optimizer steps
             clock = time.perf_counter()
             roll = self.rollout(self.step_prompts(step))
             t_rollout = time.perf_counter() - clock
@@ -545,7 +878,7 @@ class PPOPtxTrainer(Trainer):
             episodes += ppo.rollout_batch_size
             tokens += n_tokens
             self.kl_ctl.update(record["kl"], ppo.rollout_batch_size)
-            record.update(episodes=episodes, tokens=tokens, lr=float(self.lr_scheduler.get_last_lr()[0]))
+            record.update(episodes=episodes, tokens=tokens, lr=float(lrs[0]), value_lr=float(lrs[-1]))
             negative_kl_steps = negative_kl_steps + 1 if record["kl"] < 0 else 0
             if negative_kl_steps == 3:
                 warnings.warn(

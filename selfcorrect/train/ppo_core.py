@@ -36,6 +36,7 @@ import torch.nn.functional as F
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
+    "ema_update_",
     "entropy_from_logits",
     "gae_advantages",
     "kl_k1",
@@ -49,6 +50,7 @@ __all__ = [
     "policy_loss",
     "ptx_loss",
     "value_loss",
+    "warmup_factor",
 ]
 
 
@@ -308,6 +310,34 @@ def ptx_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | No
         shift_logits.reshape(-1, shift_logits.shape[-1]), targets.clamp(min=0).reshape(-1), reduction="none"
     ).view_as(targets)
     return token_losses[keep].mean()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Learning-rate schedule and the EMA of the weights
+# --------------------------------------------------------------------------------------------------------------
+
+
+def warmup_factor(iteration: int, warmup_iterations: int, start_factor: float) -> float:
+    """The share of the peak learning rate at RLHF iteration ``iteration`` (0-based) of InstructGPT's schedule.
+
+    "Constant after a 10-iteration warmup starting at 1/10 of the peak" (PROTOCOL 3.3): linear from
+    ``start_factor`` at iteration 0 to 1 at iteration ``warmup_iterations``, then 1. No warmup when
+    ``warmup_iterations`` is 0. E.g. 10 iterations from 0.1: 0.1, 0.19, ..., 0.91, then 1.0 from iteration 10 on.
+    """
+    if warmup_iterations <= 0 or iteration >= warmup_iterations:
+        return 1.0
+    return start_factor + (1.0 - start_factor) * iteration / warmup_iterations
+
+
+@torch.no_grad()
+def ema_update_(averages: list[torch.Tensor], values: list[torch.Tensor], decay: float) -> None:
+    """One step of an exponential moving average, in place: ``average <- decay * average + (1 - decay) * value``.
+
+    InstructGPT keeps an EMA of the policy weights with ``decay = 0.992``, updated after every optimizer step. The
+    averages may have another dtype than the values (keep them in float32 when the weights are bf16).
+    """
+    for average, value in zip(averages, values, strict=True):
+        average.mul_(decay).add_(value.detach().to(average.dtype), alpha=1.0 - decay)
 
 
 # --------------------------------------------------------------------------------------------------------------

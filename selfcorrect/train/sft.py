@@ -6,20 +6,20 @@ defaults here; every SFTConfig field can be overridden from the ``trainer:`` map
 
 Loss masking (which tokens are trained)
 ---------------------------------------
-* A demonstration trains on its **final assistant reply only**: the prompt (system prompt, user turns and any
-  earlier assistant turns, as the chat template renders them) is masked. This is TRL's prompt-completion
-  ``completion_only_loss``.
+* A demonstration trains on its **final assistant reply and its end-of-turn (EOS) token only**: the prompt
+  (system prompt, user turns and any earlier assistant turns, in the run's dialogue format) is masked. This is
+  TRL's prompt-completion ``completion_only_loss``.
 * A ptx text (``ptx_fraction`` > 0) trains the **LM loss on all of its tokens**, as plain text with the EOS token
-  appended (no chat template).
+  appended (no dialogue format).
 
 TRL 1.16 cannot mix conversational and plain-text rows in one dataset, and ``assistant_only_loss`` needs a chat
-template with ``{% generation %}`` markers, which SmolLM2's (and most) templates lack and TRL cannot patch for
-them. So both kinds of rows are tokenized here into the one form TRL takes for both: ``input_ids`` plus a
-``completion_mask`` (0 = no loss). A demonstration is tokenized exactly as TRL tokenizes a conversational
-prompt-completion example (the chat template applied to the prompt with the generation prompt, and to the whole
-conversation; the completion starts where the two token sequences diverge); a ptx text is ``tokenizer(text)``
-plus EOS with a mask of ones. SFTTrainer then builds the labels from the mask (``completion_only_loss=True``,
-set by default), truncates to ``max_length`` (dropping rows left with no trained token), pads and trains.
+template with ``{% generation %}`` markers, which SmolLM2's (and most) templates lack. So both kinds of rows are
+tokenized here into the one form TRL takes for both: ``input_ids`` plus a ``completion_mask`` (0 = no loss). A
+demonstration is :func:`selfcorrect.dialogue.example_ids` (prompt ids in the run's dialogue format, ``human_assistant``
+or ``chat_template``, then the reply's ids, then EOS: the ids a PPO rollout of the same exchange produces); a ptx
+text is ``tokenizer(text)`` plus EOS with a mask of ones. SFTTrainer then builds the labels from the mask
+(``completion_only_loss=True``, set by default), truncates to ``max_length`` (dropping rows left with no trained
+token), pads and trains.
 
 Output
 ------
@@ -47,10 +47,10 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, Validation
 from pydantic_core import PydanticCustomError
 from transformers import PreTrainedTokenizerBase, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
-from trl.data_utils import common_prefix_length
 
 from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, StrictModel
 from selfcorrect.data import ptx_dataset, sft_dataset, train_test_split
+from selfcorrect.dialogue import DialogueSpec, example_ids
 from selfcorrect.errors import UserError, first_line
 from selfcorrect.io import atomic_write_text
 from selfcorrect.models import EMBEDDED_PREFIX, load_model
@@ -113,24 +113,23 @@ class SFTSection(StrictModel):
 # ---- datasets -------------------------------------------------------------------------------------------------
 
 
-def tokenize_demonstrations(ds: Dataset, tokenizer: PreTrainedTokenizerBase) -> Dataset:
-    """``messages`` rows -> ``input_ids`` + ``completion_mask`` (1 on the final assistant reply only)."""
+def tokenize_demonstrations(
+    ds: Dataset, tokenizer: PreTrainedTokenizerBase, dialogue: DialogueSpec | None = None
+) -> Dataset:
+    """``messages`` rows -> ``input_ids`` + ``completion_mask`` (1 on the final reply and its end-of-turn token).
+
+    The ids are :func:`selfcorrect.dialogue.example_ids`: the conversation before the reply in the run's dialogue
+    format (default ``human_assistant``) up to the opened assistant turn, then the reply, then EOS -- the same ids a
+    PPO rollout produces.
+    """
+    dialogue = dialogue or DialogueSpec()
 
     def tokenize(example: dict[str, Any]) -> dict[str, list[int]]:
         messages = example["messages"]
-        prompt_ids = _chat_ids(tokenizer, messages[:-1], add_generation_prompt=True)
-        input_ids = _chat_ids(tokenizer, messages)
-        n_prompt = common_prefix_length(prompt_ids, input_ids)
+        input_ids, n_prompt = example_ids(tokenizer, messages[:-1], messages[-1]["content"], dialogue)
         return {"input_ids": input_ids, "completion_mask": [0] * n_prompt + [1] * (len(input_ids) - n_prompt)}
 
     return ds.map(tokenize, remove_columns=ds.column_names, desc="Tokenizing demonstrations")
-
-
-def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = False) -> list:
-    encoded = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
-    )
-    return list(encoded["input_ids"])
 
 
 def tokenize_ptx(ds: Dataset, tokenizer: PreTrainedTokenizerBase) -> Dataset:
@@ -195,6 +194,7 @@ def build_sft_trainer(
     output_dir: Path,
     seed: int,
     report_to: str | list[str] = "none",
+    dialogue: DialogueSpec | None = None,
 ) -> tuple[SFTTrainer, dict[str, int]]:
     """Load the model and the data and set up the SFTTrainer (nothing is trained or saved).
 
@@ -220,7 +220,8 @@ def build_sft_trainer(
     policy, tokenizer = load_model(
         model.name_or_path, dtype=dtype, device="cpu", trust_remote_code=model.trust_remote_code
     )
-    train = tokenize_demonstrations(demos, tokenizer)
+    dialogue = dialogue or DialogueSpec()
+    train = tokenize_demonstrations(demos, tokenizer, dialogue)
     if ptx is not None:
         train = concatenate_datasets([train, tokenize_ptx(ptx, tokenizer)])
     peft_config = lora.peft_config("CAUSAL_LM") if lora is not None else None
@@ -228,7 +229,7 @@ def build_sft_trainer(
         model=policy,
         args=args,
         train_dataset=train,
-        eval_dataset=tokenize_demonstrations(eval_demos, tokenizer) if eval_demos is not None else None,
+        eval_dataset=tokenize_demonstrations(eval_demos, tokenizer, dialogue) if eval_demos is not None else None,
         processing_class=tokenizer,
         peft_config=peft_config,
     )
@@ -301,6 +302,7 @@ def run_sft(
     output_dir: Path,
     seed: int,
     report_to: str | list[str] = "none",
+    dialogue: DialogueSpec | None = None,
 ) -> Path:
     """Train the SFT model and save it (or its LoRA adapter) with the tokenizer and a manifest to ``output_dir``.
 
@@ -318,7 +320,8 @@ def run_sft(
         work_dir.mkdir(parents=True)
     state.wait_for_everyone()
     try:
-        trainer, counts = build_sft_trainer(section, model, lora, work_dir, seed, report_to)
+        dialogue = dialogue or DialogueSpec()
+        trainer, counts = build_sft_trainer(section, model, lora, work_dir, seed, report_to, dialogue)
         nan_guard = _NonFiniteLoss()
         trainer.add_callback(nan_guard)
         result = trainer.train()
@@ -334,11 +337,13 @@ def run_sft(
                 "model": model.model_dump(mode="json"),
                 "lora": lora.model_dump(mode="json") if lora is not None else None,
                 "seed": seed,
+                "dialogue": dialogue.record(),
             }
             manifest = {
                 "stage": STAGE,
                 "base_model": _portable_ref(model.name_or_path),
                 "finetuning": "lora" if lora is not None else "full",
+                "dialogue": dialogue.record(),
                 **counts,
                 "steps": trainer.state.global_step,
                 "final_train_loss": _last_logged(trainer.state.log_history, "loss"),
