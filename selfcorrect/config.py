@@ -45,8 +45,32 @@ def validation_message(path: str | Path, exc: ValidationError) -> str:
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        if err["type"] == "value_error":  # a validator's own message, without pydantic's "Value error, " prefix
+            msg = str(err["ctx"]["error"])
+        if err["type"] in ("literal_error", "enum"):
+            msg += f", got {err['input']!r}"
         parts.append(f"{field}: {msg}")
     return f"{path}: " + "; ".join(parts)
+
+
+def check_typed_fields(values: dict[str, Any], hints: dict[str, Any], what: str) -> dict[str, Any]:
+    """Each entry of a ``trainer:`` mapping checked against the type hints of a trainer config class.
+
+    Returns the values converted (YAML strings such as ``"1e-5"`` become numbers); an unknown key or a value of the
+    wrong type is a ValueError ``key: problem`` (``what`` names the class, e.g. ``SFTConfig``).
+    """
+    from pydantic import TypeAdapter
+
+    checked = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ValueError(f"{key}: unknown {what} field")
+        adapter = TypeAdapter(hints[key], config=ConfigDict(arbitrary_types_allowed=True))
+        try:
+            checked[key] = adapter.validate_python(value)
+        except ValidationError as exc:
+            raise ValueError(f"{key}: {exc.errors()[0]['msg']}") from None
+    return checked
 
 
 def load_config(path: str | Path, model: type[ModelT]) -> ModelT:

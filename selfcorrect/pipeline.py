@@ -356,6 +356,7 @@ def describe_plan(cfg: RunConfig, plans: list[StagePlan]) -> str:
     lines = [f"pipeline '{cfg.name}' in {cfg.root()}"]
     for p in plans:
         lines.append(f"  {p.stage:<9} {p.action:<6} {p.reason}")
+    lines.append(f"dialogue: {cfg.dialogue.describe()} in every stage")
     if cfg.ppo is not None:
         ppo = cfg.ppo
         lines.append(
@@ -363,6 +364,7 @@ def describe_plan(cfg: RunConfig, plans: list[StagePlan]) -> str:
             f"{ppo.steps * ppo.rollout_batch_size * ppo.max_new_tokens:,} generated tokens); "
             f"checkpoints at steps {', '.join(map(str, ppo.save_at_steps))}"
         )
+        lines.append(f"ppo optimizer: {ppo.describe_optimizer()}")
     if cfg.evaluation is not None:
         lines += _describe_evaluation(cfg)
     return "\n".join(lines)

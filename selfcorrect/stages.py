@@ -108,6 +108,34 @@ def run_reward_stage(cfg: RunConfig, path: Path) -> Path:
     )
 
 
+def ppo_training_arguments(cfg: RunConfig, path: Path):
+    """The PPO stage's ``TrainingArguments``: our defaults, the launch's device settings, then ``ppo.trainer``."""
+    from transformers import TrainingArguments
+
+    from selfcorrect.train.distributed import trainer_device_kwargs
+
+    ppo = _section(cfg, "ppo", path)
+    trainer_kwargs = {
+        "lr_scheduler_type": "constant",  # unused: PPOPtxTrainer.create_scheduler is InstructGPT's warmup + constant
+        "adam_beta2": 0.95,  # InstructGPT: Adam betas (0.9, 0.95)
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "per_device_train_batch_size": ppo.mini_batch_size,  # DeepSpeed's micro batch: episodes per optimizer step
+        **trainer_device_kwargs(),
+        **ppo.trainer,
+    }
+    try:
+        return TrainingArguments(
+            output_dir=str(cfg.root() / "ppo" / "trainer"),
+            learning_rate=ppo.learning_rate,
+            seed=cfg.seed,
+            report_to=report_to(cfg, "ppo"),
+            **trainer_kwargs,
+        )
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{path}: ppo.trainer: {first_line(exc)}") from None
+
+
 def build_ppo_trainer(cfg: RunConfig, path: Path) -> PPOPtxTrainer:
     """The PPO-ptx trainer of a run config: policy (from SFT), value model (from the reward model), reward, data.
 
@@ -116,17 +144,17 @@ def build_ppo_trainer(cfg: RunConfig, path: Path) -> PPOPtxTrainer:
     """
     import torch
     from peft import get_peft_model
-    from transformers import AutoModelForSequenceClassification, TrainingArguments
+    from transformers import AutoModelForSequenceClassification
 
     from selfcorrect import data
     from selfcorrect.models import load_model, resolve_model_path
     from selfcorrect.reward_models.score import RewardModel
     from selfcorrect.train.checkpoints import config_hash, validate_save_at_steps
-    from selfcorrect.train.distributed import trainer_device_kwargs
 
     ppo = _section(cfg, "ppo", path)
     validate_save_at_steps(ppo.save_at_steps, ppo.steps, where=f"{path}: ppo.save_at_steps")
-    device_kwargs = trainer_device_kwargs()  # before loading anything: a bad launch fails fast
+    run_dir = cfg.root() / "ppo"
+    args = ppo_training_arguments(cfg, path)  # before loading anything: a bad launch or trainer key fails fast
     prompts = list(data.prompt_dataset(ppo.prompts, cfg.seed)["prompt"])
     ptx = list(data.ptx_dataset(ppo.ptx_data, cfg.seed)["text"]) if ppo.ptx_data else None
     policy_ref = ppo.policy or _policy_ref(cfg)
@@ -153,26 +181,6 @@ def build_ppo_trainer(cfg: RunConfig, path: Path) -> PPOPtxTrainer:
         value_model = get_peft_model(value_model, cfg.lora.peft_config("SEQ_CLS"))
     tokenizer.padding_side = "left"
 
-    run_dir = cfg.root() / "ppo"
-    trainer_kwargs = {
-        "lr_scheduler_type": "constant",  # unused: PPOPtxTrainer.create_scheduler is InstructGPT's warmup + constant
-        "adam_beta2": 0.95,  # InstructGPT: Adam betas (0.9, 0.95)
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "per_device_train_batch_size": ppo.mini_batch_size,  # DeepSpeed's micro batch: episodes per optimizer step
-        **device_kwargs,
-        **ppo.trainer,
-    }
-    try:
-        args = TrainingArguments(
-            output_dir=str(run_dir / "trainer"),
-            learning_rate=ppo.learning_rate,
-            seed=cfg.seed,
-            report_to=report_to(cfg, "ppo"),
-            **trainer_kwargs,
-        )
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"{path}: ppo.trainer: {first_line(exc)}") from None
     hashed = {
         "model": cfg.model.model_dump(),
         "lora": cfg.lora and cfg.lora.model_dump(),

@@ -68,9 +68,78 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def peaked_policy_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A tiny random Llama whose next-token distribution is peaked (scaled, untied LM head), so a few dozen
+    sampled episodes cover its likely tokens and PPO can move probability mass between them."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = tiny_llama(tok, tie_word_embeddings=False)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    out = tmp_path_factory.mktemp("peaked")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def embedded_model_dir(selfcorrect_cache_dir: Path) -> Path:
     """The real embedded SmolLM2-135M-Instruct, converted at most once per session (about 30 s)."""
     return prepare_embedded()
+
+
+def make_ppo_trainer(
+    policy_dir: Path,
+    run_dir: Path,
+    reward_fn,
+    prompts: list[list[dict]] | None = None,
+    dialogue=None,
+    policy=None,
+    **overrides,
+):
+    """A PPOPtxTrainer on a tiny model directory: the policy (or ``policy``), a value model with a new head, a
+    function reward, 24 short prompts (or ``prompts``) and two ptx texts; ``overrides`` go to the PPOSection."""
+    from transformers import AutoModelForSequenceClassification, TrainingArguments
+
+    from selfcorrect.config import DatasetSpec
+    from selfcorrect.train.ppo import PPOPtxTrainer, PPOSection
+
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    tok.padding_side = "left"
+    policy = policy if policy is not None else LlamaForCausalLM.from_pretrained(policy_dir)
+    torch.manual_seed(0)  # the value model's new scalar head: the same in every trainer
+    value = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1)
+    value.config.pad_token_id = tok.pad_token_id
+    settings = dict(
+        prompts=DatasetSpec(path="unused", format="prompt"),
+        steps=8,
+        save_at_steps=[0],
+        ptx_data=DatasetSpec(path="unused", format="text"),
+        rollout_batch_size=8,
+        mini_batch_size=4,
+        max_new_tokens=8,
+        learning_rate=2e-3,
+        kl_coef=0.01,
+    )
+    ppo = PPOSection(**{**settings, **overrides})
+    args = TrainingArguments(
+        output_dir=str(run_dir / "trainer"), report_to="none", seed=0, disable_tqdm=True, **ppo.trainer
+    )
+    if prompts is None:
+        prompts = [[{"role": "user", "content": f"Tell me about the number {i}."}] for i in range(24)]
+    ptx = ["The quick brown fox jumps over the lazy dog.", "A stitch in time saves nine."]
+    return PPOPtxTrainer(
+        ppo,
+        args,
+        policy,
+        value,
+        tok,
+        reward_fn,
+        prompts,
+        ptx_texts=ptx,
+        run_dir=run_dir,
+        config_hash="test",
+        dialogue=dialogue,
+    )
 
 
 def last_ppo_step(run_dir: Path) -> int:

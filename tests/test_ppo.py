@@ -13,19 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import last_ppo_step, tiny_llama, wait_until
+from conftest import last_ppo_step, make_ppo_trainer, wait_until
 from safetensors.torch import load_file
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    LlamaForCausalLM,
-    TrainingArguments,
-)
+from transformers import AutoTokenizer
 
 from selfcorrect.cli import main
-from selfcorrect.config import DatasetSpec
 from selfcorrect.stages import build_ppo_trainer, load_run_config
-from selfcorrect.train.ppo import PPOPtxTrainer, PPOSection
+from selfcorrect.train.ppo import PPOPtxTrainer
 
 RULES = '''
 def vowels(prompts, responses):
@@ -35,53 +29,6 @@ def vowels(prompts, responses):
 LORA = {"r": 4, "alpha": 8, "dropout": 0.05, "target_modules": "all-linear"}
 
 
-@pytest.fixture(scope="module")
-def peaked_policy_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """A tiny random Llama whose next-token distribution is peaked (scaled, untied LM head), so a few dozen
-    sampled episodes cover its likely tokens and PPO can move probability mass between them."""
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = tiny_llama(tok, tie_word_embeddings=False)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)
-    out = tmp_path_factory.mktemp("peaked")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-def make_trainer(policy_dir: Path, run_dir: Path, reward_fn, **overrides) -> PPOPtxTrainer:
-    tok = AutoTokenizer.from_pretrained(policy_dir)
-    tok.padding_side = "left"
-    policy = LlamaForCausalLM.from_pretrained(policy_dir)
-    value = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1)
-    value.config.pad_token_id = tok.pad_token_id
-    settings = dict(
-        prompts=DatasetSpec(path="unused", format="prompt"),
-        steps=8,
-        save_at_steps=[0],
-        ptx_data=DatasetSpec(path="unused", format="text"),
-        rollout_batch_size=8,
-        mini_batch_size=4,
-        max_new_tokens=8,
-        learning_rate=2e-3,
-        kl_coef=0.01,
-    )
-    ppo = PPOSection(**{**settings, **overrides})
-    args = TrainingArguments(
-        output_dir=str(run_dir / "trainer"),
-        learning_rate=ppo.learning_rate,
-        report_to="none",
-        seed=0,
-        lr_scheduler_type="constant",
-        disable_tqdm=True,
-    )
-    prompts = [[{"role": "user", "content": f"Tell me about the number {i}."}] for i in range(24)]
-    ptx = ["The quick brown fox jumps over the lazy dog.", "A stitch in time saves nine."]
-    return PPOPtxTrainer(
-        ppo, args, policy, value, tok, reward_fn, prompts, ptx_texts=ptx, run_dir=run_dir, config_hash="test"
-    )
-
-
 def test_ppo_raises_a_rule_reward(peaked_policy_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(peaked_policy_dir)
 
@@ -89,9 +36,9 @@ def test_ppo_raises_a_rule_reward(peaked_policy_dir, tmp_path):
         ids = [tok(r, add_special_tokens=False)["input_ids"] for r in responses]
         return torch.tensor([sum(i % 2 == 0 for i in x) / max(1, len(x)) for x in ids])
 
-    history = make_trainer(peaked_policy_dir, tmp_path / "run", even_tokens, steps=10, learning_rate=5e-4).train()
+    history = make_ppo_trainer(peaked_policy_dir, tmp_path / "run", even_tokens, steps=14, learning_rate=1e-3).train()
     rewards = [h["reward"] for h in history]
-    assert len(history) == 10
+    assert len(history) == 14
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
     for key in (
         "reward",
@@ -115,7 +62,7 @@ def test_ppo_raises_a_rule_reward(peaked_policy_dir, tmp_path):
         "time/update",
     ):
         assert key in history[-1], key
-    assert history[-1]["episodes"] == 80 and history[0]["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert history[-1]["episodes"] == 14 * 8 and history[0]["kl"] == pytest.approx(0.0, abs=1e-4)
     assert all(h["kl_k3"] >= -1e-6 for h in history)
 
 
@@ -132,7 +79,7 @@ def test_ptx_lowers_lm_loss_on_pretraining_data(peaked_policy_dir, tmp_path):
 
     losses = {}
     for gamma in (0.0, 1.0):
-        trainer = make_trainer(
+        trainer = make_ppo_trainer(
             peaked_policy_dir,
             tmp_path / f"g{gamma}",
             flat,
@@ -154,7 +101,7 @@ def write_config(tmp_path: Path, policy: Path, out: Path, lora: dict | None = No
         "prompts": {
             "path": str(Path(os.environ["SELFCORRECT_DATA_DIR"]) / "hh-rlhf/harmless-base-test.jsonl.gz"),
             "format": "hh",
-            "limit": 16,
+            "limit": 40,  # about a third fit in max_prompt_length
         },
         "policy": str(policy),
         "reward_model": "rules_mod:vowels",
@@ -196,11 +143,11 @@ def weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(path)
 
 
-@pytest.mark.parametrize("lora", [None, LORA], ids=["full", "lora"])
-def test_sigkill_and_rerun_gives_identical_checkpoints(peaked_policy_dir, tmp_path, monkeypatch, lora):
+@pytest.mark.parametrize(("lora", "ema"), [(None, None), (LORA, None), (None, 0.9)], ids=["full", "lora", "full-ema"])
+def test_sigkill_and_rerun_gives_identical_checkpoints(peaked_policy_dir, tmp_path, monkeypatch, lora, ema):
     monkeypatch.syspath_prepend(str(tmp_path))
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    extra = {"lora": lora, "steps": 6, "save_at_steps": [0, 3, 6]}
+    extra = {"lora": lora, "steps": 6, "save_at_steps": [0, 3, 6], "ema_decay": ema}
     cfg_killed = write_config(tmp_path, peaked_policy_dir, killed, **extra)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen(
@@ -219,6 +166,9 @@ def test_sigkill_and_rerun_gives_identical_checkpoints(peaked_policy_dir, tmp_pa
     for part in [*kept, Path("last") / "policy", Path("last") / "value"]:
         a, b = weights(killed / "ppo" / part), weights(clean / "ppo" / part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    if ema:  # the EMA, kept beside the raw weights in last/, resumes too
+        a, b = (load_file(run / "ppo" / "last" / "tensors.safetensors") for run in (killed, clean))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     kinds = json.loads((clean / "ppo" / "last" / "state.json").read_text())["models"]
     expected = "adapter" if lora else "full"
     assert kinds["policy"]["weights"] == kinds["value"]["weights"] == expected
@@ -263,6 +213,14 @@ def test_trainable_parameters_and_optimizer_state(peaked_policy_dir, tmp_path, m
         ({"gamma_ptx": 1.0}, "gamma_ptx > 0 needs ptx_data"),
         ({"kl_coeff": 0.1}, "ppo.kl_coeff: unknown key"),
         ({"steps": "many"}, "ppo.steps"),
+        ({"trainer": {"warmup_steps": 80}}, "ppo.trainer: warmup_steps: use ppo.warmup_iterations"),
+        ({"trainer": {"save_total_limit": 2}}, "ppo.trainer: save_total_limit: not used by the PPO trainer"),
+        ({"trainer": {"adam_beta3": 0.9}}, "ppo.trainer: adam_beta3: unknown TrainingArguments field"),
+        ({"warmup_iterations": 5}, "ppo.warmup_iterations: 5 warmup iterations is more than the run's 4"),
+        ({"ema_decay": 1.0}, "ppo.ema_decay: Input should be less than 1"),
+        ({"ema_decay": 0}, "ppo.ema_decay: Input should be greater than 0"),
+        ({"value_learning_rate": 0}, "ppo.value_learning_rate: Input should be greater than 0"),
+        ({"trainer": {"bf16": "maybe"}}, "ppo.trainer"),
     ],
 )
 def test_bad_ppo_config(peaked_policy_dir, tmp_path, capsys, monkeypatch, change, needle):

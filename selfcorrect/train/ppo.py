@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import shutil
 import time
+import typing
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +44,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, Trainer, TrainingArguments
 
 from selfcorrect import dialogue as dialogues
-from selfcorrect.config import DatasetSpec, StrictModel
+from selfcorrect.config import DatasetSpec, StrictModel, check_typed_fields
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError
 from selfcorrect.evaluate.metrics import stable_seed
@@ -150,16 +151,15 @@ class PPOSection(StrictModel):
     @field_validator("trainer")
     @classmethod
     def _honoured_fields_only(cls, trainer: dict[str, Any]) -> dict[str, Any]:
+        """Every key must be a TrainingArguments field that PPO honours; values are type-checked."""
         for key in trainer:
             if key in RUN_OWNED_TRAINER_FIELDS:
                 raise ValueError(f"{key}: {RUN_OWNED_TRAINER_FIELDS[key]}")
-            if key not in TRAINING_ARGUMENTS_FIELDS:
-                raise ValueError(f"{key}: unknown TrainingArguments field")
-            if key not in HONOURED_TRAINER_FIELDS:
+            if key in TRAINING_ARGUMENTS_FIELDS and key not in HONOURED_TRAINER_FIELDS:
                 raise ValueError(
                     f"{key}: not used by the PPO trainer (it honours {', '.join(sorted(HONOURED_TRAINER_FIELDS))})"
                 )
-        return trainer
+        return check_typed_fields(trainer, typing.get_type_hints(TrainingArguments), "TrainingArguments")
 
     @model_validator(mode="after")
     def _check(self) -> PPOSection:
@@ -242,11 +242,22 @@ class PolicyAndValue(nn.Module):
 
     is_gradient_checkpointing = is_activation_checkpointing
 
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs) -> None:
-        """Activation (gradient) checkpointing in both models; ``use_reentrant=False`` unless given."""
-        options = activation_checkpointing_kwargs or {"use_reentrant": False}
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None) -> None:
+        """Activation (gradient) checkpointing in both models; ``use_reentrant=False`` unless given. Enabling it again
+        without options (as TRL's generation context does after generating) keeps the options given first."""
+        options = activation_checkpointing_kwargs or getattr(self, "_checkpointing_options", {"use_reentrant": False})
+        self._checkpointing_options = options
         for m in (self.policy, self.value_model):
-            m.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **kwargs)
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        for m in (self.policy, self.value_model):
+            m.activation_checkpointing_disable()
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
 
     def forward(self, input_ids, attention_mask, position_ids):
         logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits

@@ -43,12 +43,12 @@ from typing import Any
 
 import torch
 from datasets import Dataset, concatenate_datasets
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 from transformers import PreTrainedTokenizerBase, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, StrictModel
+from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, StrictModel, check_typed_fields
 from selfcorrect.data import ptx_dataset, sft_dataset, train_test_split
 from selfcorrect.dialogue import DialogueSpec, example_ids
 from selfcorrect.errors import UserError, first_line
@@ -77,21 +77,10 @@ class SFTSection(StrictModel):
     @classmethod
     def _known_sft_config_fields(cls, trainer: dict[str, Any]) -> dict[str, Any]:
         """Every key must be an SFTConfig field; values are checked (and YAML strings like "1e-5" converted)."""
-        checked = {}
-        for key, value in trainer.items():
-            if key not in SFT_CONFIG_FIELDS:
-                raise PydanticCustomError("sft_config_field", "{key}: unknown SFTConfig field", {"key": key})
+        for key in trainer:
             if key in OWN_FIELDS:
-                raise PydanticCustomError("sft_config_field", "{key}: {hint}", {"key": key, "hint": OWN_FIELDS[key]})
-            adapter = TypeAdapter(SFT_CONFIG_FIELDS[key], config=ConfigDict(arbitrary_types_allowed=True))
-            try:
-                checked[key] = adapter.validate_python(value)
-            except ValidationError as exc:
-                problem = exc.errors()[0]["msg"]
-                raise PydanticCustomError(
-                    "sft_config_type", "{key}: {problem}", {"key": key, "problem": problem}
-                ) from None
-        return checked
+                raise ValueError(f"{key}: {OWN_FIELDS[key]}")
+        return check_typed_fields(trainer, SFT_CONFIG_FIELDS, "SFTConfig")
 
     @field_validator("ptx_data")
     @classmethod

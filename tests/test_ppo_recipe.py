@@ -1,0 +1,198 @@
+"""InstructGPT's PPO details (PROTOCOL 3.3) on a tiny random Llama: the warmup and the value learning rate, the EMA
+of the weights, dropout off, rollouts sampled from softmax(logits / T), over-long prompts dropped, the reward model's
+token ids, and gradient checkpointing."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_ppo_trainer, tiny_llama
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+
+from selfcorrect import dialogue as dialogues
+from selfcorrect.dialogue import DialogueSpec
+from selfcorrect.errors import UserError
+from selfcorrect.reward_models.score import RewardModel
+
+
+def flat(prompts, responses):
+    return torch.zeros(len(responses))
+
+
+def vowels(prompts, responses):
+    return torch.tensor([sum(c in "aeiou" for c in r) / max(1, len(r)) for r in responses])
+
+
+def test_warmup_from_a_tenth_of_the_peak_and_a_separate_value_learning_rate(peaked_policy_dir, tmp_path):
+    schedule = dict(learning_rate=1e-3, value_learning_rate=3e-4, warmup_iterations=10, warmup_start_factor=0.1)
+    small = dict(rollout_batch_size=2, mini_batch_size=1, max_new_tokens=2)  # 2 optimizer steps per RLHF step
+    history = make_ppo_trainer(peaked_policy_dir, tmp_path / "a", vowels, steps=11, **schedule, **small).train()
+    for step, factor in {0: 0.1, 5: 0.1 + 0.9 * 5 / 10, 10: 1.0}.items():  # linear from 1/10 of the peak to the peak
+        assert history[step]["lr"] == pytest.approx(1e-3 * factor, rel=1e-12)
+        assert history[step]["value_lr"] == pytest.approx(3e-4 * factor, rel=1e-12)
+
+    # What the optimizer applied: Adam's first step moves every weight with a gradient by about its lr (m/sqrt(v) = ±1).
+    first_step = {**schedule, "warmup_iterations": 1}  # the run's first step is at 1/10 of the peak
+    trainer = make_ppo_trainer(peaked_policy_dir, tmp_path / "b", vowels, steps=1, rollout_batch_size=1,
+                               mini_batch_size=1, max_new_tokens=2, **first_step)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in trainer.model.named_parameters()}
+    policy = max(v for n, v in moved.items() if n.startswith("policy."))
+    value = max(v for n, v in moved.items() if n.startswith("value_model."))
+    assert policy == pytest.approx(1e-4, rel=1e-3) and value == pytest.approx(3e-5, rel=1e-3)
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    (path,) = directory.glob("*.safetensors")
+    return load_file(path)
+
+
+def test_kept_checkpoints_hold_the_ema_and_last_holds_the_raw_weights(peaked_policy_dir, tmp_path):
+    common = dict(steps=3, save_at_steps=[0, 1, 2, 3], rollout_batch_size=4, mini_batch_size=4, max_new_tokens=4)
+    make_ppo_trainer(peaked_policy_dir, tmp_path / "raw", vowels, learning_rate=1e-3, **common).train()
+    make_ppo_trainer(peaked_policy_dir, tmp_path / "ema", vowels, learning_rate=1e-3, ema_decay=0.5, **common).train()
+    raw = [weights(tmp_path / "raw" / "checkpoints" / f"step-{k:06d}") for k in range(4)]
+    got = weights(tmp_path / "ema" / "checkpoints" / "step-000003")
+    d = 0.5  # one optimizer step per RLHF step: the EMA after 3 steps, by hand
+    for name, value in got.items():
+        r = [w[name] for w in raw]
+        expected = d**3 * r[0] + d**2 * (1 - d) * r[1] + d * (1 - d) * r[2] + (1 - d) * r[3]
+        assert torch.allclose(value, expected, atol=1e-6), name
+    assert not torch.equal(raw[3]["lm_head.weight"], raw[0]["lm_head.weight"])  # the weights did move
+    assert any(not torch.allclose(got[n], raw[3][n], atol=1e-6) for n in got)  # and the EMA is not the raw weights
+    manifest = json.loads((tmp_path / "ema" / "checkpoints" / "step-000003" / "manifest.json").read_text())
+    assert manifest["policy_weights"] == "ema" and manifest["ema_decay"] == 0.5
+    raw_manifest = json.loads((tmp_path / "raw" / "checkpoints" / "step-000003" / "manifest.json").read_text())
+    assert raw_manifest["policy_weights"] == "raw" and raw_manifest["ema_decay"] is None
+    last = weights(tmp_path / "ema" / "last" / "policy")
+    assert all(torch.equal(last[n], raw[3][n]) for n in raw[3])  # last/ resumes from the raw weights
+    ema_state = load_file(tmp_path / "ema" / "last" / "tensors.safetensors")
+    assert torch.allclose(ema_state["ema/lm_head.weight"], got["lm_head.weight"])
+
+
+def dropout_policy(tiny_model_dir: Path, kind: str) -> torch.nn.Module:
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    if kind == "attention":
+        return tiny_llama(tok, attention_dropout=0.5)
+    base = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, init_lora_weights=False))
+
+
+@pytest.mark.parametrize("kind", ["attention", "lora"])
+def test_dropout_is_off_so_the_ratio_starts_at_exactly_one(tiny_model_dir, tmp_path, kind):
+    control = dropout_policy(tiny_model_dir, kind).train()  # the model as configured: dropout changes its outputs
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    assert not torch.equal(control(input_ids=ids).logits, control(input_ids=ids).logits)
+
+    policy = dropout_policy(tiny_model_dir, kind)
+    trainer = make_ppo_trainer(tiny_model_dir, tmp_path, vowels, policy=policy, steps=1, rollout_batch_size=4,
+                               mini_batch_size=4, max_new_tokens=6)  # one mini-batch: the first of the first epoch
+    (step,) = trainer.train()
+    assert step["policy/approx_kl"] == 0.0 and step["policy/clipfrac"] == 0.0  # log ratio exactly 0: ratio exactly 1
+
+
+def test_rollouts_sample_from_softmax_whatever_the_models_generation_config(peaked_policy_dir, tmp_path):
+    policy = LlamaForCausalLM.from_pretrained(peaked_policy_dir)
+    policy.generation_config = GenerationConfig(repetition_penalty=10.0, min_p=0.9, no_repeat_ngram_size=1)
+    prompt = [[{"role": "user", "content": "Tell me about the number 3."}]]
+    trainer = make_ppo_trainer(peaked_policy_dir, tmp_path, flat, prompts=prompt, policy=policy, max_new_tokens=1)
+    torch.manual_seed(0)
+    first = torch.cat([trainer.rollout([0] * 64).input_ids[:, -1] for _ in range(4)])  # 256 first tokens
+    with torch.no_grad():
+        probs = torch.softmax(policy(input_ids=torch.tensor([trainer.prompt_ids[0]])).logits[0, -1], -1)
+    top = int(probs.argmax())
+    p_top = float(probs[top])
+    assert p_top < 0.5 and (probs >= 0.9 * p_top).sum() == 1  # min_p = 0.9 would leave the top token only
+    share = float((first == top).float().mean())
+    assert abs(share - p_top) < 4 * math.sqrt(p_top * (1 - p_top) / len(first)), (share, p_top)
+    assert policy.generation_config.min_p == 0.9  # the model's own config is left as it was
+
+
+def test_prompts_over_max_prompt_length_are_dropped_and_counted(tiny_model_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [[{"role": "user", "content": "word " * n}] for n in (1, 40, 5, 80, 2)]
+    lengths = [len(dialogues.prompt_ids(tok, p, DialogueSpec())) for p in prompts]
+    kept = [p for p, n in zip(prompts, lengths) if n <= 30]
+    assert 0 < len(kept) < len(prompts)
+    trainer = make_ppo_trainer(tiny_model_dir, tmp_path, flat, prompts=prompts, max_prompt_length=30, steps=1,
+                               rollout_batch_size=2, mini_batch_size=2, max_new_tokens=2)
+    assert trainer.prompts == kept and [len(ids) for ids in trainer.prompt_ids] == [n for n in lengths if n <= 30]
+    trainer.train()
+    manifest = json.loads((tmp_path / "checkpoints" / "step-000000" / "manifest.json").read_text())
+    assert manifest["n_prompts"] == len(kept) and manifest["n_prompts_over_max_length"] == len(prompts) - len(kept)
+    with pytest.raises(UserError, match="all 5 prompts are longer than ppo.max_prompt_length"):
+        make_ppo_trainer(tiny_model_dir, tmp_path / "none", flat, prompts=prompts, max_prompt_length=3)
+
+
+def test_the_turn_ends_at_eos_or_at_the_next_human_turn(tiny_model_dir, tmp_path):
+    trainer = make_ppo_trainer(tiny_model_dir, tmp_path, flat)
+    tok, eos = trainer.tokenizer, trainer.tokenizer.eos_token_id
+    reply = tok(" Sure, here it is.", add_special_tokens=False)["input_ids"]
+    assert trainer._turn_end([*reply, eos, eos]) == (len(reply) + 1, len(reply), True)
+    assert trainer._turn_end(reply) == (len(reply), len(reply), False)
+    stop = tok("\n\nHuman: and now?", add_special_tokens=False)["input_ids"]
+    actions, kept, ended = trainer._turn_end([*reply, *stop])
+    assert ended and kept == len(reply) and tok.decode([*reply, *stop][:actions]).endswith("\n\nHuman:")
+
+
+def eos_loving_policy(policy_dir: Path) -> LlamaForCausalLM:
+    """The peaked tiny policy with EOS as likely as its favourite token, so rollouts end both ways."""
+    policy = LlamaForCausalLM.from_pretrained(policy_dir)
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    with torch.no_grad():
+        favourite = policy(**tok("\n\nHuman: hi\n\nAssistant:", return_tensors="pt")).logits[0, -1].argmax()
+        policy.lm_head.weight[tok.eos_token_id] = policy.lm_head.weight[favourite]
+    return policy
+
+
+def test_a_reward_model_scores_the_rollouts_own_token_ids(peaked_policy_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(peaked_policy_dir)
+    classifier = AutoModelForSequenceClassification.from_pretrained(peaked_policy_dir, num_labels=1)
+    classifier.config.pad_token_id = tok.pad_token_id
+    reward = RewardModel(classifier.eval(), tok, bias=0.25, max_length=64, dialogue=DialogueSpec())
+    trainer = make_ppo_trainer(peaked_policy_dir, tmp_path, reward, policy=eos_loving_policy(peaked_policy_dir),
+                               rollout_batch_size=16, mini_batch_size=16, max_new_tokens=6, max_prompt_length=32)
+    torch.manual_seed(1)
+    roll = trainer.rollout(list(range(16)))
+    assert roll.has_eos.any() and not roll.has_eos.all()  # responses that ended and responses cut at 6 tokens
+    # What the reward model must see: the prompt's ids and the sampled ids, EOS only where the policy produced it.
+    expected = [ids[mask.bool()].tolist() for ids, mask in zip(roll.input_ids, roll.attention_mask)]
+    for seq, ended in zip(expected, roll.has_eos.tolist()):
+        assert (seq[-1] == tok.eos_token_id) == ended
+    scores = trainer.reward_scores(roll)
+    with torch.no_grad():
+        by_hand = torch.tensor([classifier(input_ids=torch.tensor([s])).logits.item() for s in expected]) + 0.25
+    assert torch.allclose(scores, by_hand, atol=1e-5)
+
+    mismatched = RewardModel(classifier, tok, max_length=64, dialogue=DialogueSpec(format="chat_template"))
+    with pytest.raises(UserError, match="trained in dialogue chat_template"):
+        make_ppo_trainer(peaked_policy_dir, tmp_path / "x", mismatched, max_prompt_length=32)
+    too_short = RewardModel(classifier, tok, max_length=16, dialogue=DialogueSpec())
+    with pytest.raises(UserError, match="more than the reward model's max_length"):
+        make_ppo_trainer(peaked_policy_dir, tmp_path / "y", too_short, max_prompt_length=32)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradient_checkpointing_is_honoured(peaked_policy_dir, tmp_path, checkpointing):
+    trainer = make_ppo_trainer(peaked_policy_dir, tmp_path, vowels, steps=1, rollout_batch_size=4, mini_batch_size=2,
+                               max_new_tokens=3, trainer={"gradient_checkpointing": checkpointing})
+    mlp = trainer.model.policy.model.layers[0].mlp
+    calls, forward = [], mlp.forward
+
+    def counted(*args, **kwargs):  # module hooks do not run in the recomputation, so count the forward itself
+        calls.append(torch.is_grad_enabled())
+        return forward(*args, **kwargs)
+
+    mlp.forward = counted
+    trainer.train()
+    # Two mini-batches, one forward each with gradients; with checkpointing each is computed again in backward.
+    assert sum(calls) == (4 if checkpointing else 2)
+    assert trainer.accelerator.unwrap_model(trainer.model).policy.is_activation_checkpointing == checkpointing
