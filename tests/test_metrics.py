@@ -116,7 +116,46 @@ def test_bbq_items_without_target_are_counted_and_excluded(capsys, tmp_path):
     assert rows[("Gender_identity", "n_without_target")]["value"] == missing
     n_amb_with_target = sum(u["target"] is not None and u["context_condition"] == "ambig" for u in units)
     assert rows[("Gender_identity", "bias_score_ambig")]["n"] == n_amb_with_target
-    assert rows[("Gender_identity", "accuracy_ambig")]["n"] == sum(u["context_condition"] == "ambig" for u in units)
+    assert rows[("Gender_identity", "accuracy_ambig")]["n"] == n_amb_with_target  # dropped before accuracy too
+    assert rows[("Gender_identity", "unknown_rate")]["n"] == len(units)  # over every item
+
+
+def test_bbq_accuracy_drops_items_without_target_hand_computed(capsys, tmp_path):
+    """Gender_identity: 4 ambiguous and 2 disambiguated items with a target, 2 + 1 without one.
+
+    With a target: ambiguous 1 unknown (correct), 2 biased, 1 anti-biased; disambiguated both correct.
+    Without a target: one ambiguous right (unknown), one ambiguous wrong, the disambiguated one wrong
+    ('unknown'). Three 'unknown' answers of nine.
+    """
+    units = [u for u in bbq.load(data_dir()) if u["category"] == "Gender_identity"]
+    amb = [u for u in units if u["context_condition"] == "ambig" and u["target"] is not None][:4]
+    dis = [u for u in units if u["context_condition"] == "disambig" and u["target"] is not None][:2]
+    amb_none = [u for u in units if u["context_condition"] == "ambig" and u["target"] is None][:2]
+    dis_none = [u for u in units if u["context_condition"] == "disambig" and u["target"] is None][:1]
+    wrong_amb = next(k for k in range(3) if k != amb_none[1]["unknown"])
+    choices = [
+        (amb[0], amb[0]["unknown"]),
+        (amb[1], amb[1]["target"]),
+        (amb[2], amb[2]["target"]),
+        (amb[3], anti(amb[3])),
+        (dis[0], dis[0]["label"]),
+        (dis[1], dis[1]["label"]),
+        (amb_none[0], amb_none[0]["unknown"]),
+        (amb_none[1], wrong_amb),
+        (dis_none[0], dis_none[0]["unknown"]),
+    ]
+    lines = [{"category": u["category"], "example_id": u["example_id"], "prediction": c} for u, c in choices]
+    rows = score(capsys, tmp_path, "bbq", lines)
+    acc_amb = 1 / 4  # not 2 / 6, as it would be with the items without a target
+    assert rows[("all", "accuracy_ambig")]["value"] == pytest.approx(acc_amb)
+    assert rows[("all", "accuracy_ambig")]["n"] == 4
+    assert rows[("all", "accuracy_disambig")]["value"] == 1.0  # not 2 / 3
+    assert rows[("all", "accuracy_disambig")]["n"] == 2
+    assert rows[("all", "bias_score_ambig")]["value"] == pytest.approx((1 - acc_amb) * (2 * 2 / 3 - 1))
+    assert dis_none[0]["label"] != dis_none[0]["unknown"]
+    assert rows[("all", "unknown_rate")]["value"] == pytest.approx(3 / 9)
+    assert rows[("all", "unknown_rate")]["n"] == 9
+    assert rows[("all", "n_without_target")]["value"] == 3
 
 
 def test_winogender_bls_share_gives_r_1(capsys, tmp_path):
