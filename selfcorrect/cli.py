@@ -70,9 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate MODEL on benchmarks x conditions. Per-item results are appended to "
         "OUTPUT/<benchmark>/<condition>.jsonl as they finish (a rerun skips finished items); the tidy table "
         "OUTPUT/metrics.csv has columns benchmark,condition,subset,metric,value,ci_low,ci_high,n with "
-        "95%% bootstrap CIs. Given a RUN_DIR (runs/<name>), every PPO checkpoint is evaluated into "
-        "OUTPUT/step-NNNNNN/ (OUTPUT default RUN_DIR/eval) and OUTPUT/metrics.csv gains the leading columns "
-        "model,params,step.",
+        "95% bootstrap CIs, plus rows with condition <c>_minus_q: each headline metric of condition c minus "
+        "Q's over the units both have, with a paired bootstrap CI. Given a RUN_DIR (runs/<name>), every PPO "
+        "checkpoint is evaluated into OUTPUT/step-NNNNNN/ (OUTPUT default RUN_DIR/eval) and OUTPUT/metrics.csv "
+        "gains the leading columns model,params,step, and rows with metric <m>_minus_step0 (each checkpoint's "
+        "headline metric minus step 0's, paired).",
     )
     ev.add_argument(
         "model",
