@@ -194,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
         "subset,metric,value,ci_low,ci_high,n) and, when present, the PPO checkpoint manifests "
         "RUN_DIR/ppo/checkpoints/step-*/manifest.json. Writes <benchmark>.png (BBQ bias scores and accuracies, "
         "Winogender r, law-school parity, one line per prompt condition with 95% CI bands), self_correction.png "
-        "(each condition minus Q), training.png (--by step: mean reward, KL, response length and the BBQ "
-        "unknown rate per checkpoint) and report.md. Nothing is written when an input is bad.",
+        "(the <condition>_minus_q rows: each condition minus Q, paired CI bands), vs_step0.png (--by step: the "
+        "<metric>_minus_step0 rows, each checkpoint minus step 0), training.png (--by step: mean reward, KL, "
+        "response length and the BBQ unknown rate per checkpoint) and report.md. A figure whose rows are not in "
+        "metrics.csv is left out with a note. Nothing is written when an input is bad.",
     )
     rp.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directory (holds eval/metrics.csv)")
     rp.add_argument(

@@ -74,3 +74,8 @@ def minus_step0_rows(
     results, n = paired_difference(benchmark, at_step, at_step0, n_boot=n_boot, seed=seed_c)
     named = {f"{m}{MINUS_STEP0}": v for m, v in results.items()}
     return rows_from(benchmark, condition, "all", named, dict.fromkeys(named, n))
+
+
+def is_difference(condition: str, metric: str) -> bool:
+    """Whether a metrics.csv row is a paired difference rather than a metric of one evaluation."""
+    return condition.endswith(MINUS_Q) or metric.endswith(MINUS_STEP0)
