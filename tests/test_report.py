@@ -168,6 +168,13 @@ def test_columns_are_the_evaluate_columns_with_model_params_step():
     assert COLUMNS == ("model", "params", "step", *METRIC_COLUMNS)
 
 
+def test_panels_are_the_benchmarks_headline_metrics():
+    """The report plots and tabulates the metrics whose paired differences the benchmark modules declare."""
+    assert {b: tuple(p.metric for p in panels) for b, panels in PANELS.items()} == {
+        m.NAME: m.HEADLINE_METRICS for m in (bbq, winogender, law_school)
+    }
+
+
 def test_report_by_step_from_real_metrics(units, tmp_path, capsys):
     run = write_run(tmp_path / "run", real_metrics_csv(units, "tiny-rlhf", 135_000_000), manifests())
     code, out, err = run_report(capsys, str(run))
