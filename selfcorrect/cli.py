@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         "95% bootstrap CIs, plus rows with condition <c>_minus_q: each headline metric of condition c minus "
         "Q's over the units both have, with a paired bootstrap CI. Given a RUN_DIR (runs/<name>), every PPO "
         "checkpoint is evaluated into OUTPUT/step-NNNNNN/ (OUTPUT default RUN_DIR/eval) and OUTPUT/metrics.csv "
-        "gains the leading columns model,params,step, and rows with metric <m>_minus_step0 (each checkpoint's "
-        "headline metric minus step 0's, paired).",
+        "gains the leading columns model,params,step, and, when step 0 is among the checkpoints, rows with metric "
+        "<m>_minus_step0 (each later checkpoint's headline metric minus step 0's, paired).",
     )
     ev.add_argument(
         "model",
