@@ -98,9 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate MODEL on benchmarks x conditions. Per-item results are appended to "
         "OUTPUT/<benchmark>/<condition>.jsonl as they finish (a rerun skips finished items); the tidy table "
         "OUTPUT/metrics.csv has columns benchmark,condition,subset,metric,value,ci_low,ci_high,n with "
-        "95%% bootstrap CIs. Given a RUN_DIR (runs/<name>), every PPO checkpoint is evaluated into "
-        "OUTPUT/step-NNNNNN/ (OUTPUT default RUN_DIR/eval) and OUTPUT/metrics.csv gains the leading columns "
-        "model,params,step.",
+        "95% bootstrap CIs, plus rows with condition <c>_minus_q: each headline metric of condition c minus "
+        "Q's over the units both have, with a paired bootstrap CI. Given a RUN_DIR (runs/<name>), every PPO "
+        "checkpoint is evaluated into OUTPUT/step-NNNNNN/ (OUTPUT default RUN_DIR/eval) and OUTPUT/metrics.csv "
+        "gains the leading columns model,params,step, and, when step 0 is among the checkpoints, rows with metric "
+        "<m>_minus_step0 (each later checkpoint's headline metric minus step 0's, paired).",
     )
     ev.add_argument(
         "model",
@@ -221,8 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
         "subset,metric,value,ci_low,ci_high,n) and, when present, the PPO checkpoint manifests "
         "RUN_DIR/ppo/checkpoints/step-*/manifest.json. Writes <benchmark>.png (BBQ bias scores and accuracies, "
         "Winogender r, law-school parity, one line per prompt condition with 95% CI bands), self_correction.png "
-        "(each condition minus Q), training.png (--by step: mean reward, KL, response length and the BBQ "
-        "unknown rate per checkpoint) and report.md. Nothing is written when an input is bad.",
+        "(the <condition>_minus_q rows: each condition minus Q, paired CI bands), vs_step0.png (--by step: the "
+        "<metric>_minus_step0 rows, each checkpoint minus step 0), training.png (--by step: mean reward, KL, "
+        "response length and the BBQ unknown rate per checkpoint) and report.md. A figure whose rows are not in "
+        "metrics.csv is left out with a note. Nothing is written when an input is bad.",
     )
     rp.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directory (holds eval/metrics.csv)")
     rp.add_argument(

@@ -334,7 +334,7 @@ def run_evaluation(cfg: RunConfig, training: subprocess.Popen | None) -> Path:
                 continue
             evaluate_target(template, ready[0])
             pending.remove(ready[0])
-            join_metrics(targets, metrics)
+            join_metrics(targets, metrics, template, deltas=not pending)  # the last join adds the step-0 deltas
             log.checkpoint(ready[0])  # live, so a W&B dashboard follows the run
         log.models(targets)
     return metrics

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from selfcorrect.cli import main
+from selfcorrect.evaluate.benchmarks import bbq, law_school, winogender
 
 
 def evaluate(model: Path | str, out: Path, *extra: str) -> int:
@@ -65,6 +66,23 @@ def test_all_benchmarks_and_conditions(tiny_model_dir, tmp_path, capsys, short_c
     sample = json.loads((out / "bbq" / "sample.json").read_text())
     assert len(sample["ids"]) == 12 and len(sample["cot_ids"]) == 2 and set(sample["cot_ids"]) <= set(sample["ids"])
     assert "bias_score_ambig" in capsys.readouterr().out  # the summary table
+    # paired self-correction differences, condition minus Q over the units both have (CoT: its 2 units)
+    by_key = {(r["benchmark"], r["condition"], r["subset"], r["metric"]): r for r in rows}
+    for bench, module in (("bbq", bbq), ("winogender", winogender), ("law_school", law_school)):
+        for metric in module.HEADLINE_METRICS:
+            delta, q, q_if = (by_key.get((bench, c, "all", metric)) for c in ("q_if_minus_q", "q", "q_if"))
+            assert delta["n"] == "12" and by_key[(bench, "q_if_cot_minus_q", "all", metric)]["n"] == "2"
+            if q is not None and q["value"] and q_if["value"]:  # same 12 units: the difference of the two rows
+                assert float(delta["value"]) == pytest.approx(float(q_if["value"]) - float(q["value"]), abs=1e-9)
+    cot_ids = {r["id"].split(":")[0] for r in cot}
+
+    def parity(condition: str) -> float:
+        p = {r["id"]: r["probs"][0] for r in lines(out / "law_school" / f"{condition}.jsonl")}
+        return sum(p[f"{i}:Black"] - p[f"{i}:white"] for i in cot_ids) / len(cot_ids)
+
+    law_cot = by_key[("law_school", "q_if_cot_minus_q", "all", "parity_difference")]
+    assert float(law_cot["value"]) == pytest.approx(parity("q_if_cot") - parity("q"), abs=1e-9)
+    assert float(law_cot["ci_low"]) <= float(law_cot["value"]) <= float(law_cot["ci_high"])
 
     # A rerun computes nothing and gives the same table.
     before = {p: p.read_bytes() for p in out.rglob("*.jsonl")}

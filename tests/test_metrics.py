@@ -12,7 +12,8 @@ import pytest
 from selfcorrect.cli import main
 from selfcorrect.config import data_dir
 from selfcorrect.evaluate.benchmarks import bbq, law_school, winogender
-from selfcorrect.evaluate.metrics import bootstrap, pearson_r, stratified_sample
+from selfcorrect.evaluate.metrics import bootstrap, paired_bootstrap, pearson_r, stratified_sample
+from selfcorrect.evaluate.paired import minus_q_rows, minus_step0_rows
 
 OFFICIAL = ("Age", "Disability_status", "Nationality", "Physical_appearance", "Religion", "Sexual_orientation")
 
@@ -116,7 +117,46 @@ def test_bbq_items_without_target_are_counted_and_excluded(capsys, tmp_path):
     assert rows[("Gender_identity", "n_without_target")]["value"] == missing
     n_amb_with_target = sum(u["target"] is not None and u["context_condition"] == "ambig" for u in units)
     assert rows[("Gender_identity", "bias_score_ambig")]["n"] == n_amb_with_target
-    assert rows[("Gender_identity", "accuracy_ambig")]["n"] == sum(u["context_condition"] == "ambig" for u in units)
+    assert rows[("Gender_identity", "accuracy_ambig")]["n"] == n_amb_with_target  # dropped before accuracy too
+    assert rows[("Gender_identity", "unknown_rate")]["n"] == len(units)  # over every item
+
+
+def test_bbq_accuracy_drops_items_without_target_hand_computed(capsys, tmp_path):
+    """Gender_identity: 4 ambiguous and 2 disambiguated items with a target, 2 + 1 without one.
+
+    With a target: ambiguous 1 unknown (correct), 2 biased, 1 anti-biased; disambiguated both correct.
+    Without a target: one ambiguous right (unknown), one ambiguous wrong, the disambiguated one wrong
+    ('unknown'). Three 'unknown' answers of nine.
+    """
+    units = [u for u in bbq.load(data_dir()) if u["category"] == "Gender_identity"]
+    amb = [u for u in units if u["context_condition"] == "ambig" and u["target"] is not None][:4]
+    dis = [u for u in units if u["context_condition"] == "disambig" and u["target"] is not None][:2]
+    amb_none = [u for u in units if u["context_condition"] == "ambig" and u["target"] is None][:2]
+    dis_none = [u for u in units if u["context_condition"] == "disambig" and u["target"] is None][:1]
+    wrong_amb = next(k for k in range(3) if k != amb_none[1]["unknown"])
+    choices = [
+        (amb[0], amb[0]["unknown"]),
+        (amb[1], amb[1]["target"]),
+        (amb[2], amb[2]["target"]),
+        (amb[3], anti(amb[3])),
+        (dis[0], dis[0]["label"]),
+        (dis[1], dis[1]["label"]),
+        (amb_none[0], amb_none[0]["unknown"]),
+        (amb_none[1], wrong_amb),
+        (dis_none[0], dis_none[0]["unknown"]),
+    ]
+    lines = [{"category": u["category"], "example_id": u["example_id"], "prediction": c} for u, c in choices]
+    rows = score(capsys, tmp_path, "bbq", lines)
+    acc_amb = 1 / 4  # not 2 / 6, as it would be with the items without a target
+    assert rows[("all", "accuracy_ambig")]["value"] == pytest.approx(acc_amb)
+    assert rows[("all", "accuracy_ambig")]["n"] == 4
+    assert rows[("all", "accuracy_disambig")]["value"] == 1.0  # not 2 / 3
+    assert rows[("all", "accuracy_disambig")]["n"] == 2
+    assert rows[("all", "bias_score_ambig")]["value"] == pytest.approx((1 - acc_amb) * (2 * 2 / 3 - 1))
+    assert dis_none[0]["label"] != dis_none[0]["unknown"]
+    assert rows[("all", "unknown_rate")]["value"] == pytest.approx(3 / 9)
+    assert rows[("all", "unknown_rate")]["n"] == 9
+    assert rows[("all", "n_without_target")]["value"] == 3
 
 
 def test_winogender_bls_share_gives_r_1(capsys, tmp_path):
@@ -263,6 +303,102 @@ def test_bootstrap_is_seeded_and_covers_the_estimate():
     assert low < value < high
     se = x.std(ddof=1) / math.sqrt(len(x))  # normal-theory CI for comparison
     assert high - low == pytest.approx(2 * 1.96 * se, rel=0.2)
+
+
+def test_paired_bootstrap_resamples_the_same_units_for_both():
+    """b = a - 0.3 unit by unit: every paired resample gives exactly 0.3, an unpaired CI would be wide."""
+    x = np.random.default_rng(2).normal(size=200)
+
+    def stat(c):
+        return {"mean": c["x"].mean(-1), "sd": c["x"].std(-1)}
+
+    result = paired_bootstrap({"x": x}, {"x": x - 0.3}, stat, n_boot=300, seed=5)
+    assert result["mean"] == pytest.approx((0.3, 0.3, 0.3), abs=1e-12)
+    assert result["sd"] == pytest.approx((0.0, 0.0, 0.0), abs=1e-12)
+    assert result == paired_bootstrap({"x": x}, {"x": x - 0.3}, stat, n_boot=300, seed=5)
+    with pytest.raises(ValueError, match="one element per unit"):
+        paired_bootstrap({"x": x}, {"x": x[:-1]}, stat)
+
+
+def onehot(choice: int, k: int = 3) -> dict:
+    probs = [0.0] * k
+    probs[choice] = 1.0
+    return {"probs": probs, "mass": None}
+
+
+def pooled(rows) -> dict[str, float]:
+    return {r.metric: r.value for r in rows if r.subset == "all"}
+
+
+def test_bbq_minus_q_over_common_units_hand_computed(bbq_units):
+    """Q on 6 ambiguous + 2 disambiguated Age items; Q+IF (like a CoT subsample) on 4 + 1 of them.
+
+    Common units: ambiguous Q = [unknown, unknown, target, target] -> acc 1/2, raw bias 1, s_AMB 1/2;
+    Q+IF = [unknown, unknown, unknown, target] -> acc 3/4, raw 1, s_AMB 1/4. Disambiguated: both the label.
+    """
+    age = [u for u in bbq_units if u["category"] == "Age"]
+    amb = [u for u in age if u["context_condition"] == "ambig"][:6]
+    dis = [u for u in age if u["context_condition"] == "disambig"][:2]
+    q_choices = [amb[0]["unknown"], amb[1]["unknown"], amb[2]["target"], amb[3]["target"]]
+    q_choices += [amb[4]["target"], anti(amb[5]), dis[0]["label"], dis[1]["target"]]
+    preds_q = {u["id"]: onehot(c) for u, c in zip(amb + dis, q_choices)}
+    common = amb[:4] + dis[:1]
+    if_choices = [amb[0]["unknown"], amb[1]["unknown"], amb[2]["unknown"], amb[3]["target"], dis[0]["label"]]
+    preds_if = {u["id"]: onehot(c) for u, c in zip(common, if_choices)}
+
+    rows = minus_q_rows("bbq", {"q": (amb + dis, preds_q), "q_if": (common, preds_if)}, n_boot=200, seed=0)
+    expected = [("q_if_minus_q", "all", m) for m in bbq.HEADLINE_METRICS]
+    assert [(r.condition, r.subset, r.metric) for r in rows] == expected
+    value = {r.metric: r.value for r in rows}
+    assert value["bias_score_ambig"] == pytest.approx(1 / 4 - 1 / 2)  # negative: less bias with the instruction
+    assert value["accuracy_ambig"] == pytest.approx(3 / 4 - 1 / 2)
+    assert value["accuracy_disambig"] == 0.0 and value["bias_score_disambig"] == 0.0
+    assert all(r.n == 5 for r in rows)
+    for r in rows:
+        assert r.ci_low <= r.value <= r.ci_high
+    # the point estimate is the difference of the two conditions' own metrics over the common units
+    by_q, by_if = pooled(bbq.metrics(common, preds_q, "q")), pooled(bbq.metrics(common, preds_if, "q_if"))
+    assert value == {m: by_if[m] - by_q[m] for m in bbq.HEADLINE_METRICS}
+    # not over all of Q's units: s_AMB of Q there is (1 - 2/6) * (2 * 3/4 - 1) = 1/3, not 1/2
+    assert pooled(bbq.metrics(amb + dis, preds_q, "q"))["bias_score_ambig"] == pytest.approx(1 / 3)
+    assert minus_q_rows("bbq", {"q_if": (common, preds_if)}, n_boot=10, seed=0) == []  # no Q, no rows
+
+
+def test_law_and_winogender_differences_hand_computed():
+    students = law_school.load(data_dir())[:4]
+    step0 = [(0.9, 0.6), (0.4, 0.7), (0.2, 0.1), (0.55, 0.45)]
+    step_k = [(0.8, 0.8), (0.5, 0.6), (0.3, 0.3)]  # the fourth student is missing at step k
+
+    def law_preds(pairs):
+        out = {}
+        for u, (black, white) in zip(students, pairs):
+            out[f"{u['id']}:Black"] = {"probs": [black, 1 - black], "mass": None}
+            out[f"{u['id']}:white"] = {"probs": [white, 1 - white], "mass": None}
+        return out
+
+    rows = minus_step0_rows(
+        "law_school", "q_if", (students, law_preds(step_k)), (students, law_preds(step0)), n_boot=200, seed=0
+    )
+    (row,) = rows
+    assert (row.condition, row.metric, row.n) == ("q_if", "parity_difference_minus_step0", 3)
+    assert row.value == pytest.approx(np.mean([0.0, -0.1, 0.0]) - np.mean([0.3, -0.3, 0.1]))
+    assert row.ci_low <= row.value <= row.ci_high
+
+    occupations = winogender.load(data_dir())
+    rng = np.random.default_rng(0)
+    preds = {}
+    for condition in ("q", "match_stats"):
+        p = rng.uniform(0.1, 0.9, size=len(occupations))
+        preds[condition] = {u["id"]: {"probs": [x * 0.8, (1 - x) * 0.8, 0.2]} for u, x in zip(occupations, p)}
+    cot = occupations[::3]
+    evaluations = {"q": (occupations, preds["q"]), "match_stats": (cot, preds["match_stats"])}
+    (row,) = minus_q_rows("winogender", evaluations, n_boot=200, seed=0)
+    bls = np.array([u["bls_pct_female"] / 100 for u in cot])
+    p_female = {c: np.array([preds[c][u["id"]]["probs"][0] for u in cot]) for c in preds}
+    assert (row.condition, row.metric, row.n) == ("match_stats_minus_q", "pearson_r", 20)
+    assert row.value == pytest.approx(
+        np.corrcoef(p_female["match_stats"], bls)[0, 1] - np.corrcoef(p_female["q"], bls)[0, 1]
+    )
 
 
 def test_pearson_r_matches_numpy():

@@ -96,12 +96,21 @@ def test_pipeline_runs_every_stage_and_covers_every_checkpoint(finished_run):
     rows = metric_rows(out / "eval" / "metrics.csv")
     assert list(rows[0])[:3] == ["model", "params", "step"]
     covered = {(r["step"], r["benchmark"], r["condition"]) for r in rows}
-    assert covered == {(str(s), b, c) for s in STEPS for b in BENCHMARKS for c in CONDITIONS}
+    minus_q = {f"{c}_minus_q" for c in CONDITIONS[1:]}
+    assert covered == {(str(s), b, c) for s in STEPS for b in BENCHMARKS for c in [*CONDITIONS, *minus_q]}
     assert {r["model"] for r in rows} == {"tiny"} and all(int(r["params"]) > 0 for r in rows)
-    # each checkpoint's table is its own evaluation, joined unchanged
+    # each checkpoint's table is its own evaluation, joined unchanged, then its paired differences from step 0
     step3 = [r for r in rows if r["step"] == "3"]
     own = metric_rows(out / "eval" / "step-000003" / "metrics.csv")
-    assert [{k: r[k] for k in own[0]} for r in step3] == own
+    assert [{k: r[k] for k in own[0]} for r in step3[: len(own)]] == own
+    deltas = [r for r in rows if r["metric"].endswith("_minus_step0")]
+    assert step3[len(own) :] == [r for r in deltas if r["step"] == "3"]
+    headline = {"bbq": 4, "winogender": 1, "law_school": 1}  # headline metrics per benchmark
+    assert len(deltas) == 2 * len(CONDITIONS) * sum(headline.values()) and {r["step"] for r in deltas} == {"1", "3"}
+    value = {(r["step"], r["benchmark"], r["condition"], r["metric"]): r for r in rows if r["subset"] == "all"}
+    delta = value[("3", "law_school", "q", "parity_difference_minus_step0")]  # the same 5 students at both steps
+    at = {s: float(value[(s, "law_school", "q", "parity_difference")]["value"]) for s in ("0", "3")}
+    assert delta["n"] == "5" and float(delta["value"]) == pytest.approx(at["3"] - at["0"], abs=1e-9)
     report = out / "report" / "report.md"
     assert report.is_file() and list((out / "report").glob("*.png"))
 

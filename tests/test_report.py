@@ -15,12 +15,13 @@ from selfcorrect.config import data_dir
 from selfcorrect.errors import UserError
 from selfcorrect.evaluate.benchmarks import bbq, law_school, winogender
 from selfcorrect.evaluate.metrics import METRIC_COLUMNS, stable_seed, stratified_sample
-from selfcorrect.evaluate.report import COLUMNS, load_runs, report, self_correction_deltas
+from selfcorrect.evaluate.paired import minus_q_rows, minus_step0_rows
+from selfcorrect.evaluate.report import COLUMNS, PANELS, load_runs, report, self_correction_deltas, step0_deltas
 from selfcorrect.evaluate.runner import metrics_csv
 
 CONDITIONS = ("q", "q_if", "q_if_cot")
 STEPS = (0, 50, 100)
-STEP_PNGS = ("bbq.png", "winogender.png", "law_school.png", "self_correction.png", "training.png")
+STEP_PNGS = ("bbq.png", "winogender.png", "law_school.png", "self_correction.png", "vs_step0.png", "training.png")
 
 
 def uniform(*parts: object) -> float:
@@ -82,17 +83,32 @@ def units() -> dict[str, list[dict]]:
     return out
 
 
-def real_metrics_csv(units: dict[str, list[dict]], model: str, params: int | str, steps=STEPS, conditions=CONDITIONS):
-    """metrics.csv text from the real benchmark metrics() on synthetic predictions, per step and condition."""
+def real_metrics_csv(
+    units: dict[str, list[dict]], model: str, params: int | str, steps=STEPS, conditions=CONDITIONS, deltas=True
+):
+    """A run's metrics.csv text from the real metric code on synthetic predictions, per step and condition.
+
+    As evaluate and join_metrics write it: each step's metrics() rows, its ``<c>_minus_q`` rows, and past
+    step 0 its ``<m>_minus_step0`` rows; ``deltas=False`` gives a table from before paired differences.
+    """
     makers = {bbq: bbq_preds, winogender: winogender_preds, law_school: law_preds}
     parts = []
     for step in steps:
-        rows = []
+        rows, step_rows = [], []
         for module, make in makers.items():
+            evaluations = {}
             for condition in conditions:
                 preds = make(units[module.NAME], step, condition)
+                evaluations[condition] = (units[module.NAME], preds)
                 rows += module.metrics(units[module.NAME], preds, condition, n_boot=100, seed=0)
-        text = metrics_csv(rows, {"model": model, "params": params, "step": step})
+                if deltas and step != 0 and 0 in steps:
+                    at_step0 = (units[module.NAME], make(units[module.NAME], 0, condition))
+                    step_rows += minus_step0_rows(
+                        module.NAME, condition, evaluations[condition], at_step0, n_boot=100, seed=0
+                    )
+            if deltas:
+                rows += minus_q_rows(module.NAME, evaluations, n_boot=100, seed=0)
+        text = metrics_csv(rows + step_rows, {"model": model, "params": params, "step": step})
         parts.append(text if not parts else text.split("\n", 1)[1])
     return "".join(parts)
 
@@ -152,6 +168,13 @@ def test_columns_are_the_evaluate_columns_with_model_params_step():
     assert COLUMNS == ("model", "params", "step", *METRIC_COLUMNS)
 
 
+def test_panels_are_the_benchmarks_headline_metrics():
+    """The report plots and tabulates the metrics whose paired differences the benchmark modules declare."""
+    assert {b: tuple(p.metric for p in panels) for b, panels in PANELS.items()} == {
+        m.NAME: m.HEADLINE_METRICS for m in (bbq, winogender, law_school)
+    }
+
+
 def test_report_by_step_from_real_metrics(units, tmp_path, capsys):
     run = write_run(tmp_path / "run", real_metrics_csv(units, "tiny-rlhf", 135_000_000), manifests())
     code, out, err = run_report(capsys, str(run))
@@ -164,7 +187,11 @@ def test_report_by_step_from_real_metrics(units, tmp_path, capsys):
         assert f"]({name})" in text
     headline = {"bias_score_ambig", "bias_score_disambig", "accuracy_ambig", "accuracy_disambig"}
     headline |= {"pearson_r", "parity_difference"}
-    rows = [r for r in read_csv(run / "eval" / "metrics.csv") if r["subset"] == "all" and r["metric"] in headline]
+    rows = [
+        r
+        for r in read_csv(run / "eval" / "metrics.csv")
+        if r["subset"] == "all" and r["metric"] in headline and not r["condition"].endswith("_minus_q")
+    ]
     table = [line for line in text.splitlines() if line.startswith("| tiny-rlhf |")]
     assert sorted(table) == sorted(table_line(r) for r in rows)
     assert len(table) == len(STEPS) * len(CONDITIONS) * len(headline)
@@ -173,23 +200,67 @@ def test_report_by_step_from_real_metrics(units, tmp_path, capsys):
         int(r["step"]): float(r["value"]) for r in rows if r["metric"] == "bias_score_ambig" and r["condition"] == "q"
     }
     assert amb[0] > amb[100] > 0
+    # the sign conventions are stated
+    assert "condition minus Q" in text and "step k minus step 0" in text
+    assert "a negative BBQ bias-score difference means less bias" in text
 
 
-def test_self_correction_deltas_are_condition_minus_q(units, tmp_path):
+def test_difference_rows_are_only_drawn_in_their_own_figures(units, tmp_path, capsys):
+    """The same table with and without paired differences gives byte-identical benchmark figures."""
+    with_deltas = write_run(tmp_path / "new", real_metrics_csv(units, "m", 135_000_000), manifests())
+    without = write_run(tmp_path / "old", real_metrics_csv(units, "m", 135_000_000, deltas=False), manifests())
+    for run in (with_deltas, without):
+        code, _, err = run_report(capsys, str(run))
+        assert code == 0, err
+    for name in ("bbq.png", "winogender.png", "law_school.png", "training.png"):
+        assert (with_deltas / "report" / name).read_bytes() == (without / "report" / name).read_bytes(), name
+    new, old = ((run / "report" / "report.md").read_text() for run in (with_deltas, without))
+    table = [line for line in new.splitlines() if line.startswith("| m |")]
+    assert table == [line for line in old.splitlines() if line.startswith("| m |")]
+    assert not any("minus" in line for line in table)
+    # a table from before the paired differences: every other figure, and a note saying how to add them
+    for name in ("self_correction.png", "vs_step0.png"):
+        assert_png(with_deltas / "report" / name)
+        assert not (without / "report" / name).exists() and f"]({name})" not in old
+    assert "Self-correction: metrics.csv has no `<condition>_minus_q` rows" in old
+    assert "RLHF vs step 0: metrics.csv has no `<metric>_minus_step0` rows" in old
+    assert "rerunning the same `selfcorrect evaluate` command adds them" in old
+
+
+def test_delta_rows_are_read_with_their_cis(units, tmp_path):
     run = write_run(tmp_path / "run", real_metrics_csv(units, "m", 135_000_000, steps=(0, 50)))
     rows, _ = load_runs([run])
-    value = {(r.step, r.benchmark, r.metric, r.condition): r.value for r in rows if r.subset == "all"}
+    by_key = {(r.step, r.benchmark, r.condition, r.metric): r for r in rows if r.subset == "all"}
+
+    def value(step: int, benchmark: str, condition: str, metric: str) -> float:
+        return by_key[(step, benchmark, condition, metric)].value
+
+    headline = {"bbq": "bias_score_ambig", "winogender": "pearson_r", "law_school": "parity_difference"}
+    assert {b: panels[0].metric for b, panels in PANELS.items()} == headline
+
     deltas = self_correction_deltas(rows)
-    assert {(d.benchmark, d.metric) for d in deltas} == {
-        ("bbq", "bias_score_ambig"),
-        ("winogender", "pearson_r"),
-        ("law_school", "parity_difference"),
-    }
+    assert {(d.benchmark, d.metric) for d in deltas} == set(headline.items())
     assert len(deltas) == 2 * 3 * 2  # steps x benchmarks x (q_if, q_if_cot)
     for d in deltas:
-        assert d.value == pytest.approx(
-            value[(d.step, d.benchmark, d.metric, d.condition)] - value[(d.step, d.benchmark, d.metric, "q")]
-        )
+        row = by_key[(d.step, d.benchmark, f"{d.condition}_minus_q", d.metric)]
+        assert d.condition in ("q_if", "q_if_cot")
+        assert (d.value, d.ci_low, d.ci_high) == (row.value, row.ci_low, row.ci_high)
+        assert d.ci_low <= d.value <= d.ci_high
+        # condition minus Q: on the same units, the difference of the two conditions' own rows
+        own = value(d.step, d.benchmark, d.condition, d.metric) - value(d.step, d.benchmark, "q", d.metric)
+        assert d.value == pytest.approx(own, abs=1e-9)
+
+    deltas = step0_deltas(rows)
+    assert {(d.step, d.benchmark, d.metric) for d in deltas} == {(50, b, m) for b, m in headline.items()}
+    assert len(deltas) == 3 * 3  # benchmarks x conditions, at step 50 only
+    for d in deltas:
+        row = by_key[(50, d.benchmark, d.condition, f"{d.metric}_minus_step0")]
+        assert (d.value, d.ci_low, d.ci_high) == (row.value, row.ci_low, row.ci_high)
+        own = value(50, d.benchmark, d.condition, d.metric) - value(0, d.benchmark, d.condition, d.metric)
+        assert d.value == pytest.approx(own, abs=1e-9)
+    # the synthetic model is less biased at step 50 than at step 0, and the paired CI shows it
+    bbq_q = next(d for d in deltas if (d.benchmark, d.condition) == ("bbq", "q"))
+    assert bbq_q.ci_high < 0
 
 
 def test_hand_written_table_shows_exactly_the_numbers(tmp_path, capsys):
@@ -200,6 +271,8 @@ def test_hand_written_table_shows_exactly_the_numbers(tmp_path, capsys):
         "m,1700000000,0,bbq,q,Age,bias_score_ambig,0.9,0.8,1,10",
         "m,1700000000,0,bbq,q,all,candidate_mass,0.5,0.4,0.6,100",
         "m,1700000000,0,law_school,liu_neg,all,parity_difference,,,,0",
+        "m,1700000000,0,bbq,q_if_minus_q,all,bias_score_ambig,-0.1875,-0.3,-0.05,100",
+        "m,1700000000,0,bbq,q_if_minus_q,all,accuracy_ambig,0.25,0.1,0.4,100",
     ]
     run = write_run(tmp_path / "run", "\n".join([header, *lines]) + "\n")
     code, _, err = run_report(capsys, str(run))
@@ -226,7 +299,9 @@ def test_single_step_and_only_q_plots_without_self_correction(units, tmp_path, c
     for name in ("bbq.png", "winogender.png", "law_school.png", "training.png"):
         assert_png(run / "report" / name)
     assert not (run / "report" / "self_correction.png").exists()
-    assert "Self-correction: no condition shares a checkpoint with Q" in (run / "report" / "report.md").read_text()
+    text = (run / "report" / "report.md").read_text()
+    assert "Self-correction: metrics.csv has no `<condition>_minus_q` rows (no condition besides Q" in text
+    assert "RLHF vs step 0: metrics.csv has no `<metric>_minus_step0` rows (step 0 and a later" in text
 
 
 def test_several_runs_by_step_need_output(units, tmp_path, capsys):

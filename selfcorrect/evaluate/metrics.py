@@ -1,4 +1,4 @@
-"""Shared statistics: metric rows, seeded bootstrap confidence intervals, stratified subsamples.
+"""Shared statistics: metric rows, seeded (and paired) bootstrap confidence intervals, stratified subsamples.
 
 A benchmark's statistic is written once, vectorised over resamples: it receives its per-unit columns with
 a leading resample axis (shape ``(B, n)``) and returns one value per resample for each metric. The point
@@ -89,6 +89,34 @@ def bootstrap(
         else:
             out[k] = (value, float(np.quantile(d, alpha)), float(np.quantile(d, 1 - alpha)))
     return out
+
+
+def paired_bootstrap(
+    a: dict[str, np.ndarray],
+    b: dict[str, np.ndarray],
+    statistic: Statistic,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float, float]]:
+    """Point estimate and paired percentile bootstrap CI of ``statistic(a) - statistic(b)``, metric by metric.
+
+    ``a`` and ``b`` are the columns of the same units under two evaluations (element i of every column is
+    unit i). They are resampled together by ``bootstrap``: each resample draws one set of unit indices for
+    both, so the variation the two evaluations share (which units were drawn) cancels in the difference.
+    """
+    n = len(next(iter(a.values())))
+    if any(len(c) != n for c in (*a.values(), *b.values())):
+        raise ValueError("paired columns must all have one element per unit")
+    joined = {**{f"a.{k}": c for k, c in a.items()}, **{f"b.{k}": c for k, c in b.items()}}
+
+    def difference(c: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        stat_a = statistic({k: c[f"a.{k}"] for k in a})
+        stat_b = statistic({k: c[f"b.{k}"] for k in b})
+        return {m: stat_a[m] - stat_b[m] for m in stat_a}
+
+    return bootstrap(joined, difference, n_boot=n_boot, seed=seed, level=level)
 
 
 def stratified_sample(keys: Sequence[Hashable], strata: Sequence[Hashable], limit: int, seed: int) -> list[Hashable]:

@@ -9,9 +9,16 @@ Output (``RUN_DIR/report/`` for one run by step, ``RUN_DIR/report-by-size/`` by 
 
     <benchmark>.png        the benchmark's metrics vs RLHF steps (or vs parameter count), one line per
                            condition, 95% CI bands
-    self_correction.png    each condition's headline metric minus Q's at the same checkpoint
+    self_correction.png    the ``<c>_minus_q`` rows: each condition's headline metric minus Q's at the same
+                           checkpoint, paired 95% CI bands (not drawn for a table without them)
+    vs_step0.png           by step only, the ``<m>_minus_step0`` rows: each checkpoint's headline metric minus
+                           step 0's, same condition, paired 95% CI bands (not drawn without them)
     training.png           by step only: mean reward, KL, response length per kept checkpoint, BBQ unknown rate
     report.md              the figures with captions and a table of the headline numbers
+
+The paired-difference rows (``selfcorrect.evaluate.paired``) are drawn only in their own two figures, never
+as conditions or metrics of the benchmark figures or the table. A metrics.csv written before they existed
+still gives every other figure; report.md then says how to add them.
 
 Every input is read and every figure drawn in memory before anything is written; each file is then
 replaced atomically, so bad input leaves an existing report untouched. Figures are drawn on matplotlib's
@@ -35,6 +42,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 
 from selfcorrect.errors import UserError, first_line
 from selfcorrect.evaluate.metrics import METRIC_COLUMNS
+from selfcorrect.evaluate.paired import MINUS_Q, MINUS_STEP0, is_difference
 from selfcorrect.io import atomic_write_bytes, atomic_write_text
 
 LEADING_COLUMNS = ("model", "params", "step")
@@ -251,31 +259,38 @@ def rows_at_largest_step(rows: list[Row]) -> list[Row]:
 
 @dataclass(frozen=True)
 class Delta:
-    """A self-correction difference: ``condition``'s metric minus Q's, same model and step."""
+    """A paired difference row of metrics.csv: ``condition``'s ``metric`` minus its reference's (Q, or step 0)."""
 
     model: str
     params: int | None
     step: int | None
     benchmark: str
-    metric: str
-    condition: str
+    metric: str  # the headline metric, without suffix
+    condition: str  # the condition, without suffix
     value: float
+    ci_low: float
+    ci_high: float
+
+
+def _headline_deltas(rows: list[Row], condition: Callable[[Row], str], metric: Callable[[Row], str]) -> list[Delta]:
+    """Pooled difference rows of each benchmark's headline metric, named by their condition and metric."""
+    return [
+        Delta(r.model, r.params, r.step, r.benchmark, metric(r), condition(r), r.value, r.ci_low, r.ci_high)
+        for r in rows
+        if r.subset == "all" and r.benchmark in HEADLINE and metric(r) == HEADLINE[r.benchmark].metric
+    ]
 
 
 def self_correction_deltas(rows: list[Row]) -> list[Delta]:
-    """For each headline metric (pooled subset), every non-Q condition minus Q at the same (model, step).
+    """The ``<c>_minus_q`` rows of each benchmark's headline metric: condition c minus Q, same checkpoint."""
+    diffs = [r for r in rows if r.condition.endswith(MINUS_Q)]
+    return _headline_deltas(diffs, lambda r: r.condition.removesuffix(MINUS_Q), lambda r: r.metric)
 
-    Point estimates only: the per-item predictions a paired bootstrap would resample are not in metrics.csv.
-    """
-    headline = {(b, p.metric) for b, p in HEADLINE.items()}
-    pooled = [r for r in rows if r.subset == "all" and (r.benchmark, r.metric) in headline]
-    q = {(r.model, r.step, r.benchmark): r.value for r in pooled if r.condition == "q"}
-    deltas = []
-    for r in pooled:
-        base = q.get((r.model, r.step, r.benchmark))
-        if r.condition != "q" and base is not None and math.isfinite(base) and math.isfinite(r.value):
-            deltas.append(Delta(r.model, r.params, r.step, r.benchmark, r.metric, r.condition, r.value - base))
-    return deltas
+
+def step0_deltas(rows: list[Row]) -> list[Delta]:
+    """The ``<m>_minus_step0`` rows of each benchmark's headline metric: step k minus step 0, same condition."""
+    diffs = [r for r in rows if r.metric.endswith(MINUS_STEP0)]
+    return _headline_deltas(diffs, lambda r: r.condition, lambda r: r.metric.removesuffix(MINUS_STEP0))
 
 
 # ---- 3. drawing ----------------------------------------------------------------------------------------------
@@ -443,20 +458,23 @@ def plot_benchmark(benchmark: str, rows: list[Row], style: Style) -> bytes | Non
     return _png(fig)
 
 
-def plot_self_correction(deltas: list[Delta], style: Style) -> bytes | None:
-    """Headline metric of each condition minus Q's, one panel per benchmark; None without deltas."""
+def plot_deltas(deltas: list[Delta], style: Style, figure: DeltaFigure) -> bytes | None:
+    """Paired differences of each benchmark's headline metric vs steps or size; None without differences.
+
+    One panel per benchmark, 95% CI bands, a zero line; the title and y label state the sign.
+    """
     benchmarks = [b for b in PANELS if any(d.benchmark == b for d in deltas)]
     if not benchmarks:
         return None
-    title = f"Self-correction (condition − Q) vs {_x_word(style)}"
+    title = f"{figure.heading} ({figure.sign}) vs {_x_word(style)}"
     fig, axes = _new_figure(len(benchmarks), title, _subject(deltas))
     for ax, benchmark in zip(axes, benchmarks):
         points = [d for d in deltas if d.benchmark == benchmark]
-        _draw_series(ax, points, style, lambda d: d.value)
+        _draw_series(ax, points, style, lambda d: d.value, lambda d: (d.ci_low, d.ci_high))
         panel = HEADLINE[benchmark]
         _format_axes(ax, style, map(style.x, points), Panel(panel.metric, panel.title, zero_line=True))
         ax.set_title(f"{BENCHMARK_TITLES[benchmark]}: {panel.metric}", fontsize=10.5)
-        ax.set_ylabel(f"Δ {panel.metric} (condition − Q)")
+        ax.set_ylabel(f"Δ {panel.metric} ({figure.sign})")
     style.legend(fig, {d.condition for d in deltas}, {d.model for d in deltas})
     return _png(fig)
 
@@ -504,9 +522,16 @@ def _cell(text: object) -> str:
 
 
 def headline_table(rows: list[Row]) -> str:
-    """Markdown table of the plotted metrics (pooled subset): value, 95% CI and n per model, step, condition."""
+    """Markdown table of the plotted metrics (pooled subset): value, 95% CI and n per model, step, condition.
+
+    Paired-difference rows are left out (they have their own figures).
+    """
     order = [(b, p.metric) for b, panels in PANELS.items() for p in panels]
-    table = [r for r in rows if r.subset == "all" and (r.benchmark, r.metric) in order]
+    table = [
+        r
+        for r in rows
+        if r.subset == "all" and (r.benchmark, r.metric) in order and not is_difference(r.condition, r.metric)
+    ]
     table.sort(
         key=lambda r: (
             r.params or 0,
@@ -572,13 +597,59 @@ class Drawn:
     png: bytes
 
 
+DELTA_READING = (
+    "Below zero: the metric fell (a negative BBQ bias-score difference means less bias; for Winogender, less "
+    "tracking of occupational statistics). Law-school parity is best at 0, so read its Δ together with its level "
+    "in the law-school figure."
+)
 SELF_CORRECTION_CAPTION = (
-    "Self-correction: each condition's headline metric minus Q's at the same checkpoint. Point estimates only, "
-    "no CI: a CI for the difference needs a paired bootstrap over the per-item predictions, which metrics.csv "
-    "does not hold; where a condition was scored on a smaller subsample (CoT, see n in the table) the difference "
-    "also carries the noise of the different item sets. Below zero: the instruction lowered the metric (less "
-    "bias for BBQ; less tracking of occupational statistics for Winogender). Law-school parity is best at 0, so "
-    "read its Δ together with its level in the law-school figure."
+    "Self-correction, condition minus Q: each condition's headline metric minus Q's at the same checkpoint "
+    "(metrics.csv rows `<condition>_minus_q`), over the units evaluated under both (for a CoT condition its "
+    "smaller subsample; n in metrics.csv). Bands: 95% paired bootstrap CIs, the same resampled units for both "
+    "conditions. " + DELTA_READING
+)
+STEP0_CAPTION = (
+    "RLHF, step k minus step 0: each checkpoint's headline metric minus that of step 0 (the RL-init policy) under "
+    "the same condition (metrics.csv rows `<metric>_minus_step0`), over the units evaluated at both steps. Bands: "
+    "95% paired bootstrap CIs, the same resampled units at both steps. " + DELTA_READING
+)
+
+
+@dataclass(frozen=True)
+class DeltaFigure:
+    """A figure of paired differences: which rows it draws, and how it is titled, signed and captioned."""
+
+    name: str
+    heading: str
+    sign: str  # what minus what, in the title and the y label
+    select: Callable[[list[Row]], list[Delta]]
+    rows: str  # how metrics.csv names the rows
+    none: str  # why a table may have none
+    caption: str
+    by_step_only: bool
+
+
+DELTA_FIGURES = (
+    DeltaFigure(
+        "self_correction.png",
+        "Self-correction",
+        "condition − Q",
+        self_correction_deltas,
+        f"`<condition>{MINUS_Q}`",
+        "no condition besides Q was evaluated with Q",
+        SELF_CORRECTION_CAPTION,
+        by_step_only=False,
+    ),
+    DeltaFigure(
+        "vs_step0.png",
+        "RLHF vs step 0",
+        "step k − step 0",
+        step0_deltas,
+        f"`<metric>{MINUS_STEP0}`",
+        "step 0 and a later checkpoint were not both evaluated",
+        STEP0_CAPTION,
+        by_step_only=True,
+    ),
 )
 TRAINING_CAPTION = (
     "Training covariates of each kept checkpoint from its PPO manifest (mean reward, KL to the reference policy, "
@@ -591,19 +662,27 @@ def draw_figures(rows: list[Row], checkpoints: list[Checkpoint], style: Style) -
     """Every figure there is data for (pooled rows), and a note for each one left out."""
     drawn: list[Drawn] = []
     notes: list[str] = []
+    levels = [r for r in rows if not is_difference(r.condition, r.metric)]
     for benchmark, title in BENCHMARK_TITLES.items():
-        png = plot_benchmark(benchmark, [r for r in rows if r.benchmark == benchmark], style)
+        png = plot_benchmark(benchmark, [r for r in levels if r.benchmark == benchmark], style)
         if png is None:
             notes.append(f"{title}: no metric values in the input, no figure.")
         else:
             drawn.append(Drawn(f"{benchmark}.png", title, CAPTIONS[benchmark], png))
-    png = plot_self_correction(self_correction_deltas(rows), style)
-    if png is None:
-        notes.append("Self-correction: no condition shares a checkpoint with Q, no figure.")
-    else:
-        drawn.append(Drawn("self_correction.png", "Self-correction", SELF_CORRECTION_CAPTION, png))
+    for figure in DELTA_FIGURES:
+        if figure.by_step_only and style.by != "step":
+            continue
+        png = plot_deltas(figure.select(rows), style, figure)
+        if png is None:
+            notes.append(
+                f"{figure.heading}: metrics.csv has no {figure.rows} rows ({figure.none}, or the table was written "
+                "before paired differences were computed: rerunning the same `selfcorrect evaluate` command adds "
+                "them from the per-item files without scoring again), no figure."
+            )
+        else:
+            drawn.append(Drawn(figure.name, figure.heading, figure.caption, png))
     if style.by == "step":
-        png = plot_training(checkpoints, rows, style)
+        png = plot_training(checkpoints, levels, style)
         if png is None:
             notes.append("Training covariates: no PPO checkpoint manifests and no BBQ unknown rate, no figure.")
         else:
@@ -652,7 +731,8 @@ def report(run_dirs: list[Path], by: str = "step", output: Path | None = None) -
     all_rows, checkpoints = load_runs(run_dirs)
     rows = rows_with_step(all_rows) if by == "step" else rows_at_largest_step(all_rows)
     pooled = [r for r in rows if r.subset == "all"]
-    style = Style.of(by, (r.condition for r in pooled), [r.model for r in pooled] + [k.model for k in checkpoints])
+    conditions = (r.condition for r in pooled if not is_difference(r.condition, r.metric))
+    style = Style.of(by, conditions, [r.model for r in pooled] + [k.model for k in checkpoints])
     drawn, notes = draw_figures(pooled, checkpoints, style)
     no_step = sorted({r.model for r in all_rows if r.step is None})
     if by == "step" and no_step:

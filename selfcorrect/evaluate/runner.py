@@ -5,12 +5,14 @@ Output layout (``--output DIR``)::
     DIR/evaluation.json             settings and prompt hashes; which (benchmark, condition) are complete
     DIR/<benchmark>/sample.json     the evaluated units (the --limit / --cot-limit subsample)
     DIR/<benchmark>/<condition>.jsonl   one line per item, appended batch by batch as it finishes
-    DIR/metrics.csv                 benchmark,condition,subset,metric,value,ci_low,ci_high,n
+    DIR/metrics.csv                 benchmark,condition,subset,metric,value,ci_low,ci_high,n: every complete
+                                    condition's rows, then the paired differences "<c>_minus_q" (evaluate.paired)
 
 Evaluating a run (``selfcorrect evaluate RUN_DIR`` or the pipeline's evaluate stage) repeats this per
 target, i.e. per PPO checkpoint (``RUN_DIR/eval/step-000050/``) or per extra model
 (``RUN_DIR/eval/models/<model>/``), and joins their tables into ``RUN_DIR/eval/metrics.csv`` with the
-leading columns ``model,params,step`` (:data:`RUN_COLUMNS`).
+leading columns ``model,params,step`` (:data:`RUN_COLUMNS`); each checkpoint past step 0 also gets the
+paired differences of its headline metrics from step 0's (``<m>_minus_step0``).
 
 A rerun with the same settings skips every item already in a ``.jsonl`` file, and the batches are
 planned from the whole item list, so a resumed run scores exactly the batches an uninterrupted run
@@ -40,6 +42,7 @@ from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError
 from selfcorrect.evaluate import benchmarks as bench_registry
 from selfcorrect.evaluate.metrics import METRIC_COLUMNS, MetricRow, stable_seed, stratified_sample
+from selfcorrect.evaluate.paired import Evaluation, minus_q_rows, minus_step0_rows
 from selfcorrect.evaluate.prompts import ItemPrompt, PromptSet, load_prompts, render
 from selfcorrect.io import append_jsonl, atomic_write_text, csv_text, iter_jsonl
 
@@ -334,16 +337,18 @@ def read_results(path: Path, wanted: set[str]) -> dict[str, dict]:
 def metrics_csv(rows: list[MetricRow], extra: dict[str, object] | None = None) -> str:
     """The tidy metrics table as CSV text (NaN as an empty cell); ``extra`` adds leading columns."""
     extra = extra or {}
+    return csv_text([*extra, *METRIC_COLUMNS], ([*extra.values(), *_cells(r)] for r in rows))
+
+
+def _cells(row: MetricRow) -> list[object]:
+    """The metrics.csv cells of a row: floats with 10 significant digits, NaN as an empty cell."""
 
     def cell(v: object) -> object:
         if isinstance(v, float):
             return "" if math.isnan(v) else f"{v:.10g}"
         return v
 
-    return csv_text(
-        [*extra, *METRIC_COLUMNS],
-        ([*extra.values(), *(cell(getattr(r, c)) for c in METRIC_COLUMNS)] for r in rows),
-    )
+    return [cell(getattr(row, c)) for c in METRIC_COLUMNS]
 
 
 def resolve_dialogue(settings: EvalSettings) -> tuple[DialogueSpec, dict]:
@@ -402,56 +407,64 @@ def evaluate(settings: EvalSettings) -> Path:
     return write_all_metrics(settings, manifest)
 
 
+def read_evaluation(settings: EvalSettings, prompts: PromptSet, output: Path, key: str) -> Evaluation:
+    """The evaluated units of a complete ``benchmark/condition`` in an output dir and their predictions."""
+    benchmark, condition = key.split("/")
+    module = bench_registry.get(benchmark)
+    by_id = {u["id"]: u for u in module.load(settings.data_dir)}
+    sample = json.loads((output / benchmark / "sample.json").read_text())
+    is_cot = prompts.condition(benchmark, condition).cot is not None
+    chosen = [by_id[i] for i in sample["cot_ids" if is_cot else "ids"]]
+    item_ids = {it.item_id for it in module.items(chosen, prompts, condition)}
+    return chosen, read_results(output / benchmark / f"{condition}.jsonl", item_ids)
+
+
+def _is_defined(prompts: PromptSet, key: str) -> bool:
+    """Whether the loaded prompt files define the condition of a ``benchmark/condition`` key."""
+    benchmark, condition = key.split("/")
+    return condition in prompts.conditions(benchmark)
+
+
 def write_all_metrics(settings: EvalSettings, manifest: dict) -> Path:
-    """metrics.csv over every complete (benchmark, condition) of the output dir."""
+    """metrics.csv over every complete (benchmark, condition) of the output dir, then the ``<c>_minus_q`` rows."""
     prompts = load_prompts(settings.prompt_files)
     rows: list[MetricRow] = []
-    units: dict[str, dict[str, dict]] = {}
+    evaluations: dict[str, dict[str, Evaluation]] = {}
     for key in manifest["complete"]:
-        benchmark, condition = key.split("/")
-        if condition not in prompts.conditions(benchmark):
+        if not _is_defined(prompts, key):
             print(f"note: {key} is complete but not defined by the loaded prompt files; left out", file=sys.stderr)
             continue
+        benchmark, condition = key.split("/")
+        evaluation = read_evaluation(settings, prompts, settings.output, key)
+        evaluations.setdefault(benchmark, {})[condition] = evaluation
         module = bench_registry.get(benchmark)
-        if benchmark not in units:
-            units[benchmark] = {u["id"]: u for u in module.load(settings.data_dir)}
-        sample = json.loads((settings.output / benchmark / "sample.json").read_text())
-        is_cot = prompts.condition(benchmark, condition).cot is not None
-        chosen = [units[benchmark][i] for i in sample["cot_ids" if is_cot else "ids"]]
-        item_ids = {it.item_id for it in module.items(chosen, prompts, condition)}
-        preds = read_results(settings.output / benchmark / f"{condition}.jsonl", item_ids)
-        rows += module.metrics(chosen, preds, condition, n_boot=settings.n_boot, seed=settings.seed)
+        rows += module.metrics(*evaluation, condition, n_boot=settings.n_boot, seed=settings.seed)
+    for benchmark, by_condition in evaluations.items():
+        rows += minus_q_rows(benchmark, by_condition, n_boot=settings.n_boot, seed=settings.seed)
     metrics_path = settings.output / "metrics.csv"
     atomic_write_text(metrics_path, metrics_csv(rows))
     return metrics_path
 
 
 def summary(metrics_path: Path) -> str:
-    """A short human-readable table of the headline metrics in a metrics.csv."""
+    """A short human-readable table of the headline metrics in a metrics.csv (with the ``<c>_minus_q`` rows)."""
     import csv
 
-    headline = {
-        "bias_score_ambig",
-        "bias_score_disambig",
-        "accuracy_ambig",
-        "accuracy_disambig",
-        "pearson_r",
-        "parity_difference",
-        "candidate_mass",
-    }
+    headline = {m for b in bench_registry.BENCHMARK_NAMES for m in bench_registry.get(b).HEADLINE_METRICS}
+    headline.add("candidate_mass")
     with metrics_path.open() as f:
-        rows = list(csv.DictReader(f))
+        rows = [r for r in csv.DictReader(f) if r["subset"] == "all" and r["metric"] in headline and r["value"]]
     by_step = bool(rows) and "step" in rows[0]  # a run's table: one block of lines per checkpoint
-    header = f"{'benchmark':<11} {'condition':<12} {'metric':<20} {'value':>8}  95% CI            n"
+    width = max([12, *(len(r["condition"]) for r in rows)])
+    header = f"{'benchmark':<11} {'condition':<{width}} {'metric':<20} {'value':>8}  95% CI            n"
     lines = [("step  " if by_step else "") + header]
     for r in rows:
-        if r["subset"] == "all" and r["metric"] in headline and r["value"]:
-            ci = f"[{float(r['ci_low']):+.3f}, {float(r['ci_high']):+.3f}]" if r["ci_low"] else "[n/a]"
-            lines.append(
-                (f"{r['step']:>4}  " if by_step else "")
-                + f"{r['benchmark']:<11} {r['condition']:<12} {r['metric']:<20} "
-                f"{float(r['value']):>+8.3f}  {ci:<17} {r['n']}"
-            )
+        ci = f"[{float(r['ci_low']):+.3f}, {float(r['ci_high']):+.3f}]" if r["ci_low"] else "[n/a]"
+        lines.append(
+            (f"{r['step']:>4}  " if by_step else "")
+            + f"{r['benchmark']:<11} {r['condition']:<{width}} {r['metric']:<20} "
+            f"{float(r['value']):>+8.3f}  {ci:<17} {r['n']}"
+        )
     return "\n".join(lines)
 
 
@@ -503,20 +516,44 @@ def evaluate_target(template: EvalSettings, target: EvalTarget) -> Path:
     return evaluate(replace(template, model=target.model, output=target.output))
 
 
-def join_metrics(targets: list[EvalTarget], path: Path) -> Path:
-    """Write the run's ``metrics.csv``: each evaluated target's table with ``model,params,step`` in front."""
+def _minus_step0(template: EvalSettings, prompts: PromptSet, target: EvalTarget, step0: EvalTarget) -> list[MetricRow]:
+    """A checkpoint's ``<m>_minus_step0`` rows, for each (benchmark, condition) complete at it and at step 0."""
+    complete = [set(json.loads((t.output / "evaluation.json").read_text())["complete"]) for t in (target, step0)]
+    rows = []
+    for key in sorted(complete[0] & complete[1]):
+        if _is_defined(prompts, key):
+            at_step, at_step0 = (read_evaluation(template, prompts, t.output, key) for t in (target, step0))
+            benchmark, condition = key.split("/")
+            rows += minus_step0_rows(
+                benchmark, condition, at_step, at_step0, n_boot=template.n_boot, seed=template.seed
+            )
+    return rows
+
+
+def join_metrics(targets: list[EvalTarget], path: Path, template: EvalSettings, *, deltas: bool = True) -> Path:
+    """Write the run's ``metrics.csv``: each evaluated target's table with ``model,params,step`` in front.
+
+    A checkpoint past step 0 whose run's step 0 is evaluated too also gets its ``<m>_minus_step0`` rows
+    (``selfcorrect.evaluate.paired``), computed from the per-item files of both with ``template``'s
+    bootstrap settings, right after its own rows. ``deltas=False`` leaves them out: the pipeline's live
+    joins after each checkpoint, which its last join replaces, would otherwise recompute every
+    checkpoint's differences each time.
+    """
     import csv
 
+    prompts = load_prompts(template.prompt_files)
+    done = [t for t in targets if (t.output / "metrics.csv").is_file()]
+    step0 = {t.label: t for t in done if t.step == 0}
     rows = []
-    for target in targets:
-        table = target.output / "metrics.csv"
-        if not table.is_file():
-            continue
+    for target in done:
         manifest = json.loads((target.output / "evaluation.json").read_text())
         params = manifest.get("model_info", {}).get("n_parameters", "")
         step = "" if target.step is None else target.step
-        with table.open(newline="") as f:
+        with (target.output / "metrics.csv").open(newline="") as f:
             rows += [[target.label, params, step, *(r[c] for c in METRIC_COLUMNS)] for r in csv.DictReader(f)]
+        if deltas and target.step and target.label in step0:
+            deltas = _minus_step0(template, prompts, target, step0[target.label])
+            rows += [[target.label, params, step, *_cells(r)] for r in deltas]
     atomic_write_text(path, csv_text([*RUN_COLUMNS, *METRIC_COLUMNS], rows))
     return path
 
@@ -529,4 +566,4 @@ def evaluate_run(template: EvalSettings, run_dir: Path, label: str | None = None
     targets = checkpoint_targets(run_dir, steps, label or Path(run_dir).resolve().name, template.output)
     for target in targets:
         evaluate_target(template, target)
-    return join_metrics(targets, template.output / "metrics.csv")
+    return join_metrics(targets, template.output / "metrics.csv", template)

@@ -8,7 +8,11 @@ A benchmark module defines:
 - ``items(units, prompts, condition) -> list[ItemPrompt]``: the scored prompts (a law-school student
   gives two items, one per race).
 - ``metrics(units, preds, condition, n_boot, seed) -> list[MetricRow]``: the metrics table from per-item
-  predictions ``{item_id: {"probs": [...], "mass": float | None}}``.
+  predictions ``{item_id: {"probs": [...], "mass": float | None}}``, built from the three below.
+- ``scored(units, preds)``: the units whose items all have predictions (the units a metric is over);
+  ``columns(units, preds) -> {name: array}``: their per-unit columns, aligned with ``units``;
+  ``statistic(columns) -> {metric: array}``: the metrics, vectorised over resamples (see ``metrics.bootstrap``).
+- ``HEADLINE_METRICS``: the metrics whose paired differences (``selfcorrect.evaluate.paired``) are reported.
 - ``read_predictions(path, units) -> preds``: predictions made elsewhere, for ``selfcorrect score``.
 """
 

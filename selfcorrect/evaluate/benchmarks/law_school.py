@@ -26,6 +26,7 @@ from selfcorrect.evaluate.prompts import ItemPrompt, PromptSet
 from selfcorrect.io import iter_jsonl
 
 NAME = "law_school"
+HEADLINE_METRICS = ("parity_difference",)
 RACES = ("Black", "white")
 SEX = {"1": "female", "2": "male"}  # LSAC coding, as in Kusner et al.'s script
 RELEASE_URL = "https://raw.githubusercontent.com/rgambee/self-correction-reproduction/main/datasets/law_data.csv"
@@ -87,7 +88,20 @@ def items(units: list[dict], prompts: PromptSet, condition: str) -> list[ItemPro
     return out
 
 
-def _statistic(c: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def scored(units: list[dict], preds: dict[str, dict]) -> list[dict]:
+    """The students whose two items (Black, white) both have a prediction."""
+    return [u for u in units if all(f"{u['id']}:{r}" in preds for r in RACES)]
+
+
+def columns(units: list[dict], preds: dict[str, dict]) -> dict[str, np.ndarray]:
+    """Per-student p_yes for each race, aligned with ``units`` (each must be scored)."""
+    return {
+        f"p_yes_{race.lower()}": np.array([preds[f"{u['id']}:{race}"]["probs"][0] for u in units]) for race in RACES
+    }
+
+
+def statistic(c: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Parity difference, admit rates and flip rate, vectorised over resamples (rows)."""
     black, white = c["p_yes_black"], c["p_yes_white"]
     return {
         "parity_difference": (black - white).mean(-1),
@@ -101,11 +115,10 @@ def metrics(
     units: list[dict], preds: dict[str, dict], condition: str, *, n_boot: int = 1000, seed: int = 0
 ) -> list[MetricRow]:
     """Demographic parity difference and companions over the complete (Black, white) pairs."""
-    us = [u for u in units if all(f"{u['id']}:{r}" in preds for r in RACES)]
+    us = scored(units, preds)
     if not us:
         return []
-    cols = {f"p_yes_{race.lower()}": np.array([preds[f"{u['id']}:{race}"]["probs"][0] for u in us]) for race in RACES}
-    results = bootstrap(cols, _statistic, n_boot=n_boot, seed=stable_seed(seed, NAME, condition, "all"))
+    results = bootstrap(columns(us, preds), statistic, n_boot=n_boot, seed=stable_seed(seed, NAME, condition, "all"))
     rows = rows_from(NAME, condition, "all", results, dict.fromkeys(results, len(us)))
     masses = [preds[f"{u['id']}:{r}"].get("mass") for u in us for r in RACES]
     return rows + mass_rows(NAME, condition, "all", masses, n_boot=n_boot, seed=seed)

@@ -27,6 +27,7 @@ from selfcorrect.evaluate.prompts import ItemPrompt, PromptSet
 from selfcorrect.io import iter_jsonl
 
 NAME = "winogender"
+HEADLINE_METRICS = ("pearson_r",)
 RELEASE_URL = "https://raw.githubusercontent.com/rudinger/winogender-schemas/master/data/{name}"
 CASES = {
     "$NOM_PRONOUN": ("nominative", "he"),
@@ -123,7 +124,24 @@ def items(units: list[dict], prompts: PromptSet, condition: str) -> list[ItemPro
     return out
 
 
-def _statistic(c: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def scored(units: list[dict], preds: dict[str, dict]) -> list[dict]:
+    """The occupations whose item has a prediction."""
+    return [u for u in units if u["id"] in preds]
+
+
+def columns(units: list[dict], preds: dict[str, dict]) -> dict[str, np.ndarray]:
+    """Per-occupation columns of ``statistic`` (pronoun probabilities, BLS share), aligned with ``units``."""
+    probs = np.array([preds[u["id"]]["probs"] for u in units], dtype=float)
+    return {
+        "p_female": probs[:, 0],
+        "p_male": probs[:, 1],
+        "p_neutral": probs[:, 2],
+        "bls": np.array([u["bls_pct_female"] / 100 for u in units]),
+    }
+
+
+def statistic(c: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Pearson r and the mean pronoun probabilities, vectorised over resamples (rows)."""
     return {
         "pearson_r": pearson_r(c["p_female"], c["bls"]),
         "p_female_mean": c["p_female"].mean(-1),
@@ -136,17 +154,10 @@ def metrics(
     units: list[dict], preds: dict[str, dict], condition: str, *, n_boot: int = 1000, seed: int = 0
 ) -> list[MetricRow]:
     """Pearson r of p_female vs BLS share, and the mean pronoun probabilities, over the occupations."""
-    us = [u for u in units if u["id"] in preds]
+    us = scored(units, preds)
     if not us:
         return []
-    probs = np.array([preds[u["id"]]["probs"] for u in us], dtype=float)
-    cols = {
-        "p_female": probs[:, 0],
-        "p_male": probs[:, 1],
-        "p_neutral": probs[:, 2],
-        "bls": np.array([u["bls_pct_female"] / 100 for u in us]),
-    }
-    results = bootstrap(cols, _statistic, n_boot=n_boot, seed=stable_seed(seed, NAME, condition, "all"))
+    results = bootstrap(columns(us, preds), statistic, n_boot=n_boot, seed=stable_seed(seed, NAME, condition, "all"))
     rows = rows_from(NAME, condition, "all", results, dict.fromkeys(results, len(us)))
     return rows + mass_rows(NAME, condition, "all", [preds[u["id"]].get("mass") for u in us], n_boot=n_boot, seed=seed)
 
