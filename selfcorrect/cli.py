@@ -475,6 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"selfcorrect: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the environment: a full disk, a permission, a path that is a file...
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"selfcorrect: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("selfcorrect: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -53,6 +53,31 @@ def validation_message(path: str | Path, exc: ValidationError) -> str:
     return f"{path}: " + "; ".join(parts)
 
 
+def check_save_at_steps(steps: list[int], total_steps: int) -> list[int]:
+    """A ``save_at_steps`` list as a new list of ints; a ValueError naming the offending value otherwise.
+
+    Every entry must be an integer with ``0 <= step <= total_steps``; the list must be strictly ascending (so sorted
+    and without duplicates).
+    """
+    checked: list[int] = []
+    for index, step in enumerate(steps):
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ValueError(f"entry {index} is {step!r}, expected a whole number of steps")
+        if step < 0:
+            raise ValueError(f"step {step} is negative (steps count from 0)")
+        if step > total_steps:
+            raise ValueError(f"step {step} is beyond the last step of the run ({total_steps})")
+        if step in checked:
+            raise ValueError(f"step {step} is listed twice")
+        if checked and step < checked[-1]:
+            raise ValueError(f"step {step} comes after {checked[-1]}; list the steps in ascending order")
+        checked.append(step)
+    return checked
+
+
+POSITIVE_TRAINER_FIELDS = ("learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size")
+
+
 def check_typed_fields(values: dict[str, Any], hints: dict[str, Any], what: str) -> dict[str, Any]:
     """Each entry of a ``trainer:`` mapping checked against the type hints of a trainer config class.
 
@@ -70,6 +95,8 @@ def check_typed_fields(values: dict[str, Any], hints: dict[str, Any], what: str)
             checked[key] = adapter.validate_python(value)
         except ValidationError as exc:
             raise ValueError(f"{key}: {exc.errors()[0]['msg']}") from None
+        if key in POSITIVE_TRAINER_FIELDS and isinstance(checked[key], int | float) and checked[key] <= 0:
+            raise ValueError(f"{key}: must be greater than 0, got {checked[key]}")
     return checked
 
 
@@ -89,6 +116,17 @@ def load_config(path: str | Path, model: type[ModelT]) -> ModelT:
 def configs_dir() -> Path:
     """Where the shipped configs live: ``$SELFCORRECT_CONFIG_DIR`` or ``configs/`` of the source tree."""
     return Path(os.environ.get("SELFCORRECT_CONFIG_DIR") or REPO_ROOT / "configs")
+
+
+def shipped_file(name: str | Path) -> Path | None:
+    """A file named in a config: the path itself if it exists, else the shipped file of that name under
+    :func:`configs_dir` (``configs/accelerate/x.yaml`` or ``accelerate/x.yaml``); None when neither exists."""
+    path = Path(os.path.expanduser(str(name)))
+    if path.is_file():
+        return path.resolve()
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    shipped = configs_dir().joinpath(*parts) if parts and not path.is_absolute() else None
+    return shipped if shipped is not None and shipped.is_file() else None
 
 
 def data_dir(explicit: str | Path | None = None) -> Path | None:

@@ -101,19 +101,27 @@ def _looks_local(path: str) -> bool:
     return path.endswith((*LOCAL_SUFFIXES, ".gz")) or path.startswith((".", "/", "~"))
 
 
+def dataset_source(spec: DatasetSpec, where: str) -> str:
+    """``"file"`` for an existing local file, ``"hub"`` for a Hub dataset id (or a local dataset directory); a path
+    that looks like a file name but does not exist is a UserError naming ``where``."""
+    path = Path(spec.path).expanduser()
+    if path.is_file():
+        return "file"
+    if path.is_dir() or not _looks_local(spec.path):
+        return "hub"
+    raise UserError(f"{where}: {spec.path}: file not found")
+
+
 def load_records(spec: DatasetSpec) -> list[tuple[str, Record]]:
     """Every record of a dataset as ``(where, record)``, ``where`` being ``"line N"`` or ``"record N"``.
 
     A path that is an existing file is read by its extension; any other path that does not look like a file
     name is a Hugging Face Hub dataset id (or a local dataset directory) for ``datasets.load_dataset``.
     """
-    path = Path(spec.path).expanduser()
-    if path.is_file():
-        records = _read_file(path, spec.format)
-    elif path.is_dir() or not _looks_local(spec.path):
-        records = _read_hub(spec)
+    if dataset_source(spec, spec.path) == "file":
+        records = _read_file(Path(spec.path).expanduser(), spec.format)
     else:
-        raise UserError(f"{spec.path}: file not found")
+        records = _read_hub(spec)
     if not records:
         raise UserError(f"{spec.path}: no records")
     return records
@@ -163,6 +171,10 @@ def _read_json(path: Path) -> list[tuple[str, Record]]:
 
 def _read_hub(spec: DatasetSpec) -> list[tuple[str, Record]]:
     import datasets
+
+    from selfcorrect import hub
+
+    hub.require(spec.path, "dataset", "data file")  # offline: fail now, not after a minute of retries
 
     try:
         ds = datasets.load_dataset(spec.path, spec.name, split=spec.split)

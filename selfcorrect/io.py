@@ -74,6 +74,28 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def check_writable_dir(path: str | Path, what: str) -> None:
+    """A one-line UserError unless ``path`` is a directory this process can write, or can be created as one.
+
+    Nothing is created: the nearest existing ancestor gets a probe file that is removed at once, so a read-only file
+    system or a missing permission shows before any work starts.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path}: {what} exists and is not a directory")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{path}: {what} cannot be created ({existing} is not a directory)")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".selfcorrect-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"{path}: {what} is not writable ({exc.strerror or exc})") from None
+
+
 def append_jsonl(path: str | Path, objects: Iterable[dict[str, Any]]) -> None:
     """Append objects as JSON lines in one write, flushed and synced (a kill loses whole lines only).
 

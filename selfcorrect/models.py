@@ -14,6 +14,7 @@ Weights are only ever read from safetensors files, never from pickle (``.bin``) 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from selfcorrect import hub
 from selfcorrect.config import cache_dir
 from selfcorrect.errors import UserError, first_line
 
@@ -159,7 +161,7 @@ def prepare_embedded(name: str = "smollm2-135m-instruct", force: bool = False) -
     return target
 
 
-def _looks_like_local_path(ref: str) -> bool:
+def looks_like_local_path(ref: str) -> bool:
     """True for references meant as file-system paths rather than hub ids ``owner/name``."""
     if HUB_ID_PATTERN.match(ref):
         return False
@@ -180,14 +182,36 @@ def resolve_model_path(ref: str) -> str:
         return str(path)
     if path.exists():
         raise UserError(f"model path is not a directory: {ref}")
-    if _looks_like_local_path(ref):
+    if looks_like_local_path(ref):
         raise UserError(f"model path not found: {ref}")
+    hub.require(ref, "model", "model directory")  # offline: fail now, not after a minute of retries
     return ref
 
 
 def default_device() -> str:
     """``cuda`` if a GPU is available, else ``cpu``."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str | None) -> str:
+    """The device to load on (default :func:`default_device`); a device this machine lacks is a one-line UserError."""
+    if device is None:
+        return default_device()
+    kind, _, index = device.partition(":")
+    if kind == "cpu" and not index:
+        return device
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {device}: no CUDA device is available (torch {torch.__version__})")
+        if index and (not index.isdigit() or int(index) >= count):
+            raise UserError(f"--device {device}: this machine has CUDA devices 0..{count - 1}")
+        return device
+    if kind == "mps" and not index:
+        if not torch.backends.mps.is_available():
+            raise UserError("--device mps: MPS is not available on this machine")
+        return device
+    raise UserError(f"--device {device}: unknown device (use cpu, cuda, cuda:N or mps)")
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -219,7 +243,10 @@ def _has_tokenizer(model_dir: Path) -> bool:
 
 def _hub_error(ref: str, error: BaseException) -> UserError:
     reason = first_line(error)
-    return UserError(f"cannot load model '{ref}' from the Hugging Face Hub (offline or not found): {reason}")
+    return UserError(
+        f"{ref}: no such local model directory, and it cannot be loaded from the Hugging Face Hub "
+        f"(offline or not found): {reason}"
+    )
 
 
 def _adapter_base_ref(adapter_dir: Path) -> tuple[Path, str]:
@@ -256,10 +283,9 @@ def load_tokenizer(ref: str, *, trust_remote_code: bool = False) -> PreTrainedTo
     if path.is_dir() and not _has_tokenizer(path):
         raise UserError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) found")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+        with unreadable_model(path) if path.is_dir() else contextlib.nullcontext():
+            tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
     except OSError as error:
-        if path.is_dir():
-            raise
         raise _hub_error(resolved, error) from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -271,9 +297,24 @@ def _load_local(model_dir: Path, torch_dtype: torch.dtype, trust_remote_code: bo
         raise UserError(f"{model_dir}: no config.json found (not a Hugging Face model directory)")
     if not _has_safetensors(model_dir):
         raise UserError(f"{model_dir}: no safetensors weights (model.safetensors) found")
-    return AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-    )
+    with unreadable_model(model_dir):
+        return AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+
+
+@contextlib.contextmanager
+def unreadable_model(model_dir: Path):
+    """A context that turns the errors of reading a broken local model (a truncated or corrupt safetensors file, an
+    unknown ``model_type``, a malformed config.json) into one-line UserErrors naming the directory."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as error:
+        raise UserError(f"{model_dir}: unreadable safetensors weights ({first_line(error)})") from None
+    except (ValueError, KeyError, OSError) as error:
+        raise UserError(f"{model_dir}: cannot load the model: {first_line(error)}") from None
 
 
 def _load_hub(ref: str, torch_dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
@@ -295,7 +336,8 @@ def _load_adapter(
         base, _ = load_model(base_ref, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
     except UserError as error:
         raise _base_error(config_path, base_ref, error) from error
-    model = PeftModel.from_pretrained(base, adapter_dir)
+    with unreadable_model(adapter_dir):
+        model = PeftModel.from_pretrained(base, adapter_dir)
     return model.merge_and_unload() if merge_lora else model
 
 
@@ -318,7 +360,7 @@ def load_model(
     The tokenizer comes from :func:`load_tokenizer`: it always has a pad token (the eos token if it
     had none), and its ``padding_side`` is left as it is, for the caller to set.
     """
-    device = device or default_device()
+    device = check_device(device)
     torch_dtype = parse_dtype(dtype, device)
     resolved = resolve_model_path(ref)
     path = Path(resolved)
@@ -334,6 +376,66 @@ def load_model(
     model.eval()
     model.to(device)
     return model, tokenizer
+
+
+FINGERPRINT_FILES = ("config.json", "adapter_config.json", "manifest.json", "generation_config.json", COMPLETE_MARKER,
+                     *TOKENIZER_FILES, "special_tokens_map.json", "chat_template.jinja")
+WEIGHT_SAMPLES = 16  # chunks read from each weight file's data
+
+
+def fingerprint(ref: str) -> str:
+    """A short content identity of a model reference: results made with one model are never taken for another's.
+
+    A local directory is identified by its small files (config, tokenizer, chat template, a checkpoint's manifest)
+    and, for each safetensors file, its size, header (names, dtypes, shapes) and 16 chunks of its data spread over
+    the file: a model retrained or replaced at the same path gets a new identity, without reading gigabytes. A LoRA
+    adapter includes its base's identity; ``embedded:`` models are their converted directory; a hub id is the id with
+    the revision in the local Hugging Face cache, if any.
+    """
+    resolved = resolve_model_path(ref)
+    path = Path(resolved)
+    digest = hashlib.sha256()
+    if not path.is_dir():
+        digest.update(f"hub:{resolved}:{_cached_revision(resolved)}".encode())
+        return digest.hexdigest()[:16]
+    for name in FINGERPRINT_FILES:
+        if (path / name).is_file():
+            digest.update(name.encode() + b"\0" + (path / name).read_bytes())
+    for weights in sorted(path.glob("*.safetensors")):
+        digest.update(weights.name.encode() + b"\0" + _weights_sample(weights))
+    if (path / "adapter_config.json").is_file():
+        _, base_ref = _adapter_base_ref(path)
+        digest.update(fingerprint(base_ref).encode())
+    return digest.hexdigest()[:16]
+
+
+def _weights_sample(path: Path) -> bytes:
+    """A safetensors file's size, header and a few chunks of its data (cheap, but changes with the weights)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        header = f.read(8)
+        if len(header) < 8:
+            raise UserError(f"{path}: unreadable safetensors weights (truncated header)")
+        n = int.from_bytes(header, "little")
+        header += f.read(n)
+        chunks = []
+        start = 8 + n
+        step = max(1, (size - start) // WEIGHT_SAMPLES)
+        for offset in range(start, size, step):
+            f.seek(offset)
+            chunks.append(f.read(4096))
+    return str(size).encode() + header + b"".join(chunks)
+
+
+def _cached_revision(ref: str) -> str:
+    """The commit of a hub model in the local Hugging Face cache (how it would load offline), or ``""``."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(ref, "config.json")
+    except Exception:  # an invalid repo id or cache layout: no cached revision to name
+        return ""
+    return Path(config).parent.name if isinstance(config, str) else ""
 
 
 def model_info(model: torch.nn.Module) -> dict[str, Any]:

@@ -185,6 +185,118 @@ def make_plan(
     return plans
 
 
+# ---- what can be checked before anything trains ------------------------------------------------------------
+
+
+def launcher_command(launcher: str | None) -> list[str]:
+    """The command prefix of the training stages: the launcher (found on PATH or beside this Python), or this Python.
+
+    A launcher whose program cannot be found, or whose ``--config_file`` does not exist, is a one-line UserError.
+    """
+    if not launcher:
+        return [sys.executable]
+    from selfcorrect.config import shipped_file
+
+    words = shlex.split(launcher)
+    program = shutil.which(words[0]) or shutil.which(words[0], path=str(Path(sys.executable).parent))
+    if program is None:
+        raise UserError(f"launcher: '{words[0]}' not found (on PATH or beside {sys.executable})")
+    for i, flag in enumerate(words[:-1]):
+        if flag == "--config_file":  # a shipped accelerate config is found from any working directory
+            found = shipped_file(words[i + 1])
+            if found is None:
+                raise UserError(f"launcher: --config_file {words[i + 1]}: file not found")
+            words[i + 1] = str(found)
+    return [program, *words[1:]]
+
+
+def _model_refs(cfg: RunConfig) -> list[tuple[str, str, str]]:
+    """``(stage, key, reference)`` of every model the stages load."""
+    refs = []
+    if cfg.sft is not None or cfg.reward is not None or (cfg.ppo is not None and cfg.ppo.policy is None):
+        refs.append(("sft" if cfg.sft is not None else "reward", "model.name_or_path", cfg.model.name_or_path))
+    if cfg.ppo is not None and cfg.ppo.policy is not None:
+        refs.append(("ppo", "ppo.policy", cfg.ppo.policy))
+    if cfg.ppo is not None and cfg.ppo.reward_model is not None and ":" not in cfg.ppo.reward_model:
+        refs.append(("ppo", "ppo.reward_model", cfg.ppo.reward_model))
+    if cfg.evaluation is not None:
+        refs += [("evaluate", "evaluation.models", ref) for ref in cfg.evaluation.models]
+    return refs
+
+
+def _datasets(cfg: RunConfig) -> list[tuple[str, str, Any]]:
+    """``(stage, key, DatasetSpec)`` of every dataset the training stages read."""
+    specs = []
+    for stage, keys in (("sft", ("data", "ptx_data")), ("reward", ("data",)), ("ppo", ("prompts", "ptx_data"))):
+        section = getattr(cfg, stage)
+        for key in keys if section is not None else ():
+            if getattr(section, key, None) is not None:
+                specs.append((stage, f"{stage}.{key}", getattr(section, key)))
+    return specs
+
+
+def check_config(cfg: RunConfig, path: Path, launcher: str | None) -> dict[str, list[str]]:
+    """Check what can be checked without training, raising a one-line UserError at the first problem.
+
+    The run dir is writable; every training stage's trainer arguments build (as on a machine with the run's devices:
+    on a CPU-only machine they are built for the CPU, so ``bf16: true`` is checked for the rest); local data and
+    model paths exist; function rewards import; the launcher is found. References to the Hugging Face Hub cannot be
+    checked while it is unreachable: they are returned per stage, ``{stage: [notes]}``, for the caller to decide.
+    """
+    import torch
+
+    from selfcorrect import hub
+    from selfcorrect.data import dataset_source
+    from selfcorrect.io import check_writable_dir
+    from selfcorrect.models import EMBEDDED_PREFIX, embedded_gguf_path
+
+    check_writable_dir(cfg.root(), "output_dir")
+    launcher_command(launcher)
+    cpu = {} if torch.cuda.is_available() else {"use_cpu": True}
+    if cfg.sft is not None:
+        from selfcorrect.train.sft import sft_config
+
+        sft = cfg.sft.model_copy(update={"trainer": {**cfg.sft.trainer, **cpu}})
+        sft_config(sft, cfg.root() / "sft", cfg.seed, "none", has_eval=cfg.sft.data.test_size > 0)
+    if cfg.reward is not None and cfg.reward.function is not None:
+        from selfcorrect.reward_models.score import load_function
+
+        load_function(cfg.reward.function)
+    elif cfg.reward is not None:
+        from selfcorrect.reward_models.train import build_reward_config
+
+        reward = cfg.reward.model_copy(update={"trainer": {**cfg.reward.trainer, **cpu}})
+        build_reward_config(reward, cfg.root() / "reward", cfg.seed, "none")
+    if cfg.ppo is not None:
+        from selfcorrect.stages import ppo_training_arguments
+
+        ppo_training_arguments(cfg, path, extra=cpu, report="none")
+        if cfg.ppo.reward_model is not None and ":" in cfg.ppo.reward_model:
+            from selfcorrect.reward_models.score import load_function
+
+            load_function(cfg.ppo.reward_model)
+
+    unchecked: dict[str, list[str]] = {}
+    for stage, key, spec in _datasets(cfg):
+        if dataset_source(spec, f"{path}: {key}.path") == "hub" and not hub.offline_mode() and hub.unreachable():
+            unchecked.setdefault(stage, []).append(f"{key}.path {spec.path} (a Hub dataset; the Hub is unreachable)")
+    for stage, key, ref in _model_refs(cfg):
+        if ref.startswith(EMBEDDED_PREFIX):
+            embedded_gguf_path(ref[len(EMBEDDED_PREFIX) :])
+        elif Path(ref).expanduser().exists() or _looks_like_path(ref):
+            if not Path(ref).expanduser().is_dir():
+                raise UserError(f"{path}: {key}: {ref}: no such model directory")
+        elif not hub.offline_mode() and hub.unreachable():
+            unchecked.setdefault(stage, []).append(f"{key} {ref} (a Hub model; the Hub is unreachable)")
+    return unchecked
+
+
+def _looks_like_path(ref: str) -> bool:
+    from selfcorrect.models import looks_like_local_path
+
+    return looks_like_local_path(ref)
+
+
 # ---- running ---------------------------------------------------------------------------------------------
 
 
@@ -198,8 +310,7 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 def start_stage(stage: str, config: Path, launcher: str | None) -> subprocess.Popen:
     """Start ``<launcher> -m selfcorrect <stage> CONFIG`` (launcher default: this Python)."""
-    prefix = shlex.split(launcher) if launcher else [sys.executable]
-    command = [*prefix, "-m", "selfcorrect", stage, str(config)]
+    command = [*launcher_command(launcher), "-m", "selfcorrect", stage, str(config)]
     print(f"pipeline: {shlex.join(command)}", file=sys.stderr, flush=True)
     return subprocess.Popen(command, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
@@ -227,10 +338,17 @@ def run_pipeline(
     root = cfg.root()
     state = read_state(root)
     plans = make_plan(cfg, config, state, from_stage=from_stage, only=only, force=force)
+    launcher = launcher or cfg.launcher
+    unchecked = check_config(cfg, config, launcher)
     print(describe_plan(cfg, plans))
-    if dry_run:
-        return None
     todo = {p.stage for p in plans if p.action != "skip"}
+    if dry_run:
+        for note in (note for notes in unchecked.values() for note in notes):
+            print(f"note: not checked: {note}")
+        return None
+    blocked = [note for stage, notes in unchecked.items() if stage in todo for note in notes]
+    if blocked:
+        raise UserError(f"{config}: {blocked[0]}; set HF_HUB_OFFLINE=1 to use the Hugging Face cache")
     if not todo:
         print(f"pipeline: nothing to do; report: {root / 'report' / 'report.md'}")
         return root / "report" / "report.md"
@@ -250,7 +368,6 @@ def run_pipeline(
         state["stages"][stage] = {"resolved": resolved[stage], "completed_at": _now()}
         _write_state(root, state)
 
-    launcher = launcher or cfg.launcher
     report = None
     for stage in [p.stage for p in plans if p.stage in todo]:
         if stage in ("sft", "reward"):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
+
 from selfcorrect import tracking
 from selfcorrect.config import LoraSection, ModelSection, StrictModel, TrackingSection, load_config
 from selfcorrect.dialogue import DialogueSpec
@@ -32,7 +34,7 @@ class RunConfig(StrictModel):
 
     name: str
     output_dir: str | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     model: ModelSection = ModelSection()
     dialogue: DialogueSpec = DialogueSpec()  # one format for SFT, reward model, PPO and evaluation (dialogue.py)
     lora: LoraSection | None = None
@@ -108,8 +110,9 @@ def run_reward_stage(cfg: RunConfig, path: Path) -> Path:
     )
 
 
-def ppo_training_arguments(cfg: RunConfig, path: Path):
-    """The PPO stage's ``TrainingArguments``: our defaults, the launch's device settings, then ``ppo.trainer``."""
+def ppo_training_arguments(cfg: RunConfig, path: Path, extra: dict | None = None, report: str | None = None):
+    """The PPO stage's ``TrainingArguments``: our defaults, the launch's device settings, then ``ppo.trainer`` (and
+    ``extra``: what a check on another machine adds, e.g. ``use_cpu``)."""
     from transformers import TrainingArguments
 
     from selfcorrect.train.distributed import trainer_device_kwargs
@@ -123,13 +126,14 @@ def ppo_training_arguments(cfg: RunConfig, path: Path):
         "per_device_train_batch_size": ppo.mini_batch_size,  # DeepSpeed's micro batch: episodes per optimizer step
         **trainer_device_kwargs(),
         **ppo.trainer,
+        **(extra or {}),
     }
     try:
         return TrainingArguments(
             output_dir=str(cfg.root() / "ppo" / "trainer"),
             learning_rate=ppo.learning_rate,
             seed=cfg.seed,
-            report_to=report_to(cfg, "ppo"),
+            report_to=report or report_to(cfg, "ppo"),
             **trainer_kwargs,
         )
     except (TypeError, ValueError) as exc:

@@ -246,3 +246,73 @@ def test_embedded_model_follows_the_answer_format(embedded_model_dir, tmp_path):
         if r["metric"] == "candidate_mass" and r["subset"] == "all"
     }
     assert mass["bbq"] > 0.5 and mass["law_school"] > 0.5
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """Another tiny random Llama with the same tokenizer and shapes (a different seed): other results."""
+    import torch
+    from conftest import tiny_llama
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    model = tiny_llama(tok, tie_word_embeddings=True, initializer_range=0.2)
+    out = tmp_path_factory.mktemp("other-llama")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+WINO_Q = ["--benchmarks", "winogender", "--limit", "6"]
+
+
+def test_overwrite_discards_every_result_so_another_models_file_is_never_adopted(
+    tiny_model_dir, other_model_dir, tmp_path
+):
+    out = tmp_path / "out"
+    assert evaluate(tiny_model_dir, out, *WINO_Q, "--conditions", "q,q_if") == 0
+    first_q_if = lines(out / "winogender" / "q_if.jsonl")
+    assert evaluate(other_model_dir, out, *WINO_Q, "--conditions", "q", "--overwrite") == 0
+    assert not (out / "winogender" / "q_if.jsonl").exists()  # the first model's q_if went with --overwrite
+    assert evaluate(other_model_dir, out, *WINO_Q, "--conditions", "q_if") == 0
+    second_q_if = lines(out / "winogender" / "q_if.jsonl")
+    assert [r["probs"] for r in second_q_if] != [r["probs"] for r in first_q_if]  # scored again, by the second model
+    fresh = tmp_path / "fresh"
+    assert evaluate(other_model_dir, fresh, *WINO_Q, "--conditions", "q_if") == 0
+    assert [r["probs"] for r in lines(fresh / "winogender" / "q_if.jsonl")] == [r["probs"] for r in second_q_if]
+
+
+def test_a_model_replaced_at_the_same_path_is_not_taken_for_the_old_one(
+    tiny_model_dir, other_model_dir, tmp_path, capsys
+):
+    import shutil
+
+    model, out = tmp_path / "model", tmp_path / "out"
+    shutil.copytree(tiny_model_dir, model)
+    assert evaluate(model, out, *WINO_Q, "--conditions", "q") == 0
+    before = (out / "metrics.csv").read_bytes()
+    shutil.copy(other_model_dir / "model.safetensors", model / "model.safetensors")  # retrained in place
+    capsys.readouterr()
+    assert evaluate(model, out, *WINO_Q, "--conditions", "q") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model_fingerprint" in err and "--overwrite" in err
+    assert (out / "metrics.csv").read_bytes() == before
+
+
+def test_a_complete_condition_with_a_torn_file_is_finished_not_shrunk(tiny_model_dir, tmp_path, capsys):
+    out, args = tmp_path / "out", [*WINO_Q, "--conditions", "q", "--batch-size", "1"]  # batches of 1: exact rescoring
+    assert evaluate(tiny_model_dir, out, *args) == 0
+    before = (out / "metrics.csv").read_bytes()
+    path = out / "winogender" / "q.jsonl"
+    data = path.read_bytes()
+    path.write_bytes(data[: data.rstrip(b"\n").rfind(b"\n") + 20])  # the last line torn, as by a crash
+    assert evaluate(tiny_model_dir, out, *args) == 0
+    assert "winogender/q is marked complete but its file lacks items" in capsys.readouterr().err
+    assert len(lines_tolerant(path)) == 6 and (out / "metrics.csv").read_bytes() == before
+
+
+def lines_tolerant(path: Path) -> list[dict]:
+    from selfcorrect.io import iter_jsonl
+
+    return [obj for _, obj in iter_jsonl(path, tolerate_torn_tail=True)]

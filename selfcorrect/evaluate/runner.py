@@ -44,7 +44,7 @@ from selfcorrect.evaluate import benchmarks as bench_registry
 from selfcorrect.evaluate.metrics import METRIC_COLUMNS, MetricRow, stable_seed, stratified_sample
 from selfcorrect.evaluate.paired import Evaluation, minus_q_rows, minus_step0_rows
 from selfcorrect.evaluate.prompts import ItemPrompt, PromptSet, load_prompts, render
-from selfcorrect.io import append_jsonl, atomic_write_text, csv_text, iter_jsonl
+from selfcorrect.io import append_jsonl, atomic_write_text, check_writable_dir, csv_text, iter_jsonl
 
 DEFAULT_CONDITIONS = ("q", "q_if", "q_if_cot")
 
@@ -204,12 +204,15 @@ def _prompt_hash(prompts: PromptSet, benchmark: str, condition: str) -> str:
 
 
 def _identity(settings: EvalSettings) -> dict:
-    """The settings that must match for a rerun to reuse the per-item files."""
+    """The settings that must match for a rerun to reuse the per-item files (the model by path and by content)."""
+    from selfcorrect.models import fingerprint
+
     model = settings.model
     if Path(model).expanduser().exists():
         model = str(Path(model).expanduser().resolve())
     return {
         "model": model,
+        "model_fingerprint": fingerprint(settings.model),
         "dialogue": settings.dialogue.record() if settings.dialogue else None,
         "limit": settings.limit,
         "cot_limit": settings.cot_limit,
@@ -238,6 +241,10 @@ def _check_output(settings: EvalSettings, prompts: PromptSet, tasks: list[Task])
                 f"{manifest_path}: the output dir holds results made with other settings "
                 f"({', '.join(changed)}); use another --output or --overwrite"
             )
+        for task in tasks:  # a result file that evaluation.json does not account for is never adopted
+            path = out / task.benchmark / f"{task.condition}.jsonl"
+            if path.exists() and task.key not in manifest.get("prompts", {}):
+                raise UserError(f"{path}: not recorded in {manifest_path}; use another --output or --overwrite")
         manifest["prompts"].update(hashes)
         return manifest
     if not manifest_path.exists() and out.exists() and any(out.iterdir()):
@@ -245,15 +252,27 @@ def _check_output(settings: EvalSettings, prompts: PromptSet, tasks: list[Task])
     return fresh
 
 
+def result_files(out: Path) -> list[Path]:
+    """Every file an evaluation has written under its output dir, but evaluation.json: per-item files, samples and
+    the metrics table."""
+    files = [out / "metrics.csv"]
+    for name in bench_registry.BENCHMARK_NAMES:
+        files += [*sorted((out / name).glob("*.jsonl")), out / name / "sample.json"]
+    return [f for f in files if f.is_file()]
+
+
 def _write_manifest(settings: EvalSettings, manifest: dict, tasks: list[Task], samples: dict[str, dict]) -> None:
-    """Write evaluation.json and the samples (with --overwrite, after discarding the old results)."""
-    if settings.overwrite:
-        for t in tasks:
-            (settings.output / t.benchmark / f"{t.condition}.jsonl").unlink(missing_ok=True)
-        (settings.output / "metrics.csv").unlink(missing_ok=True)
+    """Write evaluation.json and the samples (with --overwrite, after discarding every earlier result)."""
+    if settings.overwrite:  # all of them: a file of another model or setting must never be adopted later
+        for path in result_files(settings.output):
+            path.unlink()
     for name, sample in samples.items():
         atomic_write_text(settings.output / name / "sample.json", json.dumps(sample) + "\n")
     atomic_write_text(settings.output / "evaluation.json", json.dumps(manifest, indent=2) + "\n")
+
+
+def _holds_every_item(task: Task, output: Path) -> bool:
+    return _done_ids(output / task.benchmark / f"{task.condition}.jsonl") >= {it.item_id for it in task.items}
 
 
 def _done_ids(path: Path) -> set[str]:
@@ -380,15 +399,23 @@ def resolve_dialogue(settings: EvalSettings) -> tuple[DialogueSpec, dict]:
 def evaluate(settings: EvalSettings) -> Path:
     """Run the evaluation and return the path of ``metrics.csv``."""
     from selfcorrect.evaluate.scoring import Scorer
-    from selfcorrect.models import load_model
+    from selfcorrect.models import check_device, load_model
 
+    check_device(settings.device)  # before anything is read or loaded: cheap checks first
+    check_writable_dir(settings.output, "--output")
+    if settings.seed < 0:
+        raise UserError(f"--seed must be a non-negative integer, got {settings.seed}")
     spec, how = resolve_dialogue(settings)
     settings = replace(settings, dialogue=spec)
     prompts = load_prompts(settings.prompt_files)
     tasks, samples = plan(settings, prompts)
     manifest = _check_output(settings, prompts, tasks)
     manifest["dialogue"] = {**spec.record(), **how}
-    pending = [t for t in tasks if t.key not in manifest["complete"]]
+    pending = [t for t in tasks if t.key not in manifest["complete"] or not _holds_every_item(t, settings.output)]
+    for task in pending:
+        if task.key in manifest["complete"]:  # e.g. a torn last line: finish the missing items, never a smaller n
+            print(f"note: {task.key} is marked complete but its file lacks items; finishing it", file=sys.stderr)
+            manifest["complete"].remove(task.key)
     if pending:
         model, tokenizer = load_model(
             settings.model, dtype=settings.dtype, device=settings.device, trust_remote_code=settings.trust_remote_code

@@ -36,6 +36,7 @@ import math
 import os
 import shutil
 import tempfile
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ from transformers.data.data_collator import DataCollatorMixin
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.utils import pad
 
-from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, StrictModel
+from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, StrictModel, check_typed_fields
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError, first_line
 from selfcorrect.io import atomic_write_text
@@ -105,7 +106,7 @@ class RewardSection(StrictModel):
             problem = trainer_key_problem(key)
             if problem:
                 raise ValueError(f"{key}: {problem}")
-        return value
+        return check_typed_fields(value, typing.get_type_hints(RewardConfig), "RewardConfig")
 
     @field_validator("function")
     @classmethod

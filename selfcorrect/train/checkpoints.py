@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from selfcorrect.config import check_save_at_steps
 from selfcorrect.errors import UserError
 
 __all__ = [
@@ -68,26 +69,12 @@ _LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", 
 
 
 def validate_save_at_steps(steps: list[int], total_steps: int, where: str) -> list[int]:
-    """Check a ``save_at_steps`` list and return it as a new list of ints.
-
-    Every entry must be an integer with ``0 <= step <= total_steps``; the list must be strictly ascending (so
-    sorted and without duplicates). Anything else is a :class:`UserError` whose message starts with ``where``
-    (e.g. ``"config.yaml: ppo.save_at_steps"``) and names the offending value.
-    """
-    checked: list[int] = []
-    for index, step in enumerate(steps):
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise UserError(f"{where}: entry {index} is {step!r}, expected a whole number of steps")
-        if step < 0:
-            raise UserError(f"{where}: step {step} is negative (steps count from 0)")
-        if step > total_steps:
-            raise UserError(f"{where}: step {step} is beyond the last step of the run ({total_steps})")
-        if step in checked:
-            raise UserError(f"{where}: step {step} is listed twice")
-        if checked and step < checked[-1]:
-            raise UserError(f"{where}: step {step} comes after {checked[-1]}; list the steps in ascending order")
-        checked.append(step)
-    return checked
+    """Check a ``save_at_steps`` list (:func:`selfcorrect.config.check_save_at_steps`) and return it as a new list
+    of ints; a problem is a :class:`UserError` whose message starts with ``where`` and names the offending value."""
+    try:
+        return check_save_at_steps(steps, total_steps)
+    except ValueError as exc:
+        raise UserError(f"{where}: {exc}") from None
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, Trainer, TrainingArguments
 
 from selfcorrect import dialogue as dialogues
-from selfcorrect.config import DatasetSpec, StrictModel, check_typed_fields
+from selfcorrect.config import DatasetSpec, StrictModel, check_save_at_steps, check_typed_fields
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError
 from selfcorrect.evaluate.metrics import stable_seed
@@ -139,6 +139,12 @@ class PPOSection(StrictModel):
     ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the policy weights (InstructGPT: 0.992); None: off
     save_last_every: int = Field(1, gt=0)
     trainer: dict[str, Any] = {}  # TrainingArguments fields PPO honours: HONOURED_TRAINER_FIELDS
+
+    @field_validator("save_at_steps")
+    @classmethod
+    def _steps_of_the_run(cls, value: list[int], info: ValidationInfo) -> list[int]:
+        steps = info.data.get("steps")
+        return check_save_at_steps(value, steps) if steps is not None else value
 
     @field_validator("warmup_iterations")
     @classmethod
