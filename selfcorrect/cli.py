@@ -13,7 +13,7 @@ from pathlib import Path
 
 from selfcorrect import __version__
 from selfcorrect.dialogue import FORMATS
-from selfcorrect.errors import UserError
+from selfcorrect.errors import UserError, first_line
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
 BENCHMARKS = ["bbq", "winogender", "law_school"]
@@ -291,6 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pi.set_defaults(func=cmd_pipeline)
 
+    ex = sub.add_parser(
+        "export",
+        help="write a checkpoint as a plain model directory (adapters merged) that any tool loads",
+        description="Merge a kept checkpoint (e.g. runs/<name>/ppo/checkpoints/step-000004: a LoRA adapter on the SFT "
+        "adapter on the base model, or full weights) into full weights and write OUT: safetensors weights, the "
+        "tokenizer and manifest.json (the checkpoint's, plus exported_from). Load it with "
+        "AutoModelForCausalLM.from_pretrained(OUT), lm-eval's hf model (pretrained=OUT) or selfcorrect evaluate OUT.",
+    )
+    ex.add_argument("checkpoint", metavar="CHECKPOINT", help="a kept checkpoint directory (or any model reference)")
+    ex.add_argument("out", metavar="OUT", type=Path, help="the directory to write (must not exist)")
+    ex.add_argument("--dtype", default=None, help="float32 (default) | bfloat16 | float16: the written weights' dtype")
+    ex.set_defaults(func=cmd_export)
+
     mo = sub.add_parser("models", help="manage the embedded default model", description="Manage models.")
     mosub = mo.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
     prep = mosub.add_parser(
@@ -457,6 +470,13 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from selfcorrect.export import export_checkpoint
+
+    print(f"export: {export_checkpoint(args.checkpoint, args.out, dtype=args.dtype)}")
+    return 0
+
+
 def cmd_models_prepare(args: argparse.Namespace) -> int:
     from selfcorrect.models import prepare_embedded
 
@@ -477,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as exc:  # the environment: a full disk, a permission, a path that is a file...
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"selfcorrect: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"selfcorrect: error: {where}{exc.strerror or first_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("selfcorrect: interrupted; rerun the same command to resume", file=sys.stderr)

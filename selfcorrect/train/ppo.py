@@ -138,6 +138,7 @@ class PPOSection(StrictModel):
     warmup_start_factor: float = Field(0.1, gt=0, le=1)  # the warmup starts at this share of the peak (InstructGPT)
     ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the policy weights (InstructGPT: 0.992); None: off
     save_last_every: int = Field(1, gt=0)
+    save_merged: bool = False  # also write each kept step with adapters merged: ppo/merged/step-NNNNNN/
     trainer: dict[str, Any] = {}  # TrainingArguments fields PPO honours: HONOURED_TRAINER_FIELDS
 
     @field_validator("save_at_steps")
@@ -778,7 +779,12 @@ class PPOPtxTrainer(Trainer):
                     **self.manifest_extra,
                 }
                 with self._ema_weights():  # with EMA on, a kept checkpoint holds the EMA of the weights
-                    save_checkpoint(self.run_dir, step, policy, self.tokenizer, manifest)
+                    kept = save_checkpoint(self.run_dir, step, policy, self.tokenizer, manifest)
+                merged = self.run_dir / "merged" / kept.name
+                if self.ppo.save_merged and not merged.exists():  # a plain model any tool loads (selfcorrect export)
+                    from selfcorrect.export import export_checkpoint
+
+                    export_checkpoint(kept, merged)
         self.accelerator.wait_for_everyone()
 
     # Under DeepSpeed the weights and the optimizer state are split between the processes (ZeRO), so ``last/``

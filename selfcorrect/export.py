@@ -1,0 +1,72 @@
+"""``selfcorrect export CHECKPOINT OUT``: a kept checkpoint as a plain model directory any tool can load.
+
+A kept LoRA checkpoint is an adapter whose base is the SFT stage's output, itself an adapter on the pretrained
+model: only selfcorrect's loader rebuilds that chain (``PeftModel.from_pretrained(<base>, checkpoint)`` silently
+leaves the SFT adapter out). The export merges every adapter of the chain into the base weights and writes a
+Hugging Face directory with safetensors weights, the tokenizer and a ``manifest.json`` (the checkpoint's own, plus
+``exported_from``), so ``AutoModelForCausalLM.from_pretrained(OUT)``, lm-eval's ``hf`` model, vLLM and
+``selfcorrect evaluate OUT`` (in the recorded dialogue format) all load the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from selfcorrect.errors import UserError
+
+MANIFEST = "manifest.json"
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None = None) -> Path:
+    """Merge ``checkpoint`` (any model reference; typically ``ppo/checkpoints/step-NNNNNN``) into full weights at
+    ``out``, atomically (a temporary directory beside ``out``, renamed into place). ``out`` must not exist yet.
+
+    ``dtype`` is that of the written weights (default: float32, the dtype the checkpoints train in on a CPU).
+    """
+    from selfcorrect.models import load_model
+
+    source, out = Path(checkpoint).expanduser(), Path(out).expanduser()
+    if out.exists():
+        raise UserError(f"{out}: already exists; export into a new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model(str(checkpoint), dtype=dtype or "float32", device="cpu")
+    manifest = _read_manifest(source)
+    manifest.update(
+        exported_from=str(source.resolve()) if source.exists() else str(checkpoint),
+        exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        weights="full",
+        base_model=None,
+    )
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(staging)  # safetensors
+        tokenizer.save_pretrained(staging)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        os.chmod(staging, 0o777 & ~_umask())
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _read_manifest(source: Path) -> dict:
+    path = source / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read the manifest ({exc})") from None
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
