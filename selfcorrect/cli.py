@@ -14,8 +14,10 @@ from pathlib import Path
 from selfcorrect import __version__
 from selfcorrect.dialogue import FORMATS
 from selfcorrect.errors import UserError, first_line
+from selfcorrect.rundir import RunDir, step_name
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
+EXAMPLE_RUN = RunDir(Path("RUN_DIR"))  # paths shown in --help
 BENCHMARKS = ["bbq", "winogender", "law_school"]
 PIPELINE_STAGES = ["sft", "reward", "ppo", "evaluate", "report"]
 
@@ -100,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         "OUTPUT/metrics.csv has columns benchmark,condition,subset,metric,value,ci_low,ci_high,n with "
         "95% bootstrap CIs, plus rows with condition <c>_minus_q: each headline metric of condition c minus "
         "Q's over the units both have, with a paired bootstrap CI. Given a RUN_DIR (runs/<name>), every PPO "
-        "checkpoint is evaluated into OUTPUT/step-NNNNNN/ (OUTPUT default RUN_DIR/eval) and OUTPUT/metrics.csv "
+        f"checkpoint is evaluated into OUTPUT/{step_name(4)}/... (OUTPUT default {EXAMPLE_RUN.eval}) and "
+        "OUTPUT/metrics.csv "
         "gains the leading columns model,params,step, and, when step 0 is among the checkpoints, rows with metric "
         "<m>_minus_step0 (each later checkpoint's headline metric minus step 0's, paired).",
     )
@@ -108,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model",
         metavar="MODEL_OR_RUN_DIR",
         help=f"hub id, local HF directory (safetensors), LoRA adapter directory, {EMBEDDED}, "
-        "or a run directory with ppo/checkpoints/",
+        f"or a run directory with kept PPO checkpoints ({EXAMPLE_RUN.checkpoint(4)})",
     )
     ev.add_argument(
         "--benchmarks",
@@ -219,9 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="plot metrics vs RLHF steps (or vs model size) and write a Markdown report",
         description="Plot the evaluation of one or more runs and write report.md with the figures and a table "
-        "of the headline numbers. Reads RUN_DIR/eval/metrics.csv (columns model,params,step,benchmark,condition,"
-        "subset,metric,value,ci_low,ci_high,n) and, when present, the PPO checkpoint manifests "
-        "RUN_DIR/ppo/checkpoints/step-*/manifest.json. Writes <benchmark>.png (BBQ bias scores and accuracies, "
+        f"of the headline numbers. Reads {EXAMPLE_RUN.metrics} (columns model,params,step,benchmark,condition,"
+        "subset,metric,value,ci_low,ci_high,n) and, when present, the manifests of the kept PPO checkpoints "
+        f"({EXAMPLE_RUN.checkpoint(4)}/manifest.json...). Writes <benchmark>.png (BBQ bias scores and accuracies, "
         "Winogender r, law-school parity, one line per prompt condition with 95% CI bands), self_correction.png "
         "(the <condition>_minus_q rows: each condition minus Q, paired CI bands), vs_step0.png (--by step: the "
         "<metric>_minus_step0 rows, each checkpoint minus step 0), training.png (--by step: mean reward, KL, "
@@ -294,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser(
         "export",
         help="write a checkpoint as a plain model directory (adapters merged) that any tool loads",
-        description="Merge a kept checkpoint (e.g. runs/<name>/ppo/checkpoints/step-000004: a LoRA adapter on the SFT "
+        description=f"Merge a kept checkpoint (e.g. {EXAMPLE_RUN.checkpoint(4)}: a LoRA adapter on the SFT "
         "adapter on the base model, or full weights) into full weights and write OUT: safetensors weights, the "
         "tokenizer and manifest.json (the checkpoint's, plus exported_from). Load it with "
         "AutoModelForCausalLM.from_pretrained(OUT), lm-eval's hf model (pretrained=OUT) or selfcorrect evaluate OUT.",
@@ -326,12 +329,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     run_dir = Path(args.model)
-    is_run = (run_dir / "ppo" / "checkpoints").is_dir()
+    is_run = RunDir.is_run(run_dir)
     if args.output is None and not is_run:
         raise UserError("--output is required when evaluating a MODEL (it is optional for a RUN_DIR)")
     settings = EvalSettings(
         model=args.model,
-        output=args.output or run_dir / "eval",
+        output=args.output or RunDir(run_dir).eval,
         benchmarks=args.benchmarks,
         conditions=args.conditions,
         limit=args.limit,

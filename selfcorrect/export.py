@@ -23,7 +23,7 @@ MANIFEST = "manifest.json"
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None = None) -> Path:
-    """Merge ``checkpoint`` (any model reference; typically ``ppo/checkpoints/step-NNNNNN``) into full weights at
+    """Merge ``checkpoint`` (any model reference; typically a kept PPO checkpoint) into full weights at
     ``out``, atomically (a temporary directory beside ``out``, renamed into place). ``out`` must not exist yet.
 
     ``dtype`` is that of the written weights (default: float32, the dtype the checkpoints train in on a CPU).

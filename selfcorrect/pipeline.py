@@ -29,11 +29,10 @@ from typing import Any
 
 from selfcorrect.errors import UserError
 from selfcorrect.io import atomic_write_text
+from selfcorrect.rundir import RunDir
 from selfcorrect.stages import RunConfig, load_run_config
 
 STAGES = ("sft", "reward", "ppo", "evaluate", "report")
-STAGE_DIRS = {"sft": "sft", "reward": "reward", "ppo": "ppo", "evaluate": "eval", "report": "report"}
-STATE_FILE = "pipeline.json"
 
 
 class StageFailed(Exception):
@@ -115,7 +114,7 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def read_state(root: Path) -> dict[str, Any]:
     """``pipeline.json`` of a run dir ({} when absent); malformed JSON is a UserError."""
-    path = root / STATE_FILE
+    path = RunDir(root).state
     if not path.exists():
         return {}
     try:
@@ -125,7 +124,7 @@ def read_state(root: Path) -> dict[str, Any]:
 
 
 def _write_state(root: Path, state: dict[str, Any]) -> None:
-    atomic_write_text(root / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(RunDir(root).state, json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
 @dataclass
@@ -147,7 +146,7 @@ def make_plan(
         if stage is not None and stage not in present:
             raise UserError(f"{path}: {flag} {stage}: the config defines the stages {', '.join(present)}")
     if state.get("name") not in (None, cfg.name):
-        raise UserError(f"{cfg.root() / STATE_FILE}: the run dir belongs to run '{state['name']}', not '{cfg.name}'")
+        raise UserError(f"{cfg.run_dir().state}: the run dir belongs to run '{state['name']}', not '{cfg.name}'")
     resolved = resolved_configs(cfg)
     done = state.get("stages", {})
     plans: list[StagePlan] = []
@@ -180,7 +179,7 @@ def make_plan(
         elif force:
             plans.append(StagePlan(stage, "rerun", "--force", clear=True))
         else:
-            partial = (cfg.root() / STAGE_DIRS[stage]).exists()
+            partial = cfg.run_dir().stage(stage).exists()
             plans.append(StagePlan(stage, "run", "continue from its partial outputs" if partial else "not run yet"))
     return plans
 
@@ -257,7 +256,7 @@ def check_config(cfg: RunConfig, path: Path, launcher: str | None) -> dict[str, 
         from selfcorrect.train.sft import sft_config
 
         sft = cfg.sft.model_copy(update={"trainer": {**cfg.sft.trainer, **cpu}})
-        sft_config(sft, cfg.root() / "sft", cfg.seed, "none", has_eval=cfg.sft.data.test_size > 0)
+        sft_config(sft, cfg.run_dir().sft, cfg.seed, "none", has_eval=cfg.sft.data.test_size > 0)
     if cfg.reward is not None and cfg.reward.function is not None:
         from selfcorrect.reward_models.score import load_function
 
@@ -266,7 +265,7 @@ def check_config(cfg: RunConfig, path: Path, launcher: str | None) -> dict[str, 
         from selfcorrect.reward_models.train import build_reward_config
 
         reward = cfg.reward.model_copy(update={"trainer": {**cfg.reward.trainer, **cpu}})
-        build_reward_config(reward, cfg.root() / "reward", cfg.seed, "none")
+        build_reward_config(reward, cfg.run_dir().reward, cfg.seed, "none")
     if cfg.ppo is not None:
         from selfcorrect.stages import ppo_training_arguments
 
@@ -350,8 +349,8 @@ def run_pipeline(
     if blocked:
         raise UserError(f"{config}: {blocked[0]}; set HF_HUB_OFFLINE=1 to use the Hugging Face cache")
     if not todo:
-        print(f"pipeline: nothing to do; report: {root / 'report' / 'report.md'}")
-        return root / "report" / "report.md"
+        print(f"pipeline: nothing to do; report: {cfg.run_dir().report / 'report.md'}")
+        return cfg.run_dir().report / "report.md"
     root.mkdir(parents=True, exist_ok=True)
     resolved = resolved_configs(cfg)
     state = {"name": cfg.name, "config": str(config), "stages": dict(state.get("stages", {}))}
@@ -360,9 +359,10 @@ def run_pipeline(
             state["stages"].pop(plan.stage, None)
     _write_state(root, state)
     for plan in plans:
-        if plan.clear and (root / STAGE_DIRS[plan.stage]).exists():
-            print(f"pipeline: removing {root / STAGE_DIRS[plan.stage]} ({plan.reason})", file=sys.stderr)
-            shutil.rmtree(root / STAGE_DIRS[plan.stage])
+        stage_dir = cfg.run_dir().stage(plan.stage)
+        if plan.clear and stage_dir.exists():
+            print(f"pipeline: removing {stage_dir} ({plan.reason})", file=sys.stderr)
+            shutil.rmtree(stage_dir)
 
     def finished(stage: str) -> None:
         state["stages"][stage] = {"resolved": resolved[stage], "completed_at": _now()}
@@ -410,18 +410,18 @@ def eval_targets(cfg: RunConfig) -> list:
     """Every model the evaluate stage covers: the PPO checkpoints in save_at_steps, then the extra models."""
     from selfcorrect.evaluate.runner import EvalTarget, checkpoint_targets, model_slug
 
-    evaluation, root = cfg.evaluation, cfg.root()
+    evaluation, run = cfg.evaluation, cfg.run_dir()
     targets = []
     if evaluation.checkpoints and cfg.ppo is not None:
-        targets += checkpoint_targets(root, list(cfg.ppo.save_at_steps), cfg.name, root / "eval")
+        targets += checkpoint_targets(run, list(cfg.ppo.save_at_steps), cfg.name, run.eval)
     for ref in evaluation.models:
-        targets.append(EvalTarget(ref, ref, root / "eval" / "models" / model_slug(ref)))
+        targets.append(EvalTarget(ref, ref, run.eval_model(model_slug(ref))))
     return targets
 
 
 def _settings(cfg: RunConfig):
     return cfg.evaluation.settings(
-        cfg.root() / "eval", cfg.seed, cfg.model.dtype, cfg.model.trust_remote_code, cfg.dialogue
+        cfg.run_dir().eval, cfg.seed, cfg.model.dtype, cfg.model.trust_remote_code, cfg.dialogue
     )
 
 
@@ -434,7 +434,7 @@ def run_evaluation(cfg: RunConfig, training: subprocess.Popen | None) -> Path:
     if not targets:
         raise UserError(f"{cfg.name}: evaluation: nothing to evaluate (no ppo checkpoints and no evaluation.models)")
     template = _settings(cfg)
-    metrics = cfg.root() / "eval" / "metrics.csv"
+    metrics = cfg.run_dir().metrics
     pending = list(targets)
     with tracking.EvalLog(cfg.tracking, cfg.name, cfg.root()) as log:
         while pending:
@@ -451,7 +451,7 @@ def run_evaluation(cfg: RunConfig, training: subprocess.Popen | None) -> Path:
                 continue
             evaluate_target(template, ready[0])
             pending.remove(ready[0])
-            join_metrics(targets, metrics, template, deltas=not pending)  # the last join adds the step-0 deltas
+            join_metrics(targets, metrics, template, deltas=not pending)  # the last join adds the deltas from step 0
             log.checkpoint(ready[0])  # live, so a W&B dashboard follows the run
         log.models(targets)
     return metrics
@@ -463,7 +463,7 @@ def run_report(cfg: RunConfig) -> Path:
     from selfcorrect.evaluate.report import report
 
     by = "step" if cfg.ppo is not None and cfg.evaluation.checkpoints else "size"
-    path = report([cfg.root()], by=by, output=cfg.root() / "report")
+    path = report([cfg.root()], by=by, output=cfg.run_dir().report)
     tracking.log_report(cfg.tracking, cfg.name, cfg.root(), path)
     return path
 

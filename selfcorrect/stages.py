@@ -1,15 +1,7 @@
 """One run config, three training stages: ``selfcorrect sft | reward | ppo CONFIG``.
 
-A run config (YAML) names the model, optional LoRA, and one section per stage; every stage writes under
-``output_dir`` (default ``runs/<name>``)::
-
-    runs/<name>/sft/                         the SFT policy (HF model or LoRA adapter) + manifest.json
-    runs/<name>/reward/                      the reward model (sequence classifier) + reward_manifest.json
-    runs/<name>/ppo/checkpoints/step-NNNNNN/ the policy at each step of ppo.save_at_steps + manifest.json
-    runs/<name>/ppo/last/                    what resuming needs (replaced atomically)
-    runs/<name>/ppo/last-deepspeed/<tag>/    under DeepSpeed: the engine checkpoint that last/ names
-    runs/<name>/eval/, report/, pipeline.json   written by `selfcorrect pipeline` (selfcorrect/pipeline.py)
-
+A run config (YAML) names the model, optional LoRA, the dialogue format and one section per stage; every stage
+writes into the run directory (``output_dir``, default ``runs/<name>``; its layout is :mod:`selfcorrect.rundir`'s).
 Each stage reads only what earlier stages wrote, so any stage can be rerun alone.
 """
 
@@ -25,6 +17,7 @@ from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError, first_line
 from selfcorrect.evaluate.runner import EvaluationSection
 from selfcorrect.reward_models.train import RewardSection
+from selfcorrect.rundir import RunDir, trainer_dir
 from selfcorrect.train.ppo import PPOPtxTrainer, PPOSection
 from selfcorrect.train.sft import SFTSection
 
@@ -50,6 +43,10 @@ class RunConfig(StrictModel):
     def root(self) -> Path:
         return Path(self.output_dir or Path("runs") / self.name)
 
+    def run_dir(self) -> RunDir:
+        """The paths of this run's directory."""
+        return RunDir(self.root())
+
 
 def load_run_config(path: str | Path) -> RunConfig:
     """Load and validate a run config (one-line errors naming the file and field)."""
@@ -73,12 +70,12 @@ def run_sft_stage(cfg: RunConfig, path: Path) -> Path:
     from selfcorrect.train.sft import run_sft
 
     section = _section(cfg, "sft", path)
-    out = cfg.root() / "sft"
+    out = cfg.run_dir().sft
     return run_sft(section, cfg.model, cfg.lora, out, cfg.seed, report_to=report_to(cfg, "sft"), dialogue=cfg.dialogue)
 
 
 def _policy_ref(cfg: RunConfig) -> str:
-    sft_dir = cfg.root() / "sft"
+    sft_dir = cfg.run_dir().sft
     return str(sft_dir) if (sft_dir / "manifest.json").exists() else cfg.model.name_or_path
 
 
@@ -100,7 +97,7 @@ def run_reward_stage(cfg: RunConfig, path: Path) -> Path:
         section,
         start,
         cfg.lora,
-        cfg.root() / "reward",
+        cfg.run_dir().reward,
         cfg.seed,
         train_ds,
         eval_ds,
@@ -130,7 +127,7 @@ def ppo_training_arguments(cfg: RunConfig, path: Path, extra: dict | None = None
     }
     try:
         return TrainingArguments(
-            output_dir=str(cfg.root() / "ppo" / "trainer"),
+            output_dir=str(trainer_dir(cfg.run_dir().ppo)),
             learning_rate=ppo.learning_rate,
             seed=cfg.seed,
             report_to=report or report_to(cfg, "ppo"),
@@ -157,12 +154,12 @@ def build_ppo_trainer(cfg: RunConfig, path: Path) -> PPOPtxTrainer:
 
     ppo = _section(cfg, "ppo", path)
     validate_save_at_steps(ppo.save_at_steps, ppo.steps, where=f"{path}: ppo.save_at_steps")
-    run_dir = cfg.root() / "ppo"
+    run_dir = cfg.run_dir().ppo
     args = ppo_training_arguments(cfg, path)  # before loading anything: a bad launch or trainer key fails fast
     prompts = list(data.prompt_dataset(ppo.prompts, cfg.seed)["prompt"])
     ptx = list(data.ptx_dataset(ppo.ptx_data, cfg.seed)["text"]) if ppo.ptx_data else None
     policy_ref = ppo.policy or _policy_ref(cfg)
-    reward_ref = ppo.reward_model or str(cfg.root() / "reward")
+    reward_ref = ppo.reward_model or str(cfg.run_dir().reward)
     if ":" not in reward_ref and not Path(reward_ref).is_dir():
         raise UserError(f"{path}: ppo.reward_model: {reward_ref} not found (run `selfcorrect reward` first)")
     reward = RewardModel.load(reward_ref)  # on this process's own device
@@ -215,4 +212,4 @@ def build_ppo_trainer(cfg: RunConfig, path: Path) -> PPOPtxTrainer:
 def run_ppo_stage(cfg: RunConfig, path: Path) -> Path:
     """PPO-ptx from the SFT policy against the reward model; checkpoints at ppo.save_at_steps."""
     build_ppo_trainer(cfg, path).train()
-    return cfg.root() / "ppo"
+    return cfg.run_dir().ppo

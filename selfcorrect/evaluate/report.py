@@ -3,7 +3,7 @@
 Input, per run directory::
 
     RUN_DIR/eval/metrics.csv      model,params,step + the columns of evaluate's metrics.csv
-    RUN_DIR/ppo/checkpoints/step-NNNNNN/manifest.json   optional: mean_reward, kl, metrics.response_length
+    the kept PPO checkpoints' manifest.json (selfcorrect.rundir)   optional: mean_reward, kl, metrics.response_length
 
 Output (``RUN_DIR/report/`` for one run by step, ``RUN_DIR/report-by-size/`` by size, else ``--output``)::
 
@@ -44,6 +44,7 @@ from selfcorrect.errors import UserError, first_line
 from selfcorrect.evaluate.metrics import METRIC_COLUMNS
 from selfcorrect.evaluate.paired import MINUS_Q, MINUS_STEP0, is_difference
 from selfcorrect.io import atomic_write_bytes, atomic_write_text
+from selfcorrect.rundir import RunDir
 
 LEADING_COLUMNS = ("model", "params", "step")
 COLUMNS = (*LEADING_COLUMNS, *METRIC_COLUMNS)
@@ -146,7 +147,7 @@ def _parse_row(raw: dict[str, str], where: str, source: Path) -> Row:
 
 def read_metrics(run_dir: Path) -> list[Row]:
     """The rows of ``RUN_DIR/eval/metrics.csv``; a missing file, missing columns or no rows is a UserError."""
-    path = Path(run_dir) / "eval" / "metrics.csv"
+    path = RunDir(Path(run_dir)).metrics
     if not path.is_file():
         raise UserError(f"{path}: no metrics (is {run_dir} a run directory whose evaluation has finished?)")
     try:
@@ -173,9 +174,9 @@ def _manifest_number(manifest: dict, key: str, path: Path) -> float:
 
 
 def read_checkpoints(run_dir: Path, model: str) -> list[Checkpoint]:
-    """Training covariates from ``RUN_DIR/ppo/checkpoints/step-*/manifest.json`` (none for eval-only runs)."""
+    """Training covariates from the kept PPO checkpoints' manifests (none for eval-only runs)."""
     checkpoints = []
-    for path in sorted((Path(run_dir) / "ppo" / "checkpoints").glob("step-*/manifest.json")):
+    for path in RunDir(Path(run_dir)).checkpoint_manifests():
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -710,7 +711,8 @@ def default_output(run_dirs: list[Path], by: str) -> Path:
     """``RUN_DIR/report`` (``report-by-size`` with --by size) for one run directory; several need --output."""
     if len(run_dirs) != 1:
         raise UserError(f"{len(run_dirs)} run directories: give --output DIR for the combined report")
-    return Path(run_dirs[0]) / ("report" if by == "step" else "report-by-size")
+    report_dir = RunDir(Path(run_dirs[0])).report
+    return report_dir if by == "step" else report_dir.with_name(f"{report_dir.name}-by-size")
 
 
 def report(run_dirs: list[Path], by: str = "step", output: Path | None = None) -> Path:

@@ -9,7 +9,7 @@ Output layout (``--output DIR``)::
                                     condition's rows, then the paired differences "<c>_minus_q" (evaluate.paired)
 
 Evaluating a run (``selfcorrect evaluate RUN_DIR`` or the pipeline's evaluate stage) repeats this per
-target, i.e. per PPO checkpoint (``RUN_DIR/eval/step-000050/``) or per extra model
+target, i.e. per kept PPO checkpoint or per extra model
 (``RUN_DIR/eval/models/<model>/``), and joins their tables into ``RUN_DIR/eval/metrics.csv`` with the
 leading columns ``model,params,step`` (:data:`RUN_COLUMNS`); each checkpoint past step 0 also gets the
 paired differences of its headline metrics from step 0's (``<m>_minus_step0``).
@@ -45,6 +45,7 @@ from selfcorrect.evaluate.metrics import METRIC_COLUMNS, MetricRow, stable_seed,
 from selfcorrect.evaluate.paired import Evaluation, minus_q_rows, minus_step0_rows
 from selfcorrect.evaluate.prompts import ItemPrompt, PromptSet, load_prompts, render
 from selfcorrect.io import append_jsonl, atomic_write_text, check_writable_dir, csv_text, iter_jsonl
+from selfcorrect.rundir import RunDir
 
 DEFAULT_CONDITIONS = ("q", "q_if", "q_if_cot")
 
@@ -521,20 +522,9 @@ def model_slug(reference: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", reference.replace("/", "--")).strip("-") or "model"
 
 
-def checkpoint_targets(run_dir: Path, steps: list[int], label: str, eval_dir: Path) -> list[EvalTarget]:
+def checkpoint_targets(run: RunDir, steps: list[int], label: str, eval_dir: Path) -> list[EvalTarget]:
     """The targets of a run's PPO checkpoints at ``steps`` (whether or not they exist yet)."""
-    from selfcorrect.train.checkpoints import checkpoint_dir
-
-    return [EvalTarget(label, str(checkpoint_dir(run_dir / "ppo", s)), eval_dir / f"step-{s:06d}", s) for s in steps]
-
-
-def existing_checkpoint_steps(run_dir: Path) -> list[int]:
-    """Steps of the kept checkpoints in ``run_dir/ppo/checkpoints`` (complete ones: they appear by rename)."""
-    found = []
-    for path in (Path(run_dir) / "ppo" / "checkpoints").glob("step-*"):
-        if re.fullmatch(r"step-\d{6}", path.name) and (path / "manifest.json").is_file():
-            found.append(int(path.name[5:]))
-    return sorted(found)
+    return [EvalTarget(label, str(run.checkpoint(s)), run.eval_checkpoint(s, eval_dir), s) for s in steps]
 
 
 def evaluate_target(template: EvalSettings, target: EvalTarget) -> Path:
@@ -579,18 +569,19 @@ def join_metrics(targets: list[EvalTarget], path: Path, template: EvalSettings, 
         with (target.output / "metrics.csv").open(newline="") as f:
             rows += [[target.label, params, step, *(r[c] for c in METRIC_COLUMNS)] for r in csv.DictReader(f)]
         if deltas and target.step and target.label in step0:
-            deltas = _minus_step0(template, prompts, target, step0[target.label])
-            rows += [[target.label, params, step, *_cells(r)] for r in deltas]
+            differences = _minus_step0(template, prompts, target, step0[target.label])
+            rows += [[target.label, params, step, *_cells(r)] for r in differences]
     atomic_write_text(path, csv_text([*RUN_COLUMNS, *METRIC_COLUMNS], rows))
     return path
 
 
 def evaluate_run(template: EvalSettings, run_dir: Path, label: str | None = None) -> Path:
     """``selfcorrect evaluate RUN_DIR``: evaluate every kept checkpoint of a run into ``template.output``."""
-    steps = existing_checkpoint_steps(run_dir)
+    run = RunDir(Path(run_dir))
+    steps = run.kept_steps()
     if not steps:
-        raise UserError(f"{run_dir / 'ppo' / 'checkpoints'}: no checkpoints to evaluate")
-    targets = checkpoint_targets(run_dir, steps, label or Path(run_dir).resolve().name, template.output)
+        raise UserError(f"{run_dir}: no kept checkpoints to evaluate")
+    targets = checkpoint_targets(run, steps, label or Path(run_dir).resolve().name, template.output)
     for target in targets:
         evaluate_target(template, target)
     return join_metrics(targets, template.output / "metrics.csv", template)

@@ -63,6 +63,7 @@ from selfcorrect.reward_models.score import (
     load_function,
     response_messages,
 )
+from selfcorrect.rundir import trainer_dir
 from selfcorrect.train.checkpoints import library_versions
 
 logger = logging.getLogger(__name__)
@@ -581,7 +582,7 @@ def _train(
 ) -> dict[str, Any]:
     if train_ds is None or len(train_ds) == 0:
         raise UserError("reward.data: no training records")
-    checkpoints = staging / "checkpoints"
+    checkpoints = trainer_dir(staging)
     args = build_reward_config(section, checkpoints, seed, report_to)
     classifier, tokenizer = _load_classifier(model_section, seed)
 

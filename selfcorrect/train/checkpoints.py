@@ -1,10 +1,9 @@
-"""Kept checkpoints (``checkpoints/step-NNNNNN/``) and the resume state (``last/``) of a training run.
+"""Kept checkpoints and the resume state (``last/``) of a training run.
 
-Layout under a stage's output directory ``root`` (e.g. ``runs/<name>/ppo``)::
-
-    root/checkpoints/step-000050/   model.safetensors (or adapter_model.safetensors + adapter_config.json),
-                                    config.json, tokenizer files, manifest.json
-    root/last/                      everything needed to resume (see :func:`save_last`)
+Where they go under a stage's output directory ``root`` (e.g. ``runs/<name>/ppo``) is :mod:`selfcorrect.rundir`'s
+(:func:`~selfcorrect.rundir.checkpoint_dir`, :func:`~selfcorrect.rundir.last_dir`); what they hold is this module's:
+a kept checkpoint has the model's safetensors weights (or the LoRA adapter), config, tokenizer files and
+``manifest.json``; ``last/`` has everything needed to resume (see :func:`save_last`).
 
 Kept checkpoints are the steps listed in ``save_at_steps``; they are written once and never overwritten or
 pruned. ``last/`` is replaced at every save. Both are written atomically: into a temporary directory in the
@@ -33,11 +32,11 @@ import torch
 
 from selfcorrect.config import check_save_at_steps
 from selfcorrect.errors import UserError
+from selfcorrect.rundir import checkpoint_dir, last_dir
 
 __all__ = [
     "MANIFEST_REQUIRED_KEYS",
     "capture_rng",
-    "checkpoint_dir",
     "config_hash",
     "library_versions",
     "load_last",
@@ -51,9 +50,6 @@ __all__ = [
 MANIFEST_REQUIRED_KEYS: tuple[str, ...] = ("episodes", "tokens", "mean_reward", "kl", "config_hash")
 """Keys every kept checkpoint's manifest must receive from the caller (values may be None at step 0)."""
 
-LAST = "last"
-LAST_OLD = "last.old"
-LAST_TMP_PREFIX = "last.tmp-"
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
@@ -75,11 +71,6 @@ def validate_save_at_steps(steps: list[int], total_steps: int, where: str) -> li
         return check_save_at_steps(steps, total_steps)
     except ValueError as exc:
         raise UserError(f"{where}: {exc}") from None
-
-
-def checkpoint_dir(root: Path, step: int) -> Path:
-    """Directory of the kept checkpoint for ``step``: ``root / "checkpoints" / "step-000050"``."""
-    return Path(root) / "checkpoints" / f"step-{step:06d}"
 
 
 def library_versions() -> dict[str, str]:
@@ -236,7 +227,7 @@ def _remove_stale_temp_dirs(parent: Path, prefix: str) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model: Any, tokenizer: Any, manifest: dict[str, Any]) -> Path:
-    """Write the kept checkpoint of ``step`` atomically and return its directory (:func:`checkpoint_dir`).
+    """Write the kept checkpoint of ``step`` atomically and return its directory (:func:`rundir.checkpoint_dir`).
 
     The directory holds ``model.save_pretrained`` output in safetensors (for a PEFT model: the adapter, with
     the base model reference in ``adapter_config.json`` and in the manifest), the tokenizer, and
@@ -246,7 +237,7 @@ def save_checkpoint(root: Path, step: int, model: Any, tokenizer: Any, manifest:
     ``mean_reward``, ``kl``, ``config_hash``; values may be None, e.g. at step 0). Pass the unwrapped model
     (``accelerator.unwrap_model``), from the main process only.
 
-    Written into ``checkpoints/.step-NNNNNN.tmp-<pid>`` and renamed into place when complete.
+    Written into a temporary directory beside it (``.<name>.tmp-<pid>``) and renamed into place when complete.
 
     **An existing checkpoint is never overwritten**: if the directory already exists (a resumed run reaching a
     step it had saved before it was killed) it is returned unchanged, unless its manifest records a different
@@ -411,8 +402,10 @@ def save_last(
     encoded = json.dumps(record, indent=2, sort_keys=True, default=_json_default) + "\n"  # fail before writing
 
     root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_dirs(root, LAST_TMP_PREFIX)
-    tmp = root / f"{LAST_TMP_PREFIX}{os.getpid()}"
+    last = last_dir(root)
+    old, tmp_prefix = last.with_name(f"{last.name}.old"), f"{last.name}.tmp-"
+    _remove_stale_temp_dirs(root, tmp_prefix)
+    tmp = root / f"{tmp_prefix}{os.getpid()}"
     try:
         tmp.mkdir()
         for name, m in models.items():
@@ -433,7 +426,6 @@ def save_last(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-    last, old = root / LAST, root / LAST_OLD
     if last.exists():
         if old.exists():  # a stale leftover: ``last`` is complete, so ``last.old`` is not needed
             shutil.rmtree(old)
@@ -471,9 +463,9 @@ def load_last(root: Path) -> dict[str, Any] | None:
     by :func:`save_last`) is a :class:`UserError`.
     """
     root = Path(root)
-    directory = root / LAST
+    directory = last_dir(root)
     if not directory.is_dir():
-        directory = root / LAST_OLD
+        directory = directory.with_name(f"{directory.name}.old")
         if not directory.is_dir():
             return None
     state_path = directory / STATE_FILE

@@ -49,6 +49,7 @@ from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError
 from selfcorrect.evaluate.metrics import stable_seed
 from selfcorrect.reward_models.score import RewardModel, hh_prompt
+from selfcorrect.rundir import engine_dir, merged_dir, step_name
 from selfcorrect.train import ppo_core as core
 from selfcorrect.train.checkpoints import load_last, restore_weights, save_checkpoint, save_last
 from selfcorrect.train.distributed import distributed_name, gathered, zero_stage
@@ -138,7 +139,7 @@ class PPOSection(StrictModel):
     warmup_start_factor: float = Field(0.1, gt=0, le=1)  # the warmup starts at this share of the peak (InstructGPT)
     ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the policy weights (InstructGPT: 0.992); None: off
     save_last_every: int = Field(1, gt=0)
-    save_merged: bool = False  # also write each kept step with adapters merged: ppo/merged/step-NNNNNN/
+    save_merged: bool = False  # also write each kept step with adapters merged (rundir.merged_dir)
     trainer: dict[str, Any] = {}  # TrainingArguments fields PPO honours: HONOURED_TRAINER_FIELDS
 
     @field_validator("save_at_steps")
@@ -780,7 +781,7 @@ class PPOPtxTrainer(Trainer):
                 }
                 with self._ema_weights():  # with EMA on, a kept checkpoint holds the EMA of the weights
                     kept = save_checkpoint(self.run_dir, step, policy, self.tokenizer, manifest)
-                merged = self.run_dir / "merged" / kept.name
+                merged = merged_dir(self.run_dir, step)
                 if self.ppo.save_merged and not merged.exists():  # a plain model any tool loads (selfcorrect export)
                     from selfcorrect.export import export_checkpoint
 
@@ -791,12 +792,12 @@ class PPOPtxTrainer(Trainer):
     # names a DeepSpeed engine checkpoint that every process writes its share of, in ``last-deepspeed/<tag>/``;
     # the atomic replacement of ``last/`` stays the moment a save counts, and older engine checkpoints go after it.
     def _engine_dir(self) -> Path:
-        return self.run_dir / "last-deepspeed"
+        return engine_dir(self.run_dir)
 
     def _save_last(self, state: dict[str, Any]) -> None:
         deepspeed = zero_stage(self.accelerator) is not None
         if deepspeed:
-            state = {**state, "deepspeed_tag": f"step-{state['step']:06d}"}
+            state = {**state, "deepspeed_tag": step_name(state["step"])}
             self.model.save_checkpoint(str(self._engine_dir()), tag=state["deepspeed_tag"], save_latest=False)
             self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
