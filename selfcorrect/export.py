@@ -14,10 +14,11 @@ import json
 import os
 import shutil
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 from selfcorrect.errors import UserError
+from selfcorrect.io import install_dir
+from selfcorrect.provenance import now, to_json
 
 MANIFEST = "manifest.json"
 
@@ -38,7 +39,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
     manifest = _read_manifest(source)
     manifest.update(
         exported_from=str(source.resolve()) if source.exists() else str(checkpoint),
-        exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        exported_at=now(),
         weights="full",
         base_model=None,
     )
@@ -46,9 +47,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
     try:
         model.save_pretrained(staging)  # safetensors
         tokenizer.save_pretrained(staging)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        (staging / MANIFEST).write_text(to_json(manifest))
         os.chmod(staging, 0o777 & ~_umask())
-        os.rename(staging, out)
+        install_dir(staging, out, replace=False)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

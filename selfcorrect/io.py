@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import os
+import shutil
 import tempfile
 import urllib.request
 from collections.abc import Iterable, Iterator
@@ -72,6 +73,25 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def install_dir(staging: str | Path, target: str | Path, *, replace: bool = True) -> Path:
+    """Move a finished staging directory to ``target`` by rename (same file system), so readers see all or nothing.
+
+    With ``replace`` an earlier ``target`` is moved aside first and removed after; without it an existing ``target``
+    is a UserError and nothing moves.
+    """
+    staging, target = Path(staging), Path(target)
+    if target.exists() and not replace:
+        raise UserError(f"{target}: already exists")
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / "previous")
+    os.replace(staging, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def check_writable_dir(path: str | Path, what: str) -> None:

@@ -63,7 +63,7 @@ def resolved_configs(cfg: RunConfig) -> dict[str, dict[str, Any]]:
 
     Each includes the hashes of the stages before it, so a change upstream changes every later hash.
     """
-    from selfcorrect.train.checkpoints import config_hash
+    from selfcorrect.provenance import config_hash
 
     # JSON mode: what pipeline.json stores reads back equal (enums as strings, tuples as lists)
     dump = lambda section, **kw: section and section.model_dump(mode="json", **kw)  # noqa: E731

@@ -149,8 +149,9 @@ def build_ppo_trainer(cfg: RunConfig, path: Path) -> PPOPtxTrainer:
 
     from selfcorrect import data
     from selfcorrect.models import load_model, resolve_model_path
+    from selfcorrect.provenance import config_hash
     from selfcorrect.reward_models.score import RewardModel
-    from selfcorrect.train.checkpoints import config_hash, validate_save_at_steps
+    from selfcorrect.train.checkpoints import validate_save_at_steps
 
     ppo = _section(cfg, "ppo", path)
     validate_save_at_steps(ppo.save_at_steps, ppo.steps, where=f"{path}: ppo.save_at_steps")

@@ -13,10 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from selfcorrect.errors import UserError
+from selfcorrect.provenance import config_hash, library_versions
+from selfcorrect.rundir import checkpoint_dir
 from selfcorrect.train.checkpoints import (
-    checkpoint_dir,
-    config_hash,
-    library_versions,
     load_last,
     restore_rng,
     restore_weights,

@@ -264,7 +264,7 @@ def test_pairwise_lora_run_learns_saves_and_reloads(tiny_model_dir: Path, tmp_pa
     assert len(losses) == 6 and sum(losses[-2:]) / 2 < losses[0] - 0.1, losses
     assert manifest["pairwise_accuracy"] > 0.5 and manifest["kendall_tau"] > 0
     assert manifest["bias_source"] == "demonstrations" and math.isfinite(manifest["bias"])
-    assert {"torch", "transformers", "trl", "peft"} <= set(manifest["versions"]) and manifest["seed"] == 0
+    assert {"torch", "transformers", "trl", "peft"} <= set(manifest["library_versions"]) and manifest["seed"] == 0
 
     # A plain (merged) sequence classifier, no adapter, nothing left over.
     config = json.loads((out / "config.json").read_text())

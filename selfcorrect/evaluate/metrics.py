@@ -7,11 +7,12 @@ estimate is the same function on the unresampled data (``B = 1``), so estimate a
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from selfcorrect.provenance import stable_seed  # used here and by the benchmark modules
 
 METRIC_COLUMNS = ("benchmark", "condition", "subset", "metric", "value", "ci_low", "ci_high", "n")
 
@@ -30,12 +31,6 @@ class MetricRow:
     ci_low: float
     ci_high: float
     n: int
-
-
-def stable_seed(*parts: object) -> int:
-    """A 32-bit seed from any parts, identical across processes and Python versions."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:4], "little")
 
 
 def safe_divide(num: np.ndarray, den: np.ndarray, empty: float = np.nan) -> np.ndarray:

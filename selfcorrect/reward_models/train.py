@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import math
 import os
@@ -46,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from pydantic import Field, field_validator, model_validator
-from transformers import PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedTokenizerBase
 from transformers.data.data_collator import DataCollatorMixin
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.utils import pad
@@ -54,7 +53,8 @@ from trl.trainer.utils import pad
 from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, StrictModel, check_typed_fields
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError, first_line
-from selfcorrect.io import atomic_write_text
+from selfcorrect.io import atomic_write_text, install_dir
+from selfcorrect.provenance import stamp, to_json
 from selfcorrect.reward_models.score import (
     FUNCTION_SPEC,
     MANIFEST_NAME,
@@ -64,7 +64,7 @@ from selfcorrect.reward_models.score import (
     response_messages,
 )
 from selfcorrect.rundir import trainer_dir
-from selfcorrect.train.checkpoints import library_versions
+from selfcorrect.train.guards import NonFiniteLossGuard
 
 logger = logging.getLogger(__name__)
 
@@ -383,19 +383,6 @@ class KWiseRewardTrainer(RewardTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-class _NonFiniteLossGuard(TrainerCallback):
-    """Stop training as soon as a logged loss is NaN or infinite (run_reward then raises a UserError)."""
-
-    def __init__(self) -> None:
-        self.bad: tuple[int, float] | None = None
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)) and self.bad is None:
-            self.bad = (state.global_step, float(loss))
-            control.should_training_stop = True
-
-
 # ---- the stage -----------------------------------------------------------------------------------------------------
 
 
@@ -502,17 +489,6 @@ def _score_groups(reward_model: RewardModel, ranked_ids: Dataset, batch_size: in
     return list(torch.split(scores, sizes))
 
 
-def _install_atomically(staging: Path, output_dir: Path) -> None:
-    """Move the finished staging directory to ``output_dir``, replacing an earlier result."""
-    old = None
-    if output_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-        os.replace(output_dir, old / "previous")
-    os.replace(staging, output_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def run_reward(
     section: RewardSection,
     model: ModelSection,
@@ -555,14 +531,14 @@ def run_reward(
                 "bias": 0.0,
                 "seed": seed,
                 "dialogue": dialogue.record(),
-                "versions": library_versions(),
+
             }
         else:
             manifest = _train(
                 section, model, lora, staging, seed, train_ds, eval_ds, demonstrations, report_to, dialogue
             )
-        atomic_write_text(staging / MANIFEST_NAME, json.dumps(manifest, indent=2, default=str) + "\n")
-        _install_atomically(staging, output_dir)
+        atomic_write_text(staging / MANIFEST_NAME, to_json(stamp(manifest)))
+        install_dir(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output_dir
@@ -595,7 +571,7 @@ def _train(
     if eval_ds is not None and len(eval_ds) > 0:
         ranked_eval = tokenize_ranked(to_ranked(eval_ds), tokenizer, section.max_length, dialogue)
 
-    guard = _NonFiniteLossGuard()
+    guard = NonFiniteLossGuard()
     common = {
         "model": classifier,
         "args": args,
@@ -677,7 +653,7 @@ def _train(
         "lora": lora.model_dump() if lora is not None else None,
         "trainer": section.trainer,
         "seed": seed,
-        "versions": library_versions(),
+
         "log_history": trainer.state.log_history,
     }
 

@@ -15,15 +15,11 @@ directories from a killed writer are removed by the next save.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import platform
 import random
 import shutil
 from collections.abc import Mapping
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +28,12 @@ import torch
 
 from selfcorrect.config import check_save_at_steps
 from selfcorrect.errors import UserError
+from selfcorrect.provenance import library_versions, now, stamp, to_json
 from selfcorrect.rundir import checkpoint_dir, last_dir
 
 __all__ = [
     "MANIFEST_REQUIRED_KEYS",
     "capture_rng",
-    "config_hash",
-    "library_versions",
     "load_last",
     "restore_rng",
     "restore_weights",
@@ -56,7 +51,6 @@ SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng_state.pt"
 TENSORS_FILE = "tensors.safetensors"
 LAST_FORMAT = 1
-_LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "selfcorrect")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -71,46 +65,6 @@ def validate_save_at_steps(steps: list[int], total_steps: int, where: str) -> li
         return check_save_at_steps(steps, total_steps)
     except ValueError as exc:
         raise UserError(f"{where}: {exc}") from None
-
-
-def library_versions() -> dict[str, str]:
-    """Installed versions of python, torch, transformers, trl, peft, accelerate, datasets and selfcorrect.
-
-    A library that is not installed is reported as ``"not installed"``.
-    """
-    versions = {"python": platform.python_version()}
-    for name in _LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def _json_default(value: Any) -> Any:
-    """JSON encoding of the non-JSON values a caller may reasonably pass (paths, tensor and numpy scalars)."""
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray | torch.Tensor):
-        return value.tolist()
-    raise TypeError(f"cannot write a {type(value).__name__} as JSON")
-
-
-def config_hash(config: dict[str, Any]) -> str:
-    """First 16 hex digits of the sha256 of ``config`` as canonical JSON (sorted keys, no spaces, UTF-8).
-
-    Paths are written as strings; two configs that differ only in key order have the same hash.
-    """
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -136,7 +90,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n", encoding="utf-8")
+    path.write_text(to_json(obj), encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -253,14 +207,8 @@ def save_checkpoint(root: Path, step: int, model: Any, tokenizer: Any, manifest:
         _check_existing_checkpoint(final, manifest.get("config_hash"))
         return final
 
-    full_manifest: dict[str, Any] = {
-        "step": step,
-        "created_at": _now(),
-        "library_versions": library_versions(),
-        **_weights_info(model),
-    }
-    full_manifest.update(manifest)
-    encoded = json.dumps(full_manifest, indent=2, sort_keys=True, default=_json_default) + "\n"  # fail early
+    full_manifest = stamp({"step": step, **_weights_info(model), **manifest})
+    encoded = to_json(full_manifest)  # fail early
 
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -390,7 +338,7 @@ def save_last(
     models = _model_dirs(model)
     record = {
         "format": LAST_FORMAT,
-        "created_at": _now(),
+        "created_at": now(),
         "library_versions": library_versions(),
         "models": {name: _weights_info(m) for name, m in models.items()},
         "has_optimizer": optimizer is not None,
@@ -399,7 +347,7 @@ def save_last(
         "has_tensors": tensors is not None,
         "state": state,
     }
-    encoded = json.dumps(record, indent=2, sort_keys=True, default=_json_default) + "\n"  # fail before writing
+    encoded = to_json(record)  # fail before writing
 
     root.mkdir(parents=True, exist_ok=True)
     last = last_dir(root)

@@ -47,7 +47,7 @@ from selfcorrect import dialogue as dialogues
 from selfcorrect.config import DatasetSpec, StrictModel, check_save_at_steps, check_typed_fields
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError
-from selfcorrect.evaluate.metrics import stable_seed
+from selfcorrect.provenance import stable_seed
 from selfcorrect.reward_models.score import RewardModel, hh_prompt
 from selfcorrect.rundir import engine_dir, merged_dir, step_name
 from selfcorrect.train import ppo_core as core

@@ -34,10 +34,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import typing
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +43,17 @@ import torch
 from datasets import Dataset, concatenate_datasets
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
-from transformers import PreTrainedTokenizerBase, TrainerCallback, set_seed
+from transformers import PreTrainedTokenizerBase, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, StrictModel, check_typed_fields
 from selfcorrect.data import ptx_dataset, sft_dataset, train_test_split
 from selfcorrect.dialogue import DialogueSpec, example_ids
 from selfcorrect.errors import UserError, first_line
-from selfcorrect.io import atomic_write_text
+from selfcorrect.io import atomic_write_text, install_dir
 from selfcorrect.models import EMBEDDED_PREFIX, load_model
-from selfcorrect.train.checkpoints import config_hash, library_versions
+from selfcorrect.provenance import config_hash, stamp, to_json
+from selfcorrect.train.guards import NonFiniteLossGuard
 
 logger = logging.getLogger(__name__)
 
@@ -243,19 +242,6 @@ def build_sft_trainer(
     return trainer, counts
 
 
-class _NonFiniteLoss(TrainerCallback):
-    """Stops training at the first logged loss that is nan or inf and remembers the step."""
-
-    def __init__(self) -> None:
-        self.step: int | None = None
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss) and self.step is None:
-            self.step = state.global_step
-            control.should_training_stop = True
-
-
 def _check_replaceable(output_dir: Path) -> None:
     """An existing output_dir may only be an earlier SFT output (or empty): nothing else is overwritten."""
     if not output_dir.exists():
@@ -268,15 +254,6 @@ def _check_replaceable(output_dir: Path) -> None:
         stage = None
     if stage != STAGE:
         raise UserError(f"{output_dir}: exists and is not an SFT output (no manifest.json of stage 'sft'); not touched")
-
-
-def _replace_dir(source: Path, target: Path) -> None:
-    old = target.parent / f".{target.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(source, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _last_logged(log_history: list[dict[str, Any]], key: str) -> float | None:
@@ -311,11 +288,12 @@ def run_sft(
     try:
         dialogue = dialogue or DialogueSpec()
         trainer, counts = build_sft_trainer(section, model, lora, work_dir, seed, report_to, dialogue)
-        nan_guard = _NonFiniteLoss()
+        nan_guard = NonFiniteLossGuard()
         trainer.add_callback(nan_guard)
         result = trainer.train()
-        if nan_guard.step is not None or not math.isfinite(result.training_loss):
-            raise UserError(f"sft: loss became nan at step {nan_guard.step or trainer.state.global_step}")
+        if nan_guard.bad is not None or not math.isfinite(result.training_loss):
+            step = nan_guard.bad[0] if nan_guard.bad else trainer.state.global_step
+            raise UserError(f"sft: loss became nan at step {step}")
         if not all(torch.isfinite(p).all() for p in trainer.model.parameters() if p.requires_grad):
             raise UserError(f"sft: the weights became nan or inf by step {trainer.state.global_step}")
         trainer.save_model(str(work_dir))
@@ -328,25 +306,25 @@ def run_sft(
                 "seed": seed,
                 "dialogue": dialogue.record(),
             }
-            manifest = {
-                "stage": STAGE,
-                "base_model": _portable_ref(model.name_or_path),
-                "finetuning": "lora" if lora is not None else "full",
-                "dialogue": dialogue.record(),
-                **counts,
-                "steps": trainer.state.global_step,
-                "final_train_loss": _last_logged(trainer.state.log_history, "loss"),
-                "mean_train_loss": result.training_loss,
-                "eval_loss": _last_logged(trainer.state.log_history, "eval_loss"),
-                "seed": seed,
-                "config": config,
-                "config_hash": config_hash(config),
-                "training_args": json.loads(trainer.args.to_json_string()),
-                "library_versions": library_versions(),
-                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
-            atomic_write_text(work_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-            _replace_dir(work_dir, output_dir)
+            manifest = stamp(
+                {
+                    "stage": STAGE,
+                    "base_model": _portable_ref(model.name_or_path),
+                    "finetuning": "lora" if lora is not None else "full",
+                    "dialogue": dialogue.record(),
+                    **counts,
+                    "steps": trainer.state.global_step,
+                    "final_train_loss": _last_logged(trainer.state.log_history, "loss"),
+                    "mean_train_loss": result.training_loss,
+                    "eval_loss": _last_logged(trainer.state.log_history, "eval_loss"),
+                    "seed": seed,
+                    "config": config,
+                    "config_hash": config_hash(config),
+                    "training_args": json.loads(trainer.args.to_json_string()),
+                }
+            )
+            atomic_write_text(work_dir / MANIFEST, to_json(manifest))
+            install_dir(work_dir, output_dir)
         state.wait_for_everyone()
     except BaseException:
         if state.is_main_process:

@@ -1,0 +1,84 @@
+"""Provenance: what every result records about how it was made, written one way.
+
+* :func:`config_hash`: the identity of a configuration (canonical JSON, sorted keys);
+* :func:`library_versions`: the versions of the libraries that made a result;
+* :func:`stable_seed`: a seed from any parts, the same in every process and Python version (data order, CoT
+  samples, bootstrap resamples, rollouts);
+* :func:`stamp` and :func:`to_json`: a manifest's common fields (``created_at``, ``library_versions``) and its JSON
+  text, for the manifests of the SFT stage, the reward model, kept PPO checkpoints and exports.
+
+Pure Python: training and evaluation both use it, and neither imports the other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from datetime import datetime, timezone
+from enum import Enum
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "selfcorrect")
+
+
+def stable_seed(*parts: object) -> int:
+    """A 32-bit seed from any parts, identical across processes and Python versions."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of python, torch, transformers, trl, peft, accelerate, datasets and selfcorrect.
+
+    A library that is not installed is reported as ``"not installed"``.
+    """
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def json_default(value: Any) -> Any:
+    """JSON encoding of the non-JSON values a caller may reasonably pass (paths, tensor and numpy scalars)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Enum):
+        return value.value
+    item = getattr(value, "item", None)  # torch and numpy scalars
+    size = getattr(value, "numel", None) or getattr(value, "size", None)
+    if callable(item) and (size == 1 or (callable(size) and size() == 1)):
+        return item()
+    tolist = getattr(value, "tolist", None)  # arrays and tensors
+    if callable(tolist):
+        return tolist()
+    raise TypeError(f"cannot write a {type(value).__name__} as JSON")
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """First 16 hex digits of the sha256 of ``config`` as canonical JSON (sorted keys, no spaces, UTF-8).
+
+    Paths are written as strings; two configs that differ only in key order have the same hash.
+    """
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=json_default)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def now() -> str:
+    """The current UTC time, ISO-8601 to the second."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def stamp(record: dict[str, Any]) -> dict[str, Any]:
+    """A manifest: ``created_at`` and ``library_versions``, then the caller's fields (which win)."""
+    return {"created_at": now(), "library_versions": library_versions(), **record}
+
+
+def to_json(record: dict[str, Any]) -> str:
+    """A manifest's JSON text (indented, sorted keys, paths and tensor scalars converted); fails before any write."""
+    return json.dumps(record, indent=2, sort_keys=True, default=json_default) + "\n"
