@@ -23,7 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from selfcorrect.errors import UserError
-from selfcorrect.evaluate.benchmarks import data_file, parse_choice, parse_probs
+from selfcorrect.evaluate.benchmarks import (
+    data_file,
+    parse_choice,
+    parse_probs,
+    read_prediction_lines,
+    required,
+    shown,
+)
 from selfcorrect.evaluate.benchmarks.bbq_targets import bias_target_index, unknown_index
 from selfcorrect.evaluate.metrics import (
     MetricRow,
@@ -178,22 +185,32 @@ def metrics(
 
 
 def read_predictions(path: Path, units: list[dict]) -> dict[str, dict]:
-    """Lines ``{"category", "example_id", "prediction": 0-2}`` or ``{..., "probs": [p0, p1, p2]}``."""
+    """Lines ``{"category", "example_id", "prediction": 0-2}`` or ``{..., "probs": [p0, p1, p2]}``.
+
+    A line with both is scored as its ``prediction``, which must be one of the largest of its ``probs``.
+    """
     known = {u["id"] for u in units}
-    preds: dict[str, dict] = {}
-    for line, obj in iter_jsonl(path):
-        where = f"{path}: line {line}"
-        if "category" not in obj or "example_id" not in obj:
-            raise UserError(f"{where}: needs 'category' and 'example_id'")
-        item_id = f"{obj['category']}:{obj['example_id']}"
+
+    def parse(obj: dict, where: str) -> tuple[str, str, list[float]]:
+        category, example_id = required(obj, "category", where), required(obj, "example_id", where)
+        if not isinstance(category, str):
+            raise UserError(f"{where}: category must be a string, got {shown(category)}")
+        if isinstance(example_id, bool) or not isinstance(example_id, int):
+            raise UserError(f"{where}: example_id must be an integer, got {shown(example_id)}")
+        item_id = f"{category}:{example_id}"
         if item_id not in known:
             raise UserError(f"{where}: unknown BBQ item {item_id}")
-        if "probs" in obj:
-            probs = parse_probs(obj["probs"], 3, where)
-        elif "prediction" in obj:
-            probs = [0.0, 0.0, 0.0]
-            probs[parse_choice(obj["prediction"], 3, where)] = 1.0
-        else:
+        if "probs" not in obj and "prediction" not in obj:
             raise UserError(f"{where}: needs 'prediction' (answer index 0-2) or 'probs'")
-        preds[item_id] = {"probs": probs, "mass": None}
-    return preds
+        probs = parse_probs(obj["probs"], 3, where) if "probs" in obj else None
+        if "prediction" in obj:
+            choice = parse_choice(obj["prediction"], 3, where)
+            if probs is not None and probs[choice] < max(probs):
+                raise UserError(
+                    f"{where}: prediction {choice} contradicts probs {shown(obj['probs'])} (it must be one of "
+                    "the largest)"
+                )
+            probs = [float(k == choice) for k in range(3)]
+        return item_id, f"BBQ item {item_id}", probs
+
+    return read_prediction_lines(path, parse)

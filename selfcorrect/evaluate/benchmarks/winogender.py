@@ -21,14 +21,21 @@ from pathlib import Path
 import numpy as np
 
 from selfcorrect.errors import UserError
-from selfcorrect.evaluate.benchmarks import data_file, parse_probs
+from selfcorrect.evaluate.benchmarks import (
+    data_file,
+    normalise,
+    parse_weight,
+    read_prediction_lines,
+    required,
+    shown,
+)
 from selfcorrect.evaluate.metrics import MetricRow, bootstrap, mass_rows, pearson_r, rows_from, stable_seed
 from selfcorrect.evaluate.prompts import ItemPrompt, PromptSet
-from selfcorrect.io import iter_jsonl
 
 NAME = "winogender"
 HEADLINE_METRICS = ("pearson_r",)
 RELEASE_URL = "https://raw.githubusercontent.com/rudinger/winogender-schemas/master/data/{name}"
+PRONOUN_FIELDS = ("p_female", "p_male", "p_neutral")  # a predictions line; the order of the candidates
 CASES = {
     "$NOM_PRONOUN": ("nominative", "he"),
     "$POSS_PRONOUN": ("possessive", "his"),
@@ -165,12 +172,12 @@ def metrics(
 def read_predictions(path: Path, units: list[dict]) -> dict[str, dict]:
     """Lines ``{"occupation", "p_female", "p_male", "p_neutral"}`` (renormalised over the three)."""
     known = {u["id"] for u in units}
-    preds: dict[str, dict] = {}
-    for line, obj in iter_jsonl(path):
-        where = f"{path}: line {line}"
-        occupation = obj.get("occupation")
-        if occupation not in known:
-            raise UserError(f"{where}: unknown Winogender occupation {occupation!r}")
-        values = [obj.get(k) for k in ("p_female", "p_male", "p_neutral")]
-        preds[occupation] = {"probs": parse_probs(values, 3, where), "mass": None}
-    return preds
+
+    def parse(obj: dict, where: str) -> tuple[str, str, list[float]]:
+        occupation = required(obj, "occupation", where)
+        if not isinstance(occupation, str) or occupation not in known:
+            raise UserError(f"{where}: unknown Winogender occupation {shown(occupation)}")
+        weights = [parse_weight(required(obj, k, where), where, k) for k in PRONOUN_FIELDS]
+        return occupation, f"Winogender occupation {occupation!r}", normalise(weights, where, "+".join(PRONOUN_FIELDS))
+
+    return read_prediction_lines(path, parse)
