@@ -1,7 +1,8 @@
 """`selfcorrect score` refuses ambiguous or malformed input with one line naming the file (and line), exit 2.
 
 Covers the predictions file (duplicates, non-finite numbers, contradictory fields, wrong JSON types, no
-complete law-school pair) and the --seed/--bootstrap flags. A bad input never touches an existing --output.
+complete law-school pair), the --seed/--bootstrap flags, and benchmark data files with fields of the wrong
+type (small bad copies of the real data in a tmp --data-dir). A bad input never touches an existing --output.
 """
 
 from __future__ import annotations
@@ -251,3 +252,167 @@ def test_prediction_breaks_a_tie_in_probs(capsys, tmp_path):
         rows = {(r["subset"], r["metric"]): r["value"] for r in json.loads(capsys.readouterr().out)}
         accuracy[choice] = rows[("all", "accuracy_ambig")]
     assert accuracy == {u["target"]: 0.0, u["unknown"]: 1.0}  # the unknown answer is right on ambiguous items
+
+
+# --- benchmark data files with fields of the wrong type --------------------------------------------------
+
+
+def data_copy(tmp_path: Path, relpath: str, edit) -> tuple[Path, Path]:
+    """A data dir holding only a copy of ``relpath``, its lines passed through ``edit``; and that file."""
+    lines = (data_dir() / relpath).read_text(encoding="utf-8").splitlines()
+    root = tmp_path / "data"
+    path = root / relpath
+    path.parent.mkdir(parents=True)
+    path.write_text("\n".join(edit(lines)) + "\n", encoding="utf-8")
+    return root, path
+
+
+def refuse_data(capsys, tmp_path: Path, benchmark: str, root: Path) -> str:
+    preds = tmp_path / "predictions.jsonl"
+    preds.write_text(GOOD[benchmark] + "\n")
+    return refuse(capsys, tmp_path, ["--benchmark", benchmark, "--predictions", str(preds), "--data-dir", str(root)])
+
+
+def with_field(key: str, value: object, *, nested: str | None = None):
+    """An edit of a BBQ jsonl file: line 3's ``key`` (or ``key.nested``) set to ``value``, or removed if ``...``."""
+
+    def edit(lines: list[str]) -> list[str]:
+        rec = json.loads(lines[2])
+        target = rec[key] if nested else rec
+        name = nested or key
+        if value is ...:
+            del target[name]
+        else:
+            target[name] = value
+        return [*lines[:2], json.dumps(rec), *lines[3:]]
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (with_field("label", "2"), "field label: expected an answer index 0, 1 or 2, got '2'"),
+        (with_field("label", 3), "field label: expected an answer index 0, 1 or 2, got 3"),
+        (with_field("label", True), "field label: expected an answer index 0, 1 or 2, got True"),
+        (with_field("label", ...), "missing field label"),
+        (with_field("example_id", "2"), "field example_id: expected an integer, got '2'"),
+        (with_field("example_id", 0), "duplicate example_id 0 (first on line 1)"),
+        (with_field("context_condition", "ambiguous"), "field context_condition: expected 'ambig' or 'disambig'"),
+        (with_field("question_polarity", ["neg"]), "field question_polarity: expected 'neg' or 'nonneg'"),
+        (with_field("question_index", 1), "field question_index: expected a template number as a string, got 1"),
+        (with_field("context", None), "field context: expected a string, got None"),
+        (with_field("question", ...), "missing field question"),
+        (with_field("ans1", 5), "field ans1: expected a string, got 5"),
+        (with_field("answer_info", []), "field answer_info: expected an object"),
+        (with_field("answer_info", ["grandson"], nested="ans1"), "field answer_info: expected an object"),
+        (with_field("answer_info", [1, "old"], nested="ans0"), "field answer_info: expected an object"),
+        (
+            with_field("additional_metadata", "old", nested="stereotyped_groups"),
+            "field additional_metadata: expected an object whose stereotyped_groups is a list of strings",
+        ),
+        (with_field("additional_metadata", ...), "missing field additional_metadata"),
+        (
+            with_field("answer_info", ["Can't be determined", "unk"], nested="ans2"),
+            "answer_info has no 'unknown' option",
+        ),
+    ],
+)
+def test_bbq_data_field_of_the_wrong_type(capsys, tmp_path, edit, needle):
+    """Line 3 of Age.jsonl (the first file read) spoiled; the other ten files are never reached."""
+    root, path = data_copy(tmp_path, "bbq/Age.jsonl", edit)
+    err = refuse_data(capsys, tmp_path, "bbq", root)
+    assert f"{path}: line 3: {needle}" in err
+
+
+def winogender_copy(tmp_path: Path, name: str, edit) -> tuple[Path, Path]:
+    """A data dir with the three Winogender files, ``name`` passed through ``edit``."""
+    root, path = data_copy(tmp_path, f"winogender/{name}", edit)
+    for other in ("templates.tsv", "all_sentences.tsv", "occupations-stats.tsv"):
+        if other != name:
+            (root / "winogender" / other).symlink_to(data_dir() / "winogender" / other)
+    return root, path
+
+
+def set_cell(line: int, column: int, value: str):
+    """An edit of a TSV/CSV file: one cell replaced (1-based line, 0-based column)."""
+
+    def edit(lines: list[str]) -> list[str]:
+        sep = "\t" if "\t" in lines[0] else ","
+        cells = lines[line - 1].split(sep)
+        cells[column] = value
+        return [*lines[: line - 1], sep.join(cells), *lines[line:]]
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("name", "edit", "needle"),
+    [
+        (
+            "occupations-stats.tsv",
+            set_cell(3, 2, "lots"),
+            "line 3: field bls_pct_female: expected a finite number, got 'lots'",
+        ),
+        (
+            "occupations-stats.tsv",
+            set_cell(3, 2, "nan"),
+            "line 3: field bls_pct_female: expected a finite number, got 'nan'",
+        ),
+        ("occupations-stats.tsv", set_cell(3, 2, "inf"), "line 3: field bls_pct_female: expected a finite number"),
+        (
+            "occupations-stats.tsv",
+            set_cell(3, 2, "159.7"),
+            "line 3: field bls_pct_female: expected a percentage from 0 to 100, got 159.7",
+        ),
+        (
+            "occupations-stats.tsv",
+            set_cell(3, 0, "technician"),
+            "line 3: duplicate occupation 'technician' (first on line 2)",
+        ),
+        ("templates.tsv", set_cell(3, 2, "zero"), "line 3: field answer: expected 0 or 1, got 'zero'"),
+        (
+            "templates.tsv",
+            lambda lines: [*lines[:3], lines[3].rsplit("\t", 1)[0], *lines[4:]],
+            "line 4: expected 4 fields, got 3",
+        ),
+        ("templates.tsv", set_cell(1, 2, "answr"), "line 1: missing column answer"),
+        ("all_sentences.tsv", set_cell(3, 0, "technician.customer.1.male.txt"), "line 3: duplicate sentid"),
+    ],
+)
+def test_winogender_data_field_of_the_wrong_type(capsys, tmp_path, name, edit, needle):
+    root, path = winogender_copy(tmp_path, name, edit)
+    assert f"{path}: {needle}" in refuse_data(capsys, tmp_path, "winogender", root)
+
+
+def test_winogender_second_template_for_an_occupation(capsys, tmp_path):
+    """Two answer-0 templates for one occupation would give two units with one id."""
+
+    def edit(lines: list[str]) -> list[str]:
+        first = next(i for i, t in enumerate(lines) if t.split("\t")[2] == "0")
+        return [*lines, lines[first]]
+
+    root, path = winogender_copy(tmp_path, "templates.tsv", edit)
+    assert f"{path}: line 122: a second answer-0 template for 'technician' (first on line 3)" in refuse_data(
+        capsys, tmp_path, "winogender", root
+    )
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (set_cell(3, 3, "thirty"), "line 3: field LSAT: expected a finite number, got 'thirty'"),
+        (set_cell(3, 3, "nan"), "line 3: field LSAT: expected a finite number, got 'nan'"),
+        (set_cell(3, 4, "inf"), "line 3: field UGPA: expected a finite number, got 'inf'"),
+        (set_cell(3, 4, ""), "line 3: field UGPA: expected a finite number, got ''"),
+        (set_cell(3, 2, "1.5"), "line 3: field sex: expected 1 or 2, got '1.5'"),
+        (set_cell(3, 2, "3"), "line 3: field sex: expected 1 or 2, got '3'"),
+        (set_cell(3, 0, "x1"), "line 3: field 1 (the record id): expected an integer, got 'x1'"),
+        (set_cell(3, 0, "1.0"), "line 3: field 1 (the record id): expected an integer, got '1.0'"),
+        (set_cell(3, 0, "0"), "line 3: duplicate record id 0 (first on line 2)"),
+    ],
+)
+def test_law_school_data_field_of_the_wrong_type(capsys, tmp_path, edit, needle):
+    """A 20-student copy of law_data.csv with one bad cell on line 3."""
+    root, path = data_copy(tmp_path, "law_school/law_data.csv", lambda lines: edit(lines[:21]))
+    assert f"{path}: {needle}" in refuse_data(capsys, tmp_path, "law_school", root)

@@ -68,6 +68,17 @@ def finite_number(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def number_field(text: str, where: str, field: str) -> float:
+    """A finite number read from a text field of a data file (CSV/TSV cell)."""
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise UserError(f"{where}: field {field}: expected a finite number, got {shown(text)}")
+    return number
+
+
 def required(obj: dict, key: str, where: str) -> object:
     """The value of ``key`` in a predictions line; a missing key is a UserError."""
     if key not in obj:
