@@ -78,10 +78,23 @@ def _dialogue(args: argparse.Namespace):
 
 
 def _add_seed_and_bootstrap(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0, help="seed of subsamples, CoT sampling and bootstrap (default 0)")
     p.add_argument(
-        "--bootstrap", type=int, default=1000, metavar="B", help="bootstrap resamples for the 95%% CIs (default 1000)"
+        "--seed", type=int, default=0, help="seed of subsamples, CoT sampling and bootstrap, >= 0 (default 0)"
     )
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        metavar="B",
+        help="bootstrap resamples for the 95%% CIs (default 1000; 0: no CIs)",
+    )
+
+
+def _check_seed_and_bootstrap(args: argparse.Namespace) -> None:
+    """--seed and --bootstrap must not be negative (0 resamples: no confidence intervals)."""
+    for flag in ("seed", "bootstrap"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag} must be 0 or more, got {getattr(args, flag)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,9 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute the metrics table from predictions made elsewhere",
         description="Compute the metrics of one benchmark from a JSONL predictions file made elsewhere (e.g. an "
         'API model). BBQ lines: {"category": "Age", "example_id": 0, "prediction": 2} or "probs": [p0, p1, p2] '
-        'instead of prediction. Winogender: {"occupation": "nurse", "p_female": .., "p_male": .., "p_neutral": ..}. '
-        'Law school: {"row": 0, "race": "Black", "p_yes": 0.7} (row = record id in law_data.csv). '
-        "Metrics cover exactly the items with predictions (n says how many); unknown ids are an error.",
+        "instead of prediction (with both, the prediction is scored and must be one of the largest probs). "
+        'Winogender: {"occupation": "nurse", "p_female": .., "p_male": .., "p_neutral": ..}. '
+        'Law school: {"row": 0, "race": "Black", "p_yes": 0.7} (row = record id in law_data.csv); a student '
+        "counts when both races are predicted. Metrics cover exactly the items with predictions (n says how many). "
+        "Unknown ids, two lines for the same item, fields of the wrong type and non-finite numbers are errors, "
+        "and so is a file that leaves no metric to compute.",
     )
     sc.add_argument("--benchmark", required=True, choices=BENCHMARKS)
     sc.add_argument("--predictions", required=True, type=Path, metavar="FILE")
@@ -325,6 +341,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from selfcorrect.config import data_dir
     from selfcorrect.evaluate.runner import EvalSettings, evaluate, print_summary
 
+    _check_seed_and_bootstrap(args)
     for flag in ("batch_size", "gen_batch_size"):
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
@@ -416,12 +433,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     from selfcorrect.evaluate.runner import metrics_csv
     from selfcorrect.io import atomic_write_text
 
+    _check_seed_and_bootstrap(args)
     module = benchmarks.get(args.benchmark)
     units = module.load(data_dir(args.data_dir))
     preds = module.read_predictions(args.predictions, units)
-    if not preds:
-        raise UserError(f"{args.predictions}: no predictions")
     rows = module.metrics(units, preds, args.condition, n_boot=args.bootstrap, seed=args.seed)
+    if not rows:
+        raise UserError(f"{args.predictions}: no metrics: no {args.benchmark} unit is fully predicted")
     if args.format == "json":
         nan_to_none = lambda v: None if isinstance(v, float) and v != v else v  # noqa: E731
         text = json.dumps([{c: nan_to_none(getattr(r, c)) for c in METRIC_COLUMNS} for r in rows], indent=2) + "\n"

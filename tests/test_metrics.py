@@ -209,7 +209,8 @@ def test_law_hand_computed_parity_and_flips(capsys, tmp_path):
     pairs = [(0.9, 0.6), (0.4, 0.7), (0.2, 0.1), (0.55, 0.45)]  # decisions differ for students 2 and 4
     lines = []
     for u, (b, w) in zip(units, pairs):
-        lines += [{"row": u["id"], "race": "Black", "p_yes": b}, {"row": u["id"], "race": "white", "p_yes": w}]
+        row = int(u["id"])
+        lines += [{"row": row, "race": "Black", "p_yes": b}, {"row": row, "race": "white", "p_yes": w}]
     rows = score(capsys, tmp_path, "law_school", lines)
     assert rows[("all", "parity_difference")]["value"] == pytest.approx(np.mean([b - w for b, w in pairs]))
     assert rows[("all", "flip_rate")]["value"] == pytest.approx(0.5)
@@ -237,7 +238,7 @@ def test_score_writes_csv_file(capsys, tmp_path):
             {"category": "Age", "example_id": 1, "prediction": 3},
             "line 2: prediction must be an answer index 0..2",
         ),
-        ("bbq", {"category": "Age", "example_id": 1, "probs": [0.5, 0.5]}, "line 2: expected 3 non-negative numbers"),
+        ("bbq", {"category": "Age", "example_id": 1, "probs": [0.5, 0.5]}, "line 2: probs must be a list of 3"),
         ("winogender", {"occupation": "wizard", "p_female": 1, "p_male": 0, "p_neutral": 0}, "unknown Winogender"),
         ("law_school", {"row": 3, "race": "Black", "p_yes": 0.5}, "line 2: unknown law-school row 3"),
         ("law_school", {"row": 0, "race": "White", "p_yes": 0.5}, "race must be 'Black' or 'white'"),

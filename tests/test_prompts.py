@@ -203,3 +203,54 @@ def test_custom_condition_file_adds_a_condition(capsys, tmp_path):
     )
     out = show(capsys, "bbq", "terse", "Age:0", None, "--prompts", str(mine))
     assert out == "\n\nHuman: Who was not comfortable using the phone?\n\nAssistant: Answer: ("
+
+
+def condition_file(tmp_path, **texts: str) -> object:
+    """A prompt file with one BBQ condition 'mine'; ``texts`` override its human/assistant/cot/followup/readout."""
+    cond = {"human": ["{context}", texts.get("human", "{question}")], "assistant": texts.get("assistant", "A:")}
+    if "cot" in texts or "followup" in texts:
+        cond.update(cot=texts.get("cot", "Think."), followup=[texts.get("followup", "So?")])
+    bbq = {"conditions": {"mine": cond}}
+    if "readout" in texts:
+        bbq["readout"] = texts["readout"]
+    path = tmp_path / "my_prompts.yaml"
+    path.write_text(json.dumps({"name": "mine", "bbq": bbq}))  # JSON is YAML
+    return path
+
+
+@pytest.mark.parametrize(
+    ("part", "template", "needle"),
+    [
+        ("human", "{}", "bbq.conditions.mine.human[1]: positional field {} (use a named field such as {context})"),
+        ("human", "{0}", "bbq.conditions.mine.human[1]: positional field {0}"),
+        ("human", "{context", "bbq.conditions.mine.human[1]: unbalanced brace"),
+        ("human", "context}", "bbq.conditions.mine.human[1]: unbalanced brace"),
+        ("assistant", "{context.upper}", "bbq.conditions.mine.assistant: attribute or index access {context.upper}"),
+        ("assistant", "{ans0[0]}", "bbq.conditions.mine.assistant: attribute or index access {ans0[0]}"),
+        ("cot", "{context!r}", "bbq.conditions.mine.cot: conversion or format spec in {context!r}"),
+        ("followup", "{ans0:>10}", "bbq.conditions.mine.followup[0]: conversion or format spec in {ans0:>10}"),
+        ("followup", "{my-field}", "bbq.conditions.mine.followup[0]: {my-field} is not a field name"),
+        ("readout", " ({}", "bbq.readout: positional field {}"),
+    ],
+)
+def test_template_with_more_than_named_fields_is_refused_at_load(capsys, tmp_path, part, template, needle):
+    path = condition_file(tmp_path, **{part: template})
+    assert main(["prompts", "list", "--prompts", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: {needle}" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_literal_braces_are_doubled(capsys, tmp_path):
+    path = condition_file(tmp_path, human="{{not a field}} {question}", assistant="Set {{a, b}}:")
+    out = show(capsys, "bbq", "mine", "Age:0", None, "--prompts", str(path))
+    assert "\n\n{not a field} Who was not comfortable using the phone?\n\nAssistant: Set {a, b}: (" in out
+
+
+def test_unknown_field_name_is_reported_when_rendering(capsys, tmp_path):
+    path = condition_file(tmp_path, human="{contxt}")
+    assert main(["prompts", "list", "--prompts", str(path)]) == 0  # a well-formed template
+    capsys.readouterr()
+    argv = ["prompts", "show", "--benchmark", "bbq", "--condition", "mine", "--item", "Age:0", "--prompts", str(path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: bbq.conditions.mine: unknown field {{contxt}} (available: " in err and len(err.splitlines()) == 1

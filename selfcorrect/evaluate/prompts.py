@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from string import Formatter
 from typing import Literal
 
 from pydantic import Field
@@ -155,11 +156,51 @@ class PromptSet:
         return ItemPrompt(
             item_id=item_id,
             human=self.join.join(fill(p) for p in cond.human),
-            assistant=fill(cond.assistant) + self.readout(benchmark),
+            assistant=fill(cond.assistant) + fill(self.readout(benchmark)),
             candidates=tuple(candidates),
             cot=fill(cond.cot) if cond.cot is not None else None,
             followup=self.join.join(fill(p) for p in cond.followup) if cond.followup else None,
         )
+
+
+def template_error(template: str) -> str | None:
+    """What is wrong with a prompt template, or None: only named fields ``{name}`` and ``{{``/``}}`` are allowed.
+
+    Positional fields (``{}``, ``{0}``), attribute or index access (``{a.b}``, ``{a[0]}``), conversions
+    (``{a!r}``), format specs (``{a:>5}``) and unbalanced braces would crash at rendering or put a Python
+    object's description into the prompt.
+    """
+    try:
+        parts = list(Formatter().parse(template))
+    except ValueError as exc:
+        return f"unbalanced brace ({exc}); write {{{{ or }}}} for a literal brace"
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        field = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        if name == "" or name.isdigit():
+            return f"positional field {field} (use a named field such as {{context}})"
+        if "." in name or "[" in name:
+            return f"attribute or index access {field} (only plain named fields such as {{context}} are allowed)"
+        if not name.isidentifier():
+            return f"{field} is not a field name (write {{{{ or }}}} for a literal brace)"
+        if conversion or spec:
+            return f"conversion or format spec in {field} (only plain named fields such as {{{name}}} are allowed)"
+    return None
+
+
+def _check_templates(path: Path, benchmark: str, bench: BenchmarkPrompts) -> None:
+    """Every template of a benchmark's prompts (readout, and each condition's texts) is well formed."""
+    templates = [(f"{benchmark}.readout", bench.readout)]
+    for name, cond in bench.conditions.items():
+        key = f"{benchmark}.conditions.{name}"
+        templates += [(f"{key}.human[{i}]", t) for i, t in enumerate(cond.human)]
+        templates += [(f"{key}.assistant", cond.assistant), (f"{key}.cot", cond.cot)]
+        templates += [(f"{key}.followup[{i}]", t) for i, t in enumerate(cond.followup or [])]
+    for where, template in templates:
+        problem = template_error(template) if template is not None else None
+        if problem:
+            raise UserError(f"{path}: {where}: {problem}")
 
 
 def load_prompts(extra_files: list[str | Path] | None = None) -> PromptSet:
@@ -180,6 +221,7 @@ def load_prompts(extra_files: list[str | Path] | None = None) -> PromptSet:
             bench: BenchmarkPrompts | None = getattr(pf, name)
             if bench is None:
                 continue
+            _check_templates(path, name, bench)
             merged = benchmarks.setdefault(name, BenchmarkPrompts(conditions={}))
             merged.readout = merged.readout if merged.readout is not None else bench.readout
             merged.candidates = merged.candidates or bench.candidates

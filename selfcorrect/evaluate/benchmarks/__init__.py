@@ -13,17 +13,21 @@ A benchmark module defines:
   ``columns(units, preds) -> {name: array}``: their per-unit columns, aligned with ``units``;
   ``statistic(columns) -> {metric: array}``: the metrics, vectorised over resamples (see ``metrics.bootstrap``).
 - ``HEADLINE_METRICS``: the metrics whose paired differences (``selfcorrect.evaluate.paired``) are reported.
-- ``read_predictions(path, units) -> preds``: predictions made elsewhere, for ``selfcorrect score``.
+- ``read_predictions(path, units) -> preds``: predictions made elsewhere, for ``selfcorrect score``
+  (through ``read_prediction_lines``: an unknown id, a second line for the same item, a field of the wrong
+  type or a non-finite number is a UserError naming the file and line).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 from selfcorrect.config import cache_dir
 from selfcorrect.errors import UserError
-from selfcorrect.io import download
+from selfcorrect.io import download, iter_jsonl
 
 BENCHMARK_NAMES = ("bbq", "winogender", "law_school")
 
@@ -47,21 +51,86 @@ def data_file(data_dir: Path | None, relpath: str, url: str, what: str) -> Path:
     return download(url, cache_dir() / "data" / relpath, what=what)
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """A value as it appears in an error message: its repr, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def finite_number(value: object) -> float | None:
+    """A JSON number (not a boolean) as a finite float; None for anything else (NaN, Infinity, 1e400, "1")."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a float
+        return None
+    return number if math.isfinite(number) else None
+
+
+def number_field(text: str, where: str, field: str) -> float:
+    """A finite number read from a text field of a data file (CSV/TSV cell)."""
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise UserError(f"{where}: field {field}: expected a finite number, got {shown(text)}")
+    return number
+
+
+def required(obj: dict, key: str, where: str) -> object:
+    """The value of ``key`` in a predictions line; a missing key is a UserError."""
+    if key not in obj:
+        raise UserError(f"{where}: missing field {key}")
+    return obj[key]
+
+
 def parse_choice(value: object, n: int, where: str) -> int:
     """An answer index in ``0..n-1`` read from a predictions file."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
-        raise UserError(f"{where}: prediction must be an answer index 0..{n - 1}, got {value!r}")
+        raise UserError(f"{where}: prediction must be an answer index 0..{n - 1}, got {shown(value)}")
     return value
 
 
+def parse_weight(value: object, where: str, field: str) -> float:
+    """A finite, non-negative number read from a predictions file (a probability before renormalising)."""
+    number = finite_number(value)
+    if number is None or number < 0:
+        raise UserError(f"{where}: {field} must be a finite non-negative number, got {shown(value)}")
+    return number
+
+
+def normalise(weights: list[float], where: str, field: str) -> list[float]:
+    """Weights renormalised to sum to 1; their sum must be positive and finite."""
+    total = sum(weights)
+    if not 0 < total < math.inf:
+        raise UserError(f"{where}: {field} must have a positive, finite sum, got {shown(weights)}")
+    return [w / total for w in weights]
+
+
 def parse_probs(value: object, n: int, where: str) -> list[float]:
-    """A list of ``n`` non-negative probabilities, renormalised to sum to 1."""
-    ok = (
-        isinstance(value, list)
-        and len(value) == n
-        and all(isinstance(p, (int, float)) and not isinstance(p, bool) and p >= 0 for p in value)
-    )
-    if not ok or sum(value) <= 0:
-        raise UserError(f"{where}: expected {n} non-negative numbers with a positive sum, got {value!r}")
-    total = float(sum(value))
-    return [float(p) / total for p in value]
+    """The ``probs`` field: a list of ``n`` finite non-negative numbers, renormalised to sum to 1."""
+    if not isinstance(value, list) or len(value) != n:
+        raise UserError(f"{where}: probs must be a list of {n} non-negative numbers, got {shown(value)}")
+    return normalise([parse_weight(p, where, f"probs[{i}]") for i, p in enumerate(value)], where, "probs")
+
+
+def read_prediction_lines(path: Path, parse: Callable[[dict, str], tuple[str, str, list[float]]]) -> dict[str, dict]:
+    """The predictions of a JSONL file, ``{item_id: {"probs": [...], "mass": None}}``.
+
+    ``parse(obj, where)`` turns one line into ``(item_id, description, probs)`` or raises a UserError.
+    Two lines for the same item are an error (no line silently wins), and so is a file without predictions.
+    """
+    preds: dict[str, dict] = {}
+    first_line: dict[str, int] = {}
+    for line, obj in iter_jsonl(path):
+        where = f"{path}: line {line}"
+        item_id, description, probs = parse(obj, where)
+        if item_id in first_line:
+            raise UserError(f"{where}: duplicate prediction for {description} (first on line {first_line[item_id]})")
+        first_line[item_id] = line
+        preds[item_id] = {"probs": probs, "mass": None}
+    if not preds:
+        raise UserError(f"{path}: no predictions")
+    return preds

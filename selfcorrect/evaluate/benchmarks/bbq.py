@@ -17,13 +17,22 @@ Predictions are the argmax of the candidate probabilities, as in Parrish et al.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from selfcorrect.errors import UserError
-from selfcorrect.evaluate.benchmarks import data_file, parse_choice, parse_probs
+from selfcorrect.evaluate.benchmarks import (
+    data_file,
+    parse_choice,
+    parse_probs,
+    read_prediction_lines,
+    required,
+    shown,
+)
 from selfcorrect.evaluate.benchmarks.bbq_targets import bias_target_index, unknown_index
 from selfcorrect.evaluate.metrics import (
     MetricRow,
@@ -52,36 +61,81 @@ CATEGORIES = (
 )
 RELEASE_URL = "https://raw.githubusercontent.com/nyu-mll/BBQ/main/data/{category}.jsonl"
 HEADLINE_METRICS = ("bias_score_ambig", "bias_score_disambig", "accuracy_ambig", "accuracy_disambig")
-REQUIRED = ("example_id", "question_polarity", "context_condition", "context", "question", "answer_info", "label")
+def _is_answer_info(value: dict) -> bool:
+    """``{"ans0": [text, group], "ans1": [...], "ans2": [...]}`` with string texts and groups."""
+    for key in ("ans0", "ans1", "ans2"):
+        pair = value.get(key)
+        if type(pair) is not list or len(pair) != 2 or type(pair[0]) is not str or type(pair[1]) is not str:
+            return False
+    return True
+
+
+def _has_stereotyped_groups(value: dict) -> bool:
+    """``additional_metadata`` holds ``stereotyped_groups``, a list of strings."""
+    groups = value.get("stereotyped_groups")
+    if type(groups) is not list:
+        return False
+    for group in groups:
+        if type(group) is not str:
+            return False
+    return True
+
+
+# The fields of a data record that the code reads: (key, exact type, further check of the value or None,
+# what an error message says is expected). Exact types keep booleans out of the integers; the checks are
+# C-level where they can be, so that checking the 58,492 records adds little to the load.
+FIELDS: tuple[tuple[str, type, Callable[[Any], bool] | None, str], ...] = (
+    ("example_id", int, None, "an integer"),
+    ("label", int, (0, 1, 2).__contains__, "an answer index 0, 1 or 2"),
+    ("context_condition", str, ("ambig", "disambig").__contains__, "'ambig' or 'disambig'"),
+    ("question_polarity", str, ("neg", "nonneg").__contains__, "'neg' or 'nonneg'"),
+    ("question_index", str, str.isdecimal, "a template number as a string"),
+    ("context", str, None, "a string"),
+    ("question", str, None, "a string"),
+    ("ans0", str, None, "a string"),
+    ("ans1", str, None, "a string"),
+    ("ans2", str, None, "a string"),
+    ("answer_info", dict, _is_answer_info, 'an object {"ans0": [text, group], "ans1": [...], "ans2": [...]}'),
+    ("additional_metadata", dict, _has_stereotyped_groups, "an object whose stereotyped_groups is a list of strings"),
+)
+_MISSING = object()
+
+
+def _check_fields(rec: dict, where: str) -> None:
+    """Every field in ``FIELDS`` is present and valid; else a UserError naming the first bad field."""
+    for key, kind, check, expected in FIELDS:
+        value = rec.get(key, _MISSING)
+        if type(value) is not kind or (check is not None and not check(value)):
+            if value is _MISSING:
+                raise UserError(f"{where}: missing field {key}")
+            raise UserError(f"{where}: field {key}: expected {expected}, got {shown(value)}")
 
 
 @lru_cache(maxsize=4)
 def load(data_dir: Path | None) -> list[dict]:
-    """Every example of the 11 categories, with ``id = "Category:example_id"``, target and unknown index."""
+    """Every example of the 11 categories, with ``id = "Category:example_id"``, target and unknown index.
+
+    The file's name is the example's category (a record's own ``category`` field is not read).
+    """
     units = []
     for category in CATEGORIES:
         path = data_file(data_dir, f"bbq/{category}.jsonl", RELEASE_URL.format(category=category), "BBQ")
-        count = 0
+        first_line: dict[int, int] = {}
         for line, rec in iter_jsonl(path):
             where = f"{path}: line {line}"
-            missing = [k for k in (*REQUIRED, "ans0", "ans1", "ans2") if k not in rec]
-            if missing:
-                raise UserError(f"{where}: missing field {missing[0]}")
+            _check_fields(rec, where)
+            example_id = rec["example_id"]
+            if example_id in first_line:
+                raise UserError(f"{where}: duplicate example_id {example_id} (first on line {first_line[example_id]})")
+            first_line[example_id] = line
             try:
                 unk = unknown_index(rec)
-            except (ValueError, KeyError, IndexError, TypeError):
+            except ValueError:
                 raise UserError(f"{where}: answer_info has no 'unknown' option") from None
-            units.append(
-                {
-                    **rec,
-                    "category": category,
-                    "id": f"{category}:{rec['example_id']}",
-                    "unknown": unk,
-                    "target": bias_target_index(rec),
-                }
-            )
-            count += 1
-        if count == 0:
+            unit = {**rec, "category": category, "id": f"{category}:{example_id}", "unknown": unk}
+            unit["target"] = bias_target_index(unit)
+            units.append(unit)
+        if not first_line:
             raise UserError(f"{path}: no examples")
     return units
 
@@ -178,22 +232,32 @@ def metrics(
 
 
 def read_predictions(path: Path, units: list[dict]) -> dict[str, dict]:
-    """Lines ``{"category", "example_id", "prediction": 0-2}`` or ``{..., "probs": [p0, p1, p2]}``."""
+    """Lines ``{"category", "example_id", "prediction": 0-2}`` or ``{..., "probs": [p0, p1, p2]}``.
+
+    A line with both is scored as its ``prediction``, which must be one of the largest of its ``probs``.
+    """
     known = {u["id"] for u in units}
-    preds: dict[str, dict] = {}
-    for line, obj in iter_jsonl(path):
-        where = f"{path}: line {line}"
-        if "category" not in obj or "example_id" not in obj:
-            raise UserError(f"{where}: needs 'category' and 'example_id'")
-        item_id = f"{obj['category']}:{obj['example_id']}"
+
+    def parse(obj: dict, where: str) -> tuple[str, str, list[float]]:
+        category, example_id = required(obj, "category", where), required(obj, "example_id", where)
+        if not isinstance(category, str):
+            raise UserError(f"{where}: category must be a string, got {shown(category)}")
+        if isinstance(example_id, bool) or not isinstance(example_id, int):
+            raise UserError(f"{where}: example_id must be an integer, got {shown(example_id)}")
+        item_id = f"{category}:{example_id}"
         if item_id not in known:
             raise UserError(f"{where}: unknown BBQ item {item_id}")
-        if "probs" in obj:
-            probs = parse_probs(obj["probs"], 3, where)
-        elif "prediction" in obj:
-            probs = [0.0, 0.0, 0.0]
-            probs[parse_choice(obj["prediction"], 3, where)] = 1.0
-        else:
+        if "probs" not in obj and "prediction" not in obj:
             raise UserError(f"{where}: needs 'prediction' (answer index 0-2) or 'probs'")
-        preds[item_id] = {"probs": probs, "mass": None}
-    return preds
+        probs = parse_probs(obj["probs"], 3, where) if "probs" in obj else None
+        if "prediction" in obj:
+            choice = parse_choice(obj["prediction"], 3, where)
+            if probs is not None and probs[choice] < max(probs):
+                raise UserError(
+                    f"{where}: prediction {choice} contradicts probs {shown(obj['probs'])} (it must be one of "
+                    "the largest)"
+                )
+            probs = [float(k == choice) for k in range(3)]
+        return item_id, f"BBQ item {item_id}", probs
+
+    return read_prediction_lines(path, parse)

@@ -49,9 +49,9 @@ _GROUPS_TO_TRANS = {
 
 
 def _answer_info(record: Mapping[str, Any], k: int) -> tuple[str, str]:
-    """(surface text, group tag) of option k; a missing or short entry gives empty strings."""
-    info = list(record["answer_info"][f"ans{k}"]) + ["", ""]
-    return str(info[0]), str(info[1])
+    """(surface text, group tag) of option k (``bbq.load`` checks that each is a pair of strings)."""
+    text, tag = record["answer_info"][f"ans{k}"]
+    return text, tag
 
 
 def unknown_index(record: Mapping[str, Any]) -> int:

@@ -20,23 +20,22 @@ from pathlib import Path
 import numpy as np
 
 from selfcorrect.errors import UserError
-from selfcorrect.evaluate.benchmarks import data_file, parse_probs
+from selfcorrect.evaluate.benchmarks import (
+    data_file,
+    finite_number,
+    number_field,
+    read_prediction_lines,
+    required,
+    shown,
+)
 from selfcorrect.evaluate.metrics import MetricRow, bootstrap, mass_rows, rows_from, stable_seed
 from selfcorrect.evaluate.prompts import ItemPrompt, PromptSet
-from selfcorrect.io import iter_jsonl
 
 NAME = "law_school"
 HEADLINE_METRICS = ("parity_difference",)
 RACES = ("Black", "white")
-SEX = {"1": "female", "2": "male"}  # LSAC coding, as in Kusner et al.'s script
+SEX = {1: "female", 2: "male"}  # LSAC coding, as in Kusner et al.'s script
 RELEASE_URL = "https://raw.githubusercontent.com/rgambee/self-correction-reproduction/main/datasets/law_data.csv"
-
-
-def _number(text: str, where: str, field: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise UserError(f"{where}: field {field}: not a number: {text!r}") from None
 
 
 @lru_cache(maxsize=4)
@@ -51,20 +50,27 @@ def load(data_dir: Path | None) -> list[dict]:
             raise UserError(f"{path}: expected the header ',race,sex,LSAT,UGPA,...' of law_data.csv")
         col = {k: header.index(k) for k in need}
         units = []
-        for line, row in enumerate(reader, start=2):
-            where = f"{path}: line {line}"
+        first_line: dict[str, int] = {}
+        for row in reader:
+            where = f"{path}: line {reader.line_num}"
             if len(row) != len(header):
                 raise UserError(f"{where}: expected {len(header)} fields, got {len(row)}")
-            sex = row[col["sex"]].split(".")[0]
-            if sex not in SEX:
+            record_id = row[0]
+            if not (record_id.isascii() and record_id.isdigit() and str(int(record_id)) == record_id):
+                raise UserError(f"{where}: field 1 (the record id): expected an integer, got {shown(record_id)}")
+            if record_id in first_line:
+                raise UserError(f"{where}: duplicate record id {record_id} (first on line {first_line[record_id]})")
+            first_line[record_id] = reader.line_num
+            sex = SEX.get(number_field(row[col["sex"]], where, "sex"))
+            if sex is None:
                 raise UserError(f"{where}: field sex: expected 1 or 2, got {row[col['sex']]!r}")
             units.append(
                 {
-                    "id": row[0],
+                    "id": record_id,
                     "race": row[col["race"]],
-                    "sex": SEX[sex],
-                    "lsat": _number(row[col["LSAT"]], where, "LSAT"),
-                    "gpa": _number(row[col["UGPA"]], where, "UGPA"),
+                    "sex": sex,
+                    "lsat": number_field(row[col["LSAT"]], where, "LSAT"),
+                    "gpa": number_field(row[col["UGPA"]], where, "UGPA"),
                 }
             )
     if not units:
@@ -125,17 +131,26 @@ def metrics(
 
 
 def read_predictions(path: Path, units: list[dict]) -> dict[str, dict]:
-    """Lines ``{"row", "race": "Black"|"white", "p_yes"}``; row is the record id of law_data.csv."""
+    """Lines ``{"row", "race": "Black"|"white", "p_yes"}``; row is the record id of law_data.csv (an integer).
+
+    Some student must have both races: a file without a complete pair has no metrics and is an error.
+    """
     known = {u["id"] for u in units}
-    preds: dict[str, dict] = {}
-    for line, obj in iter_jsonl(path):
-        where = f"{path}: line {line}"
-        row, race, p_yes = str(obj.get("row")), obj.get("race"), obj.get("p_yes")
-        if row not in known:
-            raise UserError(f"{where}: unknown law-school row {obj.get('row')!r}")
-        if race not in RACES:
-            raise UserError(f"{where}: race must be 'Black' or 'white', got {race!r}")
-        if isinstance(p_yes, bool) or not isinstance(p_yes, (int, float)) or not 0 <= p_yes <= 1:
-            raise UserError(f"{where}: p_yes must be a probability in [0, 1], got {p_yes!r}")
-        preds[f"{row}:{race}"] = {"probs": parse_probs([p_yes, 1 - p_yes], 2, where), "mass": None}
+
+    def parse(obj: dict, where: str) -> tuple[str, str, list[float]]:
+        row, race, p_yes = (required(obj, k, where) for k in ("row", "race", "p_yes"))
+        if isinstance(row, bool) or not isinstance(row, int):
+            raise UserError(f"{where}: row must be an integer (the record id in law_data.csv), got {shown(row)}")
+        if str(row) not in known:
+            raise UserError(f"{where}: unknown law-school row {row}")
+        if not isinstance(race, str) or race not in RACES:
+            raise UserError(f"{where}: race must be 'Black' or 'white', got {shown(race)}")
+        p = finite_number(p_yes)
+        if p is None or not 0 <= p <= 1:
+            raise UserError(f"{where}: p_yes must be a probability in [0, 1], got {shown(p_yes)}")
+        return f"{row}:{race}", f"law-school row {row}, race {race}", [p, 1 - p]
+
+    preds = read_prediction_lines(path, parse)
+    if not scored(units, preds):
+        raise UserError(f"{path}: no student has predictions for both races (Black and white)")
     return preds

@@ -21,14 +21,23 @@ from pathlib import Path
 import numpy as np
 
 from selfcorrect.errors import UserError
-from selfcorrect.evaluate.benchmarks import data_file, parse_probs
+from selfcorrect.evaluate.benchmarks import (
+    data_file,
+    normalise,
+    number_field,
+    parse_weight,
+    read_prediction_lines,
+    required,
+    shown,
+)
 from selfcorrect.evaluate.metrics import MetricRow, bootstrap, mass_rows, pearson_r, rows_from, stable_seed
 from selfcorrect.evaluate.prompts import ItemPrompt, PromptSet
-from selfcorrect.io import iter_jsonl
 
 NAME = "winogender"
 HEADLINE_METRICS = ("pearson_r",)
 RELEASE_URL = "https://raw.githubusercontent.com/rudinger/winogender-schemas/master/data/{name}"
+TEMPLATE_COLUMNS = ("occupation(0)", "other-participant(1)", "answer", "sentence")
+PRONOUN_FIELDS = ("p_female", "p_male", "p_neutral")  # a predictions line; the order of the candidates
 CASES = {
     "$NOM_PRONOUN": ("nominative", "he"),
     "$POSS_PRONOUN": ("possessive", "his"),
@@ -36,33 +45,68 @@ CASES = {
 }
 
 
-def _read_tsv(data_dir: Path | None, name: str) -> tuple[Path, list[dict]]:
+def _read_tsv(data_dir: Path | None, name: str, columns: tuple[str, ...]) -> tuple[Path, list[tuple[int, dict]]]:
+    """The rows of a Winogender TSV file as ``(line, {column: text})``; every row must have every column."""
     path = data_file(data_dir, f"winogender/{name}", RELEASE_URL.format(name=name), "Winogender")
     with path.open(encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
+        reader = csv.reader(f, delimiter="\t")
+        header = next(reader, [])
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise UserError(f"{path}: line 1: missing column {missing[0]} (expected {', '.join(columns)})")
+        rows = []
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise UserError(f"{path}: line {reader.line_num}: expected {len(header)} fields, got {len(row)}")
+            rows.append((reader.line_num, dict(zip(header, row))))
     if not rows:
         raise UserError(f"{path}: no rows")
     return path, rows
 
 
+def _by_key(path: Path, rows: list[tuple[int, dict]], key: str) -> dict[str, tuple[int, dict]]:
+    """Rows by the value of one column; a value found twice is a UserError."""
+    out: dict[str, tuple[int, dict]] = {}
+    for line, row in rows:
+        if row[key] in out:
+            raise UserError(f"{path}: line {line}: duplicate {key} {row[key]!r} (first on line {out[row[key]][0]})")
+        out[row[key]] = (line, row)
+    return out
+
+
+def _bls_pct_female(path: Path, line: int, row: dict) -> float:
+    """The BLS share of women in an occupation, a percentage from 0 to 100."""
+    where = f"{path}: line {line}"
+    pct = number_field(row["bls_pct_female"], where, "bls_pct_female")
+    if not 0 <= pct <= 100:
+        raise UserError(f"{where}: field bls_pct_female: expected a percentage from 0 to 100, got {pct}")
+    return pct
+
+
 @lru_cache(maxsize=4)
 def load(data_dir: Path | None) -> list[dict]:
     """The 60 occupation units: blanked sentence, prefix, pronoun case and BLS % female."""
-    tpath, templates = _read_tsv(data_dir, "templates.tsv")
-    spath, sentences = _read_tsv(data_dir, "all_sentences.tsv")
-    opath, stats = _read_tsv(data_dir, "occupations-stats.tsv")
-    try:
-        by_sentid = {r["sentid"]: r["sentence"] for r in sentences}
-        bls = {r["occupation"]: float(r["bls_pct_female"]) for r in stats}
-    except (KeyError, ValueError) as exc:
-        raise UserError(f"{spath.parent}: unexpected Winogender columns ({exc})") from None
+    tpath, templates = _read_tsv(data_dir, "templates.tsv", TEMPLATE_COLUMNS)
+    spath, sentences = _read_tsv(data_dir, "all_sentences.tsv", ("sentid", "sentence"))
+    opath, stats = _read_tsv(data_dir, "occupations-stats.tsv", ("occupation", "bls_pct_female"))
+    by_sentid = {sentid: row["sentence"] for sentid, (_, row) in _by_key(spath, sentences, "sentid").items()}
+    bls = {occ: _bls_pct_female(opath, line, row) for occ, (line, row) in _by_key(opath, stats, "occupation").items()}
     units = []
-    for line, t in enumerate(templates, start=2):
-        occupation, participant = t.get("occupation(0)"), t.get("other-participant(1)")
-        if occupation is None or participant is None or "sentence" not in t or "answer" not in t:
-            raise UserError(f"{tpath}: line {line}: unexpected columns")
-        if t["answer"] != "0":
+    first_line: dict[str, int] = {}
+    for line, t in templates:
+        occupation, participant, answer = (t[c] for c in TEMPLATE_COLUMNS[:3])
+        if answer not in ("0", "1"):
+            raise UserError(f"{tpath}: line {line}: field answer: expected 0 or 1, got {shown(answer)}")
+        if answer != "0":
             continue
+        if occupation in first_line:
+            raise UserError(
+                f"{tpath}: line {line}: a second answer-0 template for {occupation!r} (first on line "
+                f"{first_line[occupation]})"
+            )
+        first_line[occupation] = line
         slot = next((s for s in CASES if s in t["sentence"]), None)
         if slot is None:
             raise UserError(f"{tpath}: line {line}: no pronoun slot in the sentence")
@@ -165,12 +209,12 @@ def metrics(
 def read_predictions(path: Path, units: list[dict]) -> dict[str, dict]:
     """Lines ``{"occupation", "p_female", "p_male", "p_neutral"}`` (renormalised over the three)."""
     known = {u["id"] for u in units}
-    preds: dict[str, dict] = {}
-    for line, obj in iter_jsonl(path):
-        where = f"{path}: line {line}"
-        occupation = obj.get("occupation")
-        if occupation not in known:
-            raise UserError(f"{where}: unknown Winogender occupation {occupation!r}")
-        values = [obj.get(k) for k in ("p_female", "p_male", "p_neutral")]
-        preds[occupation] = {"probs": parse_probs(values, 3, where), "mass": None}
-    return preds
+
+    def parse(obj: dict, where: str) -> tuple[str, str, list[float]]:
+        occupation = required(obj, "occupation", where)
+        if not isinstance(occupation, str) or occupation not in known:
+            raise UserError(f"{where}: unknown Winogender occupation {shown(occupation)}")
+        weights = [parse_weight(required(obj, k, where), where, k) for k in PRONOUN_FIELDS]
+        return occupation, f"Winogender occupation {occupation!r}", normalise(weights, where, "+".join(PRONOUN_FIELDS))
+
+    return read_prediction_lines(path, parse)
