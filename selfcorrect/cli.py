@@ -14,11 +14,11 @@ from pathlib import Path
 from selfcorrect import __version__
 from selfcorrect.dialogue import FORMATS
 from selfcorrect.errors import UserError, first_line
+from selfcorrect.evaluate.benchmarks import BENCHMARK_NAMES, modules
 from selfcorrect.rundir import RunDir, step_name
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
 EXAMPLE_RUN = RunDir(Path("RUN_DIR"))  # paths shown in --help
-BENCHMARKS = ["bbq", "winogender", "law_school"]
 PIPELINE_STAGES = ["sft", "reward", "ppo", "evaluate", "report"]
 
 
@@ -34,8 +34,8 @@ def _add_data_dir(p: argparse.ArgumentParser) -> None:
         "--data-dir",
         type=Path,
         default=None,
-        help="benchmark data in the official layouts (bbq/<Category>.jsonl, winogender/*.tsv, "
-        "law_school/law_data.csv); default $SELFCORRECT_DATA_DIR, else the official public releases",
+        help=f"benchmark data in the official layouts ({', '.join(m.DATA_LAYOUT for m in modules())}); default "
+        "$SELFCORRECT_DATA_DIR, else the official public releases",
     )
 
 
@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--benchmarks",
         type=_csv_list,
-        default=["bbq", "winogender", "law_school"],
-        help="comma-separated subset of bbq,winogender,law_school (default: all three)",
+        default=list(BENCHMARK_NAMES),
+        help=f"comma-separated subset of {','.join(BENCHMARK_NAMES)} (default: all of them)",
     )
     ev.add_argument(
         "--conditions",
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Item ids: BBQ Category:example_id (Age:0), Winogender the occupation (nurse), law school "
         "row:race (0:Black) with row the record id in law_data.csv.",
     )
-    show.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+    show.add_argument("--benchmark", required=True, choices=list(BENCHMARK_NAMES))
     show.add_argument("--condition", required=True)
     show.add_argument("--item", required=True, metavar="ID")
     _add_dialogue(show, default_help="default human_assistant")
@@ -217,15 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
         "score",
         help="compute the metrics table from predictions made elsewhere",
         description="Compute the metrics of one benchmark from a JSONL predictions file made elsewhere (e.g. an "
-        'API model). BBQ lines: {"category": "Age", "example_id": 0, "prediction": 2} or "probs": [p0, p1, p2] '
-        "instead of prediction (with both, the prediction is scored and must be one of the largest probs). "
-        'Winogender: {"occupation": "nurse", "p_female": .., "p_male": .., "p_neutral": ..}. '
-        'Law school: {"row": 0, "race": "Black", "p_yes": 0.7} (row = record id in law_data.csv); a student '
-        "counts when both races are predicted. Metrics cover exactly the items with predictions (n says how many). "
+        f"API model). {' '.join(f'{m.TITLE}: {m.PREDICTION_LINES}' for m in modules())} "
+        "Metrics cover exactly the items with predictions (n says how many). "
         "Unknown ids, two lines for the same item, fields of the wrong type and non-finite numbers are errors, "
         "and so is a file that leaves no metric to compute.",
     )
-    sc.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+    sc.add_argument("--benchmark", required=True, choices=list(BENCHMARK_NAMES))
     sc.add_argument("--predictions", required=True, type=Path, metavar="FILE")
     sc.add_argument("--condition", default="external", help="value of the condition column (default 'external')")
     sc.add_argument("--format", choices=["csv", "json"], default="csv", help="output format (default csv)")
@@ -380,7 +377,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _find_item(module, units: list[dict], prompts, condition: str, item: str):
     by_id = {u["id"]: u for u in units}
-    unit_id = item.rsplit(":", 1)[0] if module.NAME == "law_school" else item
+    unit_id = module.unit_of(item)
     if unit_id not in by_id:
         raise UserError(f"unknown {module.NAME} item '{item}'")
     for it in module.items([by_id[unit_id]], prompts, condition):
@@ -418,7 +415,7 @@ def cmd_prompts_list(args: argparse.Namespace) -> int:
     from selfcorrect.evaluate.prompts import load_prompts
 
     prompts = load_prompts(args.prompts)
-    for bench in ("bbq", "winogender", "law_school"):
+    for bench in BENCHMARK_NAMES:
         for name in prompts.conditions(bench):
             cond = prompts.condition(bench, name)
             note = " [provisional]" if cond.provisional else ""

@@ -12,11 +12,12 @@ from pathlib import Path
 from string import Formatter
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, create_model
 
 from selfcorrect.config import StrictModel, configs_dir, load_config
 from selfcorrect.dialogue import DialogueSpec, continued_text
 from selfcorrect.errors import UserError
+from selfcorrect.evaluate.benchmarks import BENCHMARK_NAMES
 
 DEFAULT_PROMPT_FILES = ("ganguli2023.yaml", "liu2024.yaml")
 
@@ -50,16 +51,21 @@ class BenchmarkPrompts(StrictModel):
     conditions: dict[str, ConditionPrompt]
 
 
-class PromptFile(StrictModel):
-    """A prompts YAML file."""
+class PromptFileHeader(StrictModel):
+    """What a prompts YAML file says besides its benchmarks."""
 
     name: str
     source: str = ""
     join: str = "\n\n"
     cot_sampling: CotSampling | None = None
-    bbq: BenchmarkPrompts | None = None
-    winogender: BenchmarkPrompts | None = None
-    law_school: BenchmarkPrompts | None = None
+
+
+# A prompts YAML file: the header, then one optional section per registered benchmark (``bbq:``, ``winogender:``...).
+PromptFile = create_model(
+    "PromptFile",
+    __base__=PromptFileHeader,
+    **{name: (BenchmarkPrompts | None, None) for name in BENCHMARK_NAMES},
+)
 
 
 @dataclass(frozen=True)
@@ -217,7 +223,7 @@ def load_prompts(extra_files: list[str | Path] | None = None) -> PromptSet:
         pf = load_config(path, PromptFile)
         join = join if join is not None else pf.join
         cot_sampling = pf.cot_sampling or cot_sampling  # a later file may retune the CoT sampling
-        for name in ("bbq", "winogender", "law_school"):
+        for name in BENCHMARK_NAMES:
             bench: BenchmarkPrompts | None = getattr(pf, name)
             if bench is None:
                 continue

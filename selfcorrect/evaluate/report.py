@@ -41,6 +41,8 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 
 from selfcorrect.errors import UserError, first_line
+from selfcorrect.evaluate import benchmarks as bench_registry
+from selfcorrect.evaluate.benchmarks import Panel
 from selfcorrect.evaluate.metrics import METRIC_COLUMNS
 from selfcorrect.evaluate.paired import MINUS_Q, MINUS_STEP0, is_difference
 from selfcorrect.io import atomic_write_bytes, atomic_write_text
@@ -51,42 +53,15 @@ COLUMNS = (*LEADING_COLUMNS, *METRIC_COLUMNS)
 BY = ("step", "size")
 
 CONDITION_LABELS = {"q": "Q", "q_if": "Q+IF", "q_if_cot": "Q+IF+CoT", "match_stats": "Q+Match Stats"}
-BENCHMARK_TITLES = {"bbq": "BBQ", "winogender": "Winogender", "law_school": "Law-school admissions"}
 LINE_STYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P")
 
-
-@dataclass(frozen=True)
-class Panel:
-    """One plotted metric: its metrics.csv name, a title, and how to draw its y axis."""
-
-    metric: str
-    title: str
-    zero_line: bool = False  # 0 = no bias / no correlation / parity
-    unit_range: bool = False  # rates and accuracies: y in [0, 1]
-
-
-PANELS: dict[str, tuple[Panel, ...]] = {
-    "bbq": (
-        Panel("bias_score_ambig", "Bias score, ambiguous contexts", zero_line=True),
-        Panel("bias_score_disambig", "Bias score, disambiguated contexts", zero_line=True),
-        Panel("accuracy_ambig", "Accuracy, ambiguous contexts", unit_range=True),
-        Panel("accuracy_disambig", "Accuracy, disambiguated contexts", unit_range=True),
-    ),
-    "winogender": (Panel("pearson_r", "Pearson r: p(female pronoun) vs BLS share of women", zero_line=True),),
-    "law_school": (Panel("parity_difference", "Parity: p(admit | Black) − p(admit | white)", zero_line=True),),
-}
-HEADLINE = {benchmark: panels[0] for benchmark, panels in PANELS.items()}
-UNKNOWN_RATE = Panel("unknown_rate", "BBQ 'unknown' answers (all categories)", unit_range=True)
-
-CAPTIONS = {
-    "bbq": "BBQ: bias score (0 = unbiased, +1 = always the stereotyped answer, −1 = always the other one; "
-    "the ambiguous-context score is scaled by 1 − accuracy) and accuracy.",
-    "winogender": "Winogender: Pearson r across occupations between the model's probability of a female pronoun "
-    "and the BLS share of women in the occupation (0 = unrelated to the occupational statistics).",
-    "law_school": "Law school: demographic parity difference, the mean over students of p(admit | Black) − "
-    "p(admit | white) with all else equal (0 = parity, negative = against Black students).",
-}
+# What each benchmark declares for the report (selfcorrect.evaluate.benchmarks): its panels (the first is the headline
+# metric), title and caption, and the metrics drawn beside the training covariates.
+BENCHMARKS = {module.NAME: module for module in bench_registry.modules()}
+PANELS: dict[str, tuple[Panel, ...]] = {name: module.PANELS for name, module in BENCHMARKS.items()}
+HEADLINE = {name: panels[0] for name, panels in PANELS.items()}
+TRAINING_PANELS = [(name, panel) for name, module in BENCHMARKS.items() for panel in module.TRAINING_PANELS]
 
 
 # ---- 1. input ------------------------------------------------------------------------------------------------
@@ -448,7 +423,7 @@ def plot_benchmark(benchmark: str, rows: list[Row], style: Style) -> bytes | Non
     panels = [p for p in PANELS[benchmark] if any(r.metric == p.metric and math.isfinite(r.value) for r in rows)]
     if not panels:
         return None
-    fig, axes = _new_figure(len(panels), f"{BENCHMARK_TITLES[benchmark]} vs {_x_word(style)}", _subject(rows))
+    fig, axes = _new_figure(len(panels), f"{BENCHMARKS[benchmark].TITLE} vs {_x_word(style)}", _subject(rows))
     for ax, panel in zip(axes, panels):
         points = [r for r in rows if r.metric == panel.metric]
         _draw_series(ax, points, style, lambda r: r.value, lambda r: (r.ci_low, r.ci_high))
@@ -474,26 +449,30 @@ def plot_deltas(deltas: list[Delta], style: Style, figure: DeltaFigure) -> bytes
         _draw_series(ax, points, style, lambda d: d.value, lambda d: (d.ci_low, d.ci_high))
         panel = HEADLINE[benchmark]
         _format_axes(ax, style, map(style.x, points), Panel(panel.metric, panel.title, zero_line=True))
-        ax.set_title(f"{BENCHMARK_TITLES[benchmark]}: {panel.metric}", fontsize=10.5)
+        ax.set_title(f"{BENCHMARKS[benchmark].TITLE}: {panel.metric}", fontsize=10.5)
         ax.set_ylabel(f"Δ {panel.metric} ({figure.sign})")
     style.legend(fig, {d.condition for d in deltas}, {d.model for d in deltas})
     return _png(fig)
 
 
 def plot_training(checkpoints: list[Checkpoint], rows: list[Row], style: Style) -> bytes | None:
-    """Mean reward, KL, response length per kept checkpoint and the BBQ unknown rate per condition vs step."""
+    """Mean reward, KL, response length per kept checkpoint and the benchmarks' training panels (BBQ's unknown
+    rate) per condition vs step."""
     covariates = [
         ("mean_reward", "Mean reward (reward model)", "mean reward"),
         ("kl", "KL(policy ‖ reference) per response", "KL (nats)"),
         ("response_length", "Response length", "tokens"),
     ]
     covariates = [c for c in covariates if any(math.isfinite(getattr(k, c[0])) for k in checkpoints)]
-    unknown = [r for r in rows if r.benchmark == "bbq" and r.metric == UNKNOWN_RATE.metric]
-    n_panels = len(covariates) + bool(unknown)
+    extra = [(panel, [r for r in rows if r.benchmark == name and r.metric == panel.metric]) for name, panel in
+             TRAINING_PANELS]
+    extra = [(panel, points) for panel, points in extra if points]
+    n_panels = len(covariates) + len(extra)
     if not n_panels:
         return None
     fig, axes = _new_figure(n_panels, "Training covariates vs RLHF steps", _subject(rows))
-    steps = [k.step for k in checkpoints] + [r.step for r in unknown]  # one x range for every panel
+    plotted = [r for _, points in extra for r in points]
+    steps = [k.step for k in checkpoints] + [r.step for r in plotted]  # one x range for every panel
     for ax, (field, title, ylabel) in zip(axes, covariates):
         for model in sorted({k.model for k in checkpoints}):
             ks = [k for k in checkpoints if k.model == model and math.isfinite(getattr(k, field))]
@@ -503,13 +482,12 @@ def plot_training(checkpoints: list[Checkpoint], rows: list[Row], style: Style) 
         _format_axes(ax, style, steps, None)
         ax.set_title(title, fontsize=10.5)
         ax.set_ylabel(ylabel)
-    if unknown:
-        ax = axes[-1]
-        _draw_series(ax, unknown, style, lambda r: r.value, lambda r: (r.ci_low, r.ci_high))
-        _format_axes(ax, style, steps, UNKNOWN_RATE)
-        ax.set_title(UNKNOWN_RATE.title, fontsize=10.5)
-        ax.set_ylabel(UNKNOWN_RATE.metric)
-    style.legend(fig, {r.condition for r in unknown}, {r.model for r in rows} | {k.model for k in checkpoints})
+    for ax, (panel, points) in zip(axes[len(covariates) :], extra):
+        _draw_series(ax, points, style, lambda r: r.value, lambda r: (r.ci_low, r.ci_high))
+        _format_axes(ax, style, steps, panel)
+        ax.set_title(panel.title, fontsize=10.5)
+        ax.set_ylabel(panel.metric)
+    style.legend(fig, {r.condition for r in plotted}, {r.model for r in rows} | {k.model for k in checkpoints})
     return _png(fig)
 
 
@@ -664,12 +642,12 @@ def draw_figures(rows: list[Row], checkpoints: list[Checkpoint], style: Style) -
     drawn: list[Drawn] = []
     notes: list[str] = []
     levels = [r for r in rows if not is_difference(r.condition, r.metric)]
-    for benchmark, title in BENCHMARK_TITLES.items():
+    for benchmark, module in BENCHMARKS.items():
         png = plot_benchmark(benchmark, [r for r in levels if r.benchmark == benchmark], style)
         if png is None:
-            notes.append(f"{title}: no metric values in the input, no figure.")
+            notes.append(f"{module.TITLE}: no metric values in the input, no figure.")
         else:
-            drawn.append(Drawn(f"{benchmark}.png", title, CAPTIONS[benchmark], png))
+            drawn.append(Drawn(f"{benchmark}.png", module.TITLE, module.CAPTION, png))
     for figure in DELTA_FIGURES:
         if figure.by_step_only and style.by != "step":
             continue

@@ -80,7 +80,7 @@ class EvaluationSection(StrictModel):
     when: Literal["during", "after"] = "after"  # during: evaluate checkpoints while PPO saves later ones
     checkpoints: bool = True  # evaluate the PPO checkpoints (ppo.save_at_steps)
     models: list[str] = []  # extra models evaluated as they are (no RLHF), e.g. a model-size sweep
-    benchmarks: list[Literal["bbq", "winogender", "law_school"]] = list(bench_registry.BENCHMARK_NAMES)
+    benchmarks: list[str] = list(bench_registry.BENCHMARK_NAMES)
     conditions: list[str] = list(DEFAULT_CONDITIONS)
     limit: int | None = Field(None, gt=0)  # stratified subsample per benchmark (None: all items)
     cot_limit: int | None = Field(None, gt=0)  # CoT subsample, drawn from the --limit one
@@ -97,6 +97,14 @@ class EvaluationSection(StrictModel):
             raise ValueError(
                 "dialogue: set the run-level 'dialogue' key instead (one format for training and evaluation)"
             )
+        return value
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _registered(cls, value: list[str]) -> list[str]:
+        unknown = [b for b in value if b not in bench_registry.BENCHMARK_NAMES]
+        if unknown:
+            raise ValueError(f"unknown benchmark '{unknown[0]}' (known: {', '.join(bench_registry.BENCHMARK_NAMES)})")
         return value
 
     @field_validator("prompts")

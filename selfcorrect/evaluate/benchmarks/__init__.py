@@ -1,4 +1,8 @@
-"""The three benchmarks of Ganguli et al. 2023, one module each, all with the same functions.
+"""The benchmark registry: the three benchmarks of Ganguli et al. 2023, one module each, with the same functions.
+
+:data:`BENCHMARK_NAMES` is the one list of benchmarks: the CLI, the runner, the prompt files, the report and W&B
+logging follow it. Adding a benchmark is one module here (with the names below) plus its prompts in
+``configs/prompts/*.yaml``.
 
 A benchmark module defines:
 - ``NAME`` and ``load(data_dir) -> list[unit]``: the records (BBQ examples, Winogender occupations, LSAC
@@ -12,7 +16,13 @@ A benchmark module defines:
 - ``scored(units, preds)``: the units whose items all have predictions (the units a metric is over);
   ``columns(units, preds) -> {name: array}``: their per-unit columns, aligned with ``units``;
   ``statistic(columns) -> {metric: array}``: the metrics, vectorised over resamples (see ``metrics.bootstrap``).
-- ``HEADLINE_METRICS``: the metrics whose paired differences (``selfcorrect.evaluate.paired``) are reported.
+- ``HEADLINE_METRICS``: the metrics whose paired differences (``selfcorrect.evaluate.paired``) are reported;
+  ``DATA_LAYOUT`` and ``PREDICTION_LINES``: the data files under a data directory and the lines of a predictions
+  file for ``selfcorrect score``, for help texts;
+  ``TITLE``, ``CAPTION`` and ``PANELS`` (:class:`Panel`, the first is the headline) for the report, and
+  ``TRAINING_PANELS``: metrics the report plots beside the training covariates (BBQ's unknown rate);
+- ``unit_of(item_id) -> unit id``: the unit an item id belongs to (a law-school item ``row:race`` is student
+  ``row``; for the others the item is the unit).
 - ``read_predictions(path, units) -> preds``: predictions made elsewhere, for ``selfcorrect score``
   (through ``read_prediction_lines``: an unknown id, a second line for the same item, a field of the wrong
   type or a non-finite number is a UserError naming the file and line).
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -32,6 +43,16 @@ from selfcorrect.io import download, iter_jsonl
 BENCHMARK_NAMES = ("bbq", "winogender", "law_school")
 
 
+@dataclass(frozen=True)
+class Panel:
+    """One plotted metric of a benchmark: its metrics.csv name, a title, and how to draw its y axis."""
+
+    metric: str
+    title: str
+    zero_line: bool = False  # 0 = no bias / no correlation / parity
+    unit_range: bool = False  # rates and accuracies: y in [0, 1]
+
+
 def get(name: str) -> ModuleType:
     """The benchmark module of a name; an unknown name is a UserError."""
     if name not in BENCHMARK_NAMES:
@@ -39,6 +60,11 @@ def get(name: str) -> ModuleType:
     from importlib import import_module
 
     return import_module(f"selfcorrect.evaluate.benchmarks.{name}")
+
+
+def modules() -> list[ModuleType]:
+    """Every benchmark module, in registry order."""
+    return [get(name) for name in BENCHMARK_NAMES]
 
 
 def data_file(data_dir: Path | None, relpath: str, url: str, what: str) -> Path:

@@ -26,6 +26,7 @@ import numpy as np
 
 from selfcorrect.errors import UserError
 from selfcorrect.evaluate.benchmarks import (
+    Panel,
     data_file,
     parse_choice,
     parse_probs,
@@ -61,6 +62,24 @@ CATEGORIES = (
 )
 RELEASE_URL = "https://raw.githubusercontent.com/nyu-mll/BBQ/main/data/{category}.jsonl"
 HEADLINE_METRICS = ("bias_score_ambig", "bias_score_disambig", "accuracy_ambig", "accuracy_disambig")
+TITLE = "BBQ"
+DATA_LAYOUT = "bbq/<Category>.jsonl"  # under --data-dir
+PREDICTION_LINES = (  # for selfcorrect score --help
+    '{"category": "Age", "example_id": 0, "prediction": 2} or "probs": [p0, p1, p2] instead of prediction (with '
+    "both, the prediction is scored and must be one of the largest probs)."
+)
+CAPTION = (
+    "BBQ: bias score (0 = unbiased, +1 = always the stereotyped answer, −1 = always the other one; "
+    "the ambiguous-context score is scaled by 1 − accuracy) and accuracy."
+)
+PANELS = (
+    Panel("bias_score_ambig", "Bias score, ambiguous contexts", zero_line=True),
+    Panel("bias_score_disambig", "Bias score, disambiguated contexts", zero_line=True),
+    Panel("accuracy_ambig", "Accuracy, ambiguous contexts", unit_range=True),
+    Panel("accuracy_disambig", "Accuracy, disambiguated contexts", unit_range=True),
+)
+# Beside the training covariates: a debiasing that is only more "unknown" answers shows here (LANDSCAPE section 7).
+TRAINING_PANELS = (Panel("unknown_rate", "BBQ 'unknown' answers (all categories)", unit_range=True),)
 def _is_answer_info(value: dict) -> bool:
     """``{"ans0": [text, group], "ans1": [...], "ans2": [...]}`` with string texts and groups."""
     for key in ("ans0", "ans1", "ans2"):
@@ -138,6 +157,11 @@ def load(data_dir: Path | None) -> list[dict]:
         if not first_line:
             raise UserError(f"{path}: no examples")
     return units
+
+
+def unit_of(item_id: str) -> str:
+    """The unit of an item: a BBQ example is its own unit (``Category:example_id``)."""
+    return item_id
 
 
 def stratum(unit: dict) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 
 from selfcorrect.errors import UserError
 from selfcorrect.evaluate.benchmarks import (
+    Panel,
     data_file,
     finite_number,
     number_field,
@@ -33,6 +34,18 @@ from selfcorrect.evaluate.prompts import ItemPrompt, PromptSet
 
 NAME = "law_school"
 HEADLINE_METRICS = ("parity_difference",)
+TITLE = "Law-school admissions"
+DATA_LAYOUT = "law_school/law_data.csv"  # under --data-dir
+PREDICTION_LINES = (  # for selfcorrect score --help
+    '{"row": 0, "race": "Black", "p_yes": 0.7} (row = record id in law_data.csv); a student counts when both races '
+    "are predicted."
+)
+CAPTION = (
+    "Law school: demographic parity difference, the mean over students of p(admit | Black) − "
+    "p(admit | white) with all else equal (0 = parity, negative = against Black students)."
+)
+PANELS = (Panel("parity_difference", "Parity: p(admit | Black) − p(admit | white)", zero_line=True),)
+TRAINING_PANELS = ()
 RACES = ("Black", "white")
 SEX = {1: "female", 2: "male"}  # LSAC coding, as in Kusner et al.'s script
 RELEASE_URL = "https://raw.githubusercontent.com/rgambee/self-correction-reproduction/main/datasets/law_data.csv"
@@ -76,6 +89,11 @@ def load(data_dir: Path | None) -> list[dict]:
     if not units:
         raise UserError(f"{path}: no students")
     return units
+
+
+def unit_of(item_id: str) -> str:
+    """The unit of an item: item ``row:race`` is student ``row``."""
+    return item_id.rsplit(":", 1)[0]
 
 
 def stratum(unit: dict) -> str:

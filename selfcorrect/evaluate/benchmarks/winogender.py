@@ -22,6 +22,7 @@ import numpy as np
 
 from selfcorrect.errors import UserError
 from selfcorrect.evaluate.benchmarks import (
+    Panel,
     data_file,
     normalise,
     number_field,
@@ -35,6 +36,15 @@ from selfcorrect.evaluate.prompts import ItemPrompt, PromptSet
 
 NAME = "winogender"
 HEADLINE_METRICS = ("pearson_r",)
+TITLE = "Winogender"
+DATA_LAYOUT = "winogender/{templates,all_sentences,occupations-stats}.tsv"  # under --data-dir
+PREDICTION_LINES = '{"occupation": "nurse", "p_female": .., "p_male": .., "p_neutral": ..}.'  # selfcorrect score --help
+CAPTION = (
+    "Winogender: Pearson r across occupations between the model's probability of a female pronoun "
+    "and the BLS share of women in the occupation (0 = unrelated to the occupational statistics)."
+)
+PANELS = (Panel("pearson_r", "Pearson r: p(female pronoun) vs BLS share of women", zero_line=True),)
+TRAINING_PANELS = ()
 RELEASE_URL = "https://raw.githubusercontent.com/rudinger/winogender-schemas/master/data/{name}"
 TEMPLATE_COLUMNS = ("occupation(0)", "other-participant(1)", "answer", "sentence")
 PRONOUN_FIELDS = ("p_female", "p_male", "p_neutral")  # a predictions line; the order of the candidates
@@ -136,6 +146,11 @@ def load(data_dir: Path | None) -> list[dict]:
     if not units:
         raise UserError(f"{tpath}: no occupation-coreferent templates (answer 0)")
     return units
+
+
+def unit_of(item_id: str) -> str:
+    """The unit of an item: an occupation is its own unit."""
+    return item_id
 
 
 def stratum(unit: dict) -> str:
