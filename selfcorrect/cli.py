@@ -244,13 +244,21 @@ def build_parser() -> argparse.ArgumentParser:
         "response length and the BBQ unknown rate per checkpoint) and report.md. A figure whose rows are not in "
         "metrics.csv is left out with a note. Nothing is written when an input is bad.",
     )
-    rp.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directory (holds eval/metrics.csv)")
+    rp.add_argument(
+        "run_dirs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help=f"a run directory ({EXAMPLE_RUN.metrics}), or the --output DIR of `selfcorrect evaluate MODEL` "
+        "(DIR/metrics.csv and DIR/evaluation.json: one model, no RLHF steps)",
+    )
     rp.add_argument(
         "--by",
         choices=["step", "size"],
-        default="step",
-        help="'step' (default): metrics vs RLHF steps, one line per model and condition; 'size': each model at "
-        "its largest RLHF step vs its parameter count (log scale), as in Ganguli et al. Fig. 1 (needs 'params')",
+        default=None,
+        help="'step': metrics vs RLHF steps, one line per model and condition; 'size': each model at "
+        "its largest RLHF step vs its parameter count (log scale), as in Ganguli et al. Fig. 1 (needs 'params'); "
+        "default: step when the input has RLHF steps, else size (one point per condition for a single model)",
     )
     rp.add_argument(
         "--output",

@@ -380,7 +380,7 @@ def test_no_metrics_is_a_one_line_error_and_overwrites_nothing(tmp_path, capsys)
         (",".join(COLUMNS) + "\n", "no rows"),
         (",".join(COLUMNS) + "\nm,,x,bbq,q,all,unknown_rate,0.3,,,10\n", "line 2: column 'step': not a number"),
         (",".join(COLUMNS) + "\nm,,0,bbq,q,all,x,0.1,,,1\nm,,0,bbq,q,all,x,0.2,,,1\n", "two rows for model 'm'"),
-        (",".join(COLUMNS) + "\nm,,,bbq,q,all,unknown_rate,0.3,,,10\n", "no row has an RLHF step"),
+        (",".join(COLUMNS) + "\nm,,,bbq,q,all,unknown_rate,0.3,,,10\n", "has no 'params'"),  # no steps: by size
     ],
 )
 def test_bad_metrics_csv(tmp_path, capsys, content, needle):
@@ -422,3 +422,18 @@ def test_report_returns_the_report_path_and_refuses_a_file_as_output(tmp_path):
     with pytest.raises(UserError, match="taken: exists and is not a directory"):
         report([run], output=tmp_path / "taken")
     assert (tmp_path / "taken").read_text() == "a file\n"
+
+
+def test_report_of_a_single_model_evaluation_directory(tiny_model_dir, tmp_path, capsys):
+    """The output of `selfcorrect evaluate MODEL --output DIR` plots too: one point per condition, by size."""
+    out = tmp_path / "eval"
+    args = ["--benchmarks", "winogender", "--conditions", "q,q_if", "--limit", "4", "--bootstrap", "10"]
+    assert main(["evaluate", str(tiny_model_dir), "--output", str(out), *args]) == 0
+    assert main(["report", str(out)]) == 0
+    report_dir = out / "report-by-size"
+    assert (report_dir / "winogender.png").is_file() and (report_dir / "report.md").is_file()
+    text = (report_dir / "report.md").read_text()
+    assert tiny_model_dir.name in text and "model size" in text
+    capsys.readouterr()
+    assert main(["report", str(out), "--by", "step", "--output", str(tmp_path / "r")]) == 2
+    assert "no row has an RLHF step" in capsys.readouterr().err

@@ -121,22 +121,46 @@ def _parse_row(raw: dict[str, str], where: str, source: Path) -> Row:
 
 
 def read_metrics(run_dir: Path) -> list[Row]:
-    """The rows of ``RUN_DIR/eval/metrics.csv``; a missing file, missing columns or no rows is a UserError."""
-    path = RunDir(Path(run_dir)).metrics
+    """The rows of a run's metrics table, or of one model's evaluation directory.
+
+    A run directory has ``eval/metrics.csv`` with the leading columns ``model,params,step``. The output of
+    ``selfcorrect evaluate MODEL --output DIR`` has ``DIR/metrics.csv`` without them: its rows get the model and its
+    parameter count from ``DIR/evaluation.json`` and no step. A missing file, missing columns or no rows is a
+    UserError.
+    """
+    path, one_model = RunDir(Path(run_dir)).metrics, _one_model(Path(run_dir))
+    if not path.is_file() and one_model is not None:
+        path = Path(run_dir) / "metrics.csv"
     if not path.is_file():
-        raise UserError(f"{path}: no metrics (is {run_dir} a run directory whose evaluation has finished?)")
+        raise UserError(f"{path}: no metrics (is {run_dir} a run or evaluation directory whose evaluation finished?)")
     try:
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+            fields = reader.fieldnames or []
+            leading = {} if LEADING_COLUMNS[0] in fields or one_model is None else one_model
+            missing = [c for c in COLUMNS if c not in fields and c not in leading]
             if missing:
                 raise UserError(f"{path}: missing columns {', '.join(missing)}")
-            rows = [_parse_row(raw, f"{path}: line {reader.line_num}", path) for raw in reader]
+            rows = [_parse_row({**raw, **leading}, f"{path}: line {reader.line_num}", path) for raw in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{path}: cannot read ({first_line(exc)})") from None
     if not rows:
         raise UserError(f"{path}: no rows")
     return rows
+
+
+def _one_model(directory: Path) -> dict[str, str] | None:
+    """The model and parameter count of an evaluation directory of one model (its evaluation.json), or None."""
+    manifest_path = directory / "evaluation.json"
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        model = str(manifest["settings"]["model"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{manifest_path}: unreadable evaluation manifest ({first_line(exc)})") from None
+    params = (manifest.get("model_info") or {}).get("n_parameters")
+    return {"model": Path(model).name or model, "params": "" if params is None else str(params), "step": ""}
 
 
 def _manifest_number(manifest: dict, key: str, path: Path) -> float:
@@ -693,22 +717,25 @@ def default_output(run_dirs: list[Path], by: str) -> Path:
     return report_dir if by == "step" else report_dir.with_name(f"{report_dir.name}-by-size")
 
 
-def report(run_dirs: list[Path], by: str = "step", output: Path | None = None) -> Path:
-    """Plots and report.md for one or more run directories; returns the path of report.md.
+def report(run_dirs: list[Path], by: str | None = None, output: Path | None = None) -> Path:
+    """Plots and report.md for one or more run (or single-model evaluation) directories; returns report.md's path.
 
     ``by="step"``: metrics vs RLHF steps (one line per model and condition) and training covariates;
-    ``by="size"``: each model's metrics at its largest step vs its parameter count.
+    ``by="size"``: each model's metrics at its largest step vs its parameter count (a single-model evaluation:
+    one point per condition); ``None``: ``step`` when any row has an RLHF step, else ``size``.
     Everything is read and drawn before the first file is written.
     """
-    if by not in BY:
-        raise UserError(f"--by must be one of {', '.join(BY)}, got {by!r}")
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
         raise UserError("no run directory given")
+    all_rows, checkpoints = load_runs(run_dirs)
+    if by is None:  # RLHF steps when there are any; evaluations of single models are compared by size
+        by = "step" if any(r.step is not None for r in all_rows) else "size"
+    if by not in BY:
+        raise UserError(f"--by must be one of {', '.join(BY)}, got {by!r}")
     output = Path(output) if output is not None else default_output(run_dirs, by)
     if output.exists() and not output.is_dir():
         raise UserError(f"{output}: exists and is not a directory")
-    all_rows, checkpoints = load_runs(run_dirs)
     rows = rows_with_step(all_rows) if by == "step" else rows_at_largest_step(all_rows)
     pooled = [r for r in rows if r.subset == "all"]
     conditions = (r.condition for r in pooled if not is_difference(r.condition, r.metric))
