@@ -46,7 +46,8 @@ def _add_prompts(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="YAML",
-        help="extra prompt-condition file(s), on top of configs/prompts/ganguli2023.yaml and liu2024.yaml",
+        help="extra prompt-condition file(s): a path, or the name of a shipped prompts file (selfcorrect configs "
+        "list); added to the shipped ganguli2023 and liu2024 prompts",
     )
 
 
@@ -295,7 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
         "keys, unless --force. Training stages run as child processes (<launcher> -m selfcorrect STAGE CONFIG).",
     )
     pi.add_argument(
-        "config", metavar="CONFIG", type=Path, help="run config (YAML), e.g. configs/pipelines/quickstart.yaml"
+        "config",
+        metavar="CONFIG",
+        type=Path,
+        help="run config (YAML): a path, or the name of a shipped pipeline (quickstart, ganguli2023, liu2024; "
+        "selfcorrect configs list)",
     )
     group = pi.add_mutually_exclusive_group()
     group.add_argument("--from", dest="from_stage", choices=PIPELINE_STAGES, help="rerun STAGE and the stages after it")
@@ -311,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--launcher",
         default=None,
         help='command prefix for the training stages, e.g. "accelerate launch --config_file '
-        "configs/accelerate/deepspeed_zero2.yaml\" (default: the config's launcher, else this Python)",
+        "accelerate/deepspeed_zero2.yaml\" (a shipped accelerate config by its name, or a path; default: the config's "
+        "launcher, else this Python)",
     )
     pi.set_defaults(func=cmd_pipeline)
 
@@ -327,6 +333,29 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("out", metavar="OUT", type=Path, help="the directory to write (must not exist)")
     ex.add_argument("--dtype", default=None, help="float32 (default) | bfloat16 | float16: the written weights' dtype")
     ex.set_defaults(func=cmd_export)
+
+    co = sub.add_parser(
+        "configs",
+        help="list the shipped configs, or copy one to edit it",
+        description="The configs that ship with selfcorrect: pipelines (run configs), prompts (prompt conditions) "
+        "and accelerate (launch configs). Commands and config keys take them by name (selfcorrect pipeline "
+        "quickstart; launcher: accelerate launch --config_file accelerate/deepspeed_zero2.yaml; evaluation.prompts: "
+        "[quickstart_cot.yaml]) or take a path to your own copy.",
+    )
+    cosub = co.add_subparsers(dest="configs_command", required=True, metavar="SUBCOMMAND")
+    cosub.add_parser("list", help="list the shipped configs by kind, with their paths").set_defaults(
+        func=cmd_configs_list
+    )
+    cp = cosub.add_parser(
+        "copy",
+        help="copy a shipped config into a directory, to edit it",
+        description="Copy a shipped config (e.g. quickstart, pipelines/ganguli2023.yaml, accelerate/multi_gpu.yaml) "
+        "into DIR (default: the current directory). An existing file is not overwritten unless --force.",
+    )
+    cp.add_argument("name", metavar="NAME", help="a shipped config: a pipeline's name, or KIND/FILE")
+    cp.add_argument("dest", metavar="DIR", type=Path, nargs="?", default=Path("."), help="where to copy it")
+    cp.add_argument("--force", action="store_true", help="overwrite an existing file of the same name")
+    cp.set_defaults(func=cmd_configs_copy)
 
     mo = sub.add_parser("models", help="manage the embedded default model", description="Manage models.")
     mosub = mo.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
@@ -500,6 +529,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     from selfcorrect.export import export_checkpoint
 
     print(f"export: {export_checkpoint(args.checkpoint, args.out, dtype=args.dtype)}")
+    return 0
+
+
+def cmd_configs_list(args: argparse.Namespace) -> int:
+    from selfcorrect.config import configs_dir, shipped_configs
+
+    for kind, names in shipped_configs().items():
+        print(f"{kind} ({configs_dir() / kind}):")
+        for name in names:
+            print(f"  {name}")
+    return 0
+
+
+def cmd_configs_copy(args: argparse.Namespace) -> int:
+    from selfcorrect.config import configs_dir, shipped_file
+    from selfcorrect.io import atomic_write_bytes
+
+    source = shipped_file(args.name, "pipelines")
+    if source is None or configs_dir() not in source.parents:
+        raise UserError(f"{args.name}: not a shipped config (selfcorrect configs list shows them)")
+    target = args.dest / source.name
+    if target.exists() and not args.force:
+        raise UserError(f"{target}: already exists (--force overwrites it)")
+    atomic_write_bytes(target, source.read_bytes())
+    print(f"configs: {target}")
     return 0
 
 

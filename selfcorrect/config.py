@@ -6,6 +6,7 @@ Every config model forbids unknown keys, so a typo (``max_new_token``) is an err
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -16,7 +17,6 @@ from selfcorrect.errors import UserError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class StrictModel(BaseModel):
@@ -113,20 +113,36 @@ def load_config(path: str | Path, model: type[ModelT]) -> ModelT:
         raise UserError(validation_message(path, exc)) from None
 
 
+CONFIG_KINDS = ("pipelines", "prompts", "accelerate")  # the subdirectories of the shipped configs
+
+
 def configs_dir() -> Path:
-    """Where the shipped configs live: ``$SELFCORRECT_CONFIG_DIR`` or ``configs/`` of the source tree."""
-    return Path(os.environ.get("SELFCORRECT_CONFIG_DIR") or REPO_ROOT / "configs")
+    """Where the shipped configs live: ``$SELFCORRECT_CONFIG_DIR``, else the package's own ``configs/`` (package
+    data, so a regular ``pip install`` has them too)."""
+    if os.environ.get("SELFCORRECT_CONFIG_DIR"):
+        return Path(os.environ["SELFCORRECT_CONFIG_DIR"])
+    return Path(str(resources.files("selfcorrect") / "configs"))
 
 
-def shipped_file(name: str | Path) -> Path | None:
-    """A file named in a config: the path itself if it exists, else the shipped file of that name under
-    :func:`configs_dir` (``configs/accelerate/x.yaml`` or ``accelerate/x.yaml``); None when neither exists."""
+def shipped_file(name: str | Path, kind: str | None = None) -> Path | None:
+    """A file named in a config or on the command line: the path itself if it exists, else the shipped file of that
+    name under :func:`configs_dir` (``configs/accelerate/x.yaml``, ``accelerate/x.yaml``, or with ``kind`` just
+    ``x.yaml`` or ``x``); None when neither exists."""
     path = Path(os.path.expanduser(str(name)))
     if path.is_file():
         return path.resolve()
+    if path.is_absolute() or not path.parts:
+        return None
     parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
-    shipped = configs_dir().joinpath(*parts) if parts and not path.is_absolute() else None
-    return shipped if shipped is not None and shipped.is_file() else None
+    candidates = [configs_dir().joinpath(*parts)]
+    if kind is not None and len(parts) == 1:
+        candidates += [configs_dir() / kind / parts[0], configs_dir() / kind / f"{parts[0]}.yaml"]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def shipped_configs() -> dict[str, list[str]]:
+    """The shipped config files by kind: ``{"pipelines": ["ganguli2023.yaml", ...], ...}``."""
+    return {kind: sorted(p.name for p in (configs_dir() / kind).glob("*.yaml")) for kind in CONFIG_KINDS}
 
 
 def data_dir(explicit: str | Path | None = None) -> Path | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import Field
 
 from selfcorrect import tracking
-from selfcorrect.config import LoraSection, ModelSection, StrictModel, TrackingSection, load_config
+from selfcorrect.config import LoraSection, ModelSection, StrictModel, TrackingSection, load_config, shipped_file
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError, first_line
 from selfcorrect.evaluate.runner import EvaluationSection
@@ -37,7 +37,7 @@ class RunConfig(StrictModel):
     evaluation: EvaluationSection | None = None
     tracking: TrackingSection = TrackingSection()
     # `selfcorrect pipeline` starts each training stage as `<launcher> -m selfcorrect <stage> CONFIG`;
-    # default: this Python. E.g. "accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml"
+    # default: this Python. E.g. "accelerate launch --config_file accelerate/deepspeed_zero2.yaml" (a shipped file)
     launcher: str | None = None
 
     def root(self) -> Path:
@@ -49,8 +49,9 @@ class RunConfig(StrictModel):
 
 
 def load_run_config(path: str | Path) -> RunConfig:
-    """Load and validate a run config (one-line errors naming the file and field)."""
-    return load_config(path, RunConfig)
+    """Load and validate a run config: a path, or a shipped pipeline's name (one-line errors naming the file and
+    field)."""
+    return load_config(shipped_file(path, "pipelines") or path, RunConfig)
 
 
 def _section(cfg: RunConfig, name: str, path: Path):

@@ -1,4 +1,5 @@
-"""Prompt conditions (from ``configs/prompts/*.yaml``) turned into the dialogue text that is scored.
+"""Prompt conditions (from the shipped ``configs/prompts/*.yaml`` and the user's files) turned into the dialogue text
+that is scored.
 
 Python holds no prompt wording: a condition is a list of Human-turn parts, an assistant prefix and, for
 chain of thought (CoT), the assistant's opening words and the follow-up Human turn. A benchmark supplies
@@ -14,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field, create_model
 
-from selfcorrect.config import StrictModel, configs_dir, load_config
+from selfcorrect.config import StrictModel, configs_dir, load_config, shipped_file
 from selfcorrect.dialogue import DialogueSpec, continued_text
 from selfcorrect.errors import UserError
 from selfcorrect.evaluate.benchmarks import BENCHMARK_NAMES
@@ -215,7 +216,7 @@ def load_prompts(extra_files: list[str | Path] | None = None) -> PromptSet:
     Readout and candidates come from the first file that defines them; ``cot_sampling`` from the last.
     """
     paths = [configs_dir() / "prompts" / name for name in DEFAULT_PROMPT_FILES]
-    paths += [Path(p) for p in extra_files or []]
+    paths += [shipped_file(p, "prompts") or Path(p) for p in extra_files or []]
     benchmarks: dict[str, BenchmarkPrompts] = {}
     files: dict[tuple[str, str], Path] = {}
     join, cot_sampling = None, None

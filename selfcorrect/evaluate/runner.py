@@ -37,7 +37,7 @@ from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from selfcorrect import dialogue as dialogues
-from selfcorrect.config import StrictModel, configs_dir, data_dir
+from selfcorrect.config import StrictModel, data_dir, shipped_file
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError
 from selfcorrect.evaluate import benchmarks as bench_registry
@@ -84,7 +84,7 @@ class EvaluationSection(StrictModel):
     conditions: list[str] = list(DEFAULT_CONDITIONS)
     limit: int | None = Field(None, gt=0)  # stratified subsample per benchmark (None: all items)
     cot_limit: int | None = Field(None, gt=0)  # CoT subsample, drawn from the --limit one
-    prompts: list[str] = []  # extra prompt-condition files: a path ($VARS expanded) or a name in configs/prompts/
+    prompts: list[str] = []  # extra prompt-condition files: a path ($VARS expanded) or a shipped prompts file
     batch_size: int = Field(16, gt=0)
     gen_batch_size: int = Field(64, gt=0)
     bootstrap: int = Field(1000, ge=0)
@@ -113,8 +113,7 @@ class EvaluationSection(StrictModel):
         files = []
         for name in value:
             path = Path(os.path.expanduser(os.path.expandvars(name)))
-            shipped = configs_dir() / "prompts" / name
-            files.append(str(shipped if not path.exists() and shipped.is_file() else path))
+            files.append(str(shipped_file(path, "prompts") or path))
         return files
 
     def settings(

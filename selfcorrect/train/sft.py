@@ -42,7 +42,6 @@ from typing import Any
 import torch
 from datasets import Dataset, concatenate_datasets
 from pydantic import Field, ValidationInfo, field_validator
-from pydantic_core import PydanticCustomError
 from transformers import PreTrainedTokenizerBase, set_seed
 from trl import SFTConfig, SFTTrainer
 
@@ -85,16 +84,14 @@ class SFTSection(StrictModel):
     @classmethod
     def _ptx_format(cls, ptx_data: DatasetSpec | None) -> DatasetSpec | None:
         if ptx_data is not None and ptx_data.format not in ("text", "hh"):
-            raise PydanticCustomError(
-                "ptx_format", "format '{fmt}' cannot give ptx texts (use text or hh)", {"fmt": ptx_data.format}
-            )
+            raise ValueError(f"format '{ptx_data.format}' cannot give ptx texts (use text or hh)")
         return ptx_data
 
     @field_validator("ptx_fraction")
     @classmethod
     def _ptx_needs_data(cls, ptx_fraction: float, info: ValidationInfo) -> float:
         if ptx_fraction > 0 and info.data.get("ptx_data") is None:
-            raise PydanticCustomError("ptx_data", "ptx_fraction > 0 needs ptx_data")
+            raise ValueError("ptx_fraction > 0 needs ptx_data")
         return ptx_fraction
 
 
