@@ -436,15 +436,3 @@ def _cached_revision(ref: str) -> str:
     except Exception:  # an invalid repo id or cache layout: no cached revision to name
         return ""
     return Path(config).parent.name if isinstance(config, str) else ""
-
-
-def model_info(model: torch.nn.Module) -> dict[str, Any]:
-    """A summary of a loaded model: ``n_parameters``, ``dtype``, ``device`` and ``name_or_path``."""
-    first = next(model.parameters())
-    name_or_path = getattr(model, "name_or_path", None) or getattr(model.config, "name_or_path", "")
-    return {
-        "n_parameters": sum(parameter.numel() for parameter in model.parameters()),
-        "dtype": str(first.dtype).removeprefix("torch."),
-        "device": str(first.device),
-        "name_or_path": str(name_or_path),
-    }

@@ -20,10 +20,21 @@ from selfcorrect.models import (
     cache_dir,
     load_model,
     load_tokenizer,
-    model_info,
     prepare_embedded,
     resolve_model_path,
 )
+
+
+def model_info(model: torch.nn.Module) -> dict:
+    """A summary of a loaded model: parameters, dtype, device and name."""
+    first = next(model.parameters())
+    return {
+        "n_parameters": sum(parameter.numel() for parameter in model.parameters()),
+        "dtype": str(first.dtype).removeprefix("torch."),
+        "device": str(first.device),
+        "name_or_path": str(model.name_or_path),
+    }
+
 
 PROMPT = "\n\nHuman: What is the capital of France?\n\nAssistant: The capital of France is"
 

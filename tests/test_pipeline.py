@@ -16,9 +16,9 @@ import psutil
 import pytest
 import yaml
 from conftest import last_ppo_step, wait_until
+from wandb_offline import read_offline_run
 
 from selfcorrect.cli import main
-from selfcorrect.tracking import read_offline_run
 
 ROOT = Path(__file__).resolve().parents[1]
 WANDB_KEYS = ("WANDB_MODE", "WANDB_PROJECT", "WANDB_RUN_GROUP", "WANDB_NAME", "WANDB_DIR", "WANDB_API_KEY")

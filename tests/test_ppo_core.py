@@ -271,3 +271,30 @@ def test_kl_controller_state_round_trips_through_json() -> None:
     assert fixed_restored.value == 0.3
     with pytest.raises(ValueError, match="adaptive"):
         fixed_restored.load_state_dict(ctl.state_dict())
+
+
+def test_the_ppo_ptx_loss_is_its_parts_assembled():
+    from selfcorrect.train import ppo_core as core
+
+    torch.manual_seed(0)
+    b, t, v = 3, 5, 11
+    logprobs, old = torch.randn(b, t) * 0.1 - 2, torch.randn(b, t) * 0.1 - 2
+    advantages, values, old_values, returns = torch.randn(b, t), torch.randn(b, t), torch.randn(b, t), torch.randn(b, t)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    ptx_logits, ptx_labels = torch.randn(2, 6, v), torch.randint(0, v, (2, 6))
+    ptx_mask = torch.ones(2, 6, dtype=torch.long)
+    loss = core.ppo_ptx_loss(
+        logprobs, old, advantages, values, old_values, returns, mask, clip_range=0.2, clip_range_value=0.3,
+        vf_coef=0.1, ptx=(ptx_logits, ptx_labels, ptx_mask), gamma_ptx=27.8,
+    )
+    pg, pg_clip, approx_kl = core.policy_loss(logprobs, old, advantages, mask, 0.2)
+    vf, vf_clip = core.value_loss(values, old_values, returns, mask, 0.3)
+    lm = core.ptx_loss(ptx_logits, ptx_labels, ptx_mask)
+    assert torch.allclose(loss.total, pg + 0.1 * vf + 27.8 * lm)
+    assert (loss.policy, loss.value, loss.ptx) == (pg, vf, lm)
+    assert (loss.policy_clipfrac, loss.value_clipfrac, loss.approx_kl) == (pg_clip, vf_clip, approx_kl)
+    no_ptx = core.ppo_ptx_loss(
+        logprobs, old, advantages, values, old_values, returns, mask, clip_range=0.2, clip_range_value=0.3,
+        vf_coef=0.1, gamma_ptx=27.8,
+    )
+    assert torch.allclose(no_ptx.total, pg + 0.1 * vf) and no_ptx.ptx.item() == 0.0

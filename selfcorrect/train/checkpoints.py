@@ -29,7 +29,7 @@ import torch
 from selfcorrect.config import check_save_at_steps
 from selfcorrect.errors import UserError
 from selfcorrect.provenance import library_versions, now, stamp, to_json
-from selfcorrect.rundir import checkpoint_dir, last_dir
+from selfcorrect.rundir import checkpoint_dir, engine_dir, last_dir, step_name
 
 __all__ = [
     "MANIFEST_REQUIRED_KEYS",
@@ -439,3 +439,39 @@ def load_last(root: Path) -> dict[str, Any] | None:
         "created_at": record["created_at"],
         "library_versions": record["library_versions"],
     }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Under DeepSpeed: engine checkpoints named by last/
+# --------------------------------------------------------------------------------------------------------------
+# Under DeepSpeed the weights and the optimizer state are split between the processes (ZeRO), so ``last/`` names a
+# DeepSpeed engine checkpoint that every process writes its share of (rundir.engine_dir); the atomic replacement of
+# ``last/`` stays the moment a save counts, and older engine checkpoints go after it.
+
+
+def save_engine_checkpoint(engine: Any, root: Path, step: int) -> str:
+    """Every process writes its share of the engine's state for ``step``; returns the tag for ``last/``'s state.
+
+    A collective: every process must call it.
+    """
+    tag = step_name(step)
+    engine.save_checkpoint(str(engine_dir(root)), tag=tag, save_latest=False)
+    return tag
+
+
+def prune_engine_checkpoints(root: Path, keep: str) -> None:
+    """Remove the engine checkpoints other than ``keep`` (after ``last/`` names ``keep``; main process only)."""
+    for old in engine_dir(root).iterdir():
+        if old.is_dir() and old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_engine_checkpoint(engine: Any, root: Path, tag: str, named_by: Path) -> None:
+    """Load the engine checkpoint ``tag`` that ``named_by`` (``last/``) names; a missing or unreadable one is a
+    UserError (a collective: every process must call it)."""
+    checkpoint = engine_dir(root) / tag
+    if not checkpoint.is_dir():
+        raise UserError(f"{checkpoint}: missing (named by {named_by}); cannot resume")
+    loaded, _ = engine.load_checkpoint(str(engine_dir(root)), tag=tag, load_lr_scheduler_states=False)
+    if loaded is None:
+        raise UserError(f"{checkpoint}: DeepSpeed could not load it; cannot resume")

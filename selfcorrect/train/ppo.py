@@ -28,7 +28,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import shutil
 import time
 import typing
 import warnings
@@ -49,9 +48,17 @@ from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError
 from selfcorrect.provenance import stable_seed
 from selfcorrect.reward_models.score import RewardModel, hh_prompt
-from selfcorrect.rundir import engine_dir, merged_dir, step_name
+from selfcorrect.rundir import merged_dir
 from selfcorrect.train import ppo_core as core
-from selfcorrect.train.checkpoints import load_last, restore_weights, save_checkpoint, save_last
+from selfcorrect.train.checkpoints import (
+    load_engine_checkpoint,
+    load_last,
+    prune_engine_checkpoints,
+    restore_weights,
+    save_checkpoint,
+    save_engine_checkpoint,
+    save_last,
+)
 from selfcorrect.train.distributed import distributed_name, gathered, zero_stage
 
 
@@ -645,23 +652,26 @@ class PPOPtxTrainer(Trainer):
                         roll, rl_ids, logits[:k, : p + r_len], values[:k, : p + r_len]
                     )
                     rmask = roll.response_mask[rows]
-                    pg, pg_clip, approx_kl = core.policy_loss(
-                        logprobs, roll.logprobs[rows], roll.advantages[rows], rmask, self.ppo.clip_range
+                    loss = core.ppo_ptx_loss(
+                        logprobs,
+                        roll.logprobs[rows],
+                        roll.advantages[rows],
+                        new_values,
+                        roll.values[rows],
+                        roll.returns[rows],
+                        rmask,
+                        clip_range=self.ppo.clip_range,
+                        clip_range_value=self.ppo.clip_range_value,
+                        vf_coef=self.ppo.vf_coef,
+                        ptx=(logits[k:], ids[k:], mask[k:]) if use_ptx else None,
+                        gamma_ptx=self.ppo.gamma_ptx,
                     )
-                    vf, vf_clip = core.value_loss(
-                        new_values, roll.values[rows], roll.returns[rows], rmask, self.ppo.clip_range_value
-                    )
-                    loss = pg + self.ppo.vf_coef * vf
-                    ptx = torch.zeros(())
-                    if use_ptx:
-                        ptx = core.ptx_loss(logits[k:], ids[k:], mask[k:])
-                        loss = loss + self.ppo.gamma_ptx * ptx
-                    if not torch.isfinite(loss):
+                    if not torch.isfinite(loss.total):
                         raise UserError(
-                            f"ppo: the loss became {loss.item()} at RLHF step {step + 1}; stopped before the "
+                            f"ppo: the loss became {loss.total.item()} at RLHF step {step + 1}; stopped before the "
                             f"optimizer step (the kept checkpoints and last/ are intact)"
                         )
-                    self.accelerator.backward(loss)
+                    self.accelerator.backward(loss.total)
                     if self.args.max_grad_norm and self.accelerator.sync_gradients:
                         self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
                     self.optimizer.step()
@@ -671,13 +681,13 @@ class PPOPtxTrainer(Trainer):
                         core.ema_update_(self.ema, self._policy_parameters(), self.ppo.ema_decay)
                 minibatch += 1
                 for key, value in (
-                    ("loss/policy", pg),
-                    ("loss/value", vf),
-                    ("loss/ptx", ptx),
-                    ("loss/total", loss),
-                    ("policy/clipfrac", pg_clip),
-                    ("policy/approx_kl", approx_kl),
-                    ("value/clipfrac", vf_clip),
+                    ("loss/policy", loss.policy),
+                    ("loss/value", loss.value),
+                    ("loss/ptx", loss.ptx),
+                    ("loss/total", loss.total),
+                    ("policy/clipfrac", loss.policy_clipfrac),
+                    ("policy/approx_kl", loss.approx_kl),
+                    ("value/clipfrac", loss.value_clipfrac),
                     ("policy/entropy", core.masked_mean(entropy.detach(), rmask)),
                 ):
                     stats.setdefault(key, []).append(float(value.detach()))
@@ -788,17 +798,12 @@ class PPOPtxTrainer(Trainer):
                     export_checkpoint(kept, merged)
         self.accelerator.wait_for_everyone()
 
-    # Under DeepSpeed the weights and the optimizer state are split between the processes (ZeRO), so ``last/``
-    # names a DeepSpeed engine checkpoint that every process writes its share of, in ``last-deepspeed/<tag>/``;
-    # the atomic replacement of ``last/`` stays the moment a save counts, and older engine checkpoints go after it.
-    def _engine_dir(self) -> Path:
-        return engine_dir(self.run_dir)
-
     def _save_last(self, state: dict[str, Any]) -> None:
+        """Refresh ``last/``: the raw weights, optimizer, scheduler, RNG, EMA and the loop's state (under DeepSpeed the
+        weights and optimizer are an engine checkpoint that ``last/`` names)."""
         deepspeed = zero_stage(self.accelerator) is not None
         if deepspeed:
-            state = {**state, "deepspeed_tag": step_name(state["step"])}
-            self.model.save_checkpoint(str(self._engine_dir()), tag=state["deepspeed_tag"], save_latest=False)
+            state = {**state, "deepspeed_tag": save_engine_checkpoint(self.model, self.run_dir, state["step"])}
             self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             tensors = None
@@ -806,9 +811,7 @@ class PPOPtxTrainer(Trainer):
                 tensors = {f"ema/{n}": t for n, t in zip(self._policy_parameter_names(), self.ema)}
             if deepspeed:
                 save_last(self.run_dir, state, {}, None, self.lr_scheduler, tensors=tensors)
-                for old in self._engine_dir().iterdir():
-                    if old.is_dir() and old.name != state["deepspeed_tag"]:
-                        shutil.rmtree(old, ignore_errors=True)
+                prune_engine_checkpoints(self.run_dir, keep=state["deepspeed_tag"])
             else:
                 unwrapped = self.accelerator.unwrap_model(self.model)
                 models = {"policy": unwrapped.policy, "value": unwrapped.value_model}
@@ -835,12 +838,7 @@ class PPOPtxTrainer(Trainer):
                 raise UserError(
                     f"{last['path']}: a DeepSpeed state split over {saved_world} processes cannot resume on {world}"
                 )
-            engine_checkpoint = self._engine_dir() / tag
-            if not engine_checkpoint.is_dir():
-                raise UserError(f"{engine_checkpoint}: missing (named by {last['path']}); cannot resume")
-            loaded, _ = self.model.load_checkpoint(str(self._engine_dir()), tag=tag, load_lr_scheduler_states=False)
-            if loaded is None:
-                raise UserError(f"{engine_checkpoint}: DeepSpeed could not load it; cannot resume")
+            load_engine_checkpoint(self.model, self.run_dir, tag, named_by=last["path"])
         else:
             unwrapped = self.accelerator.unwrap_model(self.model)
             restore_weights(unwrapped.policy, last["model_dirs"]["policy"])

@@ -9,7 +9,7 @@ checked by hand (see ``tests/test_ppo_core.py``). The trainer (``train/ppo.py``)
     advantages                    = masked_whiten(advantages, mask)
     pg_loss, pg_clipfrac, approx_kl = policy_loss(new_logprobs, logprobs, advantages, mask, clip_range=0.2)
     vf_loss, vf_clipfrac          = value_loss(new_values, values, returns, mask, clip_range_value=0.2)
-    loss = pg_loss + vf_coef * vf_loss + ptx_coef * ptx_loss(ptx_logits, ptx_labels, ptx_mask)
+    loss = ppo_ptx_loss(...)                # pg_loss + vf_coef * vf_loss + gamma_ptx * ptx_loss, with its parts
     kl_ctl.update(mean_sequence_kl, n_steps=rollout_batch_size)
 
 Conventions
@@ -28,7 +28,7 @@ Conventions
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,8 @@ __all__ = [
     "masked_whiten",
     "per_token_rewards",
     "policy_loss",
+    "ppo_ptx_loss",
+    "PPOLoss",
     "ptx_loss",
     "value_loss",
     "warmup_factor",
@@ -310,6 +312,46 @@ def ptx_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | No
         shift_logits.reshape(-1, shift_logits.shape[-1]), targets.clamp(min=0).reshape(-1), reduction="none"
     ).view_as(targets)
     return token_losses[keep].mean()
+
+
+class PPOLoss(NamedTuple):
+    """The PPO-ptx loss of one optimizer step and its parts (as torchtune's ``PPOLoss`` returns them)."""
+
+    total: torch.Tensor  # policy + vf_coef * value + gamma_ptx * ptx: what is minimised
+    policy: torch.Tensor
+    value: torch.Tensor
+    ptx: torch.Tensor  # 0 without pretraining data
+    policy_clipfrac: torch.Tensor
+    value_clipfrac: torch.Tensor
+    approx_kl: torch.Tensor
+
+
+def ppo_ptx_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_range: float,
+    clip_range_value: float,
+    vf_coef: float,
+    ptx: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    gamma_ptx: float = 0.0,
+) -> PPOLoss:
+    """InstructGPT's loss for one optimizer step, assembled in one place (Eq. 2 with PPO's clipping).
+
+    ``total = policy_loss + vf_coef * value_loss + gamma_ptx * ptx_loss``: :func:`policy_loss` and :func:`value_loss`
+    on the episodes' response tokens, and :func:`ptx_loss` on a pretraining batch ``ptx = (logits, labels, mask)``
+    (left out when None).
+    """
+    pg, pg_clipfrac, approx_kl = policy_loss(logprobs, old_logprobs, advantages, mask, clip_range)
+    vf, vf_clipfrac = value_loss(values, old_values, returns, mask, clip_range_value)
+    lm = ptx_loss(*ptx) if ptx is not None else torch.zeros((), device=pg.device)
+    total = pg + vf_coef * vf + (gamma_ptx * lm if ptx is not None else 0.0)
+    return PPOLoss(total, pg, vf, lm, pg_clipfrac, vf_clipfrac, approx_kl)
 
 
 # --------------------------------------------------------------------------------------------------------------
