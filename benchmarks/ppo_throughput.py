@@ -1,6 +1,6 @@
 """PPO-ptx throughput and peak memory: LoRA against full fine-tuning on the embedded SmolLM2-135M-Instruct.
 
-Each variant runs the real PPO stage (the trainer of :func:`selfcorrect.stages.build_ppo_trainer`, then its
+Each variant runs the real PPO stage (the trainer of :func:`selfcorrect.recipes.ppo.build_trainer`, then its
 ``train``) in its own subprocess, so that the peak memory is that variant's alone:
 
 * **full** -- no ``lora`` section: the whole policy and value model are trained, and the trainer keeps a frozen
@@ -96,7 +96,8 @@ def worker(variant: str, args: argparse.Namespace, out: Path) -> None:
     import torch
     import yaml
 
-    from selfcorrect.stages import build_ppo_trainer, load_run_config
+    from selfcorrect.recipes.ppo import build_trainer as build_ppo_trainer
+    from selfcorrect.stages import load_run_config
 
     work = Path(tempfile.mkdtemp(prefix=f"ppo-bench-{variant}-"))
     (work / f"{REWARD_MODULE}.py").write_text(REWARD_SOURCE)

@@ -495,12 +495,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
+    from importlib import import_module
+
     from selfcorrect import stages, tracking
 
     cfg = stages.load_run_config(args.config)
-    runner = {"sft": stages.run_sft_stage, "reward": stages.run_reward_stage, "ppo": stages.run_ppo_stage}
+    recipe = import_module(f"selfcorrect.recipes.{args.stage}")
     try:
-        out = runner[args.stage](cfg, args.config)
+        out = recipe.run(cfg, args.config)
     finally:
         tracking.finish(cfg.tracking)
     print(f"{args.stage}: {out}")
@@ -508,7 +510,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from selfcorrect.pipeline import StageFailed, run_pipeline
+    from selfcorrect.errors import StageFailed
+    from selfcorrect.pipeline import run_pipeline
 
     try:
         run_pipeline(

@@ -1,4 +1,4 @@
-"""The one exception type for bad input from the user."""
+"""The exceptions the CLI turns into one-line errors: bad input from the user, and a failed stage process."""
 
 
 class UserError(Exception):
@@ -7,6 +7,14 @@ class UserError(Exception):
     The CLI prints the message on one line, without a traceback, and exits with code 2.
     The message names the file and the field or line at fault.
     """
+
+
+class StageFailed(Exception):
+    """A training stage's process exited with a non-zero code (its own message is above)."""
+
+    def __init__(self, stage: str, returncode: int):
+        super().__init__(f"stage '{stage}' failed (exit code {returncode}); fix the cause and rerun to continue")
+        self.returncode = returncode
 
 
 def first_line(error: BaseException) -> str:

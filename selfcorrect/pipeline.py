@@ -21,26 +21,17 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from selfcorrect.errors import UserError
+from selfcorrect.errors import StageFailed, UserError
 from selfcorrect.io import atomic_write_text
 from selfcorrect.rundir import RunDir
 from selfcorrect.stages import RunConfig, load_run_config
 
 STAGES = ("sft", "reward", "ppo", "evaluate", "report")
-
-
-class StageFailed(Exception):
-    """A training stage's process exited with a non-zero code (its own message is above)."""
-
-    def __init__(self, stage: str, returncode: int):
-        super().__init__(f"stage '{stage}' failed (exit code {returncode}); fix the cause and rerun to continue")
-        self.returncode = returncode
 
 
 # ---- what each stage depends on -------------------------------------------------------------------------
@@ -267,9 +258,9 @@ def check_config(cfg: RunConfig, path: Path, launcher: str | None) -> dict[str, 
         reward = cfg.reward.model_copy(update={"trainer": {**cfg.reward.trainer, **cpu}})
         build_reward_config(reward, cfg.run_dir().reward, cfg.seed, "none")
     if cfg.ppo is not None:
-        from selfcorrect.stages import ppo_training_arguments
+        from selfcorrect.recipes.ppo import training_arguments
 
-        ppo_training_arguments(cfg, path, extra=cpu, report="none")
+        training_arguments(cfg, path, extra=cpu, report="none")
         if cfg.ppo.reward_model is not None and ":" in cfg.ppo.reward_model:
             from selfcorrect.reward_models.score import load_function
 
@@ -333,6 +324,8 @@ def run_pipeline(
     launcher: str | None = None,
 ) -> Path | None:
     """Run (or with ``dry_run`` only print) the pipeline of a run config; returns the report path if made."""
+    from selfcorrect.recipes import evaluate, report
+
     cfg = load_run_config(config)
     root = cfg.root()
     state = read_state(root)
@@ -368,14 +361,14 @@ def run_pipeline(
         state["stages"][stage] = {"resolved": resolved[stage], "completed_at": _now()}
         _write_state(root, state)
 
-    report = None
+    report_path = None
     for stage in [p.stage for p in plans if p.stage in todo]:
         if stage in ("sft", "reward"):
             _wait(stage, start_stage(stage, config, launcher))
         elif stage == "ppo":
             proc = start_stage("ppo", config, launcher)
             if "evaluate" in todo and cfg.evaluation.when == "during":
-                run_evaluation(cfg, training=proc)
+                evaluate.run(cfg, training=proc)
                 _wait("ppo", proc)
                 finished("ppo")
                 finished("evaluate")
@@ -384,88 +377,13 @@ def run_pipeline(
         elif stage == "evaluate":
             if "evaluate" in state["stages"]:  # done during PPO
                 continue
-            run_evaluation(cfg, training=None)
+            evaluate.run(cfg)
         elif stage == "report":
-            report = run_report(cfg)
+            report_path = report.run(cfg)
         finished(stage)
-    if report is not None:
-        print(f"pipeline: done; report: {report}")
-    return report
-
-
-def wait_for(proc: subprocess.Popen, seconds: float) -> int | None:
-    """Sleep up to ``seconds`` or until ``proc`` ends; returns its exit code, or None while it runs."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return proc.returncode
-        time.sleep(min(0.5, seconds))
-    return proc.poll()
-
-
-# ---- the evaluate and report stages ----------------------------------------------------------------------
-
-
-def eval_targets(cfg: RunConfig) -> list:
-    """Every model the evaluate stage covers: the PPO checkpoints in save_at_steps, then the extra models."""
-    from selfcorrect.evaluate.runner import EvalTarget, checkpoint_targets, model_slug
-
-    evaluation, run = cfg.evaluation, cfg.run_dir()
-    targets = []
-    if evaluation.checkpoints and cfg.ppo is not None:
-        targets += checkpoint_targets(run, list(cfg.ppo.save_at_steps), cfg.name, run.eval)
-    for ref in evaluation.models:
-        targets.append(EvalTarget(ref, ref, run.eval_model(model_slug(ref))))
-    return targets
-
-
-def _settings(cfg: RunConfig):
-    return cfg.evaluation.settings(
-        cfg.run_dir().eval, cfg.seed, cfg.model.dtype, cfg.model.trust_remote_code, cfg.dialogue
-    )
-
-
-def run_evaluation(cfg: RunConfig, training: subprocess.Popen | None) -> Path:
-    """Evaluate every target once; with ``training`` (PPO running), evaluate checkpoints as they appear."""
-    from selfcorrect import tracking
-    from selfcorrect.evaluate.runner import evaluate_target, join_metrics
-
-    targets = eval_targets(cfg)
-    if not targets:
-        raise UserError(f"{cfg.name}: evaluation: nothing to evaluate (no ppo checkpoints and no evaluation.models)")
-    template = _settings(cfg)
-    metrics = cfg.run_dir().metrics
-    pending = list(targets)
-    with tracking.EvalLog(cfg.tracking, cfg.name, cfg.root()) as log:
-        while pending:
-            ready = [t for t in pending if t.step is None or (Path(t.model) / "manifest.json").is_file()]
-            if not ready:
-                if training is None:
-                    missing = ", ".join(t.model for t in pending)
-                    raise UserError(f"{cfg.name}: evaluation: checkpoints missing after PPO finished: {missing}")
-                code = wait_for(training, cfg.evaluation.poll_seconds)
-                if code not in (None, 0):
-                    raise StageFailed("ppo", code)
-                if code == 0:
-                    training = None
-                continue
-            evaluate_target(template, ready[0])
-            pending.remove(ready[0])
-            join_metrics(targets, metrics, template, deltas=not pending)  # the last join adds the deltas from step 0
-            log.checkpoint(ready[0])  # live, so a W&B dashboard follows the run
-        log.models(targets)
-    return metrics
-
-
-def run_report(cfg: RunConfig) -> Path:
-    """The report of the run's metrics.csv (PNG plots and report.md); the plots also go to W&B."""
-    from selfcorrect import tracking
-    from selfcorrect.evaluate.report import report
-
-    by = "step" if cfg.ppo is not None and cfg.evaluation.checkpoints else "size"
-    path = report([cfg.root()], by=by, output=cfg.run_dir().report)
-    tracking.log_report(cfg.tracking, cfg.name, cfg.root(), path)
-    return path
+    if report_path is not None:
+        print(f"pipeline: done; report: {report_path}")
+    return report_path
 
 
 def describe_plan(cfg: RunConfig, plans: list[StagePlan]) -> str:
@@ -490,11 +408,12 @@ def describe_plan(cfg: RunConfig, plans: list[StagePlan]) -> str:
 def _describe_evaluation(cfg: RunConfig) -> list[str]:
     from selfcorrect.evaluate.prompts import load_prompts
     from selfcorrect.evaluate.runner import plan
+    from selfcorrect.recipes import evaluate
 
     evaluation = cfg.evaluation
-    targets = eval_targets(cfg)
-    prompts = load_prompts(_settings(cfg).prompt_files)
-    tasks, _ = plan(_settings(cfg), prompts)
+    targets, settings = evaluate.targets(cfg), evaluate.settings(cfg)
+    prompts = load_prompts(settings.prompt_files)
+    tasks, _ = plan(settings, prompts)
     max_new = prompts.cot_sampling.max_new_tokens
     when = f" ({evaluation.when} training)" if cfg.ppo is not None and evaluation.checkpoints else ""
     lines = [f"evaluate{when}: {len(targets)} models x {len(tasks)} (benchmark, condition)"]

@@ -184,8 +184,9 @@ def light_run(tiny_model_dir, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("light")
     out = tmp / "clean"
     path = write(tmp / "clean.yaml", light_config(tmp, tiny_model_dir, out))
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp:  # the rule reward: importable here (checked up front) and in children
         mp.setenv("PYTHONPATH", f"{tmp}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+        mp.syspath_prepend(str(tmp))
         assert main(["pipeline", str(path)]) == 0
     return {"tmp": tmp, "out": out, "path": path}
 
@@ -193,6 +194,7 @@ def light_run(tiny_model_dir, tmp_path_factory) -> dict:
 def test_force_reruns_only_the_changed_stages(light_run, tiny_model_dir, capsys, monkeypatch):
     tmp, out = light_run["tmp"], light_run["tmp"] / "force"
     monkeypatch.setenv("PYTHONPATH", f"{tmp}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")  # the PPO child
+    monkeypatch.syspath_prepend(str(tmp))
     cfg = light_config(tmp, tiny_model_dir, out)
     path = write(tmp / "force.yaml", cfg)
     assert main(["pipeline", str(path)]) == 0
@@ -223,6 +225,7 @@ def test_sigkill_during_ppo_and_during_evaluation_then_rerun(light_run, tiny_mod
     tmp = light_run["tmp"]
     out = tmp / "killed"
     monkeypatch.setenv("PYTHONPATH", f"{tmp}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.syspath_prepend(str(tmp))
     cfg = light_config(tmp, tiny_model_dir, out)
     cfg["evaluation"].update(when="during", poll_seconds=0.5)  # checkpoints evaluated while PPO trains
     path = write(tmp / "killed.yaml", cfg)

@@ -1,0 +1,74 @@
+"""The evaluation recipe: every kept PPO checkpoint of ``ppo.save_at_steps`` and every extra model of
+``evaluation.models``, each into its own directory under ``eval/``, joined into the run's metrics table and logged to
+W&B as each finishes. With a PPO process given, checkpoints are evaluated as they appear while PPO trains on."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+from selfcorrect.errors import StageFailed, UserError
+from selfcorrect.stages import RunConfig
+
+
+def targets(cfg: RunConfig) -> list:
+    """Every model the evaluate stage covers: the PPO checkpoints in save_at_steps, then the extra models."""
+    from selfcorrect.evaluate.runner import EvalTarget, checkpoint_targets, model_slug
+
+    evaluation, run = cfg.evaluation, cfg.run_dir()
+    found = []
+    if evaluation.checkpoints and cfg.ppo is not None:
+        found += checkpoint_targets(run, list(cfg.ppo.save_at_steps), cfg.name, run.eval)
+    for ref in evaluation.models:
+        found.append(EvalTarget(ref, ref, run.eval_model(model_slug(ref))))
+    return found
+
+
+def settings(cfg: RunConfig):
+    """The evaluation settings of the run (the model is set per target), in the run's dialogue format."""
+    return cfg.evaluation.settings(
+        cfg.run_dir().eval, cfg.seed, cfg.model.dtype, cfg.model.trust_remote_code, cfg.dialogue
+    )
+
+
+def wait_for(proc: subprocess.Popen, seconds: float) -> int | None:
+    """Sleep up to ``seconds`` or until ``proc`` ends; returns its exit code, or None while it runs."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return proc.returncode
+        time.sleep(min(0.5, seconds))
+    return proc.poll()
+
+
+def run(cfg: RunConfig, training: subprocess.Popen | None = None) -> Path:
+    """Evaluate every target once; with ``training`` (PPO running), evaluate checkpoints as they appear."""
+    from selfcorrect import tracking
+    from selfcorrect.evaluate.runner import evaluate_target, join_metrics
+
+    all_targets = targets(cfg)
+    if not all_targets:
+        raise UserError(f"{cfg.name}: evaluation: nothing to evaluate (no ppo checkpoints and no evaluation.models)")
+    template = settings(cfg)
+    metrics = cfg.run_dir().metrics
+    pending = list(all_targets)
+    with tracking.EvalLog(cfg.tracking, cfg.name, cfg.root()) as log:
+        while pending:
+            ready = [t for t in pending if t.step is None or (Path(t.model) / "manifest.json").is_file()]
+            if not ready:
+                if training is None:
+                    missing = ", ".join(t.model for t in pending)
+                    raise UserError(f"{cfg.name}: evaluation: checkpoints missing after PPO finished: {missing}")
+                code = wait_for(training, cfg.evaluation.poll_seconds)
+                if code not in (None, 0):
+                    raise StageFailed("ppo", code)
+                if code == 0:
+                    training = None
+                continue
+            evaluate_target(template, ready[0])
+            pending.remove(ready[0])
+            join_metrics(all_targets, metrics, template, deltas=not pending)  # the last join adds the step-0 deltas
+            log.checkpoint(ready[0])  # live, so a W&B dashboard follows the run
+        log.models(all_targets)
+    return metrics
