@@ -52,6 +52,8 @@ def test_the_wheel_runs_outside_the_checkout(tmp_path, tiny_model_dir):
     assert shown.startswith("\n\nHuman: I saw a grandson and their grandfather") and shown.endswith("The answer is (")
     listed = run([str(bin_dir / "selfcorrect"), "configs", "list"], elsewhere, env).stdout
     assert "quickstart.yaml" in listed and str(venv) in listed
+    run([str(bin_dir / "selfcorrect"), "configs", "copy", "quickstart", "my_configs"], elsewhere, env)  # the README's
+    assert (elsewhere / "my_configs" / "quickstart.yaml").read_text().startswith("# Quickstart")
 
     predictions = elsewhere / "predictions.jsonl"
     predictions.write_text(json.dumps({"occupation": "nurse", "p_female": 0.8, "p_male": 0.1, "p_neutral": 0.1}))
