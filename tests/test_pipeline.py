@@ -115,6 +115,18 @@ def test_pipeline_runs_every_stage_and_covers_every_checkpoint(finished_run):
     assert report.is_file() and list((out / "report").glob("*.png"))
 
 
+def test_every_stage_and_every_evaluation_names_the_runs_dialogue(finished_run):
+    out = finished_run["out"]
+    spec = {"format": "human_assistant", "system_prompt": None}  # the run config's default
+    assert json.loads((out / "sft" / "manifest.json").read_text())["dialogue"] == spec
+    assert json.loads((out / "reward" / "reward_manifest.json").read_text())["dialogue"] == spec
+    for step in STEPS:
+        kept = json.loads((out / "ppo" / "checkpoints" / f"step-{step:06d}" / "manifest.json").read_text())
+        evaluation = json.loads((out / "eval" / f"step-{step:06d}" / "evaluation.json").read_text())
+        assert kept["dialogue"] == spec and evaluation["settings"]["dialogue"] == spec
+        assert evaluation["dialogue"]["source"] == "recorded"  # scored in the format the checkpoint recorded
+
+
 def test_eval_metrics_are_logged_to_wandb_keyed_by_rlhf_step(finished_run):
     runs = {r["name"]: r for r in map(read_offline_run, sorted((finished_run["out"] / "wandb").glob("offline-run-*")))}
     assert set(runs) == {f"tiny-{s}" for s in ("sft", "reward", "ppo", "eval", "report")}
@@ -270,6 +282,9 @@ def test_dry_run_of_the_shipped_pipelines(name, capsys, tmp_path, monkeypatch):
     assert f"pipeline '{name}'" in plan and "per model:" in plan and "generated tokens" in plan
     if name == "ganguli2023":
         assert "checkpoints at steps 0, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000" in plan
+        assert 'dialogue: human_assistant ("\\n\\nHuman: ...\\n\\nAssistant:") in every stage' in plan
+        assert "lr warmup over 10 RLHF steps from 5e-07 to 5e-06 (peak), then constant; value lr 9e-06" in plan
+        assert "Adam betas (0.9, 0.95); EMA of the policy weights, decay 0.992" in plan
         assert re.search(r"bbq +q +58,492 items", plan) and re.search(r"law_school +q_if_cot +43,582 items", plan)
     if name == "liu2024":
         assert re.search(r"winogender +liu_neg +60 items", plan) and "7 models" in plan
