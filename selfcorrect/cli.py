@@ -463,8 +463,7 @@ def cmd_prompts_list(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from selfcorrect.config import data_dir
     from selfcorrect.evaluate import benchmarks
-    from selfcorrect.evaluate.metrics import METRIC_COLUMNS
-    from selfcorrect.evaluate.runner import metrics_csv
+    from selfcorrect.evaluate.table import METRIC_COLUMNS, to_csv
     from selfcorrect.io import atomic_write_text
 
     _check_seed_and_bootstrap(args)
@@ -478,7 +477,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         nan_to_none = lambda v: None if isinstance(v, float) and v != v else v  # noqa: E731
         text = json.dumps([{c: nan_to_none(getattr(r, c)) for c in METRIC_COLUMNS} for r in rows], indent=2) + "\n"
     else:
-        text = metrics_csv(rows)
+        text = to_csv(rows)
     if args.output:
         atomic_write_text(args.output, text)
     else:

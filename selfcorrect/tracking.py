@@ -55,10 +55,9 @@ def _start(tracking: TrackingSection, run_name: str, stage: str, run_dir: Path):
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
-    import csv
+    from selfcorrect.evaluate import table
 
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+    return table.read(path)
 
 
 class EvalLog:

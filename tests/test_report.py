@@ -14,10 +14,11 @@ from selfcorrect.cli import main
 from selfcorrect.config import data_dir
 from selfcorrect.errors import UserError
 from selfcorrect.evaluate.benchmarks import bbq, law_school, winogender
-from selfcorrect.evaluate.metrics import METRIC_COLUMNS, stable_seed, stratified_sample
+from selfcorrect.evaluate.metrics import stable_seed, stratified_sample
 from selfcorrect.evaluate.paired import minus_q_rows, minus_step0_rows
 from selfcorrect.evaluate.report import COLUMNS, PANELS, load_runs, report, self_correction_deltas, step0_deltas
-from selfcorrect.evaluate.runner import metrics_csv
+from selfcorrect.evaluate.table import METRIC_COLUMNS
+from selfcorrect.evaluate.table import to_csv as metrics_csv
 
 CONDITIONS = ("q", "q_if", "q_if_cot")
 STEPS = (0, 50, 100)

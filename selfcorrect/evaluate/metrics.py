@@ -8,29 +8,13 @@ estimate is the same function on the unresampled data (``B = 1``), so estimate a
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
+from selfcorrect.evaluate.table import MetricRow  # the row type: its owner is the table module
 from selfcorrect.provenance import stable_seed  # used here and by the benchmark modules
 
-METRIC_COLUMNS = ("benchmark", "condition", "subset", "metric", "value", "ci_low", "ci_high", "n")
-
 Statistic = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-
-
-@dataclass(frozen=True)
-class MetricRow:
-    """One row of the tidy metrics table (``metrics.csv``)."""
-
-    benchmark: str
-    condition: str
-    subset: str
-    metric: str
-    value: float
-    ci_low: float
-    ci_high: float
-    n: int
 
 
 def safe_divide(num: np.ndarray, den: np.ndarray, empty: float = np.nan) -> np.ndarray:

@@ -43,13 +43,12 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 from selfcorrect.errors import UserError, first_line
 from selfcorrect.evaluate import benchmarks as bench_registry
 from selfcorrect.evaluate.benchmarks import Panel
-from selfcorrect.evaluate.metrics import METRIC_COLUMNS
 from selfcorrect.evaluate.paired import MINUS_Q, MINUS_STEP0, is_difference
+from selfcorrect.evaluate.table import METRIC_COLUMNS, RUN_COLUMNS
 from selfcorrect.io import atomic_write_bytes, atomic_write_text
 from selfcorrect.rundir import RunDir
 
-LEADING_COLUMNS = ("model", "params", "step")
-COLUMNS = (*LEADING_COLUMNS, *METRIC_COLUMNS)
+COLUMNS = (*RUN_COLUMNS, *METRIC_COLUMNS)
 BY = ("step", "size")
 
 CONDITION_LABELS = {"q": "Q", "q_if": "Q+IF", "q_if_cot": "Q+IF+CoT", "match_stats": "Q+Match Stats"}
@@ -137,7 +136,7 @@ def read_metrics(run_dir: Path) -> list[Row]:
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             fields = reader.fieldnames or []
-            leading = {} if LEADING_COLUMNS[0] in fields or one_model is None else one_model
+            leading = {} if RUN_COLUMNS[0] in fields or one_model is None else one_model
             missing = [c for c in COLUMNS if c not in fields and c not in leading]
             if missing:
                 raise UserError(f"{path}: missing columns {', '.join(missing)}")

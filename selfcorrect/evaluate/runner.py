@@ -11,8 +11,8 @@ Output layout (``--output DIR``)::
 Evaluating a run (``selfcorrect evaluate RUN_DIR`` or the pipeline's evaluate stage) repeats this per
 target, i.e. per kept PPO checkpoint or per extra model
 (``RUN_DIR/eval/models/<model>/``), and joins their tables into ``RUN_DIR/eval/metrics.csv`` with the
-leading columns ``model,params,step`` (:data:`RUN_COLUMNS`); each checkpoint past step 0 also gets the
-paired differences of its headline metrics from step 0's (``<m>_minus_step0``).
+leading columns ``model,params,step`` (:mod:`selfcorrect.evaluate.table`); each checkpoint past step 0 also gets
+the paired differences of its headline metrics from step 0's (``<m>_minus_step0``).
 
 A rerun with the same settings skips every item already in a ``.jsonl`` file, and the batches are
 planned from the whole item list, so a resumed run scores exactly the batches an uninterrupted run
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import sys
@@ -41,10 +40,12 @@ from selfcorrect.config import StrictModel, data_dir, shipped_file
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError
 from selfcorrect.evaluate import benchmarks as bench_registry
-from selfcorrect.evaluate.metrics import METRIC_COLUMNS, MetricRow, stable_seed, stratified_sample
+from selfcorrect.evaluate import table
+from selfcorrect.evaluate.metrics import stable_seed, stratified_sample
 from selfcorrect.evaluate.paired import Evaluation, minus_q_rows, minus_step0_rows
 from selfcorrect.evaluate.prompts import ItemPrompt, PromptSet, load_prompts, render
-from selfcorrect.io import append_jsonl, atomic_write_text, check_writable_dir, csv_text, iter_jsonl
+from selfcorrect.evaluate.table import MetricRow
+from selfcorrect.io import append_jsonl, atomic_write_text, check_writable_dir, iter_jsonl
 from selfcorrect.rundir import RunDir
 
 DEFAULT_CONDITIONS = ("q", "q_if", "q_if_cot")
@@ -361,23 +362,6 @@ def read_results(path: Path, wanted: set[str]) -> dict[str, dict]:
     return preds
 
 
-def metrics_csv(rows: list[MetricRow], extra: dict[str, object] | None = None) -> str:
-    """The tidy metrics table as CSV text (NaN as an empty cell); ``extra`` adds leading columns."""
-    extra = extra or {}
-    return csv_text([*extra, *METRIC_COLUMNS], ([*extra.values(), *_cells(r)] for r in rows))
-
-
-def _cells(row: MetricRow) -> list[object]:
-    """The metrics.csv cells of a row: floats with 10 significant digits, NaN as an empty cell."""
-
-    def cell(v: object) -> object:
-        if isinstance(v, float):
-            return "" if math.isnan(v) else f"{v:.10g}"
-        return v
-
-    return [cell(getattr(row, c)) for c in METRIC_COLUMNS]
-
-
 def resolve_dialogue(settings: EvalSettings) -> tuple[DialogueSpec, dict]:
     """The dialogue format to evaluate in, and how it was chosen (for ``evaluation.json``).
 
@@ -476,19 +460,15 @@ def write_all_metrics(settings: EvalSettings, manifest: dict) -> Path:
         rows += module.metrics(*evaluation, condition, n_boot=settings.n_boot, seed=settings.seed)
     for benchmark, by_condition in evaluations.items():
         rows += minus_q_rows(benchmark, by_condition, n_boot=settings.n_boot, seed=settings.seed)
-    metrics_path = settings.output / "metrics.csv"
-    atomic_write_text(metrics_path, metrics_csv(rows))
-    return metrics_path
+    return table.write(settings.output / "metrics.csv", rows)
 
 
 def summary(metrics_path: Path) -> str:
     """A short human-readable table of the headline metrics in a metrics.csv (with the ``<c>_minus_q`` rows)."""
-    import csv
 
     headline = {m for b in bench_registry.BENCHMARK_NAMES for m in bench_registry.get(b).HEADLINE_METRICS}
     headline.add("candidate_mass")
-    with metrics_path.open() as f:
-        rows = [r for r in csv.DictReader(f) if r["subset"] == "all" and r["metric"] in headline and r["value"]]
+    rows = [r for r in table.read(metrics_path) if r["subset"] == "all" and r["metric"] in headline and r["value"]]
     by_step = bool(rows) and "step" in rows[0]  # a run's table: one block of lines per checkpoint
     width = max([12, *(len(r["condition"]) for r in rows)])
     header = f"{'benchmark':<11} {'condition':<{width}} {'metric':<20} {'value':>8}  95% CI            n"
@@ -511,7 +491,6 @@ def print_summary(metrics_path: Path) -> None:
 
 # ---- a run: every PPO checkpoint (and extra models), joined into one table ------------------------------
 
-RUN_COLUMNS = ("model", "params", "step")
 
 
 @dataclass(frozen=True)
@@ -563,23 +542,19 @@ def join_metrics(targets: list[EvalTarget], path: Path, template: EvalSettings, 
     joins after each checkpoint, which its last join replaces, would otherwise recompute every
     checkpoint's differences each time.
     """
-    import csv
-
     prompts = load_prompts(template.prompt_files)
     done = [t for t in targets if (t.output / "metrics.csv").is_file()]
     step0 = {t.label: t for t in done if t.step == 0}
-    rows = []
+    blocks = []
     for target in done:
         manifest = json.loads((target.output / "evaluation.json").read_text())
-        params = manifest.get("model_info", {}).get("n_parameters", "")
-        step = "" if target.step is None else target.step
-        with (target.output / "metrics.csv").open(newline="") as f:
-            rows += [[target.label, params, step, *(r[c] for c in METRIC_COLUMNS)] for r in csv.DictReader(f)]
+        leading = (target.label, manifest.get("model_info", {}).get("n_parameters", ""), "" if target.step is None
+                   else target.step)
+        blocks.append((leading, [table.row_cells(r) for r in table.read(target.output / "metrics.csv")]))
         if deltas and target.step and target.label in step0:
             differences = _minus_step0(template, prompts, target, step0[target.label])
-            rows += [[target.label, params, step, *_cells(r)] for r in differences]
-    atomic_write_text(path, csv_text([*RUN_COLUMNS, *METRIC_COLUMNS], rows))
-    return path
+            blocks.append((leading, [table.cells(r) for r in differences]))
+    return table.write_run(path, blocks)
 
 
 def evaluate_run(template: EvalSettings, run_dir: Path, label: str | None = None) -> Path:

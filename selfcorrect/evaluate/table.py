@@ -1,0 +1,79 @@
+"""The metrics table (``metrics.csv``): its row type, its columns, and how it is written, read and joined.
+
+An evaluation directory's table has the columns :data:`METRIC_COLUMNS`; a run's table (``eval/metrics.csv``) puts
+:data:`RUN_COLUMNS` (``model,params,step``) in front, one block of rows per evaluated model or checkpoint. Values
+are written with 10 significant digits and NaN as an empty cell, so a rerun writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from selfcorrect.errors import UserError, first_line
+from selfcorrect.io import atomic_write_text, csv_text
+
+METRIC_COLUMNS = ("benchmark", "condition", "subset", "metric", "value", "ci_low", "ci_high", "n")
+RUN_COLUMNS = ("model", "params", "step")
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """One row of the tidy metrics table."""
+
+    benchmark: str
+    condition: str
+    subset: str
+    metric: str
+    value: float
+    ci_low: float
+    ci_high: float
+    n: int
+
+
+def cells(row: MetricRow) -> list[object]:
+    """A row's cells in :data:`METRIC_COLUMNS` order, as written (floats to 10 significant digits, NaN empty)."""
+
+    def cell(v: object) -> object:
+        if isinstance(v, float):
+            return "" if math.isnan(v) else f"{v:.10g}"
+        return v
+
+    return [cell(getattr(row, c)) for c in METRIC_COLUMNS]
+
+
+def to_csv(rows: Iterable[MetricRow], leading: dict[str, object] | None = None) -> str:
+    """The table as CSV text; ``leading`` adds the same leading columns to every row."""
+    leading = leading or {}
+    return csv_text([*leading, *METRIC_COLUMNS], ([*leading.values(), *cells(r)] for r in rows))
+
+
+def write(path: Path, rows: Iterable[MetricRow]) -> Path:
+    """Write an evaluation directory's table atomically."""
+    atomic_write_text(path, to_csv(rows))
+    return path
+
+
+def read(path: Path) -> list[dict[str, str]]:
+    """The rows of a metrics table as written (strings by column name); an unreadable file is a UserError."""
+    try:
+        with Path(path).open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{path}: cannot read ({first_line(exc)})") from None
+
+
+def write_run(path: Path, blocks: Sequence[tuple[Sequence[object], Iterable[Sequence[object]]]]) -> Path:
+    """Write a run's table atomically: per block, the leading cells (model, params, step) and its metric rows' cells
+    (a :class:`MetricRow`'s :func:`cells`, or the cells of a row read back with :func:`read`)."""
+    rows = [[*leading, *row] for leading, block in blocks for row in block]
+    atomic_write_text(path, csv_text([*RUN_COLUMNS, *METRIC_COLUMNS], rows))
+    return path
+
+
+def row_cells(row: dict[str, str]) -> list[str]:
+    """The metric cells of a row read back with :func:`read`, in :data:`METRIC_COLUMNS` order."""
+    return [row[c] for c in METRIC_COLUMNS]
