@@ -44,7 +44,7 @@ from selfcorrect.errors import UserError, first_line
 from selfcorrect.evaluate import benchmarks as bench_registry
 from selfcorrect.evaluate.benchmarks import Panel
 from selfcorrect.evaluate.paired import MINUS_Q, MINUS_STEP0, is_difference
-from selfcorrect.evaluate.table import METRIC_COLUMNS, RUN_COLUMNS
+from selfcorrect.evaluate.table import METRIC_COLUMNS, RUN_COLUMNS, MetricRow
 from selfcorrect.io import atomic_write_bytes, atomic_write_text
 from selfcorrect.rundir import RunDir
 
@@ -65,20 +65,13 @@ TRAINING_PANELS = [(name, panel) for name, module in BENCHMARKS.items() for pane
 
 # ---- 1. input ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Row:
-    """One row of a run's eval/metrics.csv (NaN for an empty value or CI cell)."""
+class Row(MetricRow):
+    """One row of a run's eval/metrics.csv: a :class:`MetricRow` (NaN for an empty value or CI cell, ``n`` None when
+    empty) with the run columns and the file it came from."""
 
     model: str
     params: int | None
     step: int | None
-    benchmark: str
-    condition: str
-    subset: str
-    metric: str
-    value: float
-    ci_low: float
-    ci_high: float
-    n: int | None
     source: Path
 
 
