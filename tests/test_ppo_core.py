@@ -298,3 +298,10 @@ def test_the_ppo_ptx_loss_is_its_parts_assembled():
         vf_coef=0.1, gamma_ptx=27.8,
     )
     assert torch.allclose(no_ptx.total, pg + 0.1 * vf) and no_ptx.ptx.item() == 0.0
+
+
+def test_logprobs_equal_the_log_softmax_they_replace():
+    torch.manual_seed(0)
+    logits, tokens = torch.randn(3, 7, 50) * 4, torch.randint(0, 50, (3, 7))
+    expected = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(logprobs_from_logits(logits, tokens), expected, atol=1e-5)

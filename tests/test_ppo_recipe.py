@@ -196,3 +196,24 @@ def test_gradient_checkpointing_is_honoured(peaked_policy_dir, tmp_path, checkpo
     # Two mini-batches, one forward each with gradients; with checkpointing each is computed again in backward.
     assert sum(calls) == (4 if checkpointing else 2)
     assert trainer.accelerator.unwrap_model(trainer.model).policy.is_activation_checkpointing == checkpointing
+
+
+def test_rollout_statistics_equal_the_straightforward_computation(peaked_policy_dir, tmp_path):
+    """The rollout's log-probs, reference log-probs and values (the LM head run only where it is read, log-probs as
+    logit minus logsumexp) equal a full forward pass with a full log-softmax, token by token."""
+    trainer = make_ppo_trainer(peaked_policy_dir, tmp_path, flat, rollout_batch_size=4, mini_batch_size=4,
+                               max_new_tokens=5, temperature=0.7)
+    torch.manual_seed(0)
+    roll = trainer.rollout([0, 1, 2, 3])
+    p, r = roll.context_length, roll.response_mask.shape[1]
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    positions = (roll.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = model.policy(input_ids=roll.input_ids, attention_mask=roll.attention_mask, position_ids=positions)
+        ref = trainer.ref_policy(input_ids=roll.input_ids, attention_mask=roll.attention_mask, position_ids=positions)
+        _, values = model(roll.input_ids, roll.attention_mask, positions)
+    tokens = roll.input_ids[:, p:].unsqueeze(-1)
+    for logits, got in ((full.logits, roll.logprobs), (ref.logits, roll.ref_logprobs)):
+        expected = torch.log_softmax(logits[:, p - 1 : -1] / 0.7, dim=-1).gather(-1, tokens).squeeze(-1)
+        assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    assert torch.allclose(roll.values, values[:, p - 1 : p - 1 + r], atol=1e-6)

@@ -274,8 +274,11 @@ class PolicyAndValue(nn.Module):
 
     gradient_checkpointing_disable = activation_checkpointing_disable
 
-    def forward(self, input_ids, attention_mask, position_ids):
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
+        """Policy logits (of the last ``logits_to_keep`` positions; 0: all) and values at every position."""
+        logits = self.policy(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=logits_to_keep
+        ).logits
         # A LoRA value model (PEFT) holds its adapters inside the wrapped classifier: call that one's backbone.
         unwrap = getattr(self.value_model, "get_base_model", None)
         classifier = unwrap() if unwrap is not None else self.value_model
@@ -540,35 +543,57 @@ class PPOPtxTrainer(Trainer):
             reply_ids=reply_ids,
         )
         roll.has_eos = has_eos
-        roll.logprobs, roll.values, _ = self._forward_response(roll, self.model)
+        roll.logprobs, roll.values = self._forward_response(roll, self.model)
         roll.ref_logprobs = self._ref_logprobs(roll)
         return roll
 
     def _forward_response(self, roll: Rollout, model):
-        """Policy log-probs of the response tokens, values, and entropy."""
+        """Policy log-probs of the response tokens and values (the policy's LM head only where they are read)."""
         ids, mask = roll.input_ids, roll.attention_mask
-        logits, values = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask))
-        return self._response_stats(roll, ids, logits, values)
+        logits, values = model(
+            input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=self._kept(roll)
+        )
+        logprobs, values, _ = self._response_stats(roll, ids, logits, values, entropy=False)
+        return logprobs, values
 
-    def _response_stats(self, roll: Rollout, ids, logits, values):
-        p = roll.context_length
-        logits = logits[:, p - 1 : -1].float() / self.ppo.temperature
+    def _kept(self, roll: Rollout) -> int:
+        """Positions whose logits are read: those that predict the response tokens (the LM head runs on these only)."""
+        return roll.response_mask.shape[1] + 1
+
+    def _response_stats(self, roll: Rollout, ids, logits, values, entropy: bool = True):
+        """Log-probs of the response tokens, their values, and (for logging, without a graph) the entropy.
+
+        ``logits`` covers the whole sequence or only its last ``_kept(roll)`` positions: either way the last
+        ``R + 1`` positions but the final one predict the ``R`` response tokens.
+        """
+        p, r = roll.context_length, roll.response_mask.shape[1]
+        logits = logits[:, -(r + 1) : -1]
+        if self.ppo.temperature != 1.0:
+            logits = logits / self.ppo.temperature
         logprobs = core.logprobs_from_logits(logits, ids[:, p:])
-        entropy = core.entropy_from_logits(logits)
-        return logprobs, values[:, p - 1 : -1].float(), entropy
+        spread = None
+        if entropy:
+            with torch.no_grad():
+                spread = core.entropy_from_logits(logits)
+        return logprobs, values[:, p - 1 : -1].float(), spread
 
     @torch.no_grad()
     def _ref_logprobs(self, roll: Rollout) -> torch.Tensor:
         ids, mask = roll.input_ids, roll.attention_mask
-        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": _positions(mask)}
+        kwargs = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": _positions(mask),
+            "logits_to_keep": self._kept(roll),
+        }
         if self.is_peft:
             policy = self.accelerator.unwrap_model(self.model).policy
             with policy.disable_adapter():
                 logits = policy(**kwargs).logits
         else:
             logits = self.ref_policy(**kwargs).logits
-        p = roll.context_length
-        return core.logprobs_from_logits(logits[:, p - 1 : -1].float() / self.ppo.temperature, ids[:, p:])
+        logits = logits[:, :-1] if self.ppo.temperature == 1.0 else logits[:, :-1] / self.ppo.temperature
+        return core.logprobs_from_logits(logits, ids[:, roll.context_length :])
 
     # ---- 2. score ----------------------------------------------------------------------------------------
     def reward_scores(self, roll: Rollout) -> torch.Tensor:
@@ -643,7 +668,10 @@ class PPOPtxTrainer(Trainer):
                     mask = torch.nn.functional.pad(mask, (0, pad), value=0)
                     ids, mask = torch.cat([ids, ptx_ids]), torch.cat([mask, ptx_mask])
                 with self.accelerator.accumulate(self.model):
-                    logits, values = self.model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask))
+                    kept = 0 if use_ptx else self._kept(roll)  # the ptx LM loss reads every position
+                    logits, values = self.model(
+                        input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=kept
+                    )
                     k = len(rows)
                     r_len = roll.response_mask.shape[1]
                     p = roll.context_length

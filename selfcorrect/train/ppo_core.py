@@ -73,10 +73,12 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
 
     ``logits`` is ``(B, T, V)`` and ``tokens`` is ``(B, T)``, already aligned (``logits[:, t]`` is the
     distribution that produced ``tokens[:, t]``; for a causal LM pass ``logits[:, :-1]`` and ``input_ids[:, 1:]``).
-    Computed in float32. Returns ``(B, T)``.
+    Computed in float32 as ``logits[token] - logsumexp(logits)``, which never materialises the ``(B, T, V)``
+    log-softmax. Returns ``(B, T)``.
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return torch.gather(logp, -1, tokens.unsqueeze(-1).long()).squeeze(-1)
+    logits = logits.float()
+    chosen = torch.gather(logits, -1, tokens.unsqueeze(-1).long()).squeeze(-1)
+    return chosen - torch.logsumexp(logits, dim=-1)
 
 
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
