@@ -16,11 +16,11 @@ embedded SmolLM2-135M-Instruct by default), a reward model made once from it wit
 (also the value model's init in both tools), a rollout batch of ``--batch`` prompts per step from the local HH slice
 (the first prompts of ``hh-rlhf/harmless-base-test.jsonl.gz`` that fit in ``--max-prompt-length`` tokens, one epoch
 over ``steps x batch`` prompts), at most ``--max-new-tokens`` sampled tokens (temperature 1, stop at EOS), 1 PPO
-epoch, 1 minibatch (the whole rollout batch), learning rate 1e-5, KL coefficient 0.02, no ptx term, no gradient
-checkpointing, no checkpoints saved during the run. Variants: ``full`` (every weight trained; the reference is a
-frozen copy) and ``lora`` (r=16, alpha 32, dropout 0, all linear layers; the reference is the adapter-free policy).
-In TRL's LoRA variant only the policy gets adapters (``peft_config``) and the value model is trained in full, as
-TRL does; selfcorrect puts adapters on the value model too.
+epoch, 1 minibatch (the whole rollout batch), constant learning rate 1e-5, Adam betas (0.9, 0.95), KL coefficient
+0.02, no ptx term, no gradient checkpointing, no checkpoints saved during the run. Variants: ``full`` (every weight
+trained; the reference is a frozen copy) and ``lora`` (r=16, alpha 32, dropout 0, all linear layers; the reference is
+the adapter-free policy). In TRL's LoRA variant only the policy gets adapters (``peft_config``) and the value model is
+trained in full, as TRL does; selfcorrect puts adapters on the value model too.
 
 Measurements:
 

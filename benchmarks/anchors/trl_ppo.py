@@ -107,6 +107,8 @@ def main() -> None:
         stop_token="eos",  # stop sampling at EOS, as selfcorrect does (TRL's default samples all tokens)
         temperature=args.temperature,
         learning_rate=args.learning_rate,
+        lr_scheduler_type="constant",  # as selfcorrect without warmup (TRL's default decays linearly)
+        adam_beta2=0.95,  # selfcorrect's (InstructGPT's) Adam beta2
         kl_coef=args.kl_coef,
         num_sample_generations=0,  # no extra sample generations between steps (not training work)
         gradient_checkpointing=False,  # TRL's default is True; selfcorrect's is off
