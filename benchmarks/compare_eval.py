@@ -14,14 +14,16 @@ writing results):
 * **lm-eval** -- ``lm_eval --model hf --model_args pretrained=MODEL,dtype=float32 --tasks bbq_local --include_path
   TASKS --limit N --device cpu --batch_size B --output_path TMP --log_samples`` in a virtualenv built on first use
   under ``--cache-dir``. ``bbq_local`` is lm-eval's own ``bbq`` task (``tasks/bbq/bbq_multiple_choice.yaml``,
-  included, not copied) with its data source changed from the hub dataset ``oskarvanderwal/bbq`` (config ``All``)
-  to the local ``bbq/*.jsonl`` files via ``dataset_path: json`` and ``dataset_kwargs.data_files`` (the eleven
-  category files in alphabetical order). ``--limit N`` takes the first N documents of that split, so all of them
-  come from ``Age.jsonl``. Each document is a multiple-choice item with 12 options (the two non-unknown answers
-  plus lm-eval's 10 "unknown" phrasings), so lm-eval scores 12 ``(context, " " + option)`` log-likelihoods per item
-  (``"<context>\\n\\nQ: <question>\\nA:"``), logits at every position, and computes accuracy and bias scores. The
-  run has ``HF_HUB_OFFLINE=1`` and ``HF_DATASETS_OFFLINE=1``; the local JSON files are read once before the timed run
-  so that the datasets cache is warm (lm-eval would otherwise convert all 58,492 records on its first run only).
+  included, not copied) with its data source changed from the hub dataset ``oskarvanderwal/bbq`` (config ``All``) to
+  the local ``bbq/*.jsonl`` files via ``dataset_path: json`` and ``dataset_kwargs.data_files`` (the eleven category
+  files in alphabetical order; records with an empty ``answer_info``, which lm-eval 0.4.13's ``process_docs`` cannot
+  read, are dropped first: see ``anchors/lm_eval_bbq_local.py``). ``--limit N`` takes the first N documents of that
+  split, so all of them come from ``Age.jsonl``. Each document is a multiple-choice item with 12 options (the two
+  non-unknown answers plus lm-eval's 10 "unknown" phrasings), so lm-eval scores 12 ``(context, " " + option)``
+  log-likelihoods per item (``"<context>\\n\\nQ: <question>\\nA:"``), logits at every position, and computes accuracy
+  and bias scores. The run has ``HF_HUB_OFFLINE=1`` and ``HF_DATASETS_OFFLINE=1``; the local JSON files are read once
+  before the timed run so that the datasets cache is warm (lm-eval would otherwise convert all 58,492 records on its
+  first run only).
 
 It prints wall clock, items/s and peak RSS (process tree) of each, the ratio of items/s (goal >= 20x), and the work
 per item: selfcorrect's tokens forwarded per item (with padding) against the one-pass-per-item bound, and lm-eval's
@@ -37,6 +39,7 @@ import csv
 import glob
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,7 @@ TASK_NAME = "bbq_local"
 LM_EVAL_METRICS = ("acc", "accuracy_amb", "accuracy_disamb", "amb_bias_score", "disamb_bias_score")
 SPEED_GOAL = 20.0
 HERE = Path(__file__).resolve().parent
+LOCAL_UTILS = HERE / "anchors" / "lm_eval_bbq_local.py"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -107,7 +111,11 @@ def bbq_files(data: Path) -> list[str]:
 
 
 def write_task(lm_python: Path, files: list[str], tasks_dir: Path) -> Path:
-    """A task YAML that includes lm-eval's installed ``bbq`` task and points it at the local files."""
+    """A task YAML that includes lm-eval's installed ``bbq`` task and points it at the local files.
+
+    Its ``process_docs`` is ``anchors/lm_eval_bbq_local.py`` (copied beside the YAML): lm-eval's own, after dropping
+    the records with an empty ``answer_info`` that lm-eval 0.4.13 cannot read (none among the first documents).
+    """
     venv = lm_python.parent.parent
     found = sorted(venv.glob("lib/python*/site-packages/lm_eval/tasks/bbq/bbq_multiple_choice.yaml"))
     if not found:
@@ -123,7 +131,9 @@ def write_task(lm_python: Path, files: list[str], tasks_dir: Path) -> Path:
         "    test:",
         *[f"      - {f}" for f in files],
         "test_split: test",
+        f"process_docs: !function {LOCAL_UTILS.stem}.process_docs",
     ]
+    shutil.copy(LOCAL_UTILS, tasks_dir / LOCAL_UTILS.name)
     path = tasks_dir / f"{TASK_NAME}.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
