@@ -51,6 +51,7 @@ LM_EVAL_STEPS = [[harness.TORCH_PIN], ["lm-eval[hf]==0.4.13"]]
 LM_EVAL_PACKAGES = ["torch", "transformers", "accelerate", "lm_eval", "datasets"]
 TASK_NAME = "bbq_local"
 LM_EVAL_METRICS = ("acc", "accuracy_amb", "accuracy_disamb", "amb_bias_score", "disamb_bias_score")
+HEADLINE = ("acc", "bias", "amb_bias", "disamb_bias")  # metric-name prefixes printed for both tools
 SPEED_GOAL = 20.0
 HERE = Path(__file__).resolve().parent
 LOCAL_UTILS = HERE / "anchors" / "lm_eval_bbq_local.py"
@@ -241,7 +242,8 @@ def report(args: argparse.Namespace, results: dict[str, dict], work: dict | None
             )
         figures["work_per_item"] = work
     for tool, r in results.items():
-        shown = ", ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items() if isinstance(v, (int, float)))
+        headline = {k: v for k, v in r["metrics"].items() if isinstance(v, (int, float)) and k.startswith(HEADLINE)}
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in headline.items())
         print(f"{tool} metrics (different items and scoring; not comparable): {shown}")
     return figures
 
