@@ -251,6 +251,7 @@ def report(args: argparse.Namespace, results: dict[str, dict], work: dict | None
 def main(argv: list[str] | None = None) -> int:
     """Run both evaluations and print the comparison."""
     args = parse_args(argv)
+    harness.exit_on_sigterm()
     root = harness.cache_dir(args.cache_dir)
     sc_python = harness.selfcorrect_python(args.selfcorrect_python)
     data = Path(args.data_dir or os.environ.get("SELFCORRECT_DATA_DIR") or "").expanduser().resolve()

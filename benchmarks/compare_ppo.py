@@ -228,6 +228,7 @@ def report(args: argparse.Namespace, fx: dict[str, Any], results: dict[str, dict
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison and print the table."""
     args = parse_args(argv)
+    harness.exit_on_sigterm()
     root = harness.cache_dir(args.cache_dir)
     sc_python = harness.selfcorrect_python(args.selfcorrect_python)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="compare-ppo-"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -171,7 +172,13 @@ def measure(
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        _, status, usage = os.wait4(child.pid, 0)
+        try:
+            _, status, usage = os.wait4(child.pid, 0)
+        except BaseException:  # Ctrl-C or SIGTERM (see exit_on_sigterm): do not leave the child running
+            child.kill()
+            child.wait()
+            done.set()
+            raise
         wall = time.perf_counter() - start
         child.returncode = os.waitstatus_to_exitcode(status)
         done.set()
@@ -186,6 +193,15 @@ def measure(
         loadavg_before=before,
         loadavg_after=os.getloadavg(),
     )
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so that :func:`measure` kills the running child before the driver exits."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def check(run: Measured, what: str) -> None:
