@@ -222,7 +222,7 @@ def report(args: argparse.Namespace, fx: dict[str, Any], results: dict[str, dict
         window = slice(1, None) if len(r["step_times_s"]) > 1 else slice(None)
         means = {k: statistics.fmean(v[window]) for k, v in r["phases_s"].items()}
         print(
-            f"selfcorrect {variant} phases per step (steps 2-{args.steps}): "
+            f"selfcorrect {variant} phases per step ({summary[f'selfcorrect/{variant}']['window']}): "
             + ", ".join(f"{k} {v:.1f} s" for k, v in means.items())
         )
     a, b = summary.get("selfcorrect/lora"), summary.get("trl/lora")
