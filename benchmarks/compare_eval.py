@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--selfcorrect-python", default=None, help="interpreter with selfcorrect's dependencies")
     p.add_argument("--work-dir", type=Path, default=None, help="outputs and logs (default: a temporary directory)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the figures as JSON")
+    p.add_argument(
+        "--from-json", type=Path, default=None, metavar="FILE", help="print the table of a --json file; run nothing"
+    )
     args = p.parse_args(argv)
     if args.limit < 1 or args.batch_size < 1:
         p.error("--limit and --batch-size must be positive")
@@ -218,7 +221,8 @@ def report(args: argparse.Namespace, results: dict[str, dict], work: dict | None
         rate = r["items"] / wall
         summary[tool] = {"items": r["items"], "wall_s": wall, "items_per_s": rate, "peak_rss_mb": peak}
         rows.append([tool, str(r["items"]), f"{wall:.1f}", f"{rate:.2f}", f"{peak:.0f}"])
-    print(f"BBQ, --limit {args.limit}, batch size {args.batch_size}, fp32, CPU, end to end; {harness.machine_note()}")
+    load = harness.load_note([r["run"] for r in results.values()])
+    print(f"BBQ, --limit {args.limit}, batch size {args.batch_size}, fp32, CPU, end to end; {load}")
     harness.print_table(["tool", "items", "wall s", "items/s", "peak RSS MB"], rows)
     figures: dict[str, Any] = {"summary": summary}
     if "selfcorrect" in summary and "lm_eval" in summary:
@@ -251,6 +255,11 @@ def report(args: argparse.Namespace, results: dict[str, dict], work: dict | None
 def main(argv: list[str] | None = None) -> int:
     """Run both evaluations and print the comparison."""
     args = parse_args(argv)
+    if args.from_json is not None:
+        saved = json.loads(args.from_json.read_text())
+        vars(args).update({k: v for k, v in saved["settings"].items() if k in ("limit", "batch_size")})
+        report(args, saved["runs"], saved.get("work_per_item"))
+        return 0
     harness.exit_on_sigterm()
     root = harness.cache_dir(args.cache_dir)
     sc_python = harness.selfcorrect_python(args.selfcorrect_python)

@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--selfcorrect-python", default=None, help="interpreter with selfcorrect's dependencies")
     p.add_argument("--work-dir", type=Path, default=None, help="configs, logs and run outputs (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the figures as JSON")
+    p.add_argument(
+        "--from-json", type=Path, default=None, metavar="FILE", help="print the table of a --json file; run nothing"
+    )
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.max_new_tokens < 1:
         p.error("--steps, --batch and --max-new-tokens must be positive")
@@ -204,12 +207,13 @@ def report(args: argparse.Namespace, fx: dict[str, Any], results: dict[str, dict
                 "samples_per_s": rate, "s_per_step": per_step, "window": window,
                 "wall_s": r["run"]["wall_s"], "peak_rss_mb": peak,
             }  # fmt: skip
-            rows.append([tool, variant, f"{rate:.2f}", f"{per_step:.2f}", f"{r['run']['wall_s']:.0f}", f"{peak:.0f}"])
+            rows.append([tool, variant, f"{rate:.3g}", f"{per_step:.1f}", f"{r['run']['wall_s']:.0f}", f"{peak:.0f}"])
     tokens = fx["prompt_tokens"]
+    runs = [r["run"] for by_variant in results.values() for r in by_variant.values()]
     print(
         f"PPO, {args.steps} steps x {args.batch} prompts (HH, {min(tokens)}-{max(tokens)} prompt tokens, mean "
         f"{statistics.fmean(tokens):.0f}), <= {args.max_new_tokens} new tokens, 1 PPO epoch, 1 minibatch, fp32; "
-        f"speed over steps 2-{args.steps}; {harness.machine_note()}"
+        f"speed over steps 2-{args.steps}; {harness.load_note(runs)}"
     )
     harness.print_table(["tool", "variant", "samples/s", "s/step", "wall s", "peak RSS MB"], rows)
     ratios: dict[str, float] = {}
@@ -235,6 +239,13 @@ def report(args: argparse.Namespace, fx: dict[str, Any], results: dict[str, dict
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison and print the table."""
     args = parse_args(argv)
+    if args.from_json is not None:
+        saved = json.loads(args.from_json.read_text())
+        vars(args).update(
+            {k: v for k, v in saved["settings"].items() if k in ("steps", "batch", "max_new_tokens", "variants")}
+        )
+        report(args, saved["fixtures"], {k: v for k, v in saved["runs"].items() if v})
+        return 0
     harness.exit_on_sigterm()
     root = harness.cache_dir(args.cache_dir)
     sc_python = harness.selfcorrect_python(args.selfcorrect_python)

@@ -229,6 +229,12 @@ def machine_note() -> str:
     return f"{os.cpu_count()} CPUs, load average {one:.2f} {five:.2f} {fifteen:.2f}"
 
 
+def load_note(runs: Sequence[Mapping[str, Any]]) -> str:
+    """CPU count and the range of the 1-minute load average seen at the start and end of the measured runs."""
+    loads = [r[k][0] for r in runs for k in ("loadavg_before", "loadavg_after")]
+    return f"{os.cpu_count()} CPUs, 1-min load average {min(loads):.1f}-{max(loads):.1f} at the runs' starts and ends"
+
+
 def write_json(path: Path | None, payload: Mapping[str, Any]) -> None:
     """Write ``payload`` to ``path`` (if given) as indented JSON."""
     if path is None:
