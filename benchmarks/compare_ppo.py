@@ -222,6 +222,10 @@ def report(args: argparse.Namespace, fx: dict[str, Any], results: dict[str, dict
         if a and b:
             ratios[f"speed_{variant}"] = a["samples_per_s"] / b["samples_per_s"]
             print(f"speed selfcorrect/TRL, {variant}: {ratios[f'speed_{variant}']:.2f}x   (goal >= {SPEED_GOAL}x)")
+    a, b = summary.get("selfcorrect/lora"), summary.get("trl/lora")
+    if a and b:
+        ratios["peak_rss_lora"] = a["peak_rss_mb"] / b["peak_rss_mb"]
+        print(f"peak RSS selfcorrect/TRL, lora: {ratios['peak_rss_lora']:.2f}x   (goal <= {MEMORY_GOAL}x)")
     for variant, r in results.get("selfcorrect", {}).items():
         window = slice(1, None) if len(r["step_times_s"]) > 1 else slice(None)
         means = {k: statistics.fmean(v[window]) for k, v in r["phases_s"].items()}
@@ -229,10 +233,6 @@ def report(args: argparse.Namespace, fx: dict[str, Any], results: dict[str, dict
             f"selfcorrect {variant} phases per step ({summary[f'selfcorrect/{variant}']['window']}): "
             + ", ".join(f"{k} {v:.1f} s" for k, v in means.items())
         )
-    a, b = summary.get("selfcorrect/lora"), summary.get("trl/lora")
-    if a and b:
-        ratios["peak_rss_lora"] = a["peak_rss_mb"] / b["peak_rss_mb"]
-        print(f"peak RSS selfcorrect/TRL, lora: {ratios['peak_rss_lora']:.2f}x   (goal <= {MEMORY_GOAL}x)")
     return {"summary": summary, "ratios": ratios}
 
 
