@@ -25,9 +25,10 @@ writing results):
   before the timed run so that the datasets cache is warm (lm-eval would otherwise convert all 58,492 records on its
   first run only).
 
-It prints wall clock, items/s and peak RSS (process tree) of each, the ratio of items/s (goal >= 20x), and the work
-per item: selfcorrect's tokens forwarded per item (with padding) against the one-pass-per-item bound, and lm-eval's
-requests and tokens per item (from its logged samples). It measures; it asserts nothing.
+It prints wall clock, items/s and peak RSS (process tree) of each, the ratio of items/s (goal >= 20x), the scoring
+time each tool reports itself (selfcorrect's ``N items in S s`` line, lm-eval's loglikelihood progress bar), and
+the work per item: selfcorrect's tokens forwarded per item (with padding) against the one-pass-per-item bound, and
+lm-eval's requests and tokens per item (from its logged samples). It measures; it asserts nothing.
 
     /work/main/.venv/bin/python benchmarks/compare_eval.py --data-dir ../shared/data --json out/eval.json
 """
@@ -39,6 +40,7 @@ import csv
 import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -197,6 +199,25 @@ def run_lm_eval(args: argparse.Namespace, model: str, tasks_dir: Path, work: Pat
     }
 
 
+def scoring_seconds(log_path: str, tool: str) -> float | None:
+    """The scoring time each tool reports in its own log (best effort; None if not found).
+
+    selfcorrect: ``bbq/q: N items in S s``; lm-eval: the elapsed time of the last update of its
+    ``Running loglikelihood requests`` progress bar (``[MM:SS<`` or ``[H:MM:SS<``).
+    """
+    text = Path(log_path).read_text(errors="replace").replace("\r", "\n")
+    if tool == "selfcorrect":
+        found = re.findall(r"bbq/q: \d+ items in ([\d.]+) s", text)
+        return float(found[-1]) if found else None
+    found = re.findall(r"Running loglikelihood requests: 100%.*?\[([\d:]+)<", text)
+    if not found:
+        return None
+    seconds = 0.0
+    for part in found[-1].split(":"):
+        seconds = seconds * 60 + float(part)
+    return seconds
+
+
 def work_per_item(model: str, data: Path, sc: dict, lm: dict | None, args: argparse.Namespace, work: Path, py: Path):
     """Token counts per item of both runs (``anchors/eval_work.py``; tokenization only), or None on failure."""
     out = work / "work.json"
@@ -219,16 +240,24 @@ def report(args: argparse.Namespace, results: dict[str, dict], work: dict | None
     for tool, r in results.items():
         wall, peak = r["run"]["wall_s"], r["run"]["peak_rss_mb"]
         rate = r["items"] / wall
-        summary[tool] = {"items": r["items"], "wall_s": wall, "items_per_s": rate, "peak_rss_mb": peak}
-        rows.append([tool, str(r["items"]), f"{wall:.1f}", f"{rate:.2f}", f"{peak:.0f}"])
+        scoring = scoring_seconds(r["run"]["log_path"], tool)
+        summary[tool] = {
+            "items": r["items"], "wall_s": wall, "items_per_s": rate, "peak_rss_mb": peak, "scoring_s": scoring,
+        }  # fmt: skip
+        shown = f"{scoring:.1f}" if scoring is not None else "?"
+        rows.append([tool, str(r["items"]), f"{wall:.1f}", f"{rate:.3g}", shown, f"{peak:.0f}"])
     load = harness.load_note([r["run"] for r in results.values()])
     print(f"BBQ, --limit {args.limit}, batch size {args.batch_size}, fp32, CPU, end to end; {load}")
-    harness.print_table(["tool", "items", "wall s", "items/s", "peak RSS MB"], rows)
+    harness.print_table(["tool", "items", "wall s", "items/s", "scoring s", "peak RSS MB"], rows)
     figures: dict[str, Any] = {"summary": summary}
     if "selfcorrect" in summary and "lm_eval" in summary:
         ratio = summary["selfcorrect"]["items_per_s"] / summary["lm_eval"]["items_per_s"]
         figures["speed_ratio"] = ratio
         print(f"items/s selfcorrect/lm-eval: {ratio:.1f}x   (goal >= {SPEED_GOAL:.0f}x)")
+        a, b = summary["selfcorrect"]["scoring_s"], summary["lm_eval"]["scoring_s"]
+        if a and b:
+            figures["scoring_ratio"] = b / a * summary["selfcorrect"]["items"] / summary["lm_eval"]["items"]
+            print(f"scoring only (each tool's own timer), items/s selfcorrect/lm-eval: {figures['scoring_ratio']:.1f}x")
     if work:
         sc = work["selfcorrect"]
         print(
