@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -13,7 +12,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from selfcorrect import models
+from selfcorrect import hub, models
 from selfcorrect.errors import UserError
 from selfcorrect.models import (
     EMBEDDED_DEFAULT,
@@ -70,10 +69,21 @@ def test_cache_dir_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert cache_dir() == Path.home() / ".cache" / "selfcorrect"
 
 
-def test_resolve_model_path(tiny_model_dir: Path) -> None:
+def test_resolve_model_path(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_model_path(str(tiny_model_dir)) == str(tiny_model_dir)
+    # A Hub id passes through when HF_HUB_OFFLINE=1 (the Hub libraries then read their cache) ...
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert resolve_model_path("someone/not-a-model") == "someone/not-a-model"
     assert resolve_model_path("gpt2") == "gpt2"
+    # ... and is refused at once, in one line, when the Hub's endpoint cannot be reached.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens there
+    hub.unreachable.cache_clear()
+    try:
+        with pytest.raises(UserError, match=r"gpt2: no such local model directory, and the Hugging Face Hub is unre"):
+            resolve_model_path("gpt2")
+    finally:
+        hub.unreachable.cache_clear()
     for missing in ["./nope", "/no/such/model/dir", "~/no-such-selfcorrect-model", "a/b/c"]:
         with pytest.raises(UserError, match="model path not found"):
             resolve_model_path(missing)
@@ -208,10 +218,8 @@ def test_hub_id_offline_is_a_one_line_user_error(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # huggingface_hub reads HF_HUB_OFFLINE once, at import; patch the constant it consults too.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    started = time.monotonic()
-    with pytest.raises(UserError, match="cannot load model 'someone/not-a-model' from the Hugging Face Hub"):
+    with pytest.raises(UserError, match="someone/not-a-model: .* cannot be loaded from the Hugging Face Hub"):
         load_model("someone/not-a-model", device="cpu")
-    assert time.monotonic() - started < 30
 
 
 def test_hub_errors_are_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -234,9 +242,7 @@ def test_embedded_model_converts_once_and_answers(embedded_model_dir: Path) -> N
 
     # a second call finds the finished directory and does not convert again
     mtime = weights.stat().st_mtime_ns
-    started = time.monotonic()
     assert prepare_embedded() == embedded_model_dir
-    assert time.monotonic() - started < 5
     assert weights.stat().st_mtime_ns == mtime
     assert resolve_model_path(EMBEDDED_DEFAULT) == str(embedded_model_dir)
 

@@ -295,6 +295,7 @@ def launch(accelerate_config: str, config: Path, module: str = "selfcorrect", **
         text=True,
         timeout=600,
     )
+    (config.parent / f"{config.stem}.stderr").write_text(proc.stderr)  # the whole log, for a failed launch
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

@@ -81,6 +81,7 @@ class PPORecipe:
             config_hash=self._config_hash(),
             manifest_extra={"policy_init": self.policy_ref, "reward_model": self.reward_ref, "run": self.cfg.name},
             dialogue=self.cfg.dialogue,
+            ref_policy=self._setup_ref_policy(),
         )
 
     def _setup_data(self) -> tuple[list[list[dict]], list[str] | None]:
@@ -128,6 +129,20 @@ class PPORecipe:
             value_model = get_peft_model(value_model, cfg.lora.peft_config("SEQ_CLS"))
         tokenizer.padding_side = "left"
         return policy, value_model, tokenizer
+
+    def _setup_ref_policy(self):
+        """The frozen reference policy (the KL anchor), loaded on its own; None under LoRA (the adapters switched off).
+
+        Loaded, not copied from the policy: under DeepSpeed ZeRO-3 transformers loads a model already split across
+        the processes, and a copy of split weights is empty.
+        """
+        if self.cfg.lora is not None:
+            return None
+        from selfcorrect.models import load_model
+
+        cfg = self.cfg
+        ref, _ = load_model(self.policy_ref, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+        return ref
 
     def _config_hash(self) -> str:
         """What ``last/`` must match for a resume (the checkpoints' ``config_hash``)."""
