@@ -310,7 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="print the plan (stages to run or skip, checkpoints, items per benchmark and condition, forward "
-        "passes and generated tokens of the evaluation) and exit",
+        "passes and generated tokens of the evaluation, each training stage's estimated peak memory per process) "
+        "and exit",
+    )
+    pi.add_argument(
+        "--device-memory",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="memory of one device (GB): the dry run flags each training stage whose estimated peak per process "
+        "exceeds it",
     )
     pi.add_argument(
         "--launcher",
@@ -520,6 +529,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
             force=args.force,
             dry_run=args.dry_run,
             launcher=args.launcher,
+            device_memory=args.device_memory,
         )
     except StageFailed as exc:
         print(f"selfcorrect: error: {exc}", file=sys.stderr)

@@ -322,8 +322,12 @@ def run_pipeline(
     force: bool = False,
     dry_run: bool = False,
     launcher: str | None = None,
+    device_memory: float | None = None,
 ) -> Path | None:
-    """Run (or with ``dry_run`` only print) the pipeline of a run config; returns the report path if made."""
+    """Run (or with ``dry_run`` only print) the pipeline of a run config; returns the report path if made.
+
+    ``device_memory`` (GB per device): the plan flags a training stage whose estimated peak is larger.
+    """
     from selfcorrect.recipes import evaluate, report
 
     cfg = load_run_config(config)
@@ -333,6 +337,7 @@ def run_pipeline(
     launcher = launcher or cfg.launcher
     unchecked = check_config(cfg, config, launcher)
     print(describe_plan(cfg, plans))
+    print(describe_memory(cfg, launcher, device_memory))
     todo = {p.stage for p in plans if p.action != "skip"}
     if dry_run:
         for note in (note for notes in unchecked.values() for note in notes):
@@ -402,6 +407,29 @@ def describe_plan(cfg: RunConfig, plans: list[StagePlan]) -> str:
         lines.append(f"ppo optimizer: {ppo.describe_optimizer()}")
     if cfg.evaluation is not None:
         lines += _describe_evaluation(cfg)
+    return "\n".join(lines)
+
+
+def describe_memory(cfg: RunConfig, launcher: str | None, device_memory: float | None) -> str:
+    """Each training stage's estimated peak memory per process (selfcorrect.memory), flagged against
+    ``device_memory`` GB."""
+    import torch
+
+    from selfcorrect.memory import GB, Launch, estimate_run
+
+    launch = Launch.from_launcher(launcher)
+    dtype = cfg.model.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
+    zero = f", DeepSpeed ZeRO-{launch.zero}" if launch.zero is not None else ""
+    lines = [f"memory per process (estimate; {launch.processes} process(es){zero}, {dtype}):"]
+    for stage, estimate in estimate_run(cfg, launch, dtype).items():
+        if isinstance(estimate, str):
+            lines.append(f"  {stage:<9} unknown ({estimate})")
+            continue
+        flag = ""
+        if device_memory is not None:
+            fits = estimate.total <= device_memory * GB
+            flag = f"  fits {device_memory:g} GB" if fits else f"  WILL NOT FIT {device_memory:g} GB"
+        lines.append(f"  {stage:<9} {estimate.describe()}{flag}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,296 @@
+"""Peak memory per process of each training stage, estimated from the run config before anything is launched.
+
+``selfcorrect pipeline CONFIG --dry-run`` prints it; ``--device-memory GB`` flags a stage that will not fit. The
+estimate is arithmetic on the model's ``config.json`` (read from a local directory, the embedded model, or the
+Hugging Face cache: nothing is loaded or downloaded) and on the launcher's accelerate config (processes, ZeRO stage):
+
+- **weights**: every model the stage holds (PPO: policy, value model, reference policy unless LoRA, reward model),
+  in the run's dtype; under ZeRO-3 the trained models and the reference are split across the processes;
+- **gradients** and **optimizer** (Adam's two fp32 moments, plus fp32 master weights when training in 16 bits under
+  DeepSpeed) of the trained parameters: all of them, or the LoRA adapters (and the value head); split across the
+  processes from ZeRO-2 (gradients) and ZeRO-1 (optimizer states) on; the EMA of the policy is one fp32 copy;
+- **activations** of the largest batch with a graph (Korthikanti et al. 2022, "Reducing activation recomputation":
+  ``34 s b h`` bytes per layer in 16 bits; with gradient checkpointing only each layer's input is kept, plus one
+  layer's worth) and its **logits** (full vocabulary: in the model's dtype, once more in fp32, and their gradient);
+  for PPO the larger of two phases: the rollout (generation's KV cache, or the logits of the response positions of
+  the whole per-process rollout batch) and the update (policy and value graphs of a minibatch, plus the pretraining
+  rows and their logits at every position under PPO-ptx);
+- **overhead**: the runtime itself (the measured resident size of a process that has imported torch, transformers
+  and TRL, about 1 GB on a CPU; the CUDA context on a GPU).
+
+It is an estimate, within about 30% of the measured peak on a CPU run (tests/test_memory.py); allocator
+fragmentation and temporary copies come on top on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+GB = 1e9
+OVERHEAD_BYTES = 1.0 * GB  # runtime: torch + transformers + TRL imported (CPU resident size; ~ a CUDA context)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ADAM_BYTES = 8  # two fp32 moments per trained parameter
+ACTIVATION_FACTOR = 34  # bytes per (token x hidden unit) per layer in 16 bits, without recomputation (Korthikanti)
+
+# config.json keys of the same quantity in the common model families
+_ALIASES = {
+    "hidden": ("hidden_size", "n_embd", "d_model"),
+    "layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "heads": ("num_attention_heads", "n_head"),
+    "kv_heads": ("num_key_value_heads",),
+    "intermediate": ("intermediate_size", "n_inner", "ffn_dim"),
+    "vocab": ("vocab_size",),
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the estimate needs of a model: its size and shape."""
+
+    n_params: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    linear_shapes: tuple[tuple[str, int, int], ...] = ()  # (module name, in, out) of the layers LoRA can adapt
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], n_params: int | None = None) -> Architecture:
+        """From a ``config.json``; the parameter count from the weights' headers when known, else from the shapes
+        of a decoder (attention, gated MLP, embeddings, tied or not)."""
+
+        def get(name: str, default: int | None = None) -> int:
+            for key in _ALIASES[name]:
+                if config.get(key) is not None:
+                    return int(config[key])
+            if default is None:
+                raise KeyError(f"config.json has none of {', '.join(_ALIASES[name])}")
+            return default
+
+        h, layers, heads = get("hidden"), get("layers"), get("heads")
+        kv, inter, vocab = get("kv_heads", heads), get("intermediate", 4 * h), get("vocab")
+        d = h // heads
+        linears = (
+            ("q_proj", h, heads * d),
+            ("k_proj", h, kv * d),
+            ("v_proj", h, kv * d),
+            ("o_proj", heads * d, h),
+            ("gate_proj", h, inter),
+            ("up_proj", h, inter),
+            ("down_proj", inter, h),
+        )
+        if n_params is None:
+            per_layer = sum(i * o for _, i, o in linears) + 2 * h
+            tied = config.get("tie_word_embeddings", True)
+            n_params = vocab * h * (1 if tied else 2) + layers * per_layer + h
+        return cls(n_params, h, layers, heads, kv, inter, vocab, tuple(s for s in linears for _ in range(layers)))
+
+    def lora_params(self, r: int) -> int:
+        """Trainable parameters of LoRA adapters of rank ``r`` on every linear layer of the decoder."""
+        return sum(r * (i + o) for _, i, o in self.linear_shapes)
+
+
+def safetensors_params(model_dir: Path) -> int | None:
+    """The number of parameters in a directory's safetensors files, from their headers only (None if none)."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with file.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        total += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    return total
+
+
+def architecture_of(ref: str) -> Architecture | str:
+    """The architecture of a model reference, or why it is unknown (nothing is downloaded)."""
+    from selfcorrect.models import EMBEDDED_PREFIX, resolve_model_path
+
+    directory = Path(resolve_model_path(ref)) if ref.startswith(EMBEDDED_PREFIX) else Path(ref).expanduser()
+    config_path = directory / "config.json"
+    if not directory.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(ref, "config.json")
+        if not isinstance(cached, str):
+            return f"{ref}: config.json not in the Hugging Face cache"
+        config_path = Path(cached)
+    if (directory / "adapter_config.json").is_file() and not config_path.is_file():
+        base = json.loads((directory / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        return architecture_of(base) if base else f"{ref}: adapter without a base model"
+    if not config_path.is_file():
+        return f"{ref}: no config.json"
+    try:
+        return Architecture.from_config(json.loads(config_path.read_text()), safetensors_params(config_path.parent))
+    except (KeyError, ValueError) as exc:
+        return f"{config_path}: {exc}"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How a stage is launched: processes per machine and DeepSpeed ZeRO stage (None: no DeepSpeed)."""
+
+    processes: int = 1
+    zero: int | None = None
+
+    @classmethod
+    def from_launcher(cls, launcher: str | None) -> Launch:
+        """From ``accelerate launch --config_file F [--num_processes N]`` (anything else: one process)."""
+        import shlex
+
+        import yaml
+
+        from selfcorrect.config import shipped_file
+
+        words = shlex.split(launcher or "")
+        options = dict(zip(words, words[1:], strict=False))
+        config: dict[str, Any] = {}
+        if "--config_file" in options:
+            path = shipped_file(options["--config_file"], "accelerate") or Path(options["--config_file"])
+            config = yaml.safe_load(Path(path).read_text()) or {}
+        processes = int(options.get("--num_processes", config.get("num_processes", 1)))
+        zero = None
+        if config.get("distributed_type") == "DEEPSPEED":
+            zero = int((config.get("deepspeed_config") or {}).get("zero_stage", 0))
+        return cls(processes, zero)
+
+
+@dataclass
+class Estimate:
+    """Bytes per process, by component; ``total`` is their sum."""
+
+    stage: str
+    parts: dict[str, float] = field(default_factory=dict)
+    phase: str = ""  # PPO: where the peak is (rollout or update)
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    def describe(self) -> str:
+        """One line: total and parts, in GB."""
+        parts = ", ".join(f"{k} {v / GB:.1f}" for k, v in self.parts.items() if v >= 0.05 * GB)
+        where = f"; peak in the {self.phase}" if self.phase else ""
+        return f"{self.total / GB:.1f} GB ({parts}{where})"
+
+
+def _activations(arch: Architecture, sequences: int, length: int, act_bytes: int, checkpointing: bool) -> float:
+    """Bytes of the activations kept for backward by one model over ``sequences`` x ``length`` tokens."""
+    tokens_x_hidden = sequences * length * arch.hidden
+    full_layer = ACTIVATION_FACTOR / 2 * act_bytes * tokens_x_hidden
+    if checkpointing:
+        return arch.layers * act_bytes * tokens_x_hidden + full_layer
+    return arch.layers * full_layer
+
+
+def _logits(arch: Architecture, sequences: int, positions: int, act_bytes: int, with_grad: bool) -> float:
+    """Bytes of the logits of ``positions`` per sequence: in the model's dtype, once more in fp32, and a gradient."""
+    per = act_bytes + 4 + (act_bytes if with_grad else 0)
+    return sequences * positions * arch.vocab * per
+
+
+def _training_state(n_trained: int, dtype_bytes: int, launch: Launch) -> dict[str, float]:
+    """Gradients and optimizer states of ``n_trained`` parameters, split as the ZeRO stage splits them."""
+    zero, n = launch.zero, launch.processes
+    master = 4 if (dtype_bytes == 2 and zero is not None) else 0
+    optimizer = n_trained * (ADAM_BYTES + master) / (n if zero is not None and zero >= 1 else 1)
+    gradients = n_trained * dtype_bytes / (n if zero is not None and zero >= 2 else 1)
+    return {"gradients": gradients, "optimizer": optimizer}
+
+
+def estimate_ppo(
+    cfg: Any, arch: Architecture, launch: Launch, dtype: str, reward_arch: Architecture | None
+) -> Estimate:
+    """Peak bytes per process of the PPO stage (``cfg``: a RunConfig with a ``ppo`` section)."""
+    ppo, b = cfg.ppo, DTYPE_BYTES[dtype]
+    split = launch.processes if launch.zero == 3 else 1
+    lora = cfg.lora
+    value = reward_arch or arch
+    weights = (arch.n_params + value.n_params) / split  # policy + value model
+    if lora is None:
+        weights += arch.n_params / split  # the reference policy (under LoRA: the adapters switched off)
+    if reward_arch is not None:
+        weights += reward_arch.n_params
+    if lora is None:
+        trained = arch.n_params + value.n_params
+        ema = arch.n_params * 4 if ppo.ema_decay else 0
+    else:
+        trained = arch.lora_params(lora.r) + value.lora_params(lora.r) + value.hidden
+        ema = arch.lora_params(lora.r) * 4 if ppo.ema_decay else 0
+    parts = {"weights": weights * b, **_training_state(trained, b, launch), "ema": ema}
+    checkpointing = bool(ppo.trainer.get("gradient_checkpointing", False))
+    length = ppo.max_prompt_length + ppo.max_new_tokens
+    rollout = ppo.rollout_batch_size // launch.processes  # sequences per process
+    rollout_phase = {
+        "kv_cache": 2 * arch.layers * rollout * length * arch.kv_heads * arch.head_dim * b,
+        "logits": _logits(arch, rollout, ppo.max_new_tokens + 1, b, with_grad=False),  # one pass, whole batch
+    }
+    ptx = ppo.gamma_ptx > 0 and ppo.ptx_data is not None
+    rows = ppo.mini_batch_size + (ppo.ptx_batch_size if ptx else 0)  # ptx rows padded to the same width
+    length = max(length, ppo.ptx_max_length) if ptx else length
+    update_phase = {
+        "activations": _activations(arch, rows, length, b, checkpointing)
+        + _activations(value, ppo.mini_batch_size, length, b, checkpointing),
+        "logits": _logits(arch, rows, length if ptx else ppo.max_new_tokens + 1, b, with_grad=True),
+    }
+    # generation's KV cache is freed before the rollout's forward pass: the larger of the two counts
+    rollout_peak = max(rollout_phase.values())
+    if rollout_peak > sum(update_phase.values()):
+        phase = "rollout"
+        parts.update({k: v for k, v in rollout_phase.items() if v == rollout_peak})
+    else:
+        phase = "update"
+        parts.update(update_phase)
+    parts["overhead"] = OVERHEAD_BYTES
+    return Estimate("ppo", parts, phase)
+
+
+def estimate_supervised(
+    stage: str, trainer: dict[str, Any], arch: Architecture, lora: Any, launch: Launch, dtype: str, length: int
+) -> Estimate:
+    """Peak bytes per process of SFT (``stage`` "sft": LM logits at every position) or reward-model training
+    ("reward": two sequences per pair, a scalar head)."""
+    b = DTYPE_BYTES[dtype]
+    split = launch.processes if launch.zero == 3 else 1
+    trained = arch.n_params if lora is None else arch.lora_params(lora.r)
+    parts = {"weights": arch.n_params * b / split, **_training_state(trained, b, launch)}
+    sequences = int(trainer.get("per_device_train_batch_size", 8)) * (2 if stage == "reward" else 1)
+    checkpointing = bool(trainer.get("gradient_checkpointing", False))
+    parts["activations"] = _activations(arch, sequences, length, b, checkpointing)
+    if stage == "sft":
+        parts["logits"] = _logits(arch, sequences, length, b, with_grad=True)
+    parts["overhead"] = OVERHEAD_BYTES
+    return Estimate(stage, parts)
+
+
+def estimate_run(cfg: Any, launch: Launch, dtype: str) -> dict[str, Estimate | str]:
+    """Each training stage's estimate for a RunConfig, or why it cannot be made (an unknown architecture)."""
+    arch = architecture_of(cfg.model.name_or_path)
+    stages = [s for s in ("sft", "reward", "ppo") if getattr(cfg, s) is not None]
+    if isinstance(arch, str):
+        return dict.fromkeys(stages, arch)
+    out: dict[str, Estimate | str] = {}
+    if cfg.sft is not None:
+        out["sft"] = estimate_supervised("sft", cfg.sft.trainer, arch, cfg.lora, launch, dtype, cfg.sft.max_length)
+    if cfg.reward is not None and cfg.reward.function is None:
+        reward = cfg.reward
+        out["reward"] = estimate_supervised("reward", reward.trainer, arch, cfg.lora, launch, dtype, reward.max_length)
+    if cfg.ppo is not None:
+        function_reward = (cfg.reward is not None and cfg.reward.function is not None) or (
+            cfg.ppo.reward_model is not None and ":" in cfg.ppo.reward_model
+        )
+        out["ppo"] = estimate_ppo(cfg, arch, launch, dtype, None if function_reward else arch)
+    return out
