@@ -9,7 +9,13 @@ from selfcorrect.config import data_dir
 from selfcorrect.errors import UserError
 from selfcorrect.evaluate.benchmarks import bbq, law_school, winogender
 from selfcorrect.evaluate.prompts import load_prompts, render
-from selfcorrect.evaluate.scoring import Scorer, length_batches
+from selfcorrect.evaluate.scoring import (
+    SHARED_PREFIX_MIN,
+    Scorer,
+    length_batches,
+    prefix_batches,
+    shared_prefix_length,
+)
 from selfcorrect.models import load_model
 
 
@@ -114,3 +120,67 @@ def test_length_batches_plan():
     assert plan == [[1, 2], [4, 0], [3, 5]]
     assert length_batches(lengths, batch_size=4, max_tokens=20) == [[1, 2], [4, 0], [3, 5]]
     assert sorted(i for b in length_batches(lengths, 3) for i in b) == list(range(6))
+
+
+def test_prefix_batches_plan():
+    seqs = [[5, 1], [1, 2, 3], [1, 2], [9], [1, 2, 4, 4], [5, 0]]
+    # token-id order: [1,2] [1,2,3] [1,2,4,4] [5,0] [5,1] [9]
+    assert prefix_batches(seqs, batch_size=3) == [[2, 1, 4], [5, 0, 3]]
+    assert prefix_batches(seqs, batch_size=3, max_tokens=8) == [[2, 1], [4, 5], [0, 3]]
+    assert sorted(i for b in prefix_batches(seqs, 2) for i in b) == list(range(6))
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 4, 4]]) == 2
+    assert shared_prefix_length([[1, 2], [1, 2, 3]]) == 1  # each keeps a token of its own
+
+
+class TokenCounter:
+    """Counts the input tokens the real model is run on (a forward pre-hook)."""
+
+    def __init__(self, model):
+        self.tokens = 0
+        self.handle = model.register_forward_pre_hook(self.count, with_kwargs=True)
+
+    def count(self, module, args, kwargs):
+        self.tokens += kwargs["input_ids"].numel()
+
+
+def test_shared_prefixes_run_once_and_score_as_a_plain_pass(scorer):
+    """Law-school prompts share their preamble: it runs once per batch, and every probability equals a plain pass
+    (and the independent unbatched reference)."""
+    items = law_school.items(law_school.load(data_dir())[:8], load_prompts(), "q_if")
+    texts = [render(it.scored_turns()) for it in items]
+    seqs = [scorer.encode(t) for t in texts]
+    shared = shared_prefix_length(seqs)
+    assert shared >= SHARED_PREFIX_MIN
+    counter = TokenCounter(scorer.model)
+    try:
+        got = scorer.score(texts, [it.candidates for it in items], batch_size=8)
+    finally:
+        counter.handle.remove()
+    # per batch: the shared tokens once, then each prompt's own tokens, left-padded to the longest
+    expected = 0
+    for batch in prefix_batches(seqs, batch_size=8, max_tokens=scorer.max_batch_tokens):
+        rows = [seqs[i] for i in batch]
+        common = shared_prefix_length(rows)
+        expected += common + len(rows) * max(len(r) - common for r in rows)
+    assert counter.tokens == expected
+    assert counter.tokens < sum(len(b) * max(len(seqs[i]) for i in b) for b in prefix_batches(seqs, 8))
+    plain = scorer._last_logprobs(seqs, share_prefix=False)
+    prefixed = scorer._last_logprobs(seqs, share_prefix=True)
+    assert torch.allclose(plain.exp(), prefixed.exp(), atol=1e-5)
+    for text, it, s in zip(texts, items, got):
+        probs, mass = reference_probs(scorer, text, it.candidates)
+        assert s.probs == pytest.approx(probs, abs=1e-5)
+        assert s.mass == pytest.approx(mass, rel=1e-4)
+
+
+def test_bbq_contexts_share_a_batch(scorer, bbq_items):
+    """The two questions of a BBQ context begin alike: token-id order puts them in one batch, scored as before."""
+    texts = [render(it.scored_turns()) for it in bbq_items]
+    seqs = [scorer.encode(t) for t in texts]
+    batches = prefix_batches(seqs, batch_size=4)
+    assert max(shared_prefix_length([seqs[i] for i in b]) for b in batches) >= SHARED_PREFIX_MIN
+    cands = [it.candidates for it in bbq_items]
+    one = scorer.score(texts, cands, batch_size=1)
+    four = scorer.score(texts, cands, batch_size=4)
+    for a, b in zip(one, four):
+        assert a.probs == pytest.approx(b.probs, abs=1e-5)

@@ -292,17 +292,18 @@ def _done_ids(path: Path) -> set[str]:
 
 def _run_task(task: Task, scorer, settings: EvalSettings, prompts: PromptSet, tokenizer) -> None:
     """Score every item of one task that is not in its per-item file yet, batch by batch."""
-    from selfcorrect.evaluate.scoring import length_batches
+    from selfcorrect.evaluate.scoring import length_batches, prefix_batches
 
     path = settings.output / task.benchmark / f"{task.condition}.jsonl"
     done = _done_ids(path)
     first_stage = [
         render(it.cot_turns() if it.is_cot else it.scored_turns(), settings.dialogue, tokenizer) for it in task.items
     ]
-    lengths = [len(scorer.encode(t)) for t in first_stage]
-    # Decoding reads every weight once per step whatever the batch, so CoT uses larger batches.
-    batch_size = settings.gen_batch_size if task.is_cot else settings.batch_size
-    batches = length_batches(lengths, batch_size, scorer.max_batch_tokens)
+    seqs = [scorer.encode(t) for t in first_stage]
+    if task.is_cot:  # decoding reads every weight once per step whatever the batch: larger batches, by length
+        batches = length_batches([len(s) for s in seqs], settings.gen_batch_size, scorer.max_batch_tokens)
+    else:  # prompts that begin alike together: the scorer runs their shared prefix once
+        batches = prefix_batches(seqs, settings.batch_size, scorer.max_batch_tokens)
     todo = sum(it.item_id not in done for it in task.items)
     start = time.perf_counter()
     cot = prompts.cot_sampling

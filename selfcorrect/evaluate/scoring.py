@@ -3,9 +3,15 @@
 Scoring (Q-type conditions): one forward pass per item. The prompt ends with the assistant prefix; the
 next-token distribution is read at its last position and restricted to the first token of each
 candidate (the letters, pronouns or yes/no), then renormalised. The raw probability mass on the
-candidates is kept so format failures show. Items are batched by token length with left padding. A
-candidate that the tokenizer splits into several tokens is scored by the summed log-probability of all
-its tokens (PROTOCOL section 1.3), which costs one extra forward pass for that item only.
+candidates is kept so format failures show. A candidate that the tokenizer splits into several tokens is
+scored by the summed log-probability of all its tokens (PROTOCOL section 1.3), which costs one extra
+forward pass for that item only.
+
+Shared prefixes are computed once. Items are batched in the order of their token ids (:func:`prefix_batches`),
+so prompts that begin alike (the law-school preamble, a BBQ context asked two questions) share a batch; the
+tokens that every prompt of a batch begins with go through the model once, and their KV cache, repeated over
+the batch, serves the rest of each prompt (left-padded after the prefix). The probabilities equal those of a
+plain pass to float tolerance (tests/test_scoring.py).
 
 Generation (CoT): a sampling loop with a KV cache and one ``torch.Generator`` per item, so an item's
 reasoning depends on its own seed, not on which other items share its batch. It stops at EOS or at a
@@ -14,6 +20,7 @@ stop string (``"\\n\\nHuman:"``), which is cut from the returned text.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -49,6 +56,37 @@ def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | No
         else:
             batches.append([i])
     return batches
+
+
+def prefix_batches(seqs: Sequence[Sequence[int]], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices grouped into batches of consecutive items in token-id order, at most ``batch_size`` each.
+
+    Sorting by token ids puts prompts that share a prefix next to each other. ``max_tokens`` caps
+    ``batch_len x longest``. The plan depends only on the token ids, so a resumed run rebuilds the same batches.
+    """
+    order = sorted(range(len(seqs)), key=lambda i: (list(seqs[i]), i))
+    batches: list[list[int]] = []
+    longest = 0
+    for i in order:
+        cur = batches[-1] if batches else None
+        fits = cur is not None and len(cur) < batch_size
+        if fits and max_tokens is not None:
+            fits = (len(cur) + 1) * max(longest, len(seqs[i])) <= max_tokens
+        if fits:
+            cur.append(i)
+            longest = max(longest, len(seqs[i]))
+        else:
+            batches.append([i])
+            longest = len(seqs[i])
+    return batches
+
+
+SHARED_PREFIX_MIN = 16  # shared tokens below which a batch is run as one plain pass
+
+
+def shared_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all ``seqs`` share, leaving each at least one token of its own."""
+    return min(len(os.path.commonprefix([list(s) for s in seqs])), min(len(s) for s in seqs) - 1)
 
 
 class Scorer:
@@ -109,10 +147,28 @@ class Scorer:
         return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
     @torch.inference_mode()
-    def _last_logprobs(self, seqs: list[list[int]]) -> torch.Tensor:
-        """Log-softmax of the next-token logits after each sequence (float32, on CPU)."""
-        ids, mask = self._pad_left(seqs)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=self._positions(mask), logits_to_keep=1)
+    def _last_logprobs(self, seqs: list[list[int]], share_prefix: bool = True) -> torch.Tensor:
+        """Log-softmax of the next-token logits after each sequence (float32, on CPU).
+
+        With ``share_prefix``, the tokens all sequences begin with run once and their KV cache serves the rest.
+        """
+        shared = shared_prefix_length(seqs) if share_prefix and len(seqs) > 1 else 0
+        if shared < SHARED_PREFIX_MIN:
+            ids, mask = self._pad_left(seqs)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=self._positions(mask), logits_to_keep=1)
+            return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
+        prefix = torch.tensor([seqs[0][:shared]], device=self.device)
+        cache = self.model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
+        cache.batch_repeat_interleave(len(seqs))
+        ids, mask = self._pad_left([s[shared:] for s in seqs])  # [prefix][pad...][rest of the prompt]
+        out = self.model(
+            input_ids=ids,
+            attention_mask=torch.cat([torch.ones_like(mask[:, :1]).expand(-1, shared), mask], dim=1),
+            position_ids=shared + self._positions(mask),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
 
     @torch.inference_mode()
@@ -128,7 +184,7 @@ class Scorer:
         seqs = [self.encode(t) for t in texts]
         cand_ids = [self.candidate_ids(t, c) for t, c in zip(texts, candidates)]
         results: list[Score | None] = [None] * len(texts)
-        for batch in length_batches([len(s) for s in seqs], batch_size, self.max_batch_tokens):
+        for batch in prefix_batches(seqs, batch_size, self.max_batch_tokens):
             logprobs = self._last_logprobs([seqs[i] for i in batch])
             for row, i in enumerate(batch):
                 lp = []
