@@ -261,9 +261,10 @@ def report(args: argparse.Namespace, results: dict[str, dict], work: dict | None
     if work:
         sc = work["selfcorrect"]
         print(
-            f"selfcorrect work per item: {sc['tokens_per_item_forwarded']:.1f} tokens forwarded (with padding, "
-            f"{sc['batches']} batches) vs {sc['tokens_per_item_bound']:.1f} for one pass over the prompt "
-            f"({sc['tokens_per_item_forwarded'] / sc['tokens_per_item_bound']:.2f}x the bound); "
+            f"selfcorrect work per item: {sc['tokens_per_item_forwarded']:.1f} tokens forwarded (shared prefixes "
+            f"once, the rest with padding, {sc['batches']} batches) vs {sc['tokens_per_item_bound']:.1f} for one "
+            "pass over the prompt "
+            f"({sc['tokens_per_item_forwarded'] / sc['tokens_per_item_bound']:.2f}x one pass per item); "
             f"{sc['forward_rows'] / sc['items']:.2f} forward rows and {sc['lm_head_positions_per_item']:.2f} "
             "LM-head positions per item"
         )

@@ -12,6 +12,7 @@ from selfcorrect.evaluate.prompts import load_prompts, render
 from selfcorrect.evaluate.scoring import (
     SHARED_PREFIX_MIN,
     Scorer,
+    forwarded_tokens,
     length_batches,
     prefix_batches,
     shared_prefix_length,
@@ -124,12 +125,18 @@ def test_length_batches_plan():
 
 def test_prefix_batches_plan():
     seqs = [[5, 1], [1, 2, 3], [1, 2], [9], [1, 2, 4, 4], [5, 0]]
-    # token-id order: [1,2] [1,2,3] [1,2,4,4] [5,0] [5,1] [9]
+    # token-id order: [1,2] [1,2,3] [1,2,4,4] [5,0] [5,1] [9]; short prompts share nothing worth a prefix pass,
+    # so each batch costs BATCH_COST_TOKENS + rows x longest: 16 + 3 x 4 and 16 + 3 x 2 beat every other cut
     assert prefix_batches(seqs, batch_size=3) == [[2, 1, 4], [5, 0, 3]]
-    assert prefix_batches(seqs, batch_size=3, max_tokens=8) == [[2, 1], [4, 5], [0, 3]]
+    plan = prefix_batches(seqs, batch_size=3, max_tokens=8)
+    assert all(len(b) * max(len(seqs[i]) for i in b) <= 8 for b in plan)
     assert sorted(i for b in prefix_batches(seqs, 2) for i in b) == list(range(6))
     assert shared_prefix_length([[1, 2, 3], [1, 2, 4, 4]]) == 2
     assert shared_prefix_length([[1, 2], [1, 2, 3]]) == 1  # each keeps a token of its own
+    # two groups of four prompts, each group sharing 40 tokens: one batch each (shared prefix computed once),
+    # not one batch of eight that shares nothing: 2 x (16 + 40 + 4 x 2) tokens against 16 + 8 x 42
+    groups = [[g] * 40 + [t, t] for g in (7, 8) for t in range(4)]
+    assert prefix_batches(groups, batch_size=8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 class TokenCounter:
@@ -162,7 +169,9 @@ def test_shared_prefixes_run_once_and_score_as_a_plain_pass(scorer):
         rows = [seqs[i] for i in batch]
         common = shared_prefix_length(rows)
         expected += common + len(rows) * max(len(r) - common for r in rows)
-    assert counter.tokens == expected
+    assert counter.tokens == expected == sum(
+        forwarded_tokens([seqs[i] for i in b]) for b in prefix_batches(seqs, 8, scorer.max_batch_tokens)
+    )
     assert counter.tokens < sum(len(b) * max(len(seqs[i]) for i in b) for b in prefix_batches(seqs, 8))
     plain = scorer._last_logprobs(seqs, share_prefix=False)
     prefixed = scorer._last_logprobs(seqs, share_prefix=True)

@@ -4,9 +4,9 @@ Runs with selfcorrect's python after both evaluations have finished; only tokeni
 
 * **selfcorrect**: the items of ``<sc-output>/bbq/sample.json`` under condition ``q``, rendered as ``evaluate`` renders
   them (dialogue ``human_assistant``, the default for a plain model directory), tokenized, and grouped into the
-  batches ``evaluate`` forms (``length_batches`` with the same batch size and the Scorer's ``max_batch_tokens``).
-  Reports the real prompt tokens (the bound: one pass over each item's prompt, nothing else), the tokens actually
-  forwarded including left padding, and the extra passes for answer letters of more than one token.
+  batches ``evaluate`` forms (``prefix_batches`` with the same batch size and the Scorer's ``max_batch_tokens``).
+  Reports the real prompt tokens (one pass over each item's prompt), the tokens actually forwarded (each batch's
+  shared prefix once, the rest with left padding), and the extra passes for answer letters of more than one token.
 * **lm-eval**: the requests logged with ``--log_samples`` (one ``(context, continuation)`` pair per answer option),
   tokenized with the same tokenizer: tokens of context + continuation minus the last one per request, no padding
   counted. An estimate of lm-eval's forwarded tokens (its batching pads too, and it may cut long inputs).
@@ -27,7 +27,7 @@ from selfcorrect import dialogue as dialogues
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.evaluate.benchmarks import bbq
 from selfcorrect.evaluate.prompts import load_prompts, render
-from selfcorrect.evaluate.scoring import Scorer, length_batches
+from selfcorrect.evaluate.scoring import Scorer, forwarded_tokens, prefix_batches
 
 
 def selfcorrect_work(output: Path, data_dir: Path, tokenizer: Any, batch_size: int) -> dict[str, Any]:
@@ -38,9 +38,10 @@ def selfcorrect_work(output: Path, data_dir: Path, tokenizer: Any, batch_size: i
     items = bbq.items(units, load_prompts(), "q")
     scorer = Scorer(None, tokenizer, add_special_tokens=dialogues.add_special_tokens(spec))
     texts = [render(it.scored_turns(), spec, tokenizer) for it in items]
-    lengths = [len(scorer.encode(t)) for t in texts]
-    batches = length_batches(lengths, batch_size, scorer.max_batch_tokens)
-    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    seqs = [scorer.encode(t) for t in texts]
+    lengths = [len(s) for s in seqs]
+    batches = prefix_batches(seqs, batch_size, scorer.max_batch_tokens)
+    padded = sum(forwarded_tokens([seqs[i] for i in b]) for b in batches)
     extra_passes = extra_tokens = 0
     for it, text, n in zip(items, texts, lengths):
         for cand in scorer.candidate_ids(text, list(it.candidates)):

@@ -20,6 +20,7 @@ stop string (``"\\n\\nHuman:"``), which is cut from the returned text.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,35 +59,59 @@ def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | No
     return batches
 
 
-def prefix_batches(seqs: Sequence[Sequence[int]], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
-    """Indices grouped into batches of consecutive items in token-id order, at most ``batch_size`` each.
-
-    Sorting by token ids puts prompts that share a prefix next to each other. ``max_tokens`` caps
-    ``batch_len x longest``. The plan depends only on the token ids, so a resumed run rebuilds the same batches.
-    """
-    order = sorted(range(len(seqs)), key=lambda i: (list(seqs[i]), i))
-    batches: list[list[int]] = []
-    longest = 0
-    for i in order:
-        cur = batches[-1] if batches else None
-        fits = cur is not None and len(cur) < batch_size
-        if fits and max_tokens is not None:
-            fits = (len(cur) + 1) * max(longest, len(seqs[i])) <= max_tokens
-        if fits:
-            cur.append(i)
-            longest = max(longest, len(seqs[i]))
-        else:
-            batches.append([i])
-            longest = len(seqs[i])
-    return batches
-
-
 SHARED_PREFIX_MIN = 16  # shared tokens below which a batch is run as one plain pass
+BATCH_COST_TOKENS = 16  # what one more batch (two more forward calls) costs, in tokens, when batches are planned
 
 
 def shared_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     """How many leading tokens all ``seqs`` share, leaving each at least one token of its own."""
     return min(len(os.path.commonprefix([list(s) for s in seqs])), min(len(s) for s in seqs) - 1)
+
+
+def forwarded_tokens(seqs: Sequence[Sequence[int]]) -> int:
+    """Tokens the model runs on to score one batch: the shared prefix once (when it is long enough to be shared),
+    then each prompt's own tokens, left-padded to the longest."""
+    shared = shared_prefix_length(seqs) if len(seqs) > 1 else 0
+    shared = shared if shared >= SHARED_PREFIX_MIN else 0
+    return shared + len(seqs) * max(len(s) - shared for s in seqs)
+
+
+def prefix_batches(seqs: Sequence[Sequence[int]], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices grouped into batches of at most ``batch_size`` consecutive items in token-id order, cut where the
+    tokens the model runs on are fewest.
+
+    Sorting by token ids puts prompts that begin alike next to each other (the questions of one BBQ context, the
+    prompts after the law-school preamble). A batch costs its shared prefix once plus each prompt's own tokens
+    padded to the longest (see :meth:`Scorer._last_logprobs`), plus ``BATCH_COST_TOKENS``; the cuts minimise the
+    sum (dynamic programming over the sorted order). ``max_tokens`` caps ``batch_len x longest``. The plan depends
+    only on the token ids, so a resumed run rebuilds the same batches.
+    """
+    order = sorted(range(len(seqs)), key=lambda i: (list(seqs[i]), i))
+    rows = [seqs[i] for i in order]
+    # the prefix a sorted range shares is the smallest prefix shared by neighbours inside it
+    neighbours = [0] + [len(os.path.commonprefix([list(a), list(b)])) for a, b in zip(rows, rows[1:])]
+    best = [0.0] + [math.inf] * len(rows)  # best[j]: least cost of rows[:j]
+    start = [0] * (len(rows) + 1)
+    for j in range(1, len(rows) + 1):
+        longest, shortest, common = 0, math.inf, math.inf
+        for k in range(j - 1, max(j - batch_size, 0) - 1, -1):  # the batch rows[k:j]
+            longest, shortest = max(longest, len(rows[k])), min(shortest, len(rows[k]))
+            n = j - k
+            if max_tokens is not None and n > 1 and n * longest > max_tokens:
+                break
+            if n > 1:
+                common = min(common, neighbours[k + 1])
+            shared = min(common, shortest - 1) if n > 1 else 0
+            shared = shared if shared >= SHARED_PREFIX_MIN else 0
+            cost = best[k] + BATCH_COST_TOKENS + shared + n * (longest - shared)
+            if cost < best[j]:
+                best[j], start[j] = cost, k
+    batches: list[list[int]] = []
+    j = len(rows)
+    while j > 0:
+        batches.append(order[start[j] : j])
+        j = start[j]
+    return batches[::-1]
 
 
 class Scorer:
@@ -153,7 +178,7 @@ class Scorer:
         With ``share_prefix``, the tokens all sequences begin with run once and their KV cache serves the rest.
         """
         shared = shared_prefix_length(seqs) if share_prefix and len(seqs) > 1 else 0
-        if shared < SHARED_PREFIX_MIN:
+        if shared < SHARED_PREFIX_MIN:  # as forwarded_tokens counts it
             ids, mask = self._pad_left(seqs)
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=self._positions(mask), logits_to_keep=1)
             return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
