@@ -178,12 +178,14 @@ class Scorer:
         With ``share_prefix``, the tokens all sequences begin with run once and their KV cache serves the rest.
         """
         shared = shared_prefix_length(seqs) if share_prefix and len(seqs) > 1 else 0
-        if shared < SHARED_PREFIX_MIN:  # as forwarded_tokens counts it
+        cache = None
+        if shared >= SHARED_PREFIX_MIN:  # as forwarded_tokens counts it
+            prefix = torch.tensor([seqs[0][:shared]], device=self.device)
+            cache = self.model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
+        if not hasattr(cache, "batch_repeat_interleave"):  # nothing shared, or a model without a transformers Cache
             ids, mask = self._pad_left(seqs)
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=self._positions(mask), logits_to_keep=1)
             return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
-        prefix = torch.tensor([seqs[0][:shared]], device=self.device)
-        cache = self.model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
         cache.batch_repeat_interleave(len(seqs))
         ids, mask = self._pad_left([s[shared:] for s in seqs])  # [prefix][pad...][rest of the prompt]
         out = self.model(
