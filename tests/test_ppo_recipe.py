@@ -19,6 +19,7 @@ from selfcorrect import dialogue as dialogues
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError
 from selfcorrect.reward_models.score import RewardModel
+from selfcorrect.train import compat
 
 
 def flat(prompts, responses):
@@ -195,7 +196,7 @@ def test_gradient_checkpointing_is_honoured(peaked_policy_dir, tmp_path, checkpo
     trainer.train()
     # Two mini-batches, one forward each with gradients; with checkpointing each is computed again in backward.
     assert sum(calls) == (4 if checkpointing else 2)
-    assert trainer.accelerator.unwrap_model(trainer.model).policy.is_activation_checkpointing == checkpointing
+    assert compat.is_checkpointing(trainer.accelerator.unwrap_model(trainer.model).policy) == checkpointing
 
 
 def test_rollout_statistics_equal_the_straightforward_computation(peaked_policy_dir, tmp_path):

@@ -22,6 +22,7 @@ def training_arguments(cfg: RunConfig, path: Path, extra: dict | None = None, re
     ``extra``: what a check on another machine adds, e.g. ``use_cpu``)."""
     from transformers import TrainingArguments
 
+    from selfcorrect.train import compat
     from selfcorrect.train.distributed import trainer_device_kwargs
 
     ppo = cfg.section("ppo", path)
@@ -32,7 +33,7 @@ def training_arguments(cfg: RunConfig, path: Path, extra: dict | None = None, re
         "save_strategy": "no",
         "per_device_train_batch_size": ppo.mini_batch_size,  # DeepSpeed's micro batch: episodes per optimizer step
         **trainer_device_kwargs(),
-        **ppo.trainer,
+        **compat.installed_names(ppo.trainer),
         **(extra or {}),
     }
     try:

@@ -49,6 +49,7 @@ from selfcorrect.errors import UserError
 from selfcorrect.provenance import stable_seed
 from selfcorrect.reward_models.score import RewardModel, hh_prompt
 from selfcorrect.rundir import merged_dir
+from selfcorrect.train import compat
 from selfcorrect.train import ppo_core as core
 from selfcorrect.train.checkpoints import (
     load_engine_checkpoint,
@@ -174,7 +175,9 @@ class PPOSection(StrictModel):
                 raise ValueError(
                     f"{key}: not used by the PPO trainer (it honours {', '.join(sorted(HONOURED_TRAINER_FIELDS))})"
                 )
-        return check_typed_fields(trainer, typing.get_type_hints(TrainingArguments), "TrainingArguments")
+        hints = typing.get_type_hints(TrainingArguments)
+        checked = check_typed_fields(compat.installed_names(trainer), hints, "TrainingArguments")
+        return {key: checked[compat.installed_name(key)] for key in trainer}  # the keys as given (either name)
 
     @model_validator(mode="after")
     def _check(self) -> PPOSection:
@@ -253,7 +256,7 @@ class PolicyAndValue(nn.Module):
 
     @property
     def is_activation_checkpointing(self) -> bool:
-        return bool(getattr(self.policy, "is_activation_checkpointing", False))
+        return compat.is_checkpointing(self.policy)
 
     is_gradient_checkpointing = is_activation_checkpointing
 
@@ -263,14 +266,14 @@ class PolicyAndValue(nn.Module):
         options = activation_checkpointing_kwargs or getattr(self, "_checkpointing_options", {"use_reentrant": False})
         self._checkpointing_options = options
         for m in (self.policy, self.value_model):
-            m.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+            compat.checkpointing_enable(m, options)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
 
     def activation_checkpointing_disable(self) -> None:
         for m in (self.policy, self.value_model):
-            m.activation_checkpointing_disable()
+            compat.checkpointing_disable(m)
 
     gradient_checkpointing_disable = activation_checkpointing_disable
 
@@ -887,8 +890,9 @@ class PPOPtxTrainer(Trainer):
     def train(self, *args, **kwargs) -> list[dict[str, float]]:
         """Run RLHF steps up to ``ppo.steps`` (resuming from ``last/`` if present); returns the logged history."""
         ppo = self.ppo
-        if self.args.activation_checkpointing:  # Trainer.train would switch it on; this train replaces that one
-            self.model.activation_checkpointing_enable(self.args.activation_checkpointing_kwargs)
+        checkpointing, options = compat.checkpointing_args(self.args)
+        if checkpointing:  # Trainer.train would switch it on; this train replaces that one
+            self.model.activation_checkpointing_enable(options)
         self.create_optimizer_and_scheduler(num_training_steps=ppo.steps * self.updates_per_step)
         # The scheduler stays ours (stepped once per optimizer step): accelerate would step it once per process.
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
