@@ -68,6 +68,8 @@ def resolved_configs(cfg: RunConfig) -> dict[str, dict[str, Any]]:
                 own["sft_data"] = dump(cfg.sft.data)
         elif stage == "evaluate":
             skip = {"when", "batch_size", "gen_batch_size", "poll_seconds"}
+            if cfg.evaluation.engine == "hf":  # the default keeps the hashes of runs made before engines existed
+                skip.add("engine")
             own = {
                 "evaluation": dump(cfg.evaluation, exclude=skip),
                 "model": common["model"],
@@ -265,6 +267,10 @@ def check_config(cfg: RunConfig, path: Path, launcher: str | None) -> dict[str, 
             from selfcorrect.reward_models.score import load_function
 
             load_function(cfg.ppo.reward_model)
+    if cfg.evaluation is not None:
+        from selfcorrect.engines import check_engine
+
+        check_engine(cfg.evaluation.engine)
 
     unchecked: dict[str, list[str]] = {}
     for stage, key, spec in _datasets(cfg):
