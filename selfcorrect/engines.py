@@ -19,17 +19,23 @@ which the weights of the transformers model the caller loaded (LoRA adapters mer
 (``reload_weights``). The next model with the same architecture and tokenizer (the next checkpoint of a run) reuses
 the engine with its weights copied in; another architecture gets a new engine. Prefix caching is off, so a sample
 never depends on what an earlier batch left in the cache (a resumed evaluation recomputes exactly the same).
+Creating it leaves this process's torch thread count and global random state as they were.
+
+PPO (``ppo.engine: vllm``) uses the same engine through :meth:`VLLMEngine.sample`, which also returns vLLM's
+log-probs of the sampled tokens; the trainer copies the policy's weights in before every rollout and recomputes the
+log-probs itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -98,6 +104,12 @@ def check_engine(name: str) -> None:
         raise UserError(VLLM_MISSING)
 
 
+def unhashed(name: str) -> set[str]:
+    """The config keys to leave out of a stage's hash: ``{"engine"}`` for the default hf, so that the runs made before
+    engines existed keep their hashes (and resume); a vllm run's hash includes it."""
+    return {"engine"} if name == "hf" else set()
+
+
 def engine_record(name: str) -> dict[str, str]:
     """What ``evaluation.json`` records about the engine: its name and the version of the library that samples."""
     if name == "vllm":
@@ -110,7 +122,7 @@ def engine_record(name: str) -> dict[str, str]:
 @dataclass(frozen=True)
 class Sample:
     """One sampled continuation: its token ids (through EOS or the token that completed a stop string) and the
-    log-probability vLLM gave each (``softmax(logits)``, before temperature and top-p)."""
+    log-probability of each under the distribution it was drawn from (``softmax(logits / T)``, after top-p)."""
 
     token_ids: list[int]
     logprobs: list[float]
@@ -118,11 +130,58 @@ class Sample:
 
 def _import_vllm():
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: its weights are reachable
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout is for selfcorrect's tables
     try:
         import vllm
     except ImportError as error:
         raise UserError(f"{VLLM_MISSING}: {error}") from None
     return vllm
+
+
+def model_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """A transformers model's weights under their transformers names; a PEFT model's with its active LoRA adapters
+    merged (``W + delta``, computed apart: the model's own weights are left exactly as they are)."""
+    import torch
+
+    if not hasattr(model, "get_base_model"):
+        yield from model.state_dict().items()
+        return
+    base = model.get_base_model()
+    deltas: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer") and not module.merged:
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        key = f"{name}.base_layer.weight"
+                        deltas[key] = deltas.get(key, 0) + module.get_delta_weight(adapter)
+        for name, tensor in base.state_dict().items():
+            if ".lora_" not in name:
+                yield name.replace(".base_layer.", "."), tensor + deltas[name] if name in deltas else tensor
+
+
+@contextlib.contextmanager
+def _process_state_kept() -> Iterator[None]:
+    """Put back what creating a vLLM engine in this process changes: its CPU worker sets torch to 1 thread and disables
+    ``torch.set_num_threads`` (the transformers model shares the threads), and it seeds Python's, NumPy's and torch's
+    global generators and draws its dummy weights from them (a resumed PPO run must draw what an uninterrupted one
+    did, whenever the engine was created)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        torch.set_num_threads = set_threads
+        torch.set_num_threads(threads)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def _dtype_name(model: torch.nn.Module) -> str:
@@ -154,31 +213,30 @@ class VLLMEngine:
         memory: dict[str, Any] = {"gpu_memory_utilization": GPU_MEMORY_UTILIZATION}
         if not torch.cuda.is_available() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             memory = {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
-        threads, set_threads = torch.get_num_threads(), torch.set_num_threads
         try:
-            self.llm = vllm.LLM(
-                model=self.dir,
-                dtype=_dtype_name(model),
-                load_format="dummy",
-                generation_config="vllm",  # only the sampling fields given here
-                enable_prefix_caching=False,
-                seed=0,
-                **memory,
-            )
+            with _process_state_kept():
+                self.llm = vllm.LLM(
+                    model=self.dir,
+                    dtype=_dtype_name(model),
+                    load_format="dummy",
+                    generation_config="vllm",  # only the sampling fields given here
+                    logprobs_mode="processed_logprobs",  # Sample.logprobs: the distribution sampled from
+                    enable_prefix_caching=False,
+                    seed=0,
+                    **memory,
+                )
         except BaseException:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise
-        finally:  # vLLM's CPU worker pins torch to 1 thread and disables set_num_threads: the scorer shares them
-            torch.set_num_threads = set_threads
-            torch.set_num_threads(threads)
         self.load(model)
 
     def load(self, model: torch.nn.Module) -> None:
-        """Copy ``model``'s weights into the engine, in place (same architecture: :func:`architecture_key`)."""
+        """Copy ``model``'s weights (LoRA adapters merged: :func:`model_weights`) into the engine, in place (the same
+        architecture: :func:`architecture_key`)."""
         if architecture_key(model, self.tokenizer) != self.key:
             raise ValueError("VLLMEngine.load: another architecture, dtype or vocabulary; create a new engine")
         worker = self.llm.llm_engine.model_executor.driver_worker.worker
-        worker.reload_weights(weights_iterator=iter(model.state_dict().items()))
+        worker.reload_weights(weights_iterator=model_weights(model))
         self.llm.reset_prefix_cache()
 
     def sample(

@@ -54,6 +54,7 @@ def resolved_configs(cfg: RunConfig) -> dict[str, dict[str, Any]]:
 
     Each includes the hashes of the stages before it, so a change upstream changes every later hash.
     """
+    from selfcorrect.engines import unhashed
     from selfcorrect.provenance import config_hash
 
     # JSON mode: what pipeline.json stores reads back equal (enums as strings, tuples as lists)
@@ -63,13 +64,12 @@ def resolved_configs(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     upstream: dict[str, str] = {}
     for stage in stages_in(cfg):
         if stage in ("sft", "reward", "ppo"):
-            own = {**common, stage: dump(getattr(cfg, stage))}
+            skip = unhashed(cfg.ppo.engine) if stage == "ppo" else set()
+            own = {**common, stage: dump(getattr(cfg, stage), exclude=skip)}
             if stage == "reward" and cfg.sft is not None:  # the reward is normalised on the SFT demonstrations
                 own["sft_data"] = dump(cfg.sft.data)
         elif stage == "evaluate":
-            skip = {"when", "batch_size", "gen_batch_size", "poll_seconds"}
-            if cfg.evaluation.engine == "hf":  # the default keeps the hashes of runs made before engines existed
-                skip.add("engine")
+            skip = {"when", "batch_size", "gen_batch_size", "poll_seconds", *unhashed(cfg.evaluation.engine)}
             own = {
                 "evaluation": dump(cfg.evaluation, exclude=skip),
                 "model": common["model"],
@@ -405,7 +405,7 @@ def describe_plan(cfg: RunConfig, plans: list[StagePlan]) -> str:
             f"{ppo.steps * ppo.rollout_batch_size * ppo.max_new_tokens:,} generated tokens); "
             f"checkpoints at steps {', '.join(map(str, ppo.save_at_steps))}"
         )
-        lines.append(f"ppo optimizer: {ppo.describe_optimizer()}")
+        lines.append(f"ppo optimizer: {ppo.describe_optimizer()}; rollouts sampled by engine {ppo.engine}")
     if cfg.evaluation is not None:
         lines += _describe_evaluation(cfg)
     return "\n".join(lines)
@@ -432,6 +432,7 @@ def _describe_evaluation(cfg: RunConfig) -> list[str]:
         lines.append(f"  {task.benchmark:<11} {task.condition:<12} {n:>7,} items" + ("  (CoT)" if task.is_cot else ""))
     lines.append(
         f"  per model: {passes:,} prompt forward passes, <= {tokens:,} generated tokens; "
-        f"all {len(targets)} models: {passes * len(targets):,} passes, <= {tokens * len(targets):,} tokens"
+        f"all {len(targets)} models: {passes * len(targets):,} passes, <= {tokens * len(targets):,} tokens "
+        f"(CoT sampled by engine {evaluation.engine})"
     )
     return lines

