@@ -39,7 +39,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from selfcorrect.errors import UserError
+from selfcorrect.errors import UserError, one_line
 
 if TYPE_CHECKING:  # torch and vLLM are imported where they are used: choosing an engine imports neither
     import torch
@@ -184,6 +184,17 @@ def _process_state_kept() -> Iterator[None]:
         np.random.set_state(numpy_state)
 
 
+def check_model_len(prompt_tokens: int, max_new_tokens: int, max_model_len: int | None) -> None:
+    """A one-line UserError where a prompt of ``prompt_tokens`` tokens plus ``max_new_tokens`` does not fit in
+    ``max_model_len`` (vLLM's, from the model's ``max_position_embeddings``; None: unknown, nothing checked)."""
+    if max_model_len is not None and prompt_tokens + max_new_tokens > max_model_len:
+        raise UserError(
+            f"engine vllm: a prompt of {prompt_tokens} tokens + max_new_tokens {max_new_tokens} = "
+            f"{prompt_tokens + max_new_tokens} tokens is more than the model's max_model_len {max_model_len} "
+            "(max_position_embeddings in its config); shorten the prompts or lower max_new_tokens"
+        )
+
+
 def _dtype_name(model: torch.nn.Module) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
@@ -225,9 +236,15 @@ class VLLMEngine:
                     seed=0,
                     **memory,
                 )
+        except Exception as error:  # vLLM's reason, in one line (an unsupported architecture, dtype, head size...)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+            reason = f"{type(error).__name__}: {one_line(error)}"
+            raise UserError(f"engine vllm: vLLM cannot load {name}: {reason}") from error
         except BaseException:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self.load(model)
 
     def load(self, model: torch.nn.Module) -> None:
@@ -249,9 +266,15 @@ class VLLMEngine:
         top_p: float,
         stop: Sequence[str],
     ) -> list[Sample]:
-        """One continuation per prompt, each drawn with its own seed, with the log-probs of its tokens."""
+        """One continuation per prompt, each drawn with its own seed, with the log-probs of its tokens.
+
+        A prompt whose length plus ``max_new_tokens`` exceeds the engine's ``max_model_len`` is a UserError (vLLM would
+        cut its continuation short, or refuse it, instead)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+
+        longest = max((len(ids) for ids in token_ids), default=0)
+        check_model_len(longest, max_new_tokens, self.max_model_len)
 
         params = [
             SamplingParams(

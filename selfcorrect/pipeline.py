@@ -267,10 +267,11 @@ def check_config(cfg: RunConfig, path: Path, launcher: str | None) -> dict[str, 
             from selfcorrect.reward_models.score import load_function
 
             load_function(cfg.ppo.reward_model)
-    if cfg.evaluation is not None:
-        from selfcorrect.engines import check_engine
+    from selfcorrect.engines import check_engine
 
-        check_engine(cfg.evaluation.engine)
+    for section in (cfg.ppo, cfg.evaluation):
+        if section is not None:
+            check_engine(section.engine)
 
     unchecked: dict[str, list[str]] = {}
     for stage, key, spec in _datasets(cfg):
@@ -405,7 +406,8 @@ def describe_plan(cfg: RunConfig, plans: list[StagePlan]) -> str:
             f"{ppo.steps * ppo.rollout_batch_size * ppo.max_new_tokens:,} generated tokens); "
             f"checkpoints at steps {', '.join(map(str, ppo.save_at_steps))}"
         )
-        lines.append(f"ppo optimizer: {ppo.describe_optimizer()}; rollouts sampled by engine {ppo.engine}")
+        engine = f"; rollouts sampled by engine {ppo.engine}" if ppo.engine != "hf" else ""  # hf: as before engines
+        lines.append(f"ppo optimizer: {ppo.describe_optimizer()}{engine}")
     if cfg.evaluation is not None:
         lines += _describe_evaluation(cfg)
     return "\n".join(lines)
@@ -432,7 +434,7 @@ def _describe_evaluation(cfg: RunConfig) -> list[str]:
         lines.append(f"  {task.benchmark:<11} {task.condition:<12} {n:>7,} items" + ("  (CoT)" if task.is_cot else ""))
     lines.append(
         f"  per model: {passes:,} prompt forward passes, <= {tokens:,} generated tokens; "
-        f"all {len(targets)} models: {passes * len(targets):,} passes, <= {tokens * len(targets):,} tokens "
-        f"(CoT sampled by engine {evaluation.engine})"
+        f"all {len(targets)} models: {passes * len(targets):,} passes, <= {tokens * len(targets):,} tokens"
+        + (f" (CoT sampled by engine {evaluation.engine})" if evaluation.engine != "hf" else "")
     )
     return lines

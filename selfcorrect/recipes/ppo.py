@@ -63,9 +63,11 @@ class PPORecipe:
 
     def setup(self):
         """Build everything the trainer needs and return the trainer (nothing is trained yet)."""
+        from selfcorrect.engines import check_engine
         from selfcorrect.train.ppo import PPOPtxTrainer
 
         args = training_arguments(self.cfg, self.path)  # before loading anything
+        check_engine(self.ppo.engine)
         prompts, ptx = self._setup_data()
         reward = self._setup_reward()
         policy, value_model, tokenizer = self._setup_model(reward)

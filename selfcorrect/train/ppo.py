@@ -401,16 +401,29 @@ class PPOPtxTrainer(Trainer):
         if ppo.ema_decay and zero_stage(self.accelerator) == 3:
             raise UserError("ppo.ema_decay: not supported under DeepSpeed ZeRO-3 (the weights are split); use ZeRO-2")
         if ppo.engine == "vllm":
-            from selfcorrect.engines import check_engine
-
-            check_engine("vllm")
-            if world > 1 or zero_stage(self.accelerator) == 3:
-                raise UserError("ppo.engine vllm: one training process without ZeRO-3 only (vLLM runs in it)")
+            self._check_vllm(policy, world)
         self.eos_ids = {tokenizer.eos_token_id} - {None}
         self.stop_strings = dialogues.stop_strings(self.dialogue)
         self.reward_ids_match = self._check_reward()
         self.ema: list[torch.Tensor] | None = None
         self.history: list[dict[str, float]] = []
+
+    def _check_vllm(self, policy: nn.Module, world: int) -> None:
+        """``ppo.engine: vllm`` is refused, in one line, before anything is sampled: where the longest prompt plus
+        ``max_new_tokens`` exceeds the policy's max_model_len, without vLLM installed, and with more than one training
+        process or under ZeRO-3 (vLLM runs inside the one training process and takes its full weights)."""
+        from selfcorrect.engines import check_engine, check_model_len
+
+        longest = max(len(ids) for ids in self.prompt_ids)
+        check_model_len(longest, self.ppo.max_new_tokens, getattr(policy.config, "max_position_embeddings", None))
+        check_engine("vllm")
+        zero3 = zero_stage(self.accelerator) == 3
+        if world > 1 or zero3:
+            run = f"{world} processes" + (" under DeepSpeed ZeRO-3" if zero3 else "")
+            raise UserError(
+                f"ppo.engine vllm: supported in one training process without DeepSpeed ZeRO-3 (vLLM runs inside it and "
+                f"takes the full weights); this run has {run}: use one process, or ppo.engine hf"
+            )
 
     def _tokenize_prompts(self, prompts: list[list[dict]]) -> tuple[list[list[dict]], list[np.ndarray], int]:
         """Every prompt in the run's dialogue format, as token ids; prompts longer than max_prompt_length dropped."""
@@ -510,11 +523,7 @@ class PPOPtxTrainer(Trainer):
     def rollout(self, prompt_indices: list[int]) -> Rollout:
         """Sample one response per prompt with the current policy (``ppo.engine``), then store log-probs and values."""
         ids, mask = self._pad_prompts([self.prompt_ids[i] for i in prompt_indices])
-        engine_logprobs = None
-        if self.ppo.engine == "vllm":
-            response_ids, engine_logprobs = self._vllm_responses(prompt_indices)
-        else:
-            response_ids = self._hf_responses(ids, mask)
+        response_ids, engine_logprobs = self.sample_responses(prompt_indices)
         response_mask = torch.zeros_like(response_ids)
         has_eos = torch.zeros(len(prompt_indices), dtype=torch.bool)
         reply_ids = []
@@ -539,6 +548,15 @@ class PPOPtxTrainer(Trainer):
         roll.logprobs, roll.values = self._forward_response(roll, self.model)
         roll.ref_logprobs = self._ref_logprobs(roll)
         return roll
+
+    @torch.no_grad()
+    def sample_responses(self, prompt_indices: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rollout's generation: one response per prompt sampled by ``ppo.engine`` from the current policy, as
+        (B, R) token ids (pad after the end), with the engine's own log-probs of them (vllm; None for hf)."""
+        if self.ppo.engine == "vllm":
+            return self._vllm_responses(prompt_indices)
+        ids, mask = self._pad_prompts([self.prompt_ids[i] for i in prompt_indices])
+        return self._hf_responses(ids, mask), None
 
     def _hf_responses(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Responses sampled by transformers' ``generate`` from the left-padded prompts: (B, R), pad after the end."""
