@@ -245,6 +245,7 @@ class VLLMEngine:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        self.failed = False  # sampling raised: the engine is not reused (vllm_engine)
         self.load(model)
 
     def load(self, model: torch.nn.Module) -> None:
@@ -289,7 +290,12 @@ class VLLMEngine:
             for seed in seeds
         ]
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in token_ids]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        try:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        except Exception as error:  # the engine failed or died: what is written stays, and a rerun resumes
+            self.failed = True
+            reason = f"{type(error).__name__}: {one_line(error)}"
+            raise UserError(f"engine vllm: vLLM failed while sampling (rerun to resume): {reason}") from error
         samples = []
         for out in outputs:
             completion = out.outputs[0]
@@ -323,11 +329,12 @@ def vllm_engine(model: torch.nn.Module, tokenizer: Any) -> VLLMEngine:
     """This process's vLLM engine holding ``model``'s weights: created on first use, then given each next model's
     weights in place; recreated for a model of another architecture (:func:`architecture_key`)."""
     global _shared
-    if _shared is not None and _shared.key == architecture_key(model, tokenizer):
+    if _shared is not None and not _shared.failed and _shared.key == architecture_key(model, tokenizer):
         _shared.load(model)
         return _shared
     if _shared is not None:
-        _shared.close()
+        with contextlib.suppress(Exception):  # a failed engine may not shut down cleanly
+            _shared.close()
         _shared = None
     _shared = VLLMEngine(model, tokenizer)
     return _shared

@@ -185,3 +185,19 @@ def test_a_max_model_len_too_small_is_a_one_line_error(vllm_model_dir, tmp_path,
     errors = [line for line in err if line.startswith("selfcorrect: error:")]
     assert len(errors) == 1 and errors[0] == err[-1], err
     assert "max_model_len 2048" in errors[0] and "max_new_tokens 2048" in errors[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="head_dim 16 is refused by vLLM's CPU attention only")
+def test_a_model_vllm_cannot_run_is_a_one_line_error_that_keeps_what_was_written(tiny_model_dir, tmp_path, capsys):
+    """The fixture's tiny Llama (head_dim 16, which vLLM's CPU attention does not support) loads but cannot sample:
+    exit 2 with vLLM's reason in one line, and the Q results scored before it stay. (Last: it replaces the shared
+    engine.)"""
+    out = tmp_path / "out"
+    args = ["--benchmarks", "bbq", "--conditions", "q,q_if_cot", "--limit", "2", "--engine", "vllm"]
+    assert main(["evaluate", str(tiny_model_dir), "--output", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # vLLM's own log lines may come before it
+    errors = [line for line in err if line.startswith("selfcorrect: error:")]
+    assert len(errors) == 1 and errors[0] == err[-1], err
+    assert "vLLM failed while sampling" in errors[0] and "head_dim=16" in errors[0], errors[0]
+    assert "bbq/q" in json.loads((out / "evaluation.json").read_text())["complete"]
+    assert len(lines(out / "bbq" / "q.jsonl")) == 2
