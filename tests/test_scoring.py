@@ -101,17 +101,17 @@ def test_colliding_candidates_are_an_error(scorer):
 
 
 def test_generation_is_per_item_seeded_and_respects_stop(scorer, bbq_items):
-    texts = [
-        render(it.cot_turns())
+    prompts = [
+        scorer.encode(render(it.cot_turns()))
         for it in bbq.items([u for u in bbq.load(data_dir()) if u["category"] == "Age"][:3], load_prompts(), "q_if_cot")
     ]
-    alone = scorer.generate(texts[:1], [11], max_new_tokens=12)
-    batched = scorer.generate(texts, [11, 12, 13], max_new_tokens=12)
+    alone = scorer.generate(prompts[:1], [11], max_new_tokens=12)
+    batched = scorer.generate(prompts, [11, 12, 13], max_new_tokens=12)
     assert alone[0] == batched[0]
     assert batched[0] != batched[1]
-    again = scorer.generate(texts, [11, 12, 13], max_new_tokens=12)
+    again = scorer.generate(prompts, [11, 12, 13], max_new_tokens=12)
     assert again == batched
-    stopped = scorer.generate(texts, [11, 12, 13], max_new_tokens=40, stop=["e"])
+    stopped = scorer.generate(prompts, [11, 12, 13], max_new_tokens=40, stop=["e"])
     assert all("e" not in t for t in stopped)
 
 

@@ -36,8 +36,10 @@ from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from selfcorrect import dialogue as dialogues
+from selfcorrect import engines
 from selfcorrect.config import StrictModel, data_dir, shipped_file
 from selfcorrect.dialogue import DialogueSpec
+from selfcorrect.engines import Engine
 from selfcorrect.errors import UserError
 from selfcorrect.evaluate import benchmarks as bench_registry
 from selfcorrect.evaluate import table
@@ -73,6 +75,7 @@ class EvalSettings:
     device: str | None = None
     trust_remote_code: bool = False
     overwrite: bool = False
+    engine: str = "hf"  # what samples the CoT reasoning: hf (transformers) or vllm (selfcorrect.engines)
 
 
 class EvaluationSection(StrictModel):
@@ -89,6 +92,7 @@ class EvaluationSection(StrictModel):
     batch_size: int = Field(16, gt=0)
     gen_batch_size: int = Field(64, gt=0)
     bootstrap: int = Field(1000, ge=0)
+    engine: Literal["hf", "vllm"] = "hf"  # what samples the CoT reasoning (selfcorrect.engines)
     poll_seconds: float = Field(10.0, gt=0)  # when: during, how often to look for new checkpoints
 
     @model_validator(mode="before")
@@ -137,6 +141,7 @@ class EvaluationSection(StrictModel):
             prompt_files=[Path(p) for p in self.prompts],
             dtype=dtype,
             trust_remote_code=trust_remote_code,
+            engine=self.engine,
         )
 
 
@@ -228,7 +233,12 @@ def _identity(settings: EvalSettings) -> dict:
         "seed": settings.seed,
         "dtype": settings.dtype,
         "data_dir": str(settings.data_dir.resolve()) if settings.data_dir else None,
+        "engine": settings.engine,
     }
+
+
+# Identity keys added later, with the value every output dir written before them was made with.
+RECORDED_BEFORE = {"engine": "hf"}
 
 
 def _check_output(settings: EvalSettings, prompts: PromptSet, tasks: list[Task]) -> dict:
@@ -243,7 +253,8 @@ def _check_output(settings: EvalSettings, prompts: PromptSet, tasks: list[Task])
             manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError:
             raise UserError(f"{manifest_path}: malformed JSON; use another --output or --overwrite") from None
-        changed = [k for k, v in identity.items() if manifest.get("settings", {}).get(k) != v]
+        recorded = {**RECORDED_BEFORE, **manifest.get("settings", {})}
+        changed = [k for k, v in identity.items() if recorded.get(k) != v]
         changed += [k for k, h in hashes.items() if manifest.get("prompts", {}).get(k, h) != h]
         if changed:
             raise UserError(
@@ -290,8 +301,9 @@ def _done_ids(path: Path) -> set[str]:
     return {obj["id"] for _, obj in iter_jsonl(path, tolerate_torn_tail=True) if "id" in obj}
 
 
-def _run_task(task: Task, scorer, settings: EvalSettings, prompts: PromptSet, tokenizer) -> None:
-    """Score every item of one task that is not in its per-item file yet, batch by batch."""
+def _run_task(task: Task, scorer, engine: Engine, settings: EvalSettings, prompts: PromptSet, tokenizer) -> None:
+    """Score every item of one task that is not in its per-item file yet, batch by batch; ``engine`` samples the
+    reasoning of a CoT task from the token ids of its first-stage prompts (``scorer.encode``)."""
     from selfcorrect.evaluate.scoring import length_batches, prefix_batches
 
     path = settings.output / task.benchmark / f"{task.condition}.jsonl"
@@ -299,11 +311,11 @@ def _run_task(task: Task, scorer, settings: EvalSettings, prompts: PromptSet, to
     first_stage = [
         render(it.cot_turns() if it.is_cot else it.scored_turns(), settings.dialogue, tokenizer) for it in task.items
     ]
-    seqs = [scorer.encode(t) for t in first_stage]
+    first_ids = [scorer.encode(t) for t in first_stage]
     if task.is_cot:  # decoding reads every weight once per step whatever the batch: larger batches, by length
-        batches = length_batches([len(s) for s in seqs], settings.gen_batch_size, scorer.max_batch_tokens)
+        batches = length_batches([len(s) for s in first_ids], settings.gen_batch_size, scorer.max_batch_tokens)
     else:  # prompts that begin alike together: the scorer runs their shared prefix once
-        batches = prefix_batches(seqs, settings.batch_size, scorer.max_batch_tokens)
+        batches = prefix_batches(first_ids, settings.batch_size, scorer.max_batch_tokens)
     todo = sum(it.item_id not in done for it in task.items)
     start = time.perf_counter()
     cot = prompts.cot_sampling
@@ -324,14 +336,13 @@ def _run_task(task: Task, scorer, settings: EvalSettings, prompts: PromptSet, to
             texts = [first_stage[i] for i in batch]
             if task.is_cot:
                 seeds = [stable_seed(settings.seed, task.key, r["id"]) for r in records]
-                reasoning = scorer.generate(
-                    texts,
+                reasoning = engine.generate(
+                    [first_ids[i] for i in batch],
                     seeds,
                     max_new_tokens=cot.max_new_tokens,
                     temperature=cot.temperature,
                     top_p=cot.top_p,
                     stop=stop,
-                    batch_size=len(batch),
                 )
                 texts = [
                     render(task.items[i].scored_turns(r), settings.dialogue, tokenizer)
@@ -395,6 +406,7 @@ def evaluate(settings: EvalSettings) -> Path:
     from selfcorrect.models import check_device, load_model
 
     check_device(settings.device)  # before anything is read or loaded: cheap checks first
+    engines.check_engine(settings.engine)
     check_writable_dir(settings.output, "--output")
     if settings.seed < 0:
         raise UserError(f"--seed must be a non-negative integer, got {settings.seed}")
@@ -404,6 +416,7 @@ def evaluate(settings: EvalSettings) -> Path:
     tasks, samples = plan(settings, prompts)
     manifest = _check_output(settings, prompts, tasks)
     manifest["dialogue"] = {**spec.record(), **how}
+    manifest["engine"] = engines.engine_record(settings.engine)
     pending = [t for t in tasks if t.key not in manifest["complete"] or not _holds_every_item(t, settings.output)]
     for task in pending:
         if task.key in manifest["complete"]:  # e.g. a torn last line: finish the missing items, never a smaller n
@@ -418,10 +431,13 @@ def evaluate(settings: EvalSettings) -> Path:
         for task in pending:  # colliding candidates fail here, before anything is written
             for item in {it.candidates: it for it in task.items}.values():
                 scorer.candidate_ids(item.assistant, item.candidates)
+        engine: Engine = scorer
+        if settings.engine == "vllm" and any(t.is_cot for t in pending):
+            engine = engines.vllm_engine(model, tokenizer)
     _write_manifest(settings, manifest, tasks, samples)
     if pending:
         for task in pending:
-            _run_task(task, scorer, settings, prompts, tokenizer)
+            _run_task(task, scorer, engine, settings, prompts, tokenizer)
             manifest["complete"] = sorted({*manifest["complete"], task.key})
             atomic_write_text(settings.output / "evaluation.json", json.dumps(manifest, indent=2) + "\n")
     return write_all_metrics(settings, manifest)

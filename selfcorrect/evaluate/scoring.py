@@ -28,6 +28,7 @@ from functools import lru_cache
 
 import torch
 
+from selfcorrect.engines import eos_ids, reply_text
 from selfcorrect.errors import UserError
 
 
@@ -230,19 +231,21 @@ class Scorer:
     @torch.inference_mode()
     def generate(
         self,
-        texts: Sequence[str],
+        token_ids: Sequence[Sequence[int]],
         seeds: Sequence[int],
         *,
         max_new_tokens: int = 256,
         temperature: float = 1.0,
         top_p: float = 1.0,
         stop: Sequence[str] = ("\n\nHuman:",),
-        batch_size: int = 16,
+        batch_size: int | None = None,
     ) -> list[str]:
-        """Sample one continuation per text with its own seed; stop at EOS or a stop string."""
-        seqs = [self.encode(t) for t in texts]
-        outputs: list[str] = [""] * len(texts)
-        for batch in length_batches([len(s) for s in seqs], batch_size, self.max_batch_tokens):
+        """Sample one continuation per prompt (token ids, e.g. :meth:`encode`'s) with its own seed; stop at EOS or a
+        stop string. The ``hf`` engine (:mod:`selfcorrect.engines`); ``batch_size`` None: one batch (within
+        ``max_batch_tokens``)."""
+        seqs = [list(ids) for ids in token_ids]
+        outputs: list[str] = [""] * len(seqs)
+        for batch in length_batches([len(s) for s in seqs], batch_size or len(seqs), self.max_batch_tokens):
             texts_out = self._generate_batch(
                 [seqs[i] for i in batch], [seeds[i] for i in batch], max_new_tokens, temperature, top_p, stop
             )
@@ -268,8 +271,7 @@ class Scorer:
     def _generate_batch(self, seqs, seeds, max_new_tokens, temperature, top_p, stop) -> list[str]:
         from transformers import DynamicCache
 
-        eos = self.tokenizer.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        ends = eos_ids(self.tokenizer)
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         ids, mask = self._pad_left(seqs)
         positions = self._positions(mask)
@@ -293,7 +295,7 @@ class Scorer:
                     continue
                 new[row].append(token)
                 step.append(token)
-                if token in eos_ids or any(s in self.tokenizer.decode(new[row][-16:]) for s in stop):
+                if token in ends or any(s in self.tokenizer.decode(new[row][-16:]) for s in stop):
                     done[row] = True
             if all(done):
                 break
@@ -306,10 +308,4 @@ class Scorer:
                 past_key_values=out.past_key_values,
                 use_cache=True,
             )
-        texts = []
-        for tokens in new:
-            text = self.tokenizer.decode([t for t in tokens if t not in eos_ids], skip_special_tokens=True)
-            for s in stop:
-                text = text.split(s)[0]
-            texts.append(text.rstrip())
-        return texts
+        return [reply_text(self.tokenizer, tokens, stop) for tokens in new]

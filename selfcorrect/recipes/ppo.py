@@ -22,6 +22,7 @@ def training_arguments(cfg: RunConfig, path: Path, extra: dict | None = None, re
     ``extra``: what a check on another machine adds, e.g. ``use_cpu``)."""
     from transformers import TrainingArguments
 
+    from selfcorrect.train import compat
     from selfcorrect.train.distributed import trainer_device_kwargs
 
     ppo = cfg.section("ppo", path)
@@ -32,7 +33,7 @@ def training_arguments(cfg: RunConfig, path: Path, extra: dict | None = None, re
         "save_strategy": "no",
         "per_device_train_batch_size": ppo.mini_batch_size,  # DeepSpeed's micro batch: episodes per optimizer step
         **trainer_device_kwargs(),
-        **ppo.trainer,
+        **compat.installed_names(ppo.trainer),
         **(extra or {}),
     }
     try:
@@ -62,9 +63,11 @@ class PPORecipe:
 
     def setup(self):
         """Build everything the trainer needs and return the trainer (nothing is trained yet)."""
+        from selfcorrect.engines import check_engine
         from selfcorrect.train.ppo import PPOPtxTrainer
 
         args = training_arguments(self.cfg, self.path)  # before loading anything
+        check_engine(self.ppo.engine)
         prompts, ptx = self._setup_data()
         reward = self._setup_reward()
         policy, value_model, tokenizer = self._setup_model(reward)
@@ -146,13 +149,14 @@ class PPORecipe:
 
     def _config_hash(self) -> str:
         """What ``last/`` must match for a resume (the checkpoints' ``config_hash``)."""
+        from selfcorrect.engines import unhashed
         from selfcorrect.provenance import config_hash
 
         cfg = self.cfg
         hashed = {
             "model": cfg.model.model_dump(),
             "lora": cfg.lora and cfg.lora.model_dump(),
-            "ppo": self.ppo.model_dump(),
+            "ppo": self.ppo.model_dump(exclude=unhashed(self.ppo.engine)),
             "seed": cfg.seed,
             "policy": self.policy_ref,
             "reward": self.reward_ref,

@@ -64,6 +64,7 @@ from selfcorrect.reward_models.score import (
     response_messages,
 )
 from selfcorrect.rundir import trainer_dir
+from selfcorrect.train import compat
 from selfcorrect.train.guards import NonFiniteLossGuard
 
 logger = logging.getLogger(__name__)
@@ -76,16 +77,12 @@ RESERVED_TRAINER_KEYS: dict[str, str] = {
     "max_length": "use reward.max_length",
     "logging_nan_inf_filter": "always off here (a NaN or infinite loss must stop the run, not be hidden)",
 }
-CHECKPOINTING_ALIASES = (
-    ("gradient_checkpointing", "activation_checkpointing"),
-    ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
-)
 REWARD_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(RewardConfig))
 
 
 def trainer_key_problem(key: str) -> str | None:
     """Why ``key`` cannot be a ``reward.trainer`` entry, or None if it can."""
-    if key not in REWARD_CONFIG_FIELDS:
+    if compat.installed_name(key) not in REWARD_CONFIG_FIELDS:
         return "unknown RewardConfig field"
     return RESERVED_TRAINER_KEYS.get(key)
 
@@ -107,7 +104,8 @@ class RewardSection(StrictModel):
             problem = trainer_key_problem(key)
             if problem:
                 raise ValueError(f"{key}: {problem}")
-        return check_typed_fields(value, typing.get_type_hints(RewardConfig), "RewardConfig")
+        checked = check_typed_fields(compat.installed_names(value), typing.get_type_hints(RewardConfig), "RewardConfig")
+        return {key: checked[compat.installed_name(key)] for key in value}  # the keys as given (either name)
 
     @field_validator("function")
     @classmethod
@@ -402,13 +400,10 @@ def build_reward_config(section: RewardSection, output_dir: Path, seed: int, rep
         problem = trainer_key_problem(key)
         if problem:
             raise UserError(f"reward.trainer.{key}: {problem}")
-    user = dict(section.trainer)
-    # transformers 5 renamed gradient_checkpointing* to activation_checkpointing*; TRL still sets the old name (True)
-    # by default, which warns. Pass the new name only, taking the user's value under either name.
-    for old_name, new_name in CHECKPOINTING_ALIASES:
-        if old_name in user:
-            value = user.pop(old_name)
-            user.setdefault(new_name, value)
+    # transformers 5.2x renamed gradient_checkpointing* to activation_checkpointing*; TRL still sets the old name
+    # (True) by default, which then warns. Pass the installed version's name only, the user's value under either name.
+    user = compat.installed_names(section.trainer)
+    aliases = {old: None for old in compat.RENAMED} if compat.HAS_NEW_NAMES else {}
     values: dict[str, Any] = {
         "num_train_epochs": 1,
         "adam_beta2": 0.95,  # InstructGPT: Adam betas (0.9, 0.95) for all models
@@ -418,9 +413,9 @@ def build_reward_config(section: RewardSection, output_dir: Path, seed: int, rep
         "logging_steps": 1,
         "bf16": _default_bf16(),
         "dataloader_pin_memory": torch.cuda.is_available(),
-        "activation_checkpointing": True,  # TRL's default
+        compat.installed_name("activation_checkpointing"): True,  # TRL's default
         **user,
-        **{old_name: None for old_name, _ in CHECKPOINTING_ALIASES},
+        **aliases,
         "output_dir": str(output_dir),
         "seed": seed,
         "report_to": report_to,

@@ -33,7 +33,7 @@ import typing
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ from selfcorrect.errors import UserError
 from selfcorrect.provenance import stable_seed
 from selfcorrect.reward_models.score import RewardModel, hh_prompt
 from selfcorrect.rundir import merged_dir
+from selfcorrect.train import compat
 from selfcorrect.train import ppo_core as core
 from selfcorrect.train.checkpoints import (
     load_engine_checkpoint,
@@ -147,6 +148,7 @@ class PPOSection(StrictModel):
     ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the policy weights (InstructGPT: 0.992); None: off
     save_last_every: int = Field(1, gt=0)
     save_merged: bool = False  # also write each kept step with adapters merged (rundir.merged_dir)
+    engine: Literal["hf", "vllm"] = "hf"  # what samples the rollouts (selfcorrect.engines); log-probs stay ours
     trainer: dict[str, Any] = {}  # TrainingArguments fields PPO honours: HONOURED_TRAINER_FIELDS
 
     @field_validator("save_at_steps")
@@ -174,7 +176,9 @@ class PPOSection(StrictModel):
                 raise ValueError(
                     f"{key}: not used by the PPO trainer (it honours {', '.join(sorted(HONOURED_TRAINER_FIELDS))})"
                 )
-        return check_typed_fields(trainer, typing.get_type_hints(TrainingArguments), "TrainingArguments")
+        hints = typing.get_type_hints(TrainingArguments)
+        checked = check_typed_fields(compat.installed_names(trainer), hints, "TrainingArguments")
+        return {key: checked[compat.installed_name(key)] for key in trainer}  # the keys as given (either name)
 
     @model_validator(mode="after")
     def _check(self) -> PPOSection:
@@ -253,7 +257,7 @@ class PolicyAndValue(nn.Module):
 
     @property
     def is_activation_checkpointing(self) -> bool:
-        return bool(getattr(self.policy, "is_activation_checkpointing", False))
+        return compat.is_checkpointing(self.policy)
 
     is_gradient_checkpointing = is_activation_checkpointing
 
@@ -263,14 +267,14 @@ class PolicyAndValue(nn.Module):
         options = activation_checkpointing_kwargs or getattr(self, "_checkpointing_options", {"use_reentrant": False})
         self._checkpointing_options = options
         for m in (self.policy, self.value_model):
-            m.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+            compat.checkpointing_enable(m, options)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
 
     def activation_checkpointing_disable(self) -> None:
         for m in (self.policy, self.value_model):
-            m.activation_checkpointing_disable()
+            compat.checkpointing_disable(m)
 
     gradient_checkpointing_disable = activation_checkpointing_disable
 
@@ -324,6 +328,7 @@ class Rollout:
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
     has_eos: torch.Tensor | None = None  # the policy ended its turn (EOS, or the HH format's next "Human:" turn)
+    engine_logprobs: torch.Tensor | None = None  # (B, R) the sampling engine's own log-probs (engine vllm)
 
 
 class PPOPtxTrainer(Trainer):
@@ -395,11 +400,30 @@ class PPOPtxTrainer(Trainer):
         self.updates_per_step = ppo.ppo_epochs * (self.local_batch // ppo.mini_batch_size)
         if ppo.ema_decay and zero_stage(self.accelerator) == 3:
             raise UserError("ppo.ema_decay: not supported under DeepSpeed ZeRO-3 (the weights are split); use ZeRO-2")
+        if ppo.engine == "vllm":
+            self._check_vllm(policy, world)
         self.eos_ids = {tokenizer.eos_token_id} - {None}
         self.stop_strings = dialogues.stop_strings(self.dialogue)
         self.reward_ids_match = self._check_reward()
         self.ema: list[torch.Tensor] | None = None
         self.history: list[dict[str, float]] = []
+
+    def _check_vllm(self, policy: nn.Module, world: int) -> None:
+        """``ppo.engine: vllm`` is refused, in one line, before anything is sampled: where the longest prompt plus
+        ``max_new_tokens`` exceeds the policy's max_model_len, without vLLM installed, and with more than one training
+        process or under ZeRO-3 (vLLM runs inside the one training process and takes its full weights)."""
+        from selfcorrect.engines import check_engine, check_model_len
+
+        longest = max(len(ids) for ids in self.prompt_ids)
+        check_model_len(longest, self.ppo.max_new_tokens, getattr(policy.config, "max_position_embeddings", None))
+        check_engine("vllm")
+        zero3 = zero_stage(self.accelerator) == 3
+        if world > 1 or zero3:
+            run = f"{world} processes" + (" under DeepSpeed ZeRO-3" if zero3 else "")
+            raise UserError(
+                f"ppo.engine vllm: supported in one training process without DeepSpeed ZeRO-3 (vLLM runs inside it and "
+                f"takes the full weights); this run has {run}: use one process, or ppo.engine hf"
+            )
 
     def _tokenize_prompts(self, prompts: list[list[dict]]) -> tuple[list[list[dict]], list[np.ndarray], int]:
         """Every prompt in the run's dialogue format, as token ids; prompts longer than max_prompt_length dropped."""
@@ -497,10 +521,47 @@ class PPOPtxTrainer(Trainer):
 
     @torch.no_grad()
     def rollout(self, prompt_indices: list[int]) -> Rollout:
-        """Sample one response per prompt with the current policy, then store log-probs and values."""
+        """Sample one response per prompt with the current policy (``ppo.engine``), then store log-probs and values."""
+        ids, mask = self._pad_prompts([self.prompt_ids[i] for i in prompt_indices])
+        response_ids, engine_logprobs = self.sample_responses(prompt_indices)
+        response_mask = torch.zeros_like(response_ids)
+        has_eos = torch.zeros(len(prompt_indices), dtype=torch.bool)
+        reply_ids = []
+        for row, tokens in enumerate(response_ids.tolist()):
+            actions, reply, has_eos[row] = self._turn_end(tokens)
+            response_mask[row, :actions] = 1
+            reply_ids.append(tokens[:reply])
+        input_ids = torch.cat([ids, response_ids], dim=1)
+        attention_mask = torch.cat([mask, response_mask], dim=1)
+        roll = Rollout(
+            [self.prompts[i] for i in prompt_indices],
+            input_ids,
+            attention_mask,
+            ids.shape[1],
+            response_mask.float(),
+            [self.tokenizer.decode(r, skip_special_tokens=True) for r in reply_ids],
+            prompt_ids=[self.prompt_ids[i].tolist() for i in prompt_indices],
+            reply_ids=reply_ids,
+            engine_logprobs=engine_logprobs,
+        )
+        roll.has_eos = has_eos
+        roll.logprobs, roll.values = self._forward_response(roll, self.model)
+        roll.ref_logprobs = self._ref_logprobs(roll)
+        return roll
+
+    @torch.no_grad()
+    def sample_responses(self, prompt_indices: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rollout's generation: one response per prompt sampled by ``ppo.engine`` from the current policy, as
+        (B, R) token ids (pad after the end), with the engine's own log-probs of them (vllm; None for hf)."""
+        if self.ppo.engine == "vllm":
+            return self._vllm_responses(prompt_indices)
+        ids, mask = self._pad_prompts([self.prompt_ids[i] for i in prompt_indices])
+        return self._hf_responses(ids, mask), None
+
+    def _hf_responses(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Responses sampled by transformers' ``generate`` from the left-padded prompts: (B, R), pad after the end."""
         from trl.models.utils import unwrap_model_for_generation
 
-        ids, mask = self._pad_prompts([self.prompt_ids[i] for i in prompt_indices])
         config = GenerationConfig(  # every sampling field set here: samples come from softmax(logits / T)
             do_sample=True,
             temperature=self.ppo.temperature,
@@ -522,30 +583,33 @@ class PPOPtxTrainer(Trainer):
                     generation_config=config,
                     tokenizer=self.tokenizer if self.stop_strings else None,
                 )
-        response_ids = out[:, ids.shape[1] :]
-        response_mask = torch.zeros_like(response_ids)
-        has_eos = torch.zeros(len(prompt_indices), dtype=torch.bool)
-        reply_ids = []
-        for row, tokens in enumerate(response_ids.tolist()):
-            actions, reply, has_eos[row] = self._turn_end(tokens)
-            response_mask[row, :actions] = 1
-            reply_ids.append(tokens[:reply])
-        input_ids = torch.cat([ids, response_ids], dim=1)
-        attention_mask = torch.cat([mask, response_mask], dim=1)
-        roll = Rollout(
-            [self.prompts[i] for i in prompt_indices],
-            input_ids,
-            attention_mask,
-            ids.shape[1],
-            response_mask.float(),
-            [self.tokenizer.decode(r, skip_special_tokens=True) for r in reply_ids],
-            prompt_ids=[self.prompt_ids[i].tolist() for i in prompt_indices],
-            reply_ids=reply_ids,
+        return out[:, ids.shape[1] :]
+
+    def _vllm_responses(self, prompt_indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Responses sampled by vLLM from the current policy (its weights copied in first, LoRA adapters merged), with
+        the sampling fields of :meth:`_hf_responses` and one seed per prompt drawn from this step's generator: (B, R)
+        token ids, pad after the end, and vLLM's log-probs of them (0 after the end)."""
+        from selfcorrect.engines import vllm_engine
+
+        # Drawn first, from the generator the step seeded (train): a resumed run gives vLLM the same seeds.
+        seeds = torch.randint(0, 2**31 - 1, (len(prompt_indices),)).tolist()
+        policy = self.accelerator.unwrap_model(self.model).policy
+        engine = vllm_engine(policy, self.tokenizer)  # created once; each call copies the updated weights in
+        samples = engine.sample(
+            [self.prompt_ids[i].tolist() for i in prompt_indices],
+            seeds,
+            max_new_tokens=self.ppo.max_new_tokens,
+            temperature=self.ppo.temperature,
+            top_p=1.0,
+            stop=self.stop_strings,
         )
-        roll.has_eos = has_eos
-        roll.logprobs, roll.values = self._forward_response(roll, self.model)
-        roll.ref_logprobs = self._ref_logprobs(roll)
-        return roll
+        width = max([1, *(len(s.token_ids) for s in samples)])
+        ids = torch.full((len(samples), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        logprobs = torch.zeros((len(samples), width))
+        for row, sample in enumerate(samples):
+            ids[row, : len(sample.token_ids)] = torch.tensor(sample.token_ids, dtype=torch.long)
+            logprobs[row, : len(sample.logprobs)] = torch.tensor(sample.logprobs)
+        return ids.to(self.accelerator.device), logprobs.to(self.accelerator.device)
 
     def _forward_response(self, roll: Rollout, model):
         """Policy log-probs of the response tokens and values (the policy's LM head only where they are read)."""
@@ -729,7 +793,12 @@ class PPOPtxTrainer(Trainer):
         mask = roll.response_mask
         kl_seq = (roll.kl * mask).sum(-1)
         k3_seq = (core.kl_k3(roll.logprobs, roll.ref_logprobs) * mask).sum(-1)
+        engine = {}
+        if roll.engine_logprobs is not None:  # how far the sampling engine's log-probs are from the trainer's
+            gap = core.masked_mean((roll.engine_logprobs - roll.logprobs).abs(), mask)
+            engine["rollout/logprob_gap"] = self._gather_mean(gap)
         return {
+            **engine,
             "reward": self._gather_mean(roll.score.mean()),
             "rlhf_reward": self._gather_mean((roll.score - self.kl_ctl.value * kl_seq).mean()),
             "kl": self._gather_mean(kl_seq.mean()),
@@ -887,8 +956,9 @@ class PPOPtxTrainer(Trainer):
     def train(self, *args, **kwargs) -> list[dict[str, float]]:
         """Run RLHF steps up to ``ppo.steps`` (resuming from ``last/`` if present); returns the logged history."""
         ppo = self.ppo
-        if self.args.activation_checkpointing:  # Trainer.train would switch it on; this train replaces that one
-            self.model.activation_checkpointing_enable(self.args.activation_checkpointing_kwargs)
+        checkpointing, options = compat.checkpointing_args(self.args)
+        if checkpointing:  # Trainer.train would switch it on; this train replaces that one
+            self.model.activation_checkpointing_enable(options)
         self.create_optimizer_and_scheduler(num_training_steps=ppo.steps * self.updates_per_step)
         # The scheduler stays ours (stepped once per optimizer step): accelerate would step it once per process.
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
