@@ -68,20 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--limit", type=int, default=200, help="BBQ items per tool (default 200)")
     p.add_argument("--batch-size", type=int, default=16, help="batch size of both tools (default 16)")
-    p.add_argument("--model", default=None, help="model directory (default: the embedded model, converted once)")
-    p.add_argument("--data-dir", default=None, help="shared data directory (default: $SELFCORRECT_DATA_DIR)")
-    p.add_argument("--skip-anchor", action="store_true", help="run selfcorrect only (no lm-eval venv, no ratio)")
-    p.add_argument(
-        "--cache-dir",
-        default=None,
-        help=f"anchor venvs (default: ${harness.CACHE_ENV} or {harness.DEFAULT_CACHE_DIR})",
-    )
-    p.add_argument("--selfcorrect-python", default=None, help="interpreter with selfcorrect's dependencies")
-    p.add_argument("--work-dir", type=Path, default=None, help="outputs and logs (default: a temporary directory)")
-    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the figures as JSON")
-    p.add_argument(
-        "--from-json", type=Path, default=None, metavar="FILE", help="print the table of a --json file; run nothing"
-    )
+    harness.add_common_arguments(p, "lm-eval", "outputs and logs (default: a temporary directory)")
     args = p.parse_args(argv)
     if args.limit < 1 or args.batch_size < 1:
         p.error("--limit and --batch-size must be positive")

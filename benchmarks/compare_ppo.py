@@ -76,20 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=32, help="sampled tokens per episode, at most (default 32)")
     p.add_argument("--max-prompt-length", type=int, default=128, help="longer HH prompts are skipped (default 128)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="default: full lora")
-    p.add_argument("--model", default=None, help="policy directory (default: the embedded model, converted once)")
-    p.add_argument("--data-dir", default=None, help="shared data directory (default: $SELFCORRECT_DATA_DIR)")
-    p.add_argument("--skip-anchor", action="store_true", help="run selfcorrect only (no TRL venv, no ratios)")
-    p.add_argument(
-        "--cache-dir",
-        default=None,
-        help=f"anchor venvs and fixtures (default: ${harness.CACHE_ENV} or {harness.DEFAULT_CACHE_DIR})",
-    )
-    p.add_argument("--selfcorrect-python", default=None, help="interpreter with selfcorrect's dependencies")
-    p.add_argument("--work-dir", type=Path, default=None, help="configs, logs and run outputs (default: a temp dir)")
-    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the figures as JSON")
-    p.add_argument(
-        "--from-json", type=Path, default=None, metavar="FILE", help="print the table of a --json file; run nothing"
-    )
+    harness.add_common_arguments(p, "TRL", "configs, logs and run outputs (default: a temp dir)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.max_new_tokens < 1:
         p.error("--steps, --batch and --max-new-tokens must be positive")

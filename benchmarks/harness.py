@@ -31,6 +31,22 @@ TORCH_PIN = "torch==2.13.0"
 SAMPLE_INTERVAL_S = 0.1
 
 
+def add_common_arguments(parser: Any, anchor: str, work_dir_help: str) -> None:
+    """The flags every side-by-side script shares: model, data, the anchor's venv, outputs."""
+    parser.add_argument("--model", default=None, help="model directory (default: the embedded model, converted once)")
+    parser.add_argument("--data-dir", default=None, help="shared data directory (default: $SELFCORRECT_DATA_DIR)")
+    parser.add_argument("--skip-anchor", action="store_true", help=f"run selfcorrect only (no {anchor} venv, no ratio)")
+    parser.add_argument(
+        "--cache-dir", default=None, help=f"anchor venvs and fixtures (default: ${CACHE_ENV} or {DEFAULT_CACHE_DIR})"
+    )
+    parser.add_argument("--selfcorrect-python", default=None, help="interpreter with selfcorrect's dependencies")
+    parser.add_argument("--work-dir", type=Path, default=None, help=work_dir_help)
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the figures as JSON")
+    parser.add_argument(
+        "--from-json", type=Path, default=None, metavar="FILE", help="print the table of a --json file; run nothing"
+    )
+
+
 def log(message: str) -> None:
     """A progress line on stderr (stdout is kept for the final table)."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
