@@ -96,9 +96,12 @@ class Architecture:
             n_params = vocab * h * (1 if tied else 2) + layers * per_layer + h
         return cls(n_params, h, layers, heads, kv, inter, vocab, tuple(s for s in linears for _ in range(layers)))
 
-    def lora_params(self, r: int) -> int:
-        """Trainable parameters of LoRA adapters of rank ``r`` on every linear layer of the decoder."""
-        return sum(r * (i + o) for _, i, o in self.linear_shapes)
+    def lora_params(self, r: int, target_modules: list[str] | str = "all-linear") -> int:
+        """Trainable parameters of LoRA adapters of rank ``r`` on the decoder's linear layers named in
+        ``target_modules`` (``"all-linear"``: every one)."""
+        every = isinstance(target_modules, str) and target_modules == "all-linear"
+        names = [target_modules] if isinstance(target_modules, str) else target_modules
+        return sum(r * (i + o) for name, i, o in self.linear_shapes if every or name in names)
 
 
 def safetensors_params(model_dir: Path) -> int | None:
@@ -228,8 +231,9 @@ def estimate_ppo(
         trained = arch.n_params + value.n_params
         ema = arch.n_params * 4 if ppo.ema_decay else 0
     else:
-        trained = arch.lora_params(lora.r) + value.lora_params(lora.r) + value.hidden
-        ema = arch.lora_params(lora.r) * 4 if ppo.ema_decay else 0
+        adapters = arch.lora_params(lora.r, lora.target_modules)
+        trained = adapters + value.lora_params(lora.r, lora.target_modules) + value.hidden
+        ema = adapters * 4 if ppo.ema_decay else 0
     parts = {"weights": weights * b, **_training_state(trained, b, launch), "ema": ema}
     checkpointing = bool(ppo.trainer.get("gradient_checkpointing", False))
     length = ppo.max_prompt_length + ppo.max_new_tokens
@@ -265,7 +269,7 @@ def estimate_supervised(
     ("reward": two sequences per pair, a scalar head)."""
     b = DTYPE_BYTES[dtype]
     split = launch.processes if launch.zero == 3 else 1
-    trained = arch.n_params if lora is None else arch.lora_params(lora.r)
+    trained = arch.n_params if lora is None else arch.lora_params(lora.r, lora.target_modules)
     parts = {"weights": arch.n_params * b / split, **_training_state(trained, b, launch)}
     sequences = int(trainer.get("per_device_train_batch_size", 8)) * (2 if stage == "reward" else 1)
     checkpointing = bool(trainer.get("gradient_checkpointing", False))

@@ -44,6 +44,7 @@ def test_parameter_counts_by_hand():
     assert arch.head_dim == 4 and arch.kv_heads == 1
     # LoRA r=2 on the 7 linear layers of each of 3 layers: r * (in + out)
     assert arch.lora_params(2) == 3 * 2 * ((8 + 8) + (8 + 4) * 2 + (8 + 8) + (8 + 16) * 2 + (16 + 8))
+    assert arch.lora_params(2, ["q_proj", "v_proj"]) == 3 * 2 * ((8 + 8) + (8 + 4))
     untied = Architecture.from_config({**TINY, "num_hidden_layers": 3, "vocab_size": 100, "tie_word_embeddings": False})
     assert untied.n_params == arch.n_params + 100 * 8
     assert Architecture.from_config(SMOLLM2_1_7B).n_params == 1_711_376_384
@@ -153,4 +154,4 @@ def test_dry_run_prints_the_estimate_and_flags_what_does_not_fit(tmp_path, monke
 def test_lora_shrinks_the_trained_state():
     arch = Architecture.from_config(SMOLLM2_1_7B)
     assert arch.lora_params(16) < arch.n_params / 50
-    assert LoraSection(r=16).r == 16
+    assert arch.lora_params(16, "q_proj") < arch.lora_params(16, LoraSection().target_modules)
