@@ -205,6 +205,43 @@ def test_a_max_model_len_too_small_is_a_one_line_error(vllm_model_dir, tmp_path,
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="head_dim 16 is refused by vLLM's CPU attention only")
+def test_a_vllm_engine_that_dies_mid_run_is_a_one_line_error_and_the_rerun_resumes(
+    vllm_model_dir, tmp_path, capsys, monkeypatch
+):
+    """vLLM's engine core shut down before the third CoT batch (vLLM itself then fails inside ``generate``): exit 2
+    with one line, the two items sampled before it kept; the rerun starts a new engine, samples only the rest, and
+    ends with the results of an uninterrupted run."""
+    import vllm
+
+    prompts = tmp_path / "short_cot.yaml"
+    prompts.write_text("name: short_cot\ncot_sampling:\n  max_new_tokens: 8\n")
+    args = ["--benchmarks", "bbq", "--conditions", "q_if_cot", "--limit", "4", "--gen-batch-size", "1",
+            "--engine", "vllm", "--prompts", str(prompts), "--bootstrap", "100"]
+    died, clean = tmp_path / "died", tmp_path / "clean"
+    calls, generate = [], vllm.LLM.generate
+
+    def dying(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            self.llm_engine.engine_core.shutdown()
+        return generate(self, *a, **k)
+
+    monkeypatch.setattr(vllm.LLM, "generate", dying)
+    assert main(["evaluate", str(vllm_model_dir), "--output", str(died), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("selfcorrect: error:")]
+    assert len(errors) == 1 and errors[0] == err[-1] and "vLLM failed while sampling (rerun to resume)" in errors[0]
+    results = died / "bbq" / "q_if_cot.jsonl"
+    before = results.read_bytes()
+    assert before.count(b"\n") == 2 and not (died / "metrics.csv").exists()
+    monkeypatch.undo()
+
+    assert main(["evaluate", str(vllm_model_dir), "--output", str(died), *args]) == 0
+    assert results.read_bytes().startswith(before) and len(lines(results)) == 4
+    assert main(["evaluate", str(vllm_model_dir), "--output", str(clean), *args]) == 0
+    assert (died / "metrics.csv").read_bytes() == (clean / "metrics.csv").read_bytes()
+
+
 def test_a_model_vllm_cannot_run_is_a_one_line_error_that_keeps_what_was_written(tiny_model_dir, tmp_path, capsys):
     """The fixture's tiny Llama (head_dim 16, which vLLM's CPU attention does not support) loads but cannot sample:
     exit 2 with vLLM's reason in one line, and the Q results scored before it stay. (Last: it replaces the shared
