@@ -183,7 +183,7 @@ def light_config(tmp: Path, model: Path, out: Path) -> dict:
     """PPO (rule reward) -> evaluate -> report: the pipeline without the SFT and reward stages."""
     cfg = tiny_config(tmp, model, out)
     cfg.pop("sft"), cfg.pop("reward")
-    cfg["ppo"].update(reward_model="selfcorrect_test_rules:length", policy=str(model))
+    cfg["ppo"].update(reward_model="selfcorrect_test_rules:length", policy=str(model), save_last_every=1)
     (tmp / "selfcorrect_test_rules.py").write_text(
         "def length(prompts, responses):\n    return [len(r) / 10 for r in responses]\n"
     )
@@ -316,3 +316,19 @@ def test_evaluate_run_dir_covers_every_checkpoint(light_run, tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(tmp_path), "--limit", "4"]) == 2  # a model dir needs --output
     assert "--output is required" in capsys.readouterr().err
+
+
+def test_save_last_every_is_not_part_of_the_ppo_config_hash(tiny_model_dir, tmp_path):
+    """How often last/ is rewritten changes no result, so a killed run may be rerun with another value (and the
+    default may change without orphaning runs); any PPO setting that does change results changes the hash."""
+    from selfcorrect.pipeline import resolved_configs
+    from selfcorrect.provenance import config_hash
+    from selfcorrect.stages import load_run_config
+
+    def ppo_hash(**ppo) -> str:
+        cfg = tiny_config(tmp_path, tiny_model_dir, tmp_path / "out")
+        cfg["ppo"].update(ppo)
+        return config_hash(resolved_configs(load_run_config(write(tmp_path / "c.yaml", cfg)))["ppo"])
+
+    assert ppo_hash(save_last_every=1) == ppo_hash(save_last_every=7) == ppo_hash()
+    assert ppo_hash(kl_coef=0.5) != ppo_hash()

@@ -113,6 +113,7 @@ def write_config(tmp_path: Path, policy: Path, out: Path, lora: dict | None = No
         "max_new_tokens": 6,
         "max_prompt_length": 64,
         "learning_rate": 1e-3,
+        "save_last_every": 1,  # the kill tests wait for last/ after a step
         **ppo,
     }
     path = tmp_path / f"{out.name}.yaml"

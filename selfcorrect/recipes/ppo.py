@@ -156,7 +156,7 @@ class PPORecipe:
         hashed = {
             "model": cfg.model.model_dump(),
             "lora": cfg.lora and cfg.lora.model_dump(),
-            "ppo": self.ppo.model_dump(exclude=unhashed(self.ppo.engine)),
+            "ppo": self.ppo.model_dump(exclude={"save_last_every", *unhashed(self.ppo.engine)}),
             "seed": cfg.seed,
             "policy": self.policy_ref,
             "reward": self.reward_ref,

@@ -148,7 +148,9 @@ class PPOSection(StrictModel):
     warmup_iterations: int = Field(0, ge=0)  # RLHF steps of linear warmup, then constant (InstructGPT: 10)
     warmup_start_factor: float = Field(0.1, gt=0, le=1)  # the warmup starts at this share of the peak (InstructGPT)
     ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the policy weights (InstructGPT: 0.992); None: off
-    save_last_every: int = Field(1, gt=0)
+    # last/ (for resuming) is rewritten every this many RLHF steps and at the end; a kill loses fewer steps than this.
+    # Not in the config hash: it changes no result, so it may differ between a killed run and its rerun.
+    save_last_every: int = Field(10, gt=0)
     save_merged: bool = False  # also write each kept step with adapters merged (rundir.merged_dir)
     engine: Literal["hf", "vllm"] = "hf"  # what samples the rollouts (selfcorrect.engines); log-probs stay ours
     trainer: dict[str, Any] = {}  # TrainingArguments fields PPO honours: HONOURED_TRAINER_FIELDS
