@@ -55,6 +55,7 @@ TRL_STEPS = [[harness.TORCH_PIN], ["trl==1.12.0", "peft"]]
 TRL_PACKAGES = ["torch", "transformers", "accelerate", "trl", "peft", "datasets"]
 HH_FILE = "hh-rlhf/harmless-base-test.jsonl.gz"
 VARIANTS = ("full", "lora")
+ENGINES = ("hf", "vllm")
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 LEARNING_RATE = 1e-5
 KL_COEF = 0.02
@@ -76,6 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=32, help="sampled tokens per episode, at most (default 32)")
     p.add_argument("--max-prompt-length", type=int, default=128, help="longer HH prompts are skipped (default 128)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="default: full lora")
+    p.add_argument(
+        "--engines", nargs="+", choices=ENGINES, default=["hf"],
+        help="selfcorrect's rollout engines, each a run per variant (vllm: selfcorrect's python needs vLLM; its rows "
+        "are named VARIANT+vllm and compared with TRL's VARIANT run); default: hf",
+    )  # fmt: skip
     harness.add_common_arguments(p, "TRL", "configs, logs and run outputs (default: a temp dir)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.max_new_tokens < 1:
@@ -91,8 +97,10 @@ def base_env() -> dict[str, str]:
     return env
 
 
-def selfcorrect_config(variant: str, args: argparse.Namespace, fx: dict[str, Any], out: Path) -> dict[str, Any]:
-    """selfcorrect's run config for one variant."""
+def selfcorrect_config(
+    variant: str, engine: str, args: argparse.Namespace, fx: dict[str, Any], out: Path
+) -> dict[str, Any]:
+    """selfcorrect's run config for one variant and rollout engine."""
     cfg: dict[str, Any] = {
         "name": f"bench-ppo-{variant}",
         "output_dir": str(out),
@@ -115,6 +123,7 @@ def selfcorrect_config(variant: str, args: argparse.Namespace, fx: dict[str, Any
             "kl_coef": KL_COEF,
             "gamma_ptx": 0.0,
             "learning_rate": LEARNING_RATE,
+            "engine": engine,
         },
         "tracking": {"backend": "none"},
     }
@@ -130,15 +139,23 @@ def steady_rate(step_times: list[float], batch: int) -> tuple[float, float, str]
     return batch * len(window) / sum(window), statistics.fmean(window), label
 
 
-def run_selfcorrect(variant: str, args: argparse.Namespace, fx: dict[str, Any], work: Path, py: Path) -> dict:
-    """``selfcorrect ppo CONFIG`` for one variant; its per-step times and the process measurements."""
-    run_dir = work / f"selfcorrect-{variant}"
-    config = work / f"selfcorrect-{variant}.yaml"
-    config.write_text(yaml.safe_dump(selfcorrect_config(variant, args, fx, run_dir), sort_keys=False))
+def row_name(variant: str, engine: str) -> str:
+    """A selfcorrect row's name: the variant, with ``+vllm`` for vLLM rollouts."""
+    return variant if engine == "hf" else f"{variant}+{engine}"
+
+
+def run_selfcorrect(
+    variant: str, engine: str, args: argparse.Namespace, fx: dict[str, Any], work: Path, py: Path
+) -> dict:
+    """``selfcorrect ppo CONFIG`` for one variant and engine; its per-step times and the process measurements."""
+    name = row_name(variant, engine)
+    run_dir = work / f"selfcorrect-{name}"
+    config = work / f"selfcorrect-{name}.yaml"
+    config.write_text(yaml.safe_dump(selfcorrect_config(variant, engine, args, fx, run_dir), sort_keys=False))
     env = {**base_env(), "PYTHONPATH": str(harness.REPO_ROOT)}
-    harness.log(f"selfcorrect {variant}: selfcorrect ppo {config}")
-    run = harness.measure([str(py), "-m", "selfcorrect", "ppo", str(config)], work / f"selfcorrect-{variant}.log", env)
-    harness.check(run, f"selfcorrect ppo ({variant})")
+    harness.log(f"selfcorrect {name}: selfcorrect ppo {config}")
+    run = harness.measure([str(py), "-m", "selfcorrect", "ppo", str(config)], work / f"selfcorrect-{name}.log", env)
+    harness.check(run, f"selfcorrect ppo ({name})")
     state = json.loads((run_dir / "ppo" / "last" / "state.json").read_text())["state"]
     history = state["history"]
     steps = [r["time/rollout"] + r["time/score"] + r["time/update"] for r in history]
@@ -204,15 +221,17 @@ def report(args: argparse.Namespace, fx: dict[str, Any], results: dict[str, dict
     )
     harness.print_table(["tool", "variant", "samples/s", "s/step", "wall s", "peak RSS MB"], rows)
     ratios: dict[str, float] = {}
-    for variant in args.variants:
-        a, b = summary.get(f"selfcorrect/{variant}"), summary.get(f"trl/{variant}")
-        if a and b:
-            ratios[f"speed_{variant}"] = a["samples_per_s"] / b["samples_per_s"]
-            print(f"speed selfcorrect/TRL, {variant}: {ratios[f'speed_{variant}']:.2f}x   (goal >= {SPEED_GOAL}x)")
-    a, b = summary.get("selfcorrect/lora"), summary.get("trl/lora")
-    if a and b:
-        ratios["peak_rss_lora"] = a["peak_rss_mb"] / b["peak_rss_mb"]
-        print(f"peak RSS selfcorrect/TRL, lora: {ratios['peak_rss_lora']:.2f}x   (goal <= {MEMORY_GOAL}x)")
+    for name in results.get("selfcorrect", {}):  # each against TRL's run of the same variant
+        variant = name.split("+")[0]
+        a, b = summary[f"selfcorrect/{name}"], summary.get(f"trl/{variant}")
+        if b:
+            ratios[f"speed_{name}"] = a["samples_per_s"] / b["samples_per_s"]
+            print(f"speed selfcorrect/TRL, {name}: {ratios[f'speed_{name}']:.2f}x   (goal >= {SPEED_GOAL}x)")
+    for name in results.get("selfcorrect", {}):
+        a, b = summary[f"selfcorrect/{name}"], summary.get("trl/lora")
+        if name.startswith("lora") and b:
+            ratios[f"peak_rss_{name}"] = a["peak_rss_mb"] / b["peak_rss_mb"]
+            print(f"peak RSS selfcorrect/TRL, {name}: {ratios[f'peak_rss_{name}']:.2f}x   (goal <= {MEMORY_GOAL}x)")
     for variant, r in results.get("selfcorrect", {}).items():
         window = slice(1, None) if len(r["step_times_s"]) > 1 else slice(None)
         means = {k: statistics.fmean(v[window]) for k, v in r["phases_s"].items()}
@@ -246,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     fx = make_fixtures(args, root, work, sc_python)
     results: dict[str, dict[str, dict]] = {"selfcorrect": {}, "trl": {}}
     for variant in args.variants:
-        results["selfcorrect"][variant] = run_selfcorrect(variant, args, fx, work, sc_python)
+        for engine in args.engines:
+            run = run_selfcorrect(variant, engine, args, fx, work, sc_python)
+            results["selfcorrect"][row_name(variant, engine)] = run
         if trl_python is not None:
             results["trl"][variant] = run_trl(variant, args, fx, work, trl_python)
     figures = report(args, fx, {k: v for k, v in results.items() if v})
