@@ -64,7 +64,7 @@ def resolved_configs(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     upstream: dict[str, str] = {}
     for stage in stages_in(cfg):
         if stage in ("sft", "reward", "ppo"):
-            skip = {"save_last_every", *unhashed(cfg.ppo.engine)} if stage == "ppo" else set()
+            skip = cfg.ppo.unhashed() if stage == "ppo" else set()
             own = {**common, stage: dump(getattr(cfg, stage), exclude=skip)}
             if stage == "reward" and cfg.sft is not None:  # the reward is normalised on the SFT demonstrations
                 own["sft_data"] = dump(cfg.sft.data)

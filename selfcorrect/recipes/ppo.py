@@ -149,14 +149,13 @@ class PPORecipe:
 
     def _config_hash(self) -> str:
         """What ``last/`` must match for a resume (the checkpoints' ``config_hash``)."""
-        from selfcorrect.engines import unhashed
         from selfcorrect.provenance import config_hash
 
         cfg = self.cfg
         hashed = {
             "model": cfg.model.model_dump(),
             "lora": cfg.lora and cfg.lora.model_dump(),
-            "ppo": self.ppo.model_dump(exclude={"save_last_every", *unhashed(self.ppo.engine)}),
+            "ppo": self.ppo.model_dump(exclude=self.ppo.unhashed()),
             "seed": cfg.seed,
             "policy": self.policy_ref,
             "reward": self.reward_ref,

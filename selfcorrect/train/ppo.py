@@ -155,6 +155,13 @@ class PPOSection(StrictModel):
     engine: Literal["hf", "vllm"] = "hf"  # what samples the rollouts (selfcorrect.engines); log-probs stay ours
     trainer: dict[str, Any] = {}  # TrainingArguments fields PPO honours: HONOURED_TRAINER_FIELDS
 
+    def unhashed(self) -> set[str]:
+        """The keys left out of the PPO stage's config hash: ``save_last_every`` (it changes no result) and, for the
+        default engine, ``engine`` (:func:`selfcorrect.engines.unhashed`)."""
+        from selfcorrect.engines import unhashed
+
+        return {"save_last_every", *unhashed(self.engine)}
+
     @field_validator("save_at_steps")
     @classmethod
     def _steps_of_the_run(cls, value: list[int], info: ValidationInfo) -> list[int]:
@@ -548,7 +555,7 @@ class PPOPtxTrainer(Trainer):
         roll.deferred = sorted(deferred)
         roll.logprobs = torch.zeros(response_mask.shape, device=input_ids.device)
         roll.values = torch.zeros(response_mask.shape, device=input_ids.device)
-        rest = [row for row in range(len(prompt_indices)) if row not in set(deferred)]
+        rest = sorted(set(range(len(prompt_indices))) - set(deferred))
         if rest:
             rows = torch.as_tensor(rest)
             roll.logprobs[rows], roll.values[rows] = self._forward_response(roll, self.model, rows)
