@@ -21,7 +21,9 @@ the adapter disabled; the value model starts from the reward model (or, for a fu
 policy's base with a new scalar head) and, with LoRA, trains only its own adapters and scalar head. The
 optimizer gets only parameters with ``requires_grad``, so frozen base weights have no gradients or Adam state.
 Randomness of step ``k`` on rank ``r`` is seeded from ``(seed, k, r)``, so a resumed run samples exactly what an
-uninterrupted one would have.
+uninterrupted one would have. The forward passes over the rollout (reference, policy, value, and the update's) run on
+packed sequences (``ppo.packing``, :mod:`selfcorrect.train.packing`), checked against the padded forward when training
+starts.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from selfcorrect.errors import UserError
 from selfcorrect.provenance import stable_seed
 from selfcorrect.reward_models.score import RewardModel, hh_prompt
 from selfcorrect.rundir import merged_dir
-from selfcorrect.train import compat
+from selfcorrect.train import compat, packing
 from selfcorrect.train import ppo_core as core
 from selfcorrect.train.checkpoints import (
     load_engine_checkpoint,
@@ -153,14 +155,18 @@ class PPOSection(StrictModel):
     save_last_every: int = Field(10, gt=0)
     save_merged: bool = False  # also write each kept step with adapters merged (rundir.merged_dir)
     engine: Literal["hf", "vllm"] = "hf"  # what samples the rollouts (selfcorrect.engines); log-probs stay ours
+    # Forward passes over packed sequences instead of padded rows (selfcorrect.train.packing): the same numbers to
+    # float tolerance, less work. Checked against the padded forward at the start of a run; off where it differs.
+    packing: bool = True
     trainer: dict[str, Any] = {}  # TrainingArguments fields PPO honours: HONOURED_TRAINER_FIELDS
 
     def unhashed(self) -> set[str]:
-        """The keys left out of the PPO stage's config hash: ``save_last_every`` (it changes no result) and, for the
-        default engine, ``engine`` (:func:`selfcorrect.engines.unhashed`)."""
+        """The keys left out of the PPO stage's config hash: ``save_last_every`` (it changes no result) and, at their
+        defaults, ``engine`` (:func:`selfcorrect.engines.unhashed`) and ``packing`` (so a config that does not name
+        them keeps the hash it had before they existed)."""
         from selfcorrect.engines import unhashed
 
-        return {"save_last_every", *unhashed(self.engine)}
+        return {"save_last_every", *unhashed(self.engine), *(["packing"] if self.packing else [])}
 
     @field_validator("save_at_steps")
     @classmethod
@@ -289,18 +295,43 @@ class PolicyAndValue(nn.Module):
 
     gradient_checkpointing_disable = activation_checkpointing_disable
 
-    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
-        """Policy logits (of the last ``logits_to_keep`` positions; 0: all) and values at every position."""
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        logits_to_keep: int = 0,
+        packed: PackedReads | None = None,
+    ):
+        """Padded rows: policy logits (of the last ``logits_to_keep`` positions; 0: all) and values at every position.
+        ``packed``: the policy's logits ``(K, V)`` and the values ``(K',)`` at its read positions only."""
+        if packed is not None:
+            return (
+                packing.lm_logits(self.policy, packed.policy, packed.policy_read),
+                packing.values(self.value_model, packed.value, packed.value_read),
+            )
         logits = self.policy(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=logits_to_keep
         ).logits
         # A LoRA value model (PEFT) holds its adapters inside the wrapped classifier: call that one's backbone.
         unwrap = getattr(self.value_model, "get_base_model", None)
         classifier = unwrap() if unwrap is not None else self.value_model
-        backbone = getattr(classifier, classifier.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        hidden = packing.backbone_of(classifier)(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        )
         values = classifier.score(hidden.last_hidden_state).squeeze(-1)
         return logits, values
+
+
+@dataclasses.dataclass
+class PackedReads:
+    """One packed forward of :class:`PolicyAndValue`: the policy's sequences (rollout rows, then any ptx rows) and the
+    value model's (rollout rows only), each with the flat positions whose outputs are read."""
+
+    policy: packing.Packed
+    policy_read: torch.Tensor
+    value: packing.Packed
+    value_read: torch.Tensor
 
 
 def _first_true(predicate: Callable[[int], bool], low: int, high: int) -> int:
@@ -418,6 +449,7 @@ class PPOPtxTrainer(Trainer):
         self.stop_strings = dialogues.stop_strings(self.dialogue)
         self.reward_ids_match = self._check_reward()
         self.ema: list[torch.Tensor] | None = None
+        self.packing = False  # checked when training starts (train)
         self.history: list[dict[str, float]] = []
 
     def _check_vllm(self, policy: nn.Module) -> None:
@@ -625,8 +657,59 @@ class PPOPtxTrainer(Trainer):
             logprobs[row, : len(sample.logprobs)] = torch.tensor(sample.logprobs)
         return ids.to(self.accelerator.device), logprobs.to(self.accelerator.device)
 
+    def _episodes(self, roll: Rollout, rows: torch.Tensor) -> tuple[list[list[int]], list[range]]:
+        """The tokens of ``rows`` without padding (prompt, then the policy's actions) and, per row, the positions
+        whose next-token distributions produced the actions."""
+        sequences, reads = [], []
+        for row in rows.tolist():
+            tokens = roll.input_ids[row][roll.attention_mask[row].bool()].tolist()
+            n_actions = int(roll.response_mask[row].sum())
+            sequences.append(tokens)
+            reads.append(range(len(tokens) - n_actions - 1, len(tokens) - 1))
+        return sequences, reads
+
+    def _pack(
+        self, roll: Rollout, rows: torch.Tensor, ptx: Sequence[Sequence[int]] = ()
+    ) -> tuple[PackedReads, torch.Tensor]:
+        """The packed forward of ``rows`` (and ``ptx`` sequences, policy only: every position but the last is read)
+        and the action tokens, in the order of the reads (row by row, as ``response_mask[rows]`` has them)."""
+        sequences, reads = self._episodes(roll, rows)
+        device, pad = roll.input_ids.device, self.tokenizer.pad_token_id
+        policy = packing.pack(sequences + [list(s) for s in ptx], pad, device)
+        value = packing.pack(sequences, pad, device)
+        ptx_reads = [range(0, len(s) - 1) for s in ptx]
+
+        def flat(packed: packing.Packed, ranges: list[range]) -> torch.Tensor:
+            return torch.cat([packed.at(i, torch.arange(r.start, r.stop, device=device)) for i, r in enumerate(ranges)])
+
+        targets = torch.tensor(
+            [t for s, r in zip(sequences, reads) for t in s[r.start + 1 : r.stop + 1]], device=device
+        )
+        return PackedReads(policy, flat(policy, reads + ptx_reads), value, flat(value, reads)), targets
+
+    def _packed_stats(self, roll: Rollout, rows: torch.Tensor, logits, values, targets, entropy: bool = True):
+        """:meth:`_response_stats` from a packed forward's read positions: the same ``(n, R)`` tensors, 0 where the
+        response mask is."""
+        mask = roll.response_mask[rows].bool()
+        if self.ppo.temperature != 1.0:
+            logits = logits / self.ppo.temperature
+
+        def place(x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_scatter(mask, x)
+
+        spread = None
+        if entropy:
+            with torch.no_grad():
+                spread = place(core.entropy_from_logits(logits))
+        return place(core.logprobs_from_logits(logits, targets)), place(values.float()), spread
+
     def _forward_response(self, roll: Rollout, model, rows: torch.Tensor):
         """Policy log-probs of the response tokens and values of ``rows`` (the LM head only where they are read)."""
+        if self.packing:
+            reads, targets = self._pack(roll, rows)
+            logits, values = model(packed=reads)
+            logprobs, values, _ = self._packed_stats(roll, rows, logits, values, targets, entropy=False)
+            return logprobs, values
         ids, mask = roll.input_ids[rows], roll.attention_mask[rows]
         logits, values = model(
             input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=self._kept(roll)
@@ -657,6 +740,18 @@ class PPOPtxTrainer(Trainer):
 
     @torch.no_grad()
     def _ref_logprobs(self, roll: Rollout) -> torch.Tensor:
+        if self.packing:
+            rows = torch.arange(roll.input_ids.shape[0])
+            reads, targets = self._pack(roll, rows)
+            if self.is_peft:
+                policy = self.accelerator.unwrap_model(self.model).policy
+                with policy.disable_adapter():
+                    logits = packing.lm_logits(policy, reads.policy, reads.policy_read)
+            else:  # under DeepSpeed an inference engine: its module
+                logits = packing.lm_logits(
+                    getattr(self.ref_policy, "module", self.ref_policy), reads.policy, reads.policy_read
+                )
+            return self._packed_stats(roll, rows, logits, torch.zeros_like(targets), targets, entropy=False)[0]
         ids, mask = roll.input_ids, roll.attention_mask
         kwargs = {
             "input_ids": ids,
@@ -692,7 +787,8 @@ class PPOPtxTrainer(Trainer):
         else:
             rm_tok, rm_eos = reward.tokenizer, [reward.tokenizer.eos_token_id]
             sequences = [
-                dialogues.prompt_ids(rm_tok, p, self.dialogue) + dialogues.reply_ids(rm_tok, text, self.dialogue)
+                dialogues.prompt_ids(rm_tok, p, self.dialogue)
+                + dialogues.reply_ids(rm_tok, text, self.dialogue)
                 + (rm_eos if ended else [])
                 for p, text, ended in zip(roll.prompts, roll.responses, roll.has_eos.tolist())
             ]
@@ -720,13 +816,49 @@ class PPOPtxTrainer(Trainer):
         roll.advantages = core.masked_whiten(adv, roll.response_mask) if self.ppo.whiten_advantages else adv
 
     # ---- 4. update ---------------------------------------------------------------------------------------
-    def _ptx_tensors(self, texts: list[str], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        seqs = [self.tokenizer(t, add_special_tokens=True)["input_ids"][: self.ppo.ptx_max_length] for t in texts]
+    def _ptx_sequences(self, texts: list[str]) -> list[list[int]]:
+        return [self.tokenizer(t, add_special_tokens=True)["input_ids"][: self.ppo.ptx_max_length] for t in texts]
+
+    def _ptx_tensors(self, seqs: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(width, max(len(s) for s in seqs))
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
         return ids.to(self.accelerator.device), mask.to(self.accelerator.device)
+
+    def _update_forward(self, roll: Rollout, rows: torch.Tensor, ptx: list[list[int]]):
+        """One minibatch's forward, with graph: the log-probs, values and entropy of ``rows`` (:meth:`_response_stats`)
+        and the ptx loss's ``(logits, labels, mask)`` of the ``ptx`` sequences (None without them). The ptx rows go
+        through the same forward, so DDP/DeepSpeed see one forward and one backward per optimizer step."""
+        if self.packing:
+            reads, targets = self._pack(roll, rows, ptx)
+            logits, values = self.model(packed=reads)
+            k = len(targets)
+            logprobs, new_values, entropy = self._packed_stats(roll, rows, logits[:k], values, targets)
+            if not ptx:
+                return logprobs, new_values, entropy, None
+            ids, mask = self._ptx_tensors(ptx, 0)
+            # ptx_loss reads position t's logits for token t + 1: every real position but a sequence's last.
+            read = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1).bool()
+            shape = (*mask.shape, logits.shape[-1])
+            ptx_logits = logits.new_zeros(shape).masked_scatter(read.unsqueeze(-1).expand(shape), logits[k:])
+            return logprobs, new_values, entropy, (ptx_logits, ids, mask)
+        ids, mask = roll.input_ids[rows], roll.attention_mask[rows]
+        if ptx:
+            ptx_ids, ptx_mask = self._ptx_tensors(ptx, ids.shape[1])
+            pad = ptx_ids.shape[1] - ids.shape[1]
+            ids = torch.nn.functional.pad(ids, (0, pad), value=self.tokenizer.pad_token_id)
+            mask = torch.nn.functional.pad(mask, (0, pad), value=0)
+            ids, mask = torch.cat([ids, ptx_ids]), torch.cat([mask, ptx_mask])
+        kept = 0 if ptx else self._kept(roll)  # the ptx LM loss reads every position
+        logits, values = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=kept
+        )
+        k, r_len, p = len(rows), roll.response_mask.shape[1], roll.context_length
+        logprobs, new_values, entropy = self._response_stats(
+            roll, ids[:k, : p + r_len], logits[:k, : p + r_len], values[:k, : p + r_len]
+        )
+        return logprobs, new_values, entropy, ((logits[k:], ids[k:], mask[k:]) if ptx else None)
 
     def _minibatch_order(self, step: int, epoch: int) -> np.ndarray:
         """The order in which an epoch of ``step``'s update visits the rollout rows (minibatches: consecutive runs)."""
@@ -755,25 +887,9 @@ class PPOPtxTrainer(Trainer):
             order = self._minibatch_order(step, epoch)
             for start in range(0, n, self.ppo.mini_batch_size):
                 rows = torch.as_tensor(order[start : start + self.ppo.mini_batch_size])
-                ids, mask = roll.input_ids[rows], roll.attention_mask[rows]
-                if use_ptx:
-                    ptx_ids, ptx_mask = self._ptx_tensors(self.ptx_batch(step, minibatch), ids.shape[1])
-                    pad = ptx_ids.shape[1] - ids.shape[1]
-                    ids = torch.nn.functional.pad(ids, (0, pad), value=self.tokenizer.pad_token_id)
-                    mask = torch.nn.functional.pad(mask, (0, pad), value=0)
-                    ids, mask = torch.cat([ids, ptx_ids]), torch.cat([mask, ptx_mask])
+                ptx = self._ptx_sequences(self.ptx_batch(step, minibatch)) if use_ptx else []
                 with self.accelerator.accumulate(self.model):
-                    kept = 0 if use_ptx else self._kept(roll)  # the ptx LM loss reads every position
-                    logits, values = self.model(
-                        input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=kept
-                    )
-                    k = len(rows)
-                    r_len = roll.response_mask.shape[1]
-                    p = roll.context_length
-                    rl_ids = ids[:k, : p + r_len]
-                    logprobs, new_values, entropy = self._response_stats(
-                        roll, rl_ids, logits[:k, : p + r_len], values[:k, : p + r_len]
-                    )
+                    logprobs, new_values, entropy, ptx_batch = self._update_forward(roll, rows, ptx)
                     if roll.deferred:  # the first minibatch: exactly the deferred rows, at the rollout's weights
                         if sorted(rows.tolist()) != roll.deferred:
                             raise ValueError("update: the rollout deferred other rows than the first minibatch's")
@@ -792,7 +908,7 @@ class PPOPtxTrainer(Trainer):
                         clip_range=self.ppo.clip_range,
                         clip_range_value=self.ppo.clip_range_value,
                         vf_coef=self.ppo.vf_coef,
-                        ptx=(logits[k:], ids[k:], mask[k:]) if use_ptx else None,
+                        ptx=ptx_batch,
                         gamma_ptx=self.ppo.gamma_ptx,
                     )
                     if not torch.isfinite(loss.total):
@@ -844,6 +960,19 @@ class PPOPtxTrainer(Trainer):
             "response_length": self._gather_mean(mask.sum(-1).mean()),
             "eos_rate": self._gather_mean(roll.has_eos.float().mean()),
         }
+
+    def _packing_works(self) -> bool:
+        """Whether the policy's and value model's packed outputs equal their padded forward (on three pieces of the
+        first prompts, packed two to a bin); where not, a warning, and this run's passes stay padded."""
+        flat = [t for ids in self.prompt_ids[:8] for t in ids.tolist()]
+        flat = flat * (24 // len(flat) + 1)
+        model = self.accelerator.unwrap_model(self.model)
+        why = packing.packing_matches(
+            model.policy, model.value_model, [flat[:12], flat[12:19], flat[19:24]], self.tokenizer.pad_token_id
+        )
+        if why:
+            warnings.warn(f"ppo.packing: off for this run, padded batches instead: {why}", stacklevel=1)
+        return not why
 
     # ---- optimizer, learning-rate schedule, EMA -------------------------------------------------------------
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
@@ -1006,6 +1135,7 @@ class PPOPtxTrainer(Trainer):
 
             # An inference engine with the policy's precision (bf16...); under ZeRO-3 split like the policy.
             self.ref_policy = prepare_deepspeed(self.ref_policy, self.accelerator)
+        self.packing = ppo.packing and self._packing_works()
         state = self._resume()
         start = state["step"]
         episodes, tokens = state["episodes"], state["tokens"]

@@ -1,0 +1,110 @@
+"""Sequence packing (selfcorrect.train.packing): how sequences are laid out, and PPO's packed passes against its padded
+ones on the same rollout (log-probs, reference log-probs, values, entropy, the ptx loss and the gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_ppo_trainer
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma2ForSequenceClassification,
+    LlamaForCausalLM,
+)
+
+from selfcorrect.train import packing
+from selfcorrect.train import ppo_core as core
+
+
+def test_sequences_are_laid_end_to_end_in_bins_no_longer_than_the_longest():
+    sequences = [[1] * 9, [2] * 4, [3] * 5, [4] * 2]
+    packed = packing.pack(sequences, pad_id=0)
+    # longest first, first fit: [9], [5, 4], [2 + 7 padding]
+    assert packed.input_ids.tolist() == [[1] * 9, [3] * 5 + [2] * 4, [4] * 2 + [0] * 7]
+    assert packed.position_ids.tolist() == [list(range(9)), [*range(5), *range(4)], [0, 1, *range(7)]]
+    assert packed.starts.tolist() == [0, 14, 9, 18]
+    flat = packed.input_ids.flatten()
+    for i, s in enumerate(sequences):
+        assert flat[packed.at(i, torch.arange(len(s)))].tolist() == s
+
+
+def varied_prompts() -> list[list[dict]]:
+    """Prompts from 1 to 12 clauses long, so the rollout's rows differ in length and pack several to a bin."""
+    return [
+        [{"role": "user", "content": "Tell me about " + ", then ".join(["the number 7"] * (1 + i % 12))}]
+        for i in range(24)
+    ]
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_packed_passes_equal_the_padded_passes(peaked_policy_dir, tmp_path, kind):
+    policy = LlamaForCausalLM.from_pretrained(peaked_policy_dir)
+    if kind == "lora":
+        policy = get_peft_model(policy, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    trainer = make_ppo_trainer(
+        peaked_policy_dir,
+        tmp_path / "run",
+        lambda p, r: torch.rand(len(r)),
+        prompts=varied_prompts(),
+        policy=policy,
+        gamma_ptx=0.5,
+        temperature=0.7,
+    )
+    assert trainer._packing_works()
+    torch.manual_seed(3)
+    roll = trainer.rollout(trainer.step_prompts(0))  # padded passes (packing is off until train() checks it)
+    rows = torch.arange(8)
+    reads, _ = trainer._pack(roll, rows)
+    assert reads.policy.input_ids.numel() < 0.8 * roll.input_ids.numel()  # it packs: fewer tokens than padded rows
+    mask = roll.response_mask.bool()
+    ptx = trainer._ptx_sequences(trainer.ptx_batch(0, 0))
+    outputs = {}
+    for packed in (False, True):
+        trainer.packing = packed
+        logprobs, values = trainer._forward_response(roll, trainer.model, rows)
+        ref = trainer._ref_logprobs(roll)
+        trainer.model.zero_grad()
+        new_logprobs, new_values, entropy, ptx_batch = trainer._update_forward(roll, rows[:4], ptx)
+        lm = core.ptx_loss(*ptx_batch)
+        m = mask[:4]
+        (new_logprobs[m].sum() + new_values[m].sum() + lm).backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        outputs[packed] = {
+            "logprobs": logprobs[mask],
+            "values": values[mask],
+            "ref_logprobs": ref[mask],
+            "update_logprobs": new_logprobs[m].detach(),
+            "update_values": new_values[m].detach(),
+            "entropy": entropy[m],
+            "ptx_loss": lm.detach(),
+            **grads,
+        }
+    padded, packed = outputs[False], outputs[True]
+    assert padded.keys() == packed.keys() and len(padded) > 10  # the gradients of the trained weights are compared
+    for name in padded:
+        torch.testing.assert_close(packed[name], padded[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_the_packing_check_turns_packing_off_for_a_model_whose_logits_are_post_processed():
+    """Gemma 2 soft-caps its logits after the LM head, which the packed path does not do: the check says so. A
+    Llama's packed outputs pass it."""
+    config = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        pad_token_id=0,
+        num_labels=1,
+    )
+    torch.manual_seed(0)
+    capped = Gemma2Config(**config, final_logit_softcapping=5.0)
+    sequences = [list(range(10, 22)), list(range(30, 37)), list(range(40, 45))]
+    why = packing.packing_matches(Gemma2ForCausalLM(capped), Gemma2ForSequenceClassification(capped), sequences, 0)
+    assert why.startswith("packed logits differ from the padded forward's by")
+    plain = Gemma2Config(**config, final_logit_softcapping=None)
+    assert packing.packing_matches(Gemma2ForCausalLM(plain), Gemma2ForSequenceClassification(plain), sequences, 0) == ""
