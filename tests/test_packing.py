@@ -18,16 +18,21 @@ from selfcorrect.train import packing
 from selfcorrect.train import ppo_core as core
 
 
-def test_sequences_are_laid_end_to_end_in_bins_no_longer_than_the_longest():
+def test_sequences_are_laid_end_to_end_in_bins_of_about_equal_length():
     sequences = [[1] * 9, [2] * 4, [3] * 5, [4] * 2]
-    packed = packing.pack(sequences, pad_id=0)
-    # longest first, first fit: [9], [5, 4], [2 + 7 padding]
+    # bins of up to the longest (9 tokens): 20 tokens need 3 bins; longest first, first fit: [9], [5, 4], [2]
+    packed = packing.pack(sequences, pad_id=0, bin_tokens=0)
     assert packed.input_ids.tolist() == [[1] * 9, [3] * 5 + [2] * 4, [4] * 2 + [0] * 7]
     assert packed.position_ids.tolist() == [list(range(9)), [*range(5), *range(4)], [0, 1, *range(7)]]
     assert packed.starts.tolist() == [0, 14, 9, 18]
     flat = packed.input_ids.flatten()
     for i, s in enumerate(sequences):
         assert flat[packed.at(i, torch.arange(len(s)))].tolist() == s
+    # bins of up to 12 tokens: 20 tokens need 2 bins; first fit at capacity 10 needs 3 ([9], [5, 4], [2]), so the
+    # capacity grows until it needs 2: [9, 2], [5, 4]
+    packed = packing.pack(sequences, pad_id=0, bin_tokens=12)
+    assert packed.input_ids.tolist() == [[1] * 9 + [4] * 2, [3] * 5 + [2] * 4 + [0] * 2]
+    assert packing.pack(sequences, pad_id=0).input_ids.tolist() == [[1] * 9 + [3] * 5 + [2] * 4 + [4] * 2]
 
 
 def varied_prompts() -> list[list[dict]]:
@@ -83,8 +88,9 @@ def test_packed_passes_equal_the_padded_passes(peaked_policy_dir, tmp_path, kind
         }
     padded, packed = outputs[False], outputs[True]
     assert padded.keys() == packed.keys() and len(padded) > 10  # the gradients of the trained weights are compared
-    for name in padded:
-        torch.testing.assert_close(packed[name], padded[name], atol=2e-5, rtol=1e-4, msg=name)
+    for name in padded:  # float noise only: within 1e-5 of each tensor's largest entry (summed embedding gradients)
+        gap = (packed[name] - padded[name]).abs().max()
+        assert gap <= 1e-5 * (1 + padded[name].abs().max()), (name, float(gap))
 
 
 def test_the_packing_check_turns_packing_off_for_a_model_whose_logits_are_post_processed():

@@ -2,11 +2,12 @@
 padded to the longest.
 
 A rollout batch mixes prompts of very different lengths (HH: 16 to 256 tokens), so a padded batch is often a third
-padding, and every padded token costs a full forward and backward. :func:`pack` puts the sequences into bins no
-longer than the longest sequence (first fit, longest first), so attention within a bin never costs more than a padded
-row did; each sequence's ``position_ids`` restart at 0. Called with ``attention_mask=None`` and no cache,
-transformers' models read restarting positions as separate sequences (a block-diagonal causal mask; flash-attention's
-variable-length path on GPU), so each token sees exactly what it saw in its padded row.
+padding, and every padded token costs a full forward and backward. :func:`pack` puts the sequences end to end into a
+few bins of about equal length, each no longer than ``BIN_TOKENS`` or the longest sequence (so attention within a
+bin costs little more than in a padded row); each sequence's ``position_ids`` restart at 0. Called with
+``attention_mask=None`` and no cache, transformers' models read restarting positions as separate sequences (a block-
+diagonal causal mask; flash-attention's variable-length path on GPU), so each token sees exactly what it saw in its
+padded row.
 
 The outputs are read only where PPO needs them: the hidden states of the ``read`` positions go through the LM head
 (or the value head), never the whole packed batch. :func:`packing_matches` checks, once per run, that a model's
@@ -37,27 +38,43 @@ class Packed:
         return self.starts[sequence] + positions
 
 
-def pack(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> Packed:
-    """Bins of at most the longest sequence's length, filled first fit in order of decreasing length; the tail of a
-    bin is ``pad_id`` with positions of its own (a sequence nothing reads)."""
-    width = max(len(s) for s in sequences)
-    bins: list[list[int]] = []  # sequence indices per bin
+BIN_TOKENS = 512  # bins shorter than this are merged: attention over 512 tokens costs little next to the linear layers
+
+
+def _first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of ``lengths`` in bins of at most ``capacity``, first fit in order of decreasing length."""
+    bins: list[list[int]] = []
     room: list[int] = []
-    for i in sorted(range(len(sequences)), key=lambda i: -len(sequences[i])):
-        b = next((b for b, free in enumerate(room) if free >= len(sequences[i])), None)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        b = next((b for b, free in enumerate(room) if free >= lengths[i]), None)
         if b is None:
             bins.append([])
-            room.append(width)
+            room.append(capacity)
             b = len(bins) - 1
         bins[b].append(i)
-        room[b] -= len(sequences[i])
+        room[b] -= lengths[i]
+    return bins
+
+
+def pack(
+    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu", bin_tokens: int = BIN_TOKENS
+) -> Packed:
+    """The sequences in as few bins as ``max(bin_tokens, longest sequence)`` allows, of about equal length (first fit
+    in order of decreasing length); each bin's tail is ``pad_id`` with positions of its own (nothing reads it)."""
+    lengths = [len(s) for s in sequences]
+    total, longest = sum(lengths), max(lengths)
+    n_bins = -(-total // max(bin_tokens, longest))
+    capacity = max(longest, -(-total // n_bins))
+    while len(bins := _first_fit(lengths, capacity)) > n_bins:
+        capacity += max(1, capacity // 32)
+    width = max(sum(lengths[i] for i in members) for members in bins)
     ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
     positions = torch.zeros((len(bins), width), dtype=torch.long)
     starts = torch.zeros(len(sequences), dtype=torch.long)
     for b, members in enumerate(bins):
         col = 0
         for i in members:
-            n = len(sequences[i])
+            n = lengths[i]
             ids[b, col : col + n] = torch.as_tensor(list(sequences[i]), dtype=torch.long)
             positions[b, col : col + n] = torch.arange(n)
             starts[i] = b * width + col
