@@ -225,7 +225,7 @@ def estimate_ppo(
     weights = (arch.n_params + value.n_params) / split  # policy + value model
     if lora is None:
         weights += arch.n_params / split  # the reference policy (under LoRA: the adapters switched off)
-    if reward_arch is not None:
+    if reward_arch is not None and lora is None:  # under LoRA the value model with its adapters off scores instead
         weights += reward_arch.n_params
     if lora is None:
         trained = arch.n_params + value.n_params
@@ -243,7 +243,8 @@ def estimate_ppo(
         "logits": _logits(arch, rollout, ppo.max_new_tokens + 1, b, with_grad=False),  # one pass, whole batch
     }
     ptx = ppo.gamma_ptx > 0 and ppo.ptx_data is not None
-    rows = ppo.mini_batch_size + (ppo.ptx_batch_size if ptx else 0)  # ptx rows padded to the same width
+    # Every sequence at its longest: the worst case, where packing (ppo.packing) saves nothing over padded rows.
+    rows = ppo.mini_batch_size + (ppo.ptx_batch_size if ptx else 0)
     length = max(length, ppo.ptx_max_length) if ptx else length
     update_phase = {
         "activations": _activations(arch, rows, length, b, checkpointing)

@@ -94,10 +94,13 @@ def make_ppo_trainer(
     prompts: list[list[dict]] | None = None,
     dialogue=None,
     policy=None,
+    value=None,
+    value_from_reward: bool = False,
     **overrides,
 ):
-    """A PPOPtxTrainer on a tiny model directory: the policy (or ``policy``), a value model with a new head, a
-    function reward, 24 short prompts (or ``prompts``) and two ptx texts; ``overrides`` go to the PPOSection."""
+    """A PPOPtxTrainer on a tiny model directory: the policy (or ``policy``), a value model with a new head (or
+    ``value``), a function reward, 24 short prompts (or ``prompts``) and two ptx texts; ``overrides`` go to the
+    PPOSection."""
     from transformers import AutoModelForSequenceClassification, TrainingArguments
 
     from selfcorrect.config import DatasetSpec
@@ -106,9 +109,10 @@ def make_ppo_trainer(
     tok = AutoTokenizer.from_pretrained(policy_dir)
     tok.padding_side = "left"
     policy = policy if policy is not None else LlamaForCausalLM.from_pretrained(policy_dir)
-    torch.manual_seed(0)  # the value model's new scalar head: the same in every trainer
-    value = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1)
-    value.config.pad_token_id = tok.pad_token_id
+    if value is None:
+        torch.manual_seed(0)  # the value model's new scalar head: the same in every trainer
+        value = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1)
+        value.config.pad_token_id = tok.pad_token_id
     settings = dict(
         prompts=DatasetSpec(path="unused", format="prompt"),
         steps=8,
@@ -139,6 +143,7 @@ def make_ppo_trainer(
         run_dir=run_dir,
         config_hash="test",
         dialogue=dialogue,
+        value_from_reward=value_from_reward,
     )
 
 

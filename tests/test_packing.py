@@ -3,11 +3,14 @@ ones on the same rollout (log-probs, reference log-probs, values, entropy, the p
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import make_ppo_trainer
 from peft import LoraConfig, get_peft_model
 from transformers import (
+    AutoTokenizer,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma2ForSequenceClassification,
@@ -93,24 +96,37 @@ def test_packed_passes_equal_the_padded_passes(peaked_policy_dir, tmp_path, kind
         assert gap <= 1e-5 * (1 + padded[name].abs().max()), (name, float(gap))
 
 
+def tiny_gemma2(softcapping: float | None, vocab_size: int = 300) -> Gemma2Config:
+    """A tiny Gemma 2 config; Gemma 2 soft-caps its logits after the LM head (``final_logit_softcapping``)."""
+    return Gemma2Config(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, pad_token_id=0, num_labels=1, final_logit_softcapping=softcapping,
+    )  # fmt: skip
+
+
 def test_the_packing_check_turns_packing_off_for_a_model_whose_logits_are_post_processed():
-    """Gemma 2 soft-caps its logits after the LM head, which the packed path does not do: the check says so. A
-    Llama's packed outputs pass it."""
-    config = dict(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        pad_token_id=0,
-        num_labels=1,
-    )
+    """The packed path applies the LM head and nothing after it, so a soft-capping Gemma 2 fails the check; the same
+    model without soft-capping passes it."""
     torch.manual_seed(0)
-    capped = Gemma2Config(**config, final_logit_softcapping=5.0)
     sequences = [list(range(10, 22)), list(range(30, 37)), list(range(40, 45))]
+    capped, plain = tiny_gemma2(5.0), tiny_gemma2(None)
     why = packing.packing_matches(Gemma2ForCausalLM(capped), Gemma2ForSequenceClassification(capped), sequences, 0)
     assert why.startswith("packed logits differ from the padded forward's by")
-    plain = Gemma2Config(**config, final_logit_softcapping=None)
     assert packing.packing_matches(Gemma2ForCausalLM(plain), Gemma2ForSequenceClassification(plain), sequences, 0) == ""
+
+
+def test_training_checks_packing_first_and_records_it(peaked_policy_dir, tmp_path):
+    """train() runs the check before the first rollout: a Llama policy trains on packed sequences, a soft-capping
+    Gemma 2 policy (same tokenizer) is warned about and trains on padded rows; each kept manifest says which."""
+    common = dict(steps=1, save_at_steps=[1], rollout_batch_size=4, mini_batch_size=4, max_new_tokens=4)
+    make_ppo_trainer(peaked_policy_dir, tmp_path / "llama", lambda p, r: torch.rand(len(r)), **common).train()
+    torch.manual_seed(0)
+    gemma = Gemma2ForCausalLM(tiny_gemma2(5.0, vocab_size=len(AutoTokenizer.from_pretrained(peaked_policy_dir))))
+    trainer = make_ppo_trainer(
+        peaked_policy_dir, tmp_path / "gemma", lambda p, r: torch.rand(len(r)), policy=gemma, **common
+    )
+    with pytest.warns(UserWarning, match="ppo.packing: off for this run, padded batches instead: packed logits differ"):
+        trainer.train()
+    for run, packed in (("llama", True), ("gemma", False)):
+        manifest = json.loads((tmp_path / run / "checkpoints" / "step-000001" / "manifest.json").read_text())
+        assert manifest["packing"] is packed

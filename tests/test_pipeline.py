@@ -318,7 +318,7 @@ def test_evaluate_run_dir_covers_every_checkpoint(light_run, tmp_path, capsys):
     assert "--output is required" in capsys.readouterr().err
 
 
-def test_save_last_every_is_not_part_of_the_ppo_config_hash(tiny_model_dir, tmp_path):
+def test_save_last_every_and_default_packing_are_not_part_of_the_ppo_config_hash(tiny_model_dir, tmp_path):
     """How often last/ is rewritten changes no result, so a killed run may be rerun with another value (and the
     default may change without orphaning runs); any PPO setting that does change results changes the hash."""
     from selfcorrect.pipeline import resolved_configs
@@ -332,3 +332,5 @@ def test_save_last_every_is_not_part_of_the_ppo_config_hash(tiny_model_dir, tmp_
 
     assert ppo_hash(save_last_every=1) == ppo_hash(save_last_every=7) == ppo_hash()
     assert ppo_hash(kl_coef=0.5) != ppo_hash()
+    # packing (on by default) keeps the hashes of configs written before it existed; turning it off changes the hash
+    assert ppo_hash(packing=True) == ppo_hash() != ppo_hash(packing=False)

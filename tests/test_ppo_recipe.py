@@ -183,6 +183,51 @@ def test_a_reward_model_scores_the_rollouts_own_token_ids(peaked_policy_dir, tmp
         make_ppo_trainer(peaked_policy_dir, tmp_path / "y", too_short, max_prompt_length=32)
 
 
+def test_under_lora_the_value_model_with_its_adapters_off_scores_as_the_reward_model(peaked_policy_dir, tmp_path):
+    """The value model starts as a copy of the reward model; under LoRA the trainer drops the reward model's own copy
+    and scores with the value model with its adapters (and trained head) off. After two RLHF steps have trained the
+    value adapters and head, the scores still equal the original reward model's."""
+    tok = AutoTokenizer.from_pretrained(peaked_policy_dir)
+
+    def classifier():
+        torch.manual_seed(0)  # the same scalar head each time: three copies of one reward model
+        model = AutoModelForSequenceClassification.from_pretrained(peaked_policy_dir, num_labels=1)
+        model.config.pad_token_id = tok.pad_token_id
+        return model.eval()
+
+    reference = classifier()
+    reward = RewardModel(classifier(), tok, bias=0.25, max_length=64, dialogue=DialogueSpec())
+    value = get_peft_model(classifier(), LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"]))
+    policy = get_peft_model(
+        LlamaForCausalLM.from_pretrained(peaked_policy_dir), LoraConfig(r=4, target_modules=["q_proj"])
+    )
+    trainer = make_ppo_trainer(
+        peaked_policy_dir,
+        tmp_path,
+        reward,
+        policy=policy,
+        value=value,
+        value_from_reward=True,
+        steps=2,
+        save_at_steps=[],
+        rollout_batch_size=4,
+        mini_batch_size=4,
+        max_new_tokens=6,
+        max_prompt_length=32,
+        learning_rate=1e-2,
+    )
+    trainer.train()
+    assert reward.model is value and reward.adapters_off  # one copy of the weights
+    torch.manual_seed(1)
+    roll = trainer.rollout(list(range(4)))
+    sequences = [ids[mask.bool()].tolist() for ids, mask in zip(roll.input_ids, roll.attention_mask)]
+    with torch.no_grad():
+        by_hand = torch.tensor([reference(input_ids=torch.tensor([s])).logits.item() for s in sequences]) + 0.25
+        trained = torch.tensor([value(input_ids=torch.tensor([s])).logits.item() for s in sequences]) + 0.25
+    assert not torch.allclose(trained, by_hand, atol=1e-3)  # the value model's adapters and head did train
+    assert torch.allclose(trainer.reward_scores(roll), by_hand, atol=1e-5)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_gradient_checkpointing_is_honoured(peaked_policy_dir, tmp_path, checkpointing):
     trainer = make_ppo_trainer(peaked_policy_dir, tmp_path, vowels, steps=1, rollout_batch_size=4, mini_batch_size=2,

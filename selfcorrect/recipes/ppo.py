@@ -85,6 +85,7 @@ class PPORecipe:
             manifest_extra={"policy_init": self.policy_ref, "reward_model": self.reward_ref, "run": self.cfg.name},
             dialogue=self.cfg.dialogue,
             ref_policy=self._setup_ref_policy(),
+            value_from_reward=reward.model is not None,  # _setup_model: the value model is a copy of the reward model
         )
 
     def _setup_data(self) -> tuple[list[list[dict]], list[str] | None]:

@@ -25,6 +25,7 @@ the EOS token, as for SmolLM2, the score is read at the token before a final EOS
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -165,6 +166,7 @@ class RewardModel:
         if model is not None and tokenizer is None:
             raise ValueError("a model needs its tokenizer")
         self.model = model
+        self.adapters_off = False  # the model is a LoRA value model on this reward model's weights (share_base_of)
         self.tokenizer = tokenizer
         self.bias = float(bias)
         self.function = function
@@ -225,6 +227,20 @@ class RewardModel:
             model, tokenizer, bias=float(bias), max_length=manifest.get("max_length"), dialogue=dialogue, source=spec
         )
 
+    def share_base_of(self, value_model: torch.nn.Module) -> bool:
+        """Score with ``value_model`` -- PEFT LoRA adapters (and a trained copy of the scalar head) on a copy of this
+        reward model -- with its adapters off, which is this reward model, and drop this one's own copy of the
+        weights. Only where the two agree in dtype, device and pad token (the readout position); returns whether it
+        did."""
+        if self.model is None or not hasattr(value_model, "disable_adapter"):
+            return False
+        mine, theirs = next(self.model.parameters()), next(value_model.parameters())
+        pad = self.model.config.get_text_config().pad_token_id
+        if (mine.dtype, mine.device, pad) != (theirs.dtype, theirs.device, value_model.config.pad_token_id):
+            return False
+        self.model, self.adapters_off = value_model, True
+        return True
+
     # -- scoring --
 
     @property
@@ -256,19 +272,21 @@ class RewardModel:
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         out = torch.empty(len(seqs), dtype=torch.float32)
         device = self.device
+        as_trained = model.disable_adapter() if self.adapters_off else contextlib.nullcontext()  # share_base_of
         try:
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                width = max(len(seqs[i]) for i in idx)
-                input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for row, i in enumerate(idx):
-                    input_ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
-                    attention_mask[row, : len(seqs[i])] = 1
-                logits = model(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
-                ).logits
-                out[idx] = logits[:, 0].float().cpu()
+            with as_trained:
+                for start in range(0, len(order), batch_size):
+                    idx = order[start : start + batch_size]
+                    width = max(len(seqs[i]) for i in idx)
+                    input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+                    attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
+                    for row, i in enumerate(idx):
+                        input_ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
+                        attention_mask[row, : len(seqs[i])] = 1
+                    logits = model(
+                        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
+                    ).logits
+                    out[idx] = logits[:, 0].float().cpu()
         finally:
             model.train(was_training)
         return out

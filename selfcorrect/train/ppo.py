@@ -379,7 +379,9 @@ class PPOPtxTrainer(Trainer):
 
     ``reward_fn`` is a :class:`~selfcorrect.reward_models.score.RewardModel` (a trained model scores the rollout's own
     token ids; a function reward gets HH-format prompt strings and the reply texts) or any callable
-    ``f(prompt_messages, reply_texts) -> rewards``.
+    ``f(prompt_messages, reply_texts) -> rewards``. ``value_from_reward``: the value model was loaded from that reward
+    model's weights, so under LoRA the reward model's own copy is dropped and the value model with its adapters off
+    scores instead (:meth:`RewardModel.share_base_of`).
     """
 
     def __init__(
@@ -397,6 +399,7 @@ class PPOPtxTrainer(Trainer):
         config_hash: str = "",
         manifest_extra: dict[str, Any] | None = None,
         dialogue: DialogueSpec | None = None,
+        value_from_reward: bool = False,
     ):
         if not prompts:
             raise UserError("ppo.prompts: the prompt dataset is empty")
@@ -413,6 +416,7 @@ class PPOPtxTrainer(Trainer):
         self.prompts, self.prompt_ids, n_dropped = self._tokenize_prompts(prompts)
         self.ptx_texts = ptx_texts or []
         self.is_peft = hasattr(policy, "disable_adapter")
+        self.value_from_reward = value_from_reward  # the value model starts as a copy of reward_fn's model
         self.ref_policy = None
         if not self.is_peft:
             self.ref_policy = ref_policy if ref_policy is not None else copy.deepcopy(policy)
@@ -1136,6 +1140,10 @@ class PPOPtxTrainer(Trainer):
             # An inference engine with the policy's precision (bf16...); under ZeRO-3 split like the policy.
             self.ref_policy = prepare_deepspeed(self.ref_policy, self.accelerator)
         self.packing = ppo.packing and self._packing_works()
+        self.manifest_extra["packing"] = self.packing
+        if self.value_from_reward and isinstance(self.reward_fn, RewardModel):
+            # With LoRA the value model with its adapters off is the reward model: score with it, one copy fewer.
+            self.reward_fn.share_base_of(self.accelerator.unwrap_model(self.model).value_model)
         state = self._resume()
         start = state["step"]
         episodes, tokens = state["episodes"], state["tokens"]
