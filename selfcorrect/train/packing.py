@@ -83,10 +83,14 @@ def pack(
     return Packed(ids.to(device), positions.to(device), starts.to(device))
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (whose adapters live inside that model's layers), or ``model``."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def backbone_of(model: nn.Module) -> nn.Module:
-    """The transformer body of a ``*ForCausalLM`` / ``*ForSequenceClassification`` model (through a PEFT wrapper,
-    whose adapters live inside the wrapped model's layers)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    """The transformer body of a ``*ForCausalLM`` / ``*ForSequenceClassification`` model (through a PEFT wrapper)."""
+    inner = unwrapped(model)
     return getattr(inner, inner.base_model_prefix)
 
 
@@ -105,8 +109,7 @@ def lm_logits(model: nn.Module, packed: Packed, read: torch.Tensor) -> torch.Ten
 
 def values(classifier: nn.Module, packed: Packed, read: torch.Tensor) -> torch.Tensor:
     """The scalar head ``score`` of a (value) sequence classifier at the flat positions ``read``: ``(K,)``."""
-    inner = classifier.get_base_model() if hasattr(classifier, "get_base_model") else classifier
-    return inner.score(hidden_states(classifier, packed, read)).squeeze(-1)
+    return unwrapped(classifier).score(hidden_states(classifier, packed, read)).squeeze(-1)
 
 
 @torch.no_grad()
@@ -128,8 +131,7 @@ def packing_matches(policy: nn.Module, value_model: nn.Module, sequences: Sequen
     real = mask.bool()
     padded_logits = policy(input_ids=ids, attention_mask=mask, position_ids=positions).logits[real]
     padded_hidden = backbone_of(value_model)(input_ids=ids, attention_mask=mask, position_ids=positions)
-    inner = value_model.get_base_model() if hasattr(value_model, "get_base_model") else value_model
-    padded_values = inner.score(padded_hidden.last_hidden_state).squeeze(-1)[real]
+    padded_values = unwrapped(value_model).score(padded_hidden.last_hidden_state).squeeze(-1)[real]
     packed = pack(sequences, pad_id, device)
     read = torch.cat([packed.at(i, torch.arange(len(s), device=device)) for i, s in enumerate(sequences)])
     tol = 1e-4 if padded_logits.dtype == torch.float32 else 2e-2

@@ -255,7 +255,7 @@ def own_sampling_only(model: nn.Module):
     (repetition_penalty, min_p, no_repeat_ngram_size...), and rollouts must come from ``softmax(logits / T)`` itself,
     or the KL estimate is biased. So the model's own generation config is replaced by an empty one meanwhile.
     """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = packing.unwrapped(model)
     saved = inner.generation_config
     inner.generation_config = GenerationConfig()
     try:
@@ -314,12 +314,10 @@ class PolicyAndValue(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=logits_to_keep
         ).logits
         # A LoRA value model (PEFT) holds its adapters inside the wrapped classifier: call that one's backbone.
-        unwrap = getattr(self.value_model, "get_base_model", None)
-        classifier = unwrap() if unwrap is not None else self.value_model
-        hidden = packing.backbone_of(classifier)(
+        hidden = packing.backbone_of(self.value_model)(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
         )
-        values = classifier.score(hidden.last_hidden_state).squeeze(-1)
+        values = packing.unwrapped(self.value_model).score(hidden.last_hidden_state).squeeze(-1)
         return logits, values
 
 
@@ -693,7 +691,7 @@ class PPOPtxTrainer(Trainer):
 
     def _packed_stats(self, roll: Rollout, rows: torch.Tensor, logits, values, targets, entropy: bool = True):
         """:meth:`_response_stats` from a packed forward's read positions: the same ``(n, R)`` tensors, 0 where the
-        response mask is."""
+        response mask is (``values`` None: None)."""
         mask = roll.response_mask[rows].bool()
         if self.ppo.temperature != 1.0:
             logits = logits / self.ppo.temperature
@@ -705,7 +703,11 @@ class PPOPtxTrainer(Trainer):
         if entropy:
             with torch.no_grad():
                 spread = place(core.entropy_from_logits(logits))
-        return place(core.logprobs_from_logits(logits, targets)), place(values.float()), spread
+        return (
+            place(core.logprobs_from_logits(logits, targets)),
+            values if values is None else place(values.float()),
+            spread,
+        )
 
     def _forward_response(self, roll: Rollout, model, rows: torch.Tensor):
         """Policy log-probs of the response tokens and values of ``rows`` (the LM head only where they are read)."""
@@ -755,7 +757,7 @@ class PPOPtxTrainer(Trainer):
                 logits = packing.lm_logits(
                     getattr(self.ref_policy, "module", self.ref_policy), reads.policy, reads.policy_read
                 )
-            return self._packed_stats(roll, rows, logits, torch.zeros_like(targets), targets, entropy=False)[0]
+            return self._packed_stats(roll, rows, logits, None, targets, entropy=False)[0]
         ids, mask = roll.input_ids, roll.attention_mask
         kwargs = {
             "input_ids": ids,
