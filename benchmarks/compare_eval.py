@@ -8,9 +8,9 @@ writing results):
   --data-dir DATA --dtype float32 --device cpu --batch-size B`` with selfcorrect's python and ``PYTHONPATH`` = this
   repository. It draws a seeded sample of N BBQ examples stratified by category x context condition x polarity,
   renders each under the Q prompt (``"\\n\\nHuman: <context> <question>\\n\\n(a) .. (b) .. (c) ..\\n\\nAssistant: The
-  answer is ("``), runs one left-padded batched forward pass per length bucket, reads the next-token
-  log-probabilities of the letters a/b/c at the last position, and computes accuracy and bias scores with 1000-sample
-  bootstrap CIs.
+  answer is ("``), runs each batch of prompts as one row holding their token trie (shared prefixes once), reads the
+  next-token log-probabilities of the letters a/b/c at the last position, and computes accuracy and bias scores with
+  1000-sample bootstrap CIs.
 * **lm-eval** -- ``lm_eval --model hf --model_args pretrained=MODEL,dtype=float32 --tasks bbq_local --include_path
   TASKS --limit N --device cpu --batch_size B --output_path TMP --log_samples`` in a virtualenv built on first use
   under ``--cache-dir``. ``bbq_local`` is lm-eval's own ``bbq`` task (``tasks/bbq/bbq_multiple_choice.yaml``,
@@ -27,7 +27,7 @@ writing results):
 
 It prints wall clock, items/s and peak RSS (process tree) of each, the ratio of items/s (goal >= 20x), the scoring
 time each tool reports itself (selfcorrect's ``N items in S s`` line, lm-eval's loglikelihood progress bar), and
-the work per item: selfcorrect's tokens forwarded per item (with padding) against the one-pass-per-item bound, and
+the work per item: selfcorrect's tokens forwarded per item against the one-pass-per-item bound, and
 lm-eval's requests and tokens per item (from its logged samples). It measures; it asserts nothing.
 
     /work/main/.venv/bin/python benchmarks/compare_eval.py --data-dir ../shared/data --json out/eval.json
@@ -248,8 +248,8 @@ def report(args: argparse.Namespace, results: dict[str, dict], work: dict | None
     if work:
         sc = work["selfcorrect"]
         print(
-            f"selfcorrect work per item: {sc['tokens_per_item_forwarded']:.1f} tokens forwarded (shared prefixes "
-            f"once, the rest with padding, {sc['batches']} batches) vs {sc['tokens_per_item_bound']:.1f} for one "
+            f"selfcorrect work per item: {sc['tokens_per_item_forwarded']:.1f} tokens forwarded (each node of a "
+            f"batch's token trie once, {sc['batches']} batches) vs {sc['tokens_per_item_bound']:.1f} for one "
             "pass over the prompt "
             f"({sc['tokens_per_item_forwarded'] / sc['tokens_per_item_bound']:.2f}x one pass per item); "
             f"{sc['forward_rows'] / sc['items']:.2f} forward rows and {sc['lm_head_positions_per_item']:.2f} "

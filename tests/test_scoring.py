@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 from selfcorrect.config import data_dir
 from selfcorrect.errors import UserError
+from selfcorrect.evaluate import prefix_tree
 from selfcorrect.evaluate.benchmarks import bbq, law_school, winogender
+from selfcorrect.evaluate.prefix_tree import tree_tokens
 from selfcorrect.evaluate.prompts import load_prompts, render
 from selfcorrect.evaluate.scoring import (
     SHARED_PREFIX_MIN,
@@ -150,28 +153,35 @@ class TokenCounter:
         self.tokens += kwargs["input_ids"].numel()
 
 
-def test_shared_prefixes_run_once_and_score_as_a_plain_pass(scorer):
+@pytest.mark.parametrize("tree", [True, False], ids=["token-tree", "kv-cache"])
+def test_shared_prefixes_run_once_and_score_as_a_plain_pass(scorer, tree):
     """Law-school prompts share their preamble: it runs once per batch, and every probability equals a plain pass
-    (and the independent unbatched reference)."""
+    (and the independent unbatched reference). Both ways of sharing: one row holding the prompts' token tree, and
+    (for models that fail the tree check) the common prefix's KV cache repeated over the batch."""
     items = law_school.items(law_school.load(data_dir())[:8], load_prompts(), "q_if")
     texts = [render(it.scored_turns()) for it in items]
     seqs = [scorer.encode(t) for t in texts]
     shared = shared_prefix_length(seqs)
     assert shared >= SHARED_PREFIX_MIN
+    scorer = Scorer(scorer.model, scorer.tokenizer)
+    scorer.tree = tree  # decided, so no check pass is counted
     counter = TokenCounter(scorer.model)
     try:
         got = scorer.score(texts, [it.candidates for it in items], batch_size=8)
     finally:
         counter.handle.remove()
-    # per batch: the shared tokens once, then each prompt's own tokens, left-padded to the longest
-    expected = 0
-    for batch in prefix_batches(seqs, batch_size=8, max_tokens=scorer.max_batch_tokens):
-        rows = [seqs[i] for i in batch]
-        common = shared_prefix_length(rows)
-        expected += common + len(rows) * max(len(r) - common for r in rows)
-    assert counter.tokens == expected == sum(
-        forwarded_tokens([seqs[i] for i in b]) for b in prefix_batches(seqs, 8, scorer.max_batch_tokens)
-    )
+    if tree:  # per batch: each node of the prompts' token trie once
+        expected = sum(tree_tokens([seqs[i] for i in b]) for b in scorer.batches(seqs, 8))
+    else:  # per batch: the shared tokens once, then each prompt's own tokens, left-padded to the longest
+        expected = 0
+        for batch in prefix_batches(seqs, batch_size=8, max_tokens=scorer.max_batch_tokens):
+            rows = [seqs[i] for i in batch]
+            common = shared_prefix_length(rows)
+            expected += common + len(rows) * max(len(r) - common for r in rows)
+        assert expected == sum(
+            forwarded_tokens([seqs[i] for i in b]) for b in prefix_batches(seqs, 8, scorer.max_batch_tokens)
+        )
+    assert counter.tokens == expected
     assert counter.tokens < sum(len(b) * max(len(seqs[i]) for i in b) for b in prefix_batches(seqs, 8))
     plain = scorer._last_logprobs(seqs, share_prefix=False)
     prefixed = scorer._last_logprobs(seqs, share_prefix=True)
@@ -180,6 +190,59 @@ def test_shared_prefixes_run_once_and_score_as_a_plain_pass(scorer):
         probs, mass = reference_probs(scorer, text, it.candidates)
         assert s.probs == pytest.approx(probs, abs=1e-5)
         assert s.mass == pytest.approx(mass, rel=1e-4)
+
+
+def test_token_tree_layout():
+    """Hand-built trie of four prompts: depth-first rows, positions restart per branch, masks see ancestors only."""
+    seqs = [[1, 2, 3], [1, 2, 4, 5], [7], [1, 2, 3]]
+    tree = prefix_tree.pack(seqs)
+    # sorted: [1,2,3] [1,2,3] [1,2,4,5] [7] -> nodes 1 2 3 | 4 5 | 7
+    assert tree.input_ids == [1, 2, 3, 4, 5, 7]
+    assert tree.positions == [0, 1, 2, 2, 3, 0]
+    assert tree.parents == [-1, 0, 1, 1, 3, -1]
+    assert tree.last == [2, 4, 5, 2]  # the duplicate prompt reads the same node
+    visible = tree.attention_mask(torch.float32, "cpu")[0, 0] == 0
+    assert visible.tolist() == [
+        [True, False, False, False, False, False],
+        [True, True, False, False, False, False],
+        [True, True, True, False, False, False],
+        [True, True, False, True, False, False],  # token 4 sees 1, 2 and itself, not its sibling 3
+        [True, True, False, True, True, False],
+        [False, False, False, False, False, True],
+    ]
+    assert prefix_tree.tree_tokens(seqs) == 6
+    # two groups of four prompts, each sharing 40 tokens (48 unique tokens per group). A batch costs 16 + unique +
+    # unique^2 / (6 x hidden): at hidden 64 one batch of both (16 + 96 + 24 = 136) beats a batch per group
+    # (2 x (16 + 48 + 6) = 140); at hidden 8 attention costs more, and a batch per group wins (2 x 112 < 304)
+    groups = [[g] * 40 + [t, t] for g in (7, 8) for t in range(4)]
+    assert prefix_tree.batch_cost(96, 64) == 136 and prefix_tree.batch_cost(48, 64) == 70
+    assert prefix_tree.tree_batches(groups, batch_size=8, hidden_size=64) == [list(range(8))]
+    assert prefix_tree.tree_batches(groups, batch_size=8, hidden_size=8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    pairs = prefix_tree.tree_batches(groups, batch_size=3, hidden_size=64, max_tokens=44)
+    assert pairs == [[0, 1], [2, 3], [4, 5], [6, 7]]  # 42 + 2 = 44 unique tokens for two prompts, 46 for three
+
+
+def test_a_model_that_fails_the_tree_check_is_scored_through_the_kv_cache(tiny_model_dir, capsys):
+    """A sliding-window Mistral: its own masks cut attention at 8 tokens back, the tree's mask does not, so the check
+    fails, the scorer says so and shares prefixes through the KV cache, and scores still equal a plain pass."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = tiny_llama(tokenizer, family=(MistralConfig, MistralForCausalLM), sliding_window=8).eval()
+    model.config._attn_implementation = "sdpa"
+    windowed = Scorer(model, tokenizer)
+    items = law_school.items(law_school.load(data_dir())[:4], load_prompts(), "q")
+    texts = [render(it.scored_turns()) for it in items]
+    got = windowed.score(texts, [it.candidates for it in items], batch_size=8)
+    assert windowed.tree is False
+    assert "does not score a token-tree row as a plain pass" in capsys.readouterr().err
+    for text, it, s in zip(texts, items, got):
+        probs, _ = reference_probs(windowed, text, it.candidates)
+        assert s.probs == pytest.approx(probs, abs=1e-5)
+    model.config.sliding_window = None  # the same weights without the window pass the check
+    plain = Scorer(model, tokenizer)
+    plain.score(texts[:2], [it.candidates for it in items[:2]])
+    assert plain.tree is True
 
 
 def test_bbq_contexts_share_a_batch(scorer, bbq_items):

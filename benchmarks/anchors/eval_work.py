@@ -4,9 +4,10 @@ Runs with selfcorrect's python after both evaluations have finished; only tokeni
 
 * **selfcorrect**: the items of ``<sc-output>/bbq/sample.json`` under condition ``q``, rendered as ``evaluate`` renders
   them (dialogue ``human_assistant``, the default for a plain model directory), tokenized, and grouped into the
-  batches ``evaluate`` forms (``prefix_batches`` with the same batch size and the Scorer's ``max_batch_tokens``).
-  Reports the real prompt tokens (one pass over each item's prompt), the tokens actually forwarded (each batch's
-  shared prefix once, the rest with left padding), and the extra passes for answer letters of more than one token.
+  batches ``evaluate`` forms for a model that passes the scorer's token-tree check, as the embedded model does
+  (``prefix_tree.tree_batches`` with the same batch size and the model's hidden size). Reports the real prompt
+  tokens (one pass over each item's prompt), the tokens actually forwarded (each node of a batch's token trie
+  once), and the extra passes for answer letters of more than one token.
 * **lm-eval**: the requests logged with ``--log_samples`` (one ``(context, continuation)`` pair per answer option),
   tokenized with the same tokenizer: tokens of context + continuation minus the last one per request, no padding
   counted. An estimate of lm-eval's forwarded tokens (its batching pads too, and it may cut long inputs).
@@ -21,16 +22,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from selfcorrect import dialogue as dialogues
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.evaluate.benchmarks import bbq
+from selfcorrect.evaluate.prefix_tree import tree_batches, tree_tokens
 from selfcorrect.evaluate.prompts import load_prompts, render
-from selfcorrect.evaluate.scoring import Scorer, forwarded_tokens, prefix_batches
+from selfcorrect.evaluate.scoring import Scorer
 
 
-def selfcorrect_work(output: Path, data_dir: Path, tokenizer: Any, batch_size: int) -> dict[str, Any]:
+def selfcorrect_work(
+    output: Path, data_dir: Path, tokenizer: Any, batch_size: int, hidden_size: int
+) -> dict[str, Any]:
     """Tokens and forward passes of ``selfcorrect evaluate`` on BBQ ``q`` (see the module docstring)."""
     spec = DialogueSpec()
     ids = set(json.loads((output / "bbq" / "sample.json").read_text())["ids"])
@@ -40,8 +44,8 @@ def selfcorrect_work(output: Path, data_dir: Path, tokenizer: Any, batch_size: i
     texts = [render(it.scored_turns(), spec, tokenizer) for it in items]
     seqs = [scorer.encode(t) for t in texts]
     lengths = [len(s) for s in seqs]
-    batches = prefix_batches(seqs, batch_size, scorer.max_batch_tokens)
-    padded = sum(forwarded_tokens([seqs[i] for i in b]) for b in batches)
+    batches = tree_batches(seqs, batch_size, hidden_size)
+    forwarded = sum(tree_tokens([seqs[i] for i in b]) for b in batches)
     extra_passes = extra_tokens = 0
     for it, text, n in zip(items, texts, lengths):
         for cand in scorer.candidate_ids(text, list(it.candidates)):
@@ -54,9 +58,9 @@ def selfcorrect_work(output: Path, data_dir: Path, tokenizer: Any, batch_size: i
         "forward_rows": n_items + extra_passes,
         "batches": len(batches),
         "prompt_tokens": sum(lengths),
-        "forwarded_tokens_with_padding": padded + extra_tokens,
+        "forwarded_tokens": forwarded + extra_tokens,
         "tokens_per_item_bound": sum(lengths) / n_items,
-        "tokens_per_item_forwarded": (padded + extra_tokens) / n_items,
+        "tokens_per_item_forwarded": (forwarded + extra_tokens) / n_items,
         "lm_head_positions_per_item": (n_items + extra_tokens) / n_items,
     }
 
@@ -102,7 +106,8 @@ def main() -> None:
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    result = {"selfcorrect": selfcorrect_work(args.sc_output, args.data_dir, tokenizer, args.batch_size)}
+    hidden_size = AutoConfig.from_pretrained(args.model).hidden_size
+    result = {"selfcorrect": selfcorrect_work(args.sc_output, args.data_dir, tokenizer, args.batch_size, hidden_size)}
     if args.lm_eval_samples is not None:
         result["lm_eval"] = lm_eval_work(args.lm_eval_samples, tokenizer)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

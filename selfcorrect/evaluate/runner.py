@@ -301,41 +301,53 @@ def _done_ids(path: Path) -> set[str]:
     return {obj["id"] for _, obj in iter_jsonl(path, tolerate_torn_tail=True) if "id" in obj}
 
 
-def _run_task(task: Task, scorer, engine: Engine, settings: EvalSettings, prompts: PromptSet, tokenizer) -> None:
-    """Score every item of one task that is not in its per-item file yet, batch by batch; ``engine`` samples the
-    reasoning of a CoT task from the token ids of its first-stage prompts (``scorer.encode``)."""
-    from selfcorrect.evaluate.scoring import length_batches, prefix_batches
+def _groups(tasks: list[Task]) -> list[list[Task]]:
+    """Tasks in the order they run: a benchmark's Q-type conditions together (their prompts share the whole
+    question, which the scorer then runs once), each CoT condition alone."""
+    groups: dict[str, list[Task]] = {}
+    for task in tasks:
+        groups.setdefault(task.key if task.is_cot else task.benchmark, []).append(task)
+    return list(groups.values())
 
-    path = settings.output / task.benchmark / f"{task.condition}.jsonl"
-    done = _done_ids(path)
+
+def _run_group(
+    tasks: list[Task], scorer, engine: Engine, settings: EvalSettings, prompts: PromptSet, tokenizer
+) -> None:
+    """Score every item of ``tasks`` (one CoT task, or Q-type tasks of one benchmark) that is not in its per-item
+    file yet, batch by batch; ``engine`` samples the reasoning of a CoT task from the token ids of its first-stage
+    prompts (``scorer.encode``)."""
+    from selfcorrect.evaluate.scoring import length_batches
+
+    paths = [settings.output / t.benchmark / f"{t.condition}.jsonl" for t in tasks]
+    done = [_done_ids(p) for p in paths]
+    entries = [(k, it) for k, t in enumerate(tasks) for it in t.items]  # (task index, item) across the group
+    is_cot = tasks[0].is_cot
     first_stage = [
-        render(it.cot_turns() if it.is_cot else it.scored_turns(), settings.dialogue, tokenizer) for it in task.items
+        render(it.cot_turns() if is_cot else it.scored_turns(), settings.dialogue, tokenizer) for _, it in entries
     ]
     first_ids = [scorer.encode(t) for t in first_stage]
-    if task.is_cot:  # decoding reads every weight once per step whatever the batch: larger batches, by length
+    if is_cot:  # decoding reads every weight once per step whatever the batch: larger batches, by length
         batches = length_batches([len(s) for s in first_ids], settings.gen_batch_size, scorer.max_batch_tokens)
-    else:  # prompts that begin alike together: the scorer runs their shared prefix once
-        batches = prefix_batches(first_ids, settings.batch_size, scorer.max_batch_tokens)
-    todo = sum(it.item_id not in done for it in task.items)
+    else:  # prompts that begin alike together: the scorer runs their shared prefixes once
+        batches = scorer.batches(first_ids, settings.batch_size)
+    todo = sum(it.item_id not in done[k] for k, it in entries)
     start = time.perf_counter()
     cot = prompts.cot_sampling
     stop = list(cot.stop) + ([tokenizer.eos_token] if settings.dialogue.format == "chat_template" else [])
+    label = f"{tasks[0].benchmark}/{'+'.join(t.condition for t in tasks)}"
     with tqdm(
-        total=len(task.items),
-        initial=len(task.items) - todo,
-        desc=task.key,
-        unit="item",
-        dynamic_ncols=True,
-        disable=None,
+        total=len(entries), initial=len(entries) - todo, desc=label, unit="item", dynamic_ncols=True, disable=None
     ) as bar:
         for batch in batches:
-            batch = [i for i in batch if task.items[i].item_id not in done]
+            batch = [i for i in batch if entries[i][1].item_id not in done[entries[i][0]]]
             if not batch:
                 continue
-            records = [{"id": task.items[i].item_id} for i in batch]
+            items = [entries[i][1] for i in batch]
+            records = [{"id": it.item_id} for it in items]
             texts = [first_stage[i] for i in batch]
-            if task.is_cot:
-                seeds = [stable_seed(settings.seed, task.key, r["id"]) for r in records]
+            if is_cot:
+                key = tasks[0].key
+                seeds = [stable_seed(settings.seed, key, r["id"]) for r in records]
                 reasoning = engine.generate(
                     [first_ids[i] for i in batch],
                     seeds,
@@ -344,25 +356,25 @@ def _run_task(task: Task, scorer, engine: Engine, settings: EvalSettings, prompt
                     top_p=cot.top_p,
                     stop=stop,
                 )
-                texts = [
-                    render(task.items[i].scored_turns(r), settings.dialogue, tokenizer)
-                    for i, r in zip(batch, reasoning)
-                ]
+                texts = [render(it.scored_turns(r), settings.dialogue, tokenizer) for it, r in zip(items, reasoning)]
                 for rec, text, seed in zip(records, reasoning, seeds):
                     rec.update(reasoning=text, seed=seed)
-            scores = scorer.score(texts, [task.items[i].candidates for i in batch], batch_size=settings.batch_size)
-            for rec, i, s in zip(records, batch, scores):
+            scores = scorer.score(texts, [it.candidates for it in items], batch_size=settings.batch_size)
+            for rec, it, s in zip(records, items, scores):
                 rec.update(
                     probs=s.probs,
                     mass=s.mass,
                     prediction=max(range(len(s.probs)), key=s.probs.__getitem__),
-                    candidates=list(task.items[i].candidates),
+                    candidates=list(it.candidates),
                 )
-            append_jsonl(path, records)
+            for k, path in enumerate(paths):
+                mine = [rec for i, rec in zip(batch, records) if entries[i][0] == k]
+                if mine:
+                    append_jsonl(path, mine)
             bar.update(len(batch))
     elapsed = time.perf_counter() - start
     if todo:
-        print(f"{task.key}: {todo} items in {elapsed:.1f} s ({todo / elapsed:.2f} items/s)", file=sys.stderr)
+        print(f"{label}: {todo} items in {elapsed:.1f} s ({todo / elapsed:.2f} items/s)", file=sys.stderr)
 
 
 def read_results(path: Path, wanted: set[str]) -> dict[str, dict]:
@@ -436,9 +448,9 @@ def evaluate(settings: EvalSettings) -> Path:
             engine = engines.vllm_engine(model, tokenizer)
     _write_manifest(settings, manifest, tasks, samples)
     if pending:
-        for task in pending:
-            _run_task(task, scorer, engine, settings, prompts, tokenizer)
-            manifest["complete"] = sorted({*manifest["complete"], task.key})
+        for group in _groups(pending):
+            _run_group(group, scorer, engine, settings, prompts, tokenizer)
+            manifest["complete"] = sorted({*manifest["complete"], *(t.key for t in group)})
             atomic_write_text(settings.output / "evaluation.json", json.dumps(manifest, indent=2) + "\n")
     return write_all_metrics(settings, manifest)
 

@@ -7,11 +7,14 @@ candidates is kept so format failures show. A candidate that the tokenizer split
 scored by the summed log-probability of all its tokens (PROTOCOL section 1.3), which costs one extra
 forward pass for that item only.
 
-Shared prefixes are computed once. Items are batched in the order of their token ids (:func:`prefix_batches`),
-so prompts that begin alike (the law-school preamble, a BBQ context asked two questions) share a batch; the
-tokens that every prompt of a batch begins with go through the model once, and their KV cache, repeated over
-the batch, serves the rest of each prompt (left-padded after the prefix). The probabilities equal those of a
-plain pass to float tolerance (tests/test_scoring.py).
+Shared prefixes are computed once. Items are batched in the order of their token ids, so prompts that begin
+alike (the law-school preamble, a BBQ context asked two questions, one question under Q and Q+IF) share a batch.
+A batch runs as one row holding the trie of its prompts' tokens (:mod:`selfcorrect.evaluate.prefix_tree`), so
+every shared prefix, at every level, goes through the model once. A model whose outputs on such a row differ from
+a plain pass (checked on the first batch) is scored the older way instead (:func:`prefix_batches`): the tokens
+that every prompt of a batch begins with run once, and their KV cache, repeated over the batch, serves the rest
+of each prompt (left-padded after the prefix). Either way the probabilities equal those of a plain pass to float
+tolerance (tests/test_scoring.py).
 
 Generation (CoT): a sampling loop with a KV cache and one ``torch.Generator`` per item, so an item's
 reasoning depends on its own seed, not on which other items share its batch. It stops at EOS or at a
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,6 +34,7 @@ import torch
 
 from selfcorrect.engines import eos_ids, reply_text
 from selfcorrect.errors import UserError
+from selfcorrect.evaluate import prefix_tree
 
 
 @dataclass(frozen=True)
@@ -107,12 +112,12 @@ def prefix_batches(seqs: Sequence[Sequence[int]], batch_size: int, max_tokens: i
             cost = best[k] + BATCH_COST_TOKENS + shared + n * (longest - shared)
             if cost < best[j]:
                 best[j], start[j] = cost, k
-    batches: list[list[int]] = []
-    j = len(rows)
-    while j > 0:
-        batches.append(order[start[j] : j])
-        j = start[j]
-    return batches[::-1]
+    return prefix_tree.cut(order, start)
+
+
+def _l1(logp_a: torch.Tensor, logp_b: torch.Tensor) -> float:
+    """The largest L1 distance between two rows of next-token distributions, given as log-probabilities."""
+    return float((logp_a.exp() - logp_b.exp()).abs().sum(-1).max())
 
 
 class Scorer:
@@ -126,6 +131,7 @@ class Scorer:
         if tokenizer.pad_token_id is None:
             raise UserError("the tokenizer has neither a pad nor an EOS token")
         self._candidate_ids = lru_cache(maxsize=65536)(self._candidate_ids_uncached)
+        self.tree: bool | None = None  # whether a token-tree row scores as a plain pass (checked on first use)
 
     @property
     def device(self) -> torch.device:
@@ -160,6 +166,41 @@ class Scorer:
                     )
         return ids
 
+    # ---- batches ------------------------------------------------------------------------------
+    def batches(self, seqs: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+        """The batches :meth:`score` runs ``seqs`` (token ids) in: token trees where the model scores them as a
+        plain pass, else batches that share one prefix through a KV cache."""
+        if self._tree_works(seqs):
+            hidden = getattr(self.model.config, "hidden_size", 1024)
+            return prefix_tree.tree_batches(seqs, batch_size, hidden)
+        return prefix_batches(seqs, batch_size, self.max_batch_tokens)
+
+    def _tree_works(self, seqs: Sequence[Sequence[int]]) -> bool:
+        """Decided once, on the first four prompts in token-id order (at least two are needed): are the token-tree
+        row's next-token distributions as close to a plain padded pass as plain passes are to each other?
+
+        Closeness is the L1 distance of the distributions. The tree row passes within three times the distance
+        between the padded pass and one pass per prompt, and at least within 1e-4 (2e-2 in 16-bit)."""
+        if self.tree is None and len(seqs) > 1:
+            probe = [list(s) for s in sorted(list(s) for s in seqs)[:4]]
+            padded = self._last_logprobs(probe, share_prefix=False)
+            alone = torch.cat([self._last_logprobs([s], share_prefix=False) for s in probe])
+            tol = max(1e-4 if self.model.dtype == torch.float32 else 2e-2, 3 * _l1(alone, padded))
+            try:
+                gap = _l1(self._tree_logprobs(probe), padded)
+            except (RuntimeError, TypeError, ValueError) as exc:  # e.g. an attention kernel without 4D masks
+                gap, why = math.inf, f"{type(exc).__name__}: {exc}".splitlines()[0]
+            else:
+                why = f"L1 distance {gap:.2g} from a plain pass, tolerance {tol:.2g}"
+            self.tree = gap <= tol
+            if not self.tree:
+                print(
+                    f"note: this model does not score a token-tree row as a plain pass ({why}); scoring batches "
+                    "that share one prefix through a KV cache instead",
+                    file=sys.stderr,
+                )
+        return bool(self.tree)
+
     # ---- forward passes -----------------------------------------------------------------------
     def _pad_left(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in seqs)
@@ -176,8 +217,11 @@ class Scorer:
     def _last_logprobs(self, seqs: list[list[int]], share_prefix: bool = True) -> torch.Tensor:
         """Log-softmax of the next-token logits after each sequence (float32, on CPU).
 
-        With ``share_prefix``, the tokens all sequences begin with run once and their KV cache serves the rest.
+        With ``share_prefix``, shared prefixes run once: as a token tree where :meth:`batches` found that it works,
+        else the tokens all sequences begin with run once and their KV cache serves the rest.
         """
+        if share_prefix and len(seqs) > 1 and self.tree:
+            return self._tree_logprobs(seqs)
         shared = shared_prefix_length(seqs) if share_prefix and len(seqs) > 1 else 0
         cache = None
         if shared >= SHARED_PREFIX_MIN:  # as forwarded_tokens counts it
@@ -200,6 +244,19 @@ class Scorer:
         return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()
 
     @torch.inference_mode()
+    def _tree_logprobs(self, seqs: list[list[int]]) -> torch.Tensor:
+        """Log-softmax of the next-token logits after each sequence, from one row holding their token trie."""
+        tree = prefix_tree.pack(seqs)
+        out = self.model(
+            input_ids=torch.tensor([tree.input_ids], device=self.device),
+            position_ids=torch.tensor([tree.positions], device=self.device),
+            attention_mask=tree.attention_mask(self.model.dtype, self.device),
+            logits_to_keep=torch.tensor(tree.last, device=self.device),
+            use_cache=False,
+        )
+        return torch.log_softmax(out.logits[0].float(), dim=-1).cpu()
+
+    @torch.inference_mode()
     def _continuation_logprob(self, prompt: list[int], cont: tuple[int, ...]) -> float:
         """Summed log-probability of a multi-token continuation (one forward pass)."""
         ids = torch.tensor([prompt + list(cont)], device=self.device)
@@ -212,7 +269,7 @@ class Scorer:
         seqs = [self.encode(t) for t in texts]
         cand_ids = [self.candidate_ids(t, c) for t, c in zip(texts, candidates)]
         results: list[Score | None] = [None] * len(texts)
-        for batch in prefix_batches(seqs, batch_size, self.max_batch_tokens):
+        for batch in self.batches(seqs, batch_size):
             logprobs = self._last_logprobs([seqs[i] for i in batch])
             for row, i in enumerate(batch):
                 lp = []
