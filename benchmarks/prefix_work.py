@@ -11,7 +11,9 @@ the shipped prompts, the chat-template dialogue) and counts the tokens the model
   to the longest;
 * **token trees** -- selfcorrect now (``Scorer.batches``, ``prefix_tree.tree_batches``): per batch, every node of
   the trie of its prompts' tokens once. A benchmark's Q-type conditions are planned together (they share the
-  whole question); the ``q+q_if`` row counts that, the per-condition rows each condition alone.
+  whole question); the ``q+q_if`` row counts that, the per-condition rows each condition alone;
+* **trie** -- the bound for any prefix sharing: every node of the trie of all the prompts once (one batch of
+  unlimited size).
 
 It needs no model (only its tokenizer, and its hidden size for the planner's attention cost) and takes a few
 minutes for the full benchmarks. It asserts nothing and prints what it found::
@@ -43,7 +45,7 @@ def padded_tokens(seqs: list[list[int]], batches: list[list[int]]) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=None, help="items per benchmark (default: all)")
-    parser.add_argument("--batch-size", type=int, default=16, help="the evaluation batch size (default 16)")
+    parser.add_argument("--batch-size", type=int, default=64, help="the evaluation batch size (default 64)")
     parser.add_argument("--conditions", default="q,q_if", help="Q-type conditions (default q,q_if)")
     parser.add_argument(
         "--hidden-size", type=int, default=576, help="the model's hidden size, for the planner (default 576, SmolLM2)"
@@ -64,7 +66,7 @@ def main() -> None:
     )
     tasks, _ = plan(settings, prompts)
     header = f"{'benchmark':<11} {'condition':<9} {'items':>7} {'tokens/item':>12} {'padded':>8} {'shared':>8}"
-    print(f"{header} {'tree':>8}  work vs limit (tree)")
+    print(f"{header} {'tree':>8} {'trie':>8}  work vs limit (tree)")
     groups: dict[str, list[list[int]]] = {}
     for task in tasks:
         texts = [render(it.scored_turns(), dialogue, tokenizer) for it in task.items]
@@ -89,7 +91,8 @@ def row(
         one_prefix = sum(forwarded_tokens([seqs[i] for i in b]) for b in prefix_batches(seqs, batch_size, 16384))
         shared = f"{one_prefix / n:.1f}"
     print(
-        f"{benchmark:<11} {condition:<9} {n:>7,} {limit / n:>12.1f} {padded:>8} {shared:>8} {tree / n:>8.1f}  "
+        f"{benchmark:<11} {condition:<9} {n:>7,} {limit / n:>12.1f} {padded:>8} {shared:>8} {tree / n:>8.1f} "
+        f"{tree_tokens(seqs) / n:>8.1f}  "
         f"{tree / limit:.2f}x of one pass per item"
     )
 

@@ -167,7 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluation.json)",
     )
     ev.add_argument("--output", type=Path, default=None, metavar="DIR", help="output directory (required for a MODEL)")
-    ev.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
+    ev.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="prompts scored per forward pass at most (default 64; prompts that begin alike share one pass)",
+    )
     ev.add_argument(
         "--gen-batch-size",
         type=int,

@@ -66,7 +66,7 @@ class EvalSettings:
     data_dir: Path | None = None
     dialogue: DialogueSpec | None = None  # None: the format the model was trained in (manifest), else human_assistant
     override_dialogue: bool = False  # evaluate in ``dialogue`` even where the model was trained in another format
-    batch_size: int = 16
+    batch_size: int = 64
     gen_batch_size: int = 64
     seed: int = 0
     n_boot: int = 1000
@@ -89,7 +89,7 @@ class EvaluationSection(StrictModel):
     limit: int | None = Field(None, gt=0)  # stratified subsample per benchmark (None: all items)
     cot_limit: int | None = Field(None, gt=0)  # CoT subsample, drawn from the --limit one
     prompts: list[str] = []  # extra prompt-condition files: a path ($VARS expanded) or a shipped prompts file
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(64, gt=0)
     gen_batch_size: int = Field(64, gt=0)
     bootstrap: int = Field(1000, ge=0)
     engine: Literal["hf", "vllm"] = "hf"  # what samples the CoT reasoning (selfcorrect.engines)
