@@ -256,3 +256,24 @@ def test_bbq_contexts_share_a_batch(scorer, bbq_items):
     four = scorer.score(texts, cands, batch_size=4)
     for a, b in zip(one, four):
         assert a.probs == pytest.approx(b.probs, abs=1e-5)
+
+
+def test_prompts_longer_than_a_sliding_window_are_never_scored_as_a_tree(tiny_model_dir):
+    """A Mistral with a 48-token window passes the tree check on short prompts; law-school prompts are longer than
+    its window, so they go through the KV-cache batches and score as a plain (windowed) pass."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = tiny_llama(tokenizer, family=(MistralConfig, MistralForCausalLM), sliding_window=48).eval()
+    model.config._attn_implementation = "sdpa"
+    windowed = Scorer(model, tokenizer)
+    short = ["The answer is (", "The answer is not (", "Is the answer (", "No answer is ("]
+    windowed.score(short, [("a", "b")] * 4)
+    assert windowed.tree is True
+    items = law_school.items(law_school.load(data_dir())[:4], load_prompts(), "q")
+    texts = [render(it.scored_turns()) for it in items]
+    assert min(len(windowed.encode(t)) for t in texts) > 48
+    got = windowed.score(texts, [it.candidates for it in items], batch_size=8)
+    for text, it, s in zip(texts, items, got):
+        probs, _ = reference_probs(windowed, text, it.candidates)
+        assert s.probs == pytest.approx(probs, abs=1e-5)

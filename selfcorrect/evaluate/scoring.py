@@ -170,10 +170,19 @@ class Scorer:
     def batches(self, seqs: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
         """The batches :meth:`score` runs ``seqs`` (token ids) in: token trees where the model scores them as a
         plain pass, else batches that share one prefix through a KV cache."""
-        if self._tree_works(seqs):
+        if self._tree_works(seqs) and self._tree_fits(seqs):
             hidden = getattr(self.model.config, "hidden_size", 1024)
             return prefix_tree.tree_batches(seqs, batch_size, hidden)
         return prefix_batches(seqs, batch_size, self.max_batch_tokens)
+
+    def _tree_fits(self, seqs: Sequence[Sequence[int]]) -> bool:
+        """Whether every prompt fits the model's sliding attention window, if it has one: a tree row's mask lets a
+        token see all its ancestors, which a plain pass of a longer prompt would not (the check above only saw
+        four prompts)."""
+        config = self.model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        window = getattr(config, "sliding_window", None)
+        return not isinstance(window, int) or window <= 0 or max(len(s) for s in seqs) <= window
 
     def _tree_works(self, seqs: Sequence[Sequence[int]]) -> bool:
         """Decided once, on the first four prompts in token-id order (at least two are needed): are the token-tree
@@ -220,7 +229,7 @@ class Scorer:
         With ``share_prefix``, shared prefixes run once: as a token tree where :meth:`batches` found that it works,
         else the tokens all sequences begin with run once and their KV cache serves the rest.
         """
-        if share_prefix and len(seqs) > 1 and self.tree:
+        if share_prefix and len(seqs) > 1 and self.tree and self._tree_fits(seqs):
             return self._tree_logprobs(seqs)
         shared = shared_prefix_length(seqs) if share_prefix and len(seqs) > 1 else 0
         cache = None
