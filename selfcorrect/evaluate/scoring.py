@@ -95,7 +95,7 @@ def prefix_batches(seqs: Sequence[Sequence[int]], batch_size: int, max_tokens: i
     order = sorted(range(len(seqs)), key=lambda i: (list(seqs[i]), i))
     rows = [seqs[i] for i in order]
     # the prefix a sorted range shares is the smallest prefix shared by neighbours inside it
-    neighbours = [0] + [len(os.path.commonprefix([list(a), list(b)])) for a, b in zip(rows, rows[1:])]
+    neighbours = [0] + [prefix_tree.common_prefix(a, b) for a, b in zip(rows, rows[1:])]
     best = [0.0] + [math.inf] * len(rows)  # best[j]: least cost of rows[:j]
     start = [0] * (len(rows) + 1)
     for j in range(1, len(rows) + 1):
