@@ -7,20 +7,26 @@ What it measures, on the same seeded stratified BBQ sample, in the same process 
   unbatched forward pass over ``prompt + letter`` (tokenized as one string), the default Hugging Face
   forward (logits at every position), the log-probabilities of the letter token(s) summed, and a
   softmax over the three options.
-* **selfcorrect** -- :meth:`selfcorrect.evaluate.scoring.Scorer.score`: one batched, left-padded forward
-  pass per length bucket, with the LM head applied at the last position only.
+* **selfcorrect** -- :meth:`selfcorrect.evaluate.scoring.Scorer.score`: batches of prompts that begin alike, each
+  run as one row holding the trie of its prompts' tokens (or, for a model that fails the tree check, one shared
+  prefix through a KV cache), with the LM head applied at each prompt's last position only.
 
 It prints items/s of both and their ratio, checks that both give the same answers (argmax agreement
 and the largest absolute difference of the renormalised probabilities), times a large square fp32
 matmul as the machine's practical peak, and reports each scorer's achieved GFLOP/s as a fraction of
 that peak. The FLOP estimate counts the dense weights only (attention score FLOPs are left out):
-``2 x non-embedding params x real (non-pad) tokens`` plus ``2 x LM-head params`` per position at which
+``2 x non-embedding params x tokens run through the model`` plus ``2 x LM-head params`` per position at which
 the LM head is applied (every position for the naive scorer, the last one per item for ours).
+
+``--profile`` also runs our scorer once more under ``torch.profiler`` and prints where its time goes: matrix
+multiplication, attention, and the rest (normalisation, rotary embedding, activations, copies), with the
+operators that take most of it.
 
 Run from the repository root (the first run converts the embedded model once, about 30 s more)::
 
     SELFCORRECT_DATA_DIR=../shared/data .venv/bin/python benchmarks/eval_throughput.py
     SELFCORRECT_DATA_DIR=../shared/data .venv/bin/python benchmarks/eval_throughput.py --items 128 --json out/t.json
+    SELFCORRECT_DATA_DIR=../shared/data .venv/bin/python benchmarks/eval_throughput.py --items 200 --profile
 
 This is a benchmark script, not a test: it asserts nothing and always prints what it found.
 """
@@ -43,8 +49,9 @@ import torch
 from selfcorrect.config import data_dir as resolve_data_dir
 from selfcorrect.evaluate.benchmarks import bbq
 from selfcorrect.evaluate.metrics import stratified_sample
+from selfcorrect.evaluate.prefix_tree import tree_tokens
 from selfcorrect.evaluate.prompts import load_prompts, render
-from selfcorrect.evaluate.scoring import Scorer
+from selfcorrect.evaluate.scoring import Scorer, forwarded_tokens
 from selfcorrect.models import EMBEDDED_DEFAULT, load_model
 
 CONDITION = "q"
@@ -53,6 +60,8 @@ WARMUP_ITEMS = 2
 MATMUL_SIZE = 2048
 MATMUL_REPEATS = 5
 TARGET_SPEEDUP = 10.0
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}  # the first three do the work
+TOP_OPS = 8
 
 
 @dataclass
@@ -117,22 +126,43 @@ def score_ours(scorer: Scorer, texts: Sequence[str], candidates: Sequence[Sequen
     return RunStats(probs=[s.probs for s in scores], tokens=0, head_positions=0)
 
 
-def ours_token_counts(scorer: Scorer, texts: Sequence[str], candidates: Sequence[Sequence[str]]) -> tuple[int, int]:
-    """(real tokens, LM-head positions) of ``Scorer.score``, counted outside the timed region.
+def ours_token_counts(
+    scorer: Scorer, texts: Sequence[str], candidates: Sequence[Sequence[str]], batch_size: int
+) -> tuple[int, int]:
+    """(tokens run through the model, LM-head positions) of ``Scorer.score``, counted outside the timed region.
 
-    One last-position forward pass per item; a candidate of several tokens costs one extra full-logits
-    pass over the prompt plus that candidate (see ``Scorer._continuation_logprob``).
+    Each batch's token trie once (``prefix_tree.tree_tokens``), or its shared prefix once plus the padded rest
+    where the scorer fell back to KV-cache batches; the LM head at each prompt's last position. A candidate of
+    several tokens costs one extra full-logits pass over the prompt plus that candidate (see
+    ``Scorer._continuation_logprob``).
     """
-    tokens = head = 0
-    for text, options in zip(texts, candidates):
-        n = len(scorer.encode(text))
-        tokens += n
-        head += 1
+    seqs = [scorer.encode(t) for t in texts]
+    count = tree_tokens if scorer.tree else forwarded_tokens
+    tokens = sum(count([seqs[i] for i in batch]) for batch in scorer.batches(seqs, batch_size))
+    head = len(seqs)
+    for text, seq, options in zip(texts, seqs, candidates):
         for ids in scorer.candidate_ids(text, options):
             if len(ids) > 1:
-                tokens += n + len(ids)
-                head += n + len(ids)
+                tokens += len(seq) + len(ids)
+                head += len(seq) + len(ids)
     return tokens, head
+
+
+def profile_ours(scorer: Scorer, texts: Sequence[str], candidates: Sequence[Sequence[str]], batch_size: int) -> None:
+    """Print where one run of our scorer spends its time: matmul, attention and the rest, by operator self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        score_ours(scorer, texts, candidates, batch_size)
+    ops = [(e.key, e.self_cpu_time_total / 1e6) for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(t for _, t in ops)
+    groups = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for name, t in ops:
+        groups["matmul" if name in MATMUL_OPS else "attention" if "scaled_dot_product" in name else "other"] += t
+    print(f"profile of one scoring run ({total:.1f} s of operator self time):")
+    print("  " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in groups.items()))
+    for name, t in sorted(ops, key=lambda o: -o[1])[:TOP_OPS]:
+        print(f"  {name:<50} {t:>7.2f} s  {100 * t / total:>5.1f}%")
 
 
 # ---- measurement helpers ------------------------------------------------------------------------
@@ -215,6 +245,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: auto)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per scorer; the best counts (default: 1)")
+    parser.add_argument("--profile", action="store_true", help="also profile one run of our scorer by operator")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     for flag in ("items", "batch_size", "repeats"):
@@ -238,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     naive_run, naive_times = timed(lambda: naive.score(texts, candidates), args.repeats, device)
     ours_run, ours_times = timed(lambda: score_ours(scorer, texts, candidates, args.batch_size), args.repeats, device)
-    ours_run.tokens, ours_run.head_positions = ours_token_counts(scorer, texts, candidates)
+    ours_run.tokens, ours_run.head_positions = ours_token_counts(scorer, texts, candidates, args.batch_size)
     peak = matmul_peak_gflops(device)
 
     non_embedding, head_params = parameter_counts(model)
@@ -286,6 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"params: {non_embedding / 1e6:.1f}M non-embedding, {head_params / 1e6:.1f}M LM head "
         "(attention-score FLOPs not counted)"
     )
+    print(f"selfcorrect: {ours_run.tokens / n:.1f} tokens through the model per item (one pass: the prompt's)")
+    if args.profile:
+        profile_ours(scorer, texts, candidates, args.batch_size)
 
     if args.json is not None:
         figures = {
