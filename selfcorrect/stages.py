@@ -19,7 +19,7 @@ from selfcorrect.errors import UserError
 from selfcorrect.evaluate.runner import EvaluationSection
 from selfcorrect.reward_models.train import RewardSection
 from selfcorrect.rundir import RunDir
-from selfcorrect.train.ppo import PPOSection
+from selfcorrect.train.ppo_config import PPOSection
 from selfcorrect.train.sft import SFTSection
 
 

@@ -106,7 +106,8 @@ def make_ppo_trainer(
     from transformers import AutoModelForSequenceClassification, TrainingArguments
 
     from selfcorrect.config import DatasetSpec
-    from selfcorrect.train.ppo import PPOPtxTrainer, PPOSection
+    from selfcorrect.train.ppo import PPOPtxTrainer
+    from selfcorrect.train.ppo_config import PPOSection
 
     tok = AutoTokenizer.from_pretrained(policy_dir)
     tok.padding_side = "left"
