@@ -426,7 +426,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         engine=args.engine,
     )
     if is_run:
-        from selfcorrect.evaluate.runner import evaluate_run
+        from selfcorrect.evaluate.run_targets import evaluate_run
 
         print_summary(evaluate_run(settings, run_dir))
     else:

@@ -8,8 +8,8 @@ Output layout (``--output DIR``)::
     DIR/metrics.csv                 benchmark,condition,subset,metric,value,ci_low,ci_high,n: every complete
                                     condition's rows, then the paired differences "<c>_minus_q" (evaluate.paired)
 
-Evaluating a run (``selfcorrect evaluate RUN_DIR`` or the pipeline's evaluate stage) repeats this per
-target, i.e. per kept PPO checkpoint or per extra model
+Evaluating a run (``selfcorrect evaluate RUN_DIR`` or the pipeline's evaluate stage,
+:mod:`selfcorrect.evaluate.run_targets`) repeats this per target, i.e. per kept PPO checkpoint or per extra model
 (``RUN_DIR/eval/models/<model>/``), and joins their tables into ``RUN_DIR/eval/metrics.csv`` with the
 leading columns ``model,params,step`` (:mod:`selfcorrect.evaluate.table`); each checkpoint past step 0 also gets
 the paired differences of its headline metrics from step 0's (``<m>_minus_step0``).
@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -44,11 +43,10 @@ from selfcorrect.errors import UserError
 from selfcorrect.evaluate import benchmarks as bench_registry
 from selfcorrect.evaluate import table
 from selfcorrect.evaluate.metrics import stable_seed, stratified_sample
-from selfcorrect.evaluate.paired import Evaluation, minus_q_rows, minus_step0_rows
+from selfcorrect.evaluate.paired import Evaluation, minus_q_rows
 from selfcorrect.evaluate.prompts import ItemPrompt, PromptSet, load_prompts, render
 from selfcorrect.evaluate.table import MetricRow
 from selfcorrect.io import append_jsonl, atomic_write_text, check_writable_dir, iter_jsonl
-from selfcorrect.rundir import RunDir
 
 DEFAULT_CONDITIONS = ("q", "q_if", "q_if_cot")
 
@@ -467,7 +465,7 @@ def read_evaluation(settings: EvalSettings, prompts: PromptSet, output: Path, ke
     return chosen, read_results(output / benchmark / f"{condition}.jsonl", item_ids)
 
 
-def _is_defined(prompts: PromptSet, key: str) -> bool:
+def is_defined(prompts: PromptSet, key: str) -> bool:
     """Whether the loaded prompt files define the condition of a ``benchmark/condition`` key."""
     benchmark, condition = key.split("/")
     return condition in prompts.conditions(benchmark)
@@ -479,7 +477,7 @@ def write_all_metrics(settings: EvalSettings, manifest: dict) -> Path:
     rows: list[MetricRow] = []
     evaluations: dict[str, dict[str, Evaluation]] = {}
     for key in manifest["complete"]:
-        if not _is_defined(prompts, key):
+        if not is_defined(prompts, key):
             print(f"note: {key} is complete but not defined by the loaded prompt files; left out", file=sys.stderr)
             continue
         benchmark, condition = key.split("/")
@@ -516,83 +514,3 @@ def print_summary(metrics_path: Path) -> None:
     """Print the summary table and where the full table is."""
     print(summary(metrics_path))
     print(f"\nmetrics: {metrics_path}", file=sys.stderr)
-
-
-# ---- a run: every PPO checkpoint (and extra models), joined into one table ------------------------------
-
-
-
-@dataclass(frozen=True)
-class EvalTarget:
-    """One model of a run to evaluate: a PPO checkpoint (``step`` set) or an extra model (``step`` None)."""
-
-    label: str  # the ``model`` column: the run name, or the model reference of an extra model
-    model: str  # what `load_model` loads
-    output: Path  # its evaluation output dir
-    step: int | None = None
-
-
-def model_slug(reference: str) -> str:
-    """A directory name for a model reference (``HuggingFaceTB/SmolLM2-360M`` -> ``HuggingFaceTB--SmolLM2-360M``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", reference.replace("/", "--")).strip("-") or "model"
-
-
-def checkpoint_targets(run: RunDir, steps: list[int], label: str, eval_dir: Path) -> list[EvalTarget]:
-    """The targets of a run's PPO checkpoints at ``steps`` (whether or not they exist yet)."""
-    return [EvalTarget(label, str(run.checkpoint(s)), run.eval_checkpoint(s, eval_dir), s) for s in steps]
-
-
-def evaluate_target(template: EvalSettings, target: EvalTarget) -> Path:
-    """Evaluate one target with the template's settings; returns its ``metrics.csv``."""
-    print(f"evaluate: {target.label}" + (f" step {target.step}" if target.step is not None else ""), file=sys.stderr)
-    return evaluate(replace(template, model=target.model, output=target.output))
-
-
-def _minus_step0(template: EvalSettings, prompts: PromptSet, target: EvalTarget, step0: EvalTarget) -> list[MetricRow]:
-    """A checkpoint's ``<m>_minus_step0`` rows, for each (benchmark, condition) complete at it and at step 0."""
-    complete = [set(json.loads((t.output / "evaluation.json").read_text())["complete"]) for t in (target, step0)]
-    rows = []
-    for key in sorted(complete[0] & complete[1]):
-        if _is_defined(prompts, key):
-            at_step, at_step0 = (read_evaluation(template, prompts, t.output, key) for t in (target, step0))
-            benchmark, condition = key.split("/")
-            rows += minus_step0_rows(
-                benchmark, condition, at_step, at_step0, n_boot=template.n_boot, seed=template.seed
-            )
-    return rows
-
-
-def join_metrics(targets: list[EvalTarget], path: Path, template: EvalSettings, *, deltas: bool = True) -> Path:
-    """Write the run's ``metrics.csv``: each evaluated target's table with ``model,params,step`` in front.
-
-    A checkpoint past step 0 whose run's step 0 is evaluated too also gets its ``<m>_minus_step0`` rows
-    (``selfcorrect.evaluate.paired``), computed from the per-item files of both with ``template``'s
-    bootstrap settings, right after its own rows. ``deltas=False`` leaves them out: the pipeline's live
-    joins after each checkpoint, which its last join replaces, would otherwise recompute every
-    checkpoint's differences each time.
-    """
-    prompts = load_prompts(template.prompt_files)
-    done = [t for t in targets if (t.output / "metrics.csv").is_file()]
-    step0 = {t.label: t for t in done if t.step == 0}
-    blocks = []
-    for target in done:
-        manifest = json.loads((target.output / "evaluation.json").read_text())
-        leading = (target.label, manifest.get("model_info", {}).get("n_parameters", ""), "" if target.step is None
-                   else target.step)
-        blocks.append((leading, [table.row_cells(r) for r in table.read(target.output / "metrics.csv")]))
-        if deltas and target.step and target.label in step0:
-            differences = _minus_step0(template, prompts, target, step0[target.label])
-            blocks.append((leading, [table.cells(r) for r in differences]))
-    return table.write_run(path, blocks)
-
-
-def evaluate_run(template: EvalSettings, run_dir: Path, label: str | None = None) -> Path:
-    """``selfcorrect evaluate RUN_DIR``: evaluate every kept checkpoint of a run into ``template.output``."""
-    run = RunDir(Path(run_dir))
-    steps = run.kept_steps()
-    if not steps:
-        raise UserError(f"{run_dir}: no kept checkpoints to evaluate")
-    targets = checkpoint_targets(run, steps, label or Path(run_dir).resolve().name, template.output)
-    for target in targets:
-        evaluate_target(template, target)
-    return join_metrics(targets, template.output / "metrics.csv", template)

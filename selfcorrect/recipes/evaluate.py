@@ -14,7 +14,7 @@ from selfcorrect.stages import RunConfig
 
 def targets(cfg: RunConfig) -> list:
     """Every model the evaluate stage covers: the PPO checkpoints in save_at_steps, then the extra models."""
-    from selfcorrect.evaluate.runner import EvalTarget, checkpoint_targets, model_slug
+    from selfcorrect.evaluate.run_targets import EvalTarget, checkpoint_targets, model_slug
 
     evaluation, run = cfg.evaluation, cfg.run_dir()
     found = []
@@ -45,7 +45,7 @@ def wait_for(proc: subprocess.Popen, seconds: float) -> int | None:
 def run(cfg: RunConfig, training: subprocess.Popen | None = None) -> Path:
     """Evaluate every target once; with ``training`` (PPO running), evaluate checkpoints as they appear."""
     from selfcorrect import tracking
-    from selfcorrect.evaluate.runner import evaluate_target, join_metrics
+    from selfcorrect.evaluate.run_targets import evaluate_target, join_metrics
 
     all_targets = targets(cfg)
     if not all_targets:

@@ -1,0 +1,98 @@
+"""Evaluating a run: every kept PPO checkpoint (and extra models), each with :func:`runner.evaluate`, joined into
+one table (``RUN_DIR/eval/metrics.csv``, leading columns ``model,params,step``) with each checkpoint's paired
+differences from step 0 (``<m>_minus_step0``)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from selfcorrect.errors import UserError
+from selfcorrect.evaluate import table
+from selfcorrect.evaluate.paired import minus_step0_rows
+from selfcorrect.evaluate.prompts import PromptSet, load_prompts
+from selfcorrect.evaluate.runner import EvalSettings, evaluate, is_defined, read_evaluation
+from selfcorrect.evaluate.table import MetricRow
+from selfcorrect.rundir import RunDir
+
+
+@dataclass(frozen=True)
+class EvalTarget:
+    """One model of a run to evaluate: a PPO checkpoint (``step`` set) or an extra model (``step`` None)."""
+
+    label: str  # the ``model`` column: the run name, or the model reference of an extra model
+    model: str  # what `load_model` loads
+    output: Path  # its evaluation output dir
+    step: int | None = None
+
+
+def model_slug(reference: str) -> str:
+    """A directory name for a model reference (``HuggingFaceTB/SmolLM2-360M`` -> ``HuggingFaceTB--SmolLM2-360M``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", reference.replace("/", "--")).strip("-") or "model"
+
+
+def checkpoint_targets(run: RunDir, steps: list[int], label: str, eval_dir: Path) -> list[EvalTarget]:
+    """The targets of a run's PPO checkpoints at ``steps`` (whether or not they exist yet)."""
+    return [EvalTarget(label, str(run.checkpoint(s)), run.eval_checkpoint(s, eval_dir), s) for s in steps]
+
+
+def evaluate_target(template: EvalSettings, target: EvalTarget) -> Path:
+    """Evaluate one target with the template's settings; returns its ``metrics.csv``."""
+    print(f"evaluate: {target.label}" + (f" step {target.step}" if target.step is not None else ""), file=sys.stderr)
+    return evaluate(replace(template, model=target.model, output=target.output))
+
+
+def _minus_step0(template: EvalSettings, prompts: PromptSet, target: EvalTarget, step0: EvalTarget) -> list[MetricRow]:
+    """A checkpoint's ``<m>_minus_step0`` rows, for each (benchmark, condition) complete at it and at step 0."""
+    complete = [set(json.loads((t.output / "evaluation.json").read_text())["complete"]) for t in (target, step0)]
+    rows = []
+    for key in sorted(complete[0] & complete[1]):
+        if is_defined(prompts, key):
+            at_step, at_step0 = (read_evaluation(template, prompts, t.output, key) for t in (target, step0))
+            benchmark, condition = key.split("/")
+            rows += minus_step0_rows(
+                benchmark, condition, at_step, at_step0, n_boot=template.n_boot, seed=template.seed
+            )
+    return rows
+
+
+def join_metrics(targets: list[EvalTarget], path: Path, template: EvalSettings, *, deltas: bool = True) -> Path:
+    """Write the run's ``metrics.csv``: each evaluated target's table with ``model,params,step`` in front.
+
+    A checkpoint past step 0 whose run's step 0 is evaluated too also gets its ``<m>_minus_step0`` rows
+    (``selfcorrect.evaluate.paired``), computed from the per-item files of both with ``template``'s
+    bootstrap settings, right after its own rows. ``deltas=False`` leaves them out: the pipeline's live
+    joins after each checkpoint, which its last join replaces, would otherwise recompute every
+    checkpoint's differences each time.
+    """
+    prompts = load_prompts(template.prompt_files)
+    done = [t for t in targets if (t.output / "metrics.csv").is_file()]
+    step0 = {t.label: t for t in done if t.step == 0}
+    blocks = []
+    for target in done:
+        manifest = json.loads((target.output / "evaluation.json").read_text())
+        leading = (
+            target.label,
+            manifest.get("model_info", {}).get("n_parameters", ""),
+            "" if target.step is None else target.step,
+        )
+        blocks.append((leading, [table.row_cells(r) for r in table.read(target.output / "metrics.csv")]))
+        if deltas and target.step and target.label in step0:
+            differences = _minus_step0(template, prompts, target, step0[target.label])
+            blocks.append((leading, [table.cells(r) for r in differences]))
+    return table.write_run(path, blocks)
+
+
+def evaluate_run(template: EvalSettings, run_dir: Path, label: str | None = None) -> Path:
+    """``selfcorrect evaluate RUN_DIR``: evaluate every kept checkpoint of a run into ``template.output``."""
+    run = RunDir(Path(run_dir))
+    steps = run.kept_steps()
+    if not steps:
+        raise UserError(f"{run_dir}: no kept checkpoints to evaluate")
+    targets = checkpoint_targets(run, steps, label or Path(run_dir).resolve().name, template.output)
+    for target in targets:
+        evaluate_target(template, target)
+    return join_metrics(targets, template.output / "metrics.csv", template)
