@@ -28,7 +28,10 @@ writing results):
 It prints wall clock, items/s and peak RSS (process tree) of each, the ratio of items/s (goal >= 20x), the scoring
 time each tool reports itself (selfcorrect's ``N items in S s`` line, lm-eval's loglikelihood progress bar), and
 the work per item: selfcorrect's tokens forwarded per item against the one-pass-per-item bound, and
-lm-eval's requests and tokens per item (from its logged samples). It measures; it asserts nothing.
+lm-eval's requests and tokens per item (from its logged samples). The two ``--limit N`` samples differ (selfcorrect's
+shares no contexts, lm-eval's first N documents are whole contexts asked four questions each), so it then also times
+selfcorrect's scoring of lm-eval's own documents (``anchors/same_items.py``) against lm-eval's scoring time. It
+measures; it asserts nothing.
 
     /work/main/.venv/bin/python benchmarks/compare_eval.py --data-dir ../shared/data --json out/eval.json
 """
@@ -221,7 +224,26 @@ def work_per_item(model: str, data: Path, sc: dict, lm: dict | None, args: argpa
     return json.loads(out.read_text())
 
 
-def report(args: argparse.Namespace, results: dict[str, dict], work: dict | None) -> dict[str, Any]:
+def same_items(model: str, data: Path, lm: dict | None, args: argparse.Namespace, work: Path, py: Path):
+    """selfcorrect's scoring time on lm-eval's documents (``anchors/same_items.py``), or None without them."""
+    if not lm or not lm.get("samples_file"):
+        return None
+    out = work / "same-items.json"
+    cmd = [
+        str(py), str(HERE / "anchors" / "same_items.py"), "--model", model, "--data-dir", str(data),
+        "--lm-eval-samples", lm["samples_file"], "--batch-size", str(args.batch_size), "--out", str(out),
+    ]  # fmt: skip
+    harness.log("selfcorrect scoring lm-eval's documents")
+    run = harness.measure(cmd, work / "same-items.log", {**base_env(), "PYTHONPATH": str(harness.REPO_ROOT)})
+    if run.returncode != 0:
+        harness.log(f"same items: failed (see {run.log_path}); left out")
+        return None
+    return json.loads(out.read_text())
+
+
+def report(
+    args: argparse.Namespace, results: dict[str, dict], work: dict | None, same: dict | None = None
+) -> dict[str, Any]:
     """Print the table, the ratio and the work per item; return the summary figures."""
     rows, summary = [], {}
     for tool, r in results.items():
@@ -262,6 +284,16 @@ def report(args: argparse.Namespace, results: dict[str, dict], work: dict | None
                 "tokens forwarded (unpadded estimate), logits at every position"
             )
         figures["work_per_item"] = work
+    lm_scoring = summary.get("lm_eval", {}).get("scoring_s")
+    if same and lm_scoring:
+        ratio = lm_scoring / same["scoring_s"] * same["items"] / summary["lm_eval"]["items"]
+        print(
+            f"on lm-eval's own {same['items']} documents ({', '.join(same['categories'])}), scoring only: selfcorrect "
+            f"{same['scoring_s']:.1f} s ({same['tokens_per_item_forwarded']:.1f} tokens forwarded per item, "
+            f"{same['tokens_per_item_forwarded'] / same['tokens_per_item_bound']:.2f}x one pass, {same['batches']} "
+            f"batches) vs lm-eval {lm_scoring:.1f} s: {ratio:.1f}x"
+        )
+        figures["same_items"] = {**same, "scoring_ratio": ratio}
     for tool, r in results.items():
         headline = {k: v for k, v in r["metrics"].items() if isinstance(v, (int, float)) and k.startswith(HEADLINE)}
         shown = ", ".join(f"{k} {v:.3f}" for k, v in headline.items())
@@ -275,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json is not None:
         saved = json.loads(args.from_json.read_text())
         vars(args).update({k: v for k, v in saved["settings"].items() if k in ("limit", "batch_size")})
-        report(args, saved["runs"], saved.get("work_per_item"))
+        report(args, saved["runs"], saved.get("work_per_item"), saved.get("same_items"))
         return 0
     harness.exit_on_sigterm()
     root = harness.cache_dir(args.cache_dir)
@@ -299,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         results["lm_eval"] = run_lm_eval(args, model, tasks_dir, work, lm_python)
     harness.log("work per item (tokenization only)")
     work_figures = work_per_item(model, data, results["selfcorrect"], results.get("lm_eval"), args, work, sc_python)
-    figures = report(args, results, work_figures)
+    same = same_items(model, data, results.get("lm_eval"), args, work, sc_python)
+    figures = report(args, results, work_figures, same)
     for tool, v in versions.items():
         print(f"{tool} env: " + ", ".join(f"{k} {v[k]}" for k in LM_EVAL_PACKAGES if v.get(k)))
     settings = {k: v for k, v in vars(args).items() if k != "json"}
