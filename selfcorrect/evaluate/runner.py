@@ -357,7 +357,8 @@ def _run_group(
                 texts = [render(it.scored_turns(r), settings.dialogue, tokenizer) for it, r in zip(items, reasoning)]
                 for rec, text, seed in zip(records, reasoning, seeds):
                     rec.update(reasoning=text, seed=seed)
-            scores = scorer.score(texts, [it.candidates for it in items], batch_size=settings.batch_size)
+            ids = None if is_cot else [first_ids[i] for i in batch]  # a CoT prompt gains its reasoning
+            scores = scorer.score(texts, [it.candidates for it in items], batch_size=settings.batch_size, token_ids=ids)
             for rec, it, s in zip(records, items, scores):
                 rec.update(
                     probs=s.probs,

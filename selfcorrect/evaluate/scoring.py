@@ -273,9 +273,16 @@ class Scorer:
         logp = torch.log_softmax(logits, dim=-1)
         return float(logp[torch.arange(len(cont)), torch.tensor(cont, device=logp.device)].sum())
 
-    def score(self, texts: Sequence[str], candidates: Sequence[Sequence[str]], batch_size: int = 16) -> list[Score]:
-        """Candidate probabilities for each text (the prompt ending in the assistant prefix)."""
-        seqs = [self.encode(t) for t in texts]
+    def score(
+        self,
+        texts: Sequence[str],
+        candidates: Sequence[Sequence[str]],
+        batch_size: int = 16,
+        token_ids: Sequence[Sequence[int]] | None = None,
+    ) -> list[Score]:
+        """Candidate probabilities for each text (the prompt ending in the assistant prefix); ``token_ids``: the texts'
+        :meth:`encode`, where the caller has it already."""
+        seqs = [list(ids) for ids in token_ids] if token_ids is not None else [self.encode(t) for t in texts]
         cand_ids = [self.candidate_ids(t, c) for t, c in zip(texts, candidates)]
         results: list[Score | None] = [None] * len(texts)
         for batch in self.batches(seqs, batch_size):
