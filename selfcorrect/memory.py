@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from selfcorrect.train import compat
+
 GB = 1e9
 OVERHEAD_BYTES = 1.0 * GB  # runtime: torch + transformers + TRL imported (CPU resident size; ~ a CUDA context)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -235,7 +237,7 @@ def estimate_ppo(
         trained = adapters + value.lora_params(lora.r, lora.target_modules) + value.hidden
         ema = adapters * 4 if ppo.ema_decay else 0
     parts = {"weights": weights * b, **_training_state(trained, b, launch), "ema": ema}
-    checkpointing = bool(ppo.trainer.get("gradient_checkpointing", False))
+    checkpointing = compat.checkpointing_on(ppo.trainer, default=False)  # TrainingArguments' default
     length = ppo.max_prompt_length + ppo.max_new_tokens
     rollout = ppo.rollout_batch_size // launch.processes  # sequences per process
     rollout_phase = {
@@ -273,7 +275,7 @@ def estimate_supervised(
     trained = arch.n_params if lora is None else arch.lora_params(lora.r, lora.target_modules)
     parts = {"weights": arch.n_params * b / split, **_training_state(trained, b, launch)}
     sequences = int(trainer.get("per_device_train_batch_size", 8)) * (2 if stage == "reward" else 1)
-    checkpointing = bool(trainer.get("gradient_checkpointing", False))
+    checkpointing = compat.checkpointing_on(trainer, default=True)  # TRL's SFTConfig and RewardConfig default
     parts["activations"] = _activations(arch, sequences, length, b, checkpointing)
     if stage == "sft":
         parts["logits"] = _logits(arch, sequences, length, b, with_grad=True)

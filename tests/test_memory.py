@@ -155,3 +155,25 @@ def test_lora_shrinks_the_trained_state():
     arch = Architecture.from_config(SMOLLM2_1_7B)
     assert arch.lora_params(16) < arch.n_params / 50
     assert arch.lora_params(16, "q_proj") < arch.lora_params(16, LoraSection().target_modules)
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_supervised_estimates_count_checkpointing_as_trl_runs_it(stage):
+    """TRL's SFTConfig and RewardConfig switch activation checkpointing on unless told otherwise, under either of
+    transformers' names for it; the estimate follows the same rule."""
+    from selfcorrect.memory import _activations, estimate_supervised
+
+    arch = Architecture.from_config(SMOLLM2_1_7B)
+    launch = Launch(1, None)
+
+    def activations(trainer: dict) -> float:
+        return estimate_supervised(stage, trainer, arch, None, launch, "bfloat16", 512).parts["activations"]
+
+    sequences = 4 * (2 if stage == "reward" else 1)
+    on, off = (_activations(arch, sequences, 512, 2, flag) for flag in (True, False))
+    assert on < off
+    base = {"per_device_train_batch_size": 4}
+    assert activations(base) == on  # TRL's default
+    for name in ("gradient_checkpointing", "activation_checkpointing"):
+        assert activations({**base, name: True}) == on
+        assert activations({**base, name: False}) == off

@@ -165,6 +165,26 @@ def test_trainer_keys_are_checked_against_sft_config(tmp_path):
         load_config(config, SFTSection)
 
 
+@pytest.mark.parametrize("value", [True, False])
+@pytest.mark.parametrize("name", ["gradient_checkpointing", "activation_checkpointing"])
+def test_checkpointing_is_set_under_either_transformers_name(hh_path, tmp_path, name, value):
+    """transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (5.19 knows only the old name):
+    either name switches it in the SFTConfig built on the installed version, with no deprecation warning; unset, it
+    is on, as TRL's default."""
+    import warnings
+
+    from selfcorrect.train import compat
+    from selfcorrect.train.sft import sft_config
+
+    data = DatasetSpec(path=hh_path, format="hh")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = sft_config(SFTSection(data=data, trainer={name: value}), tmp_path, seed=0)
+    assert compat.checkpointing_args(config)[0] is value
+    assert [str(w.message) for w in caught if "checkpointing" in str(w.message)] == []
+    assert compat.checkpointing_args(sft_config(SFTSection(data=data), tmp_path, seed=0))[0] is True
+
+
 def test_bad_trainer_value_is_a_user_error_before_loading_anything(tmp_path, hh_path):
     sft = section(hh_path, lr_scheduler_type="cosin")
     with pytest.raises(UserError, match="^sft.trainer: cosin is not a valid SchedulerType"):

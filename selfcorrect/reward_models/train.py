@@ -400,10 +400,6 @@ def build_reward_config(section: RewardSection, output_dir: Path, seed: int, rep
         problem = trainer_key_problem(key)
         if problem:
             raise UserError(f"reward.trainer.{key}: {problem}")
-    # transformers 5.2x renamed gradient_checkpointing* to activation_checkpointing*; TRL still sets the old name
-    # (True) by default, which then warns. Pass the installed version's name only, the user's value under either name.
-    user = compat.installed_names(section.trainer)
-    aliases = {old: None for old in compat.RENAMED} if compat.HAS_NEW_NAMES else {}
     values: dict[str, Any] = {
         "num_train_epochs": 1,
         "adam_beta2": 0.95,  # InstructGPT: Adam betas (0.9, 0.95) for all models
@@ -413,9 +409,7 @@ def build_reward_config(section: RewardSection, output_dir: Path, seed: int, rep
         "logging_steps": 1,
         "bf16": _default_bf16(),
         "dataloader_pin_memory": torch.cuda.is_available(),
-        compat.installed_name("activation_checkpointing"): True,  # TRL's default
-        **user,
-        **aliases,
+        **compat.trl_config_values(section.trainer),  # the user's values; checkpointing under either name
         "output_dir": str(output_dir),
         "seed": seed,
         "report_to": report_to,

@@ -37,6 +37,20 @@ def installed_names(values: dict[str, Any]) -> dict[str, Any]:
     return {installed_name(key): value for key, value in values.items()}
 
 
+def trl_config_values(values: dict[str, Any]) -> dict[str, Any]:
+    """A section's ``trainer:`` values for a TRL config (SFTConfig, RewardConfig): activation checkpointing on, as
+    TRL's default, unless the values say otherwise; every key under the installed version's name; and on 5.2x the
+    old names cleared, since TRL sets ``gradient_checkpointing`` itself and the old name warns."""
+    cleared = {old: None for old in RENAMED} if HAS_NEW_NAMES else {}
+    return {installed_name("activation_checkpointing"): True, **installed_names(values), **cleared}
+
+
+def checkpointing_on(values: dict[str, Any], default: bool) -> bool:
+    """Whether a section's ``trainer:`` values switch activation checkpointing on (under either name); ``default``
+    where they do not say."""
+    return bool(installed_names(values).get(installed_name("activation_checkpointing"), default))
+
+
 def checkpointing_args(args: Any) -> tuple[bool, dict | None]:
     """Whether training arguments switch activation checkpointing on, and its options."""
     return (

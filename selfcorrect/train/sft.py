@@ -52,6 +52,7 @@ from selfcorrect.errors import UserError, first_line
 from selfcorrect.io import atomic_write_text, install_dir
 from selfcorrect.models import EMBEDDED_PREFIX, load_model
 from selfcorrect.provenance import config_hash, stamp, to_json
+from selfcorrect.train import compat
 from selfcorrect.train.guards import NonFiniteLossGuard
 
 logger = logging.getLogger(__name__)
@@ -74,11 +75,13 @@ class SFTSection(StrictModel):
     @field_validator("trainer")
     @classmethod
     def _known_sft_config_fields(cls, trainer: dict[str, Any]) -> dict[str, Any]:
-        """Every key must be an SFTConfig field; values are checked (and YAML strings like "1e-5" converted)."""
+        """Every key must be an SFTConfig field, the checkpointing ones under either transformers name (``compat``);
+        values are checked (and YAML strings like "1e-5" converted)."""
         for key in trainer:
             if key in OWN_FIELDS:
                 raise ValueError(f"{key}: {OWN_FIELDS[key]}")
-        return check_typed_fields(trainer, SFT_CONFIG_FIELDS, "SFTConfig")
+        checked = check_typed_fields(compat.installed_names(trainer), SFT_CONFIG_FIELDS, "SFTConfig")
+        return {key: checked[compat.installed_name(key)] for key in trainer}  # the keys as given
 
     @field_validator("ptx_data")
     @classmethod
@@ -160,7 +163,7 @@ def sft_config(
     if "bf16" not in section.trainer and "fp16" not in section.trainer:  # TRL turns bf16 on even on a CPU
         defaults["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     try:
-        return SFTConfig(**{**defaults, **section.trainer})
+        return SFTConfig(**{**defaults, **compat.trl_config_values(section.trainer)})
     except (TypeError, ValueError) as exc:
         raise UserError(f"sft.trainer: {first_line(exc)}") from None
 
