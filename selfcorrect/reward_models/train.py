@@ -50,7 +50,7 @@ from transformers.data.data_collator import DataCollatorMixin
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.utils import pad
 
-from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, StrictModel, check_typed_fields
+from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, StrictModel
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError, first_line
 from selfcorrect.io import atomic_write_text, install_dir
@@ -104,8 +104,7 @@ class RewardSection(StrictModel):
             problem = trainer_key_problem(key)
             if problem:
                 raise ValueError(f"{key}: {problem}")
-        checked = check_typed_fields(compat.installed_names(value), typing.get_type_hints(RewardConfig), "RewardConfig")
-        return {key: checked[compat.installed_name(key)] for key in value}  # the keys as given (either name)
+        return compat.check_fields(value, typing.get_type_hints(RewardConfig), "RewardConfig")
 
     @field_validator("function")
     @classmethod

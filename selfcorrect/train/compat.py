@@ -14,6 +14,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from selfcorrect.config import check_typed_fields
+
 RENAMED = {
     "gradient_checkpointing": "activation_checkpointing",
     "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
@@ -35,6 +37,13 @@ def installed_name(key: str) -> str:
 def installed_names(values: dict[str, Any]) -> dict[str, Any]:
     """``values`` with every checkpointing key under the installed version's name."""
     return {installed_name(key): value for key, value in values.items()}
+
+
+def check_fields(values: dict[str, Any], hints: dict[str, Any], owner: str) -> dict[str, Any]:
+    """``config.check_typed_fields`` for a section's ``trainer:`` values whose checkpointing keys may use either name:
+    checked under the installed version's names, returned under the keys as given."""
+    checked = check_typed_fields(installed_names(values), hints, owner)
+    return {key: checked[installed_name(key)] for key in values}
 
 
 def trl_config_values(values: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from transformers import TrainingArguments
 
-from selfcorrect.config import DatasetSpec, StrictModel, check_save_at_steps, check_typed_fields
+from selfcorrect.config import DatasetSpec, StrictModel, check_save_at_steps
 from selfcorrect.train import compat
 
 
@@ -144,9 +144,7 @@ class PPOSection(StrictModel):
                 raise ValueError(
                     f"{key}: not used by the PPO trainer (it honours {', '.join(sorted(HONOURED_TRAINER_FIELDS))})"
                 )
-        hints = typing.get_type_hints(TrainingArguments)
-        checked = check_typed_fields(compat.installed_names(trainer), hints, "TrainingArguments")
-        return {key: checked[compat.installed_name(key)] for key in trainer}  # the keys as given (either name)
+        return compat.check_fields(trainer, typing.get_type_hints(TrainingArguments), "TrainingArguments")
 
     @model_validator(mode="after")
     def _check(self) -> PPOSection:

@@ -45,7 +45,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from transformers import PreTrainedTokenizerBase, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, StrictModel, check_typed_fields
+from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, StrictModel
 from selfcorrect.data import ptx_dataset, sft_dataset, train_test_split
 from selfcorrect.dialogue import DialogueSpec, example_ids
 from selfcorrect.errors import UserError, first_line
@@ -80,8 +80,7 @@ class SFTSection(StrictModel):
         for key in trainer:
             if key in OWN_FIELDS:
                 raise ValueError(f"{key}: {OWN_FIELDS[key]}")
-        checked = check_typed_fields(compat.installed_names(trainer), SFT_CONFIG_FIELDS, "SFTConfig")
-        return {key: checked[compat.installed_name(key)] for key in trainer}  # the keys as given
+        return compat.check_fields(trainer, SFT_CONFIG_FIELDS, "SFTConfig")
 
     @field_validator("ptx_data")
     @classmethod
