@@ -282,6 +282,8 @@ class Scorer:
     ) -> list[Score]:
         """Candidate probabilities for each text (the prompt ending in the assistant prefix); ``token_ids``: the texts'
         :meth:`encode`, where the caller has it already."""
+        if token_ids is not None and len(token_ids) != len(texts):
+            raise ValueError(f"{len(token_ids)} token-id lists for {len(texts)} texts")
         seqs = [list(ids) for ids in token_ids] if token_ids is not None else [self.encode(t) for t in texts]
         cand_ids = [self.candidate_ids(t, c) for t, c in zip(texts, candidates)]
         results: list[Score | None] = [None] * len(texts)
