@@ -11,10 +11,11 @@ Hugging Face cache: nothing is loaded or downloaded) and on the launcher's accel
   processes from ZeRO-2 (gradients) and ZeRO-1 (optimizer states) on; the EMA of the policy is one fp32 copy;
 - **activations** of the largest batch with a graph (Korthikanti et al. 2022, "Reducing activation recomputation":
   ``34 s b h`` bytes per layer in 16 bits; with gradient checkpointing only each layer's input is kept, plus one
-  layer's worth) and its **logits** (full vocabulary: in the model's dtype, once more in fp32, and their gradient);
-  for PPO the larger of two phases: the rollout (generation's KV cache, or the logits of the response positions of
-  the whole per-process rollout batch) and the update (policy and value graphs of a minibatch, plus the pretraining
-  rows and their logits at every position under PPO-ptx);
+  layer's worth) and its **logits**: SFT's at every position (full vocabulary: in the model's dtype, once more in
+  fp32, and their gradient); PPO's one chunk of ``ppo.logits_chunk_size`` positions at a time
+  (:mod:`selfcorrect.train.logprobs`). For PPO the larger of two phases: the rollout (generation's KV cache, or one
+  chunk of logits) and the update (policy and value graphs of a minibatch, the pretraining texts packed beside its
+  episodes under PPO-ptx, every sequence at its longest, and one chunk of logits with its gradient);
 - **overhead**: the runtime itself (the measured resident size of a process that has imported torch, transformers
   and TRL, about 1 GB on a CPU; the CUDA context on a GPU).
 
@@ -186,10 +187,11 @@ class Estimate:
         return sum(self.parts.values())
 
     def describe(self) -> str:
-        """One line: total and parts, in GB."""
+        """One line: total and parts, in GB, and which part is the largest."""
         parts = ", ".join(f"{k} {v / GB:.1f}" for k, v in self.parts.items() if v >= 0.05 * GB)
         where = f"; peak in the {self.phase}" if self.phase else ""
-        return f"{self.total / GB:.1f} GB ({parts}{where})"
+        largest = max(self.parts, key=self.parts.__getitem__)
+        return f"{self.total / GB:.1f} GB ({parts}{where}; most: {largest})"
 
 
 def _activations(arch: Architecture, sequences: int, length: int, act_bytes: int, checkpointing: bool) -> float:
@@ -205,6 +207,14 @@ def _logits(arch: Architecture, sequences: int, positions: int, act_bytes: int, 
     """Bytes of the logits of ``positions`` per sequence: in the model's dtype, once more in fp32, and a gradient."""
     per = act_bytes + 4 + (act_bytes if with_grad else 0)
     return sequences * positions * arch.vocab * per
+
+
+def _logits_chunk(arch: Architecture, positions: int, act_bytes: int, with_grad: bool) -> float:
+    """Bytes of one chunk of PPO's LM-head logits (:mod:`selfcorrect.train.logprobs`) over ``positions`` positions: in
+    the model's dtype, in fp32 and the logsumexp's fp32 temporary; with a graph, the backward's recompute of the same
+    and the fp32 gradient of the logits, its scatter and its copy in the model's dtype."""
+    per = act_bytes + 4 + 4 + (4 + 4 + act_bytes if with_grad else 0)
+    return positions * arch.vocab * per
 
 
 def _training_state(n_trained: int, dtype_bytes: int, launch: Launch) -> dict[str, float]:
@@ -238,20 +248,26 @@ def estimate_ppo(
         ema = adapters * 4 if ppo.ema_decay else 0
     parts = {"weights": weights * b, **_training_state(trained, b, launch), "ema": ema}
     checkpointing = compat.checkpointing_on(ppo.trainer, default=False)  # TrainingArguments' default
-    length = ppo.max_prompt_length + ppo.max_new_tokens
+    chunk = ppo.logits_chunk_size
+    episode = ppo.max_prompt_length + ppo.max_new_tokens  # every sequence at its longest: the worst case
     rollout = ppo.rollout_batch_size // launch.processes  # sequences per process
     rollout_phase = {
-        "kv_cache": 2 * arch.layers * rollout * length * arch.kv_heads * arch.head_dim * b,
-        "logits": _logits(arch, rollout, ppo.max_new_tokens + 1, b, with_grad=False),  # one pass, whole batch
+        "kv_cache": 2 * arch.layers * rollout * episode * arch.kv_heads * arch.head_dim * b,
+        "logits": _logits_chunk(arch, min(chunk, rollout * ppo.max_new_tokens), b, with_grad=False),
     }
     ptx = ppo.gamma_ptx > 0 and ppo.ptx_data is not None
-    # Every sequence at its longest: the worst case, where packing (ppo.packing) saves nothing over padded rows.
-    rows = ppo.mini_batch_size + (ppo.ptx_batch_size if ptx else 0)
-    length = max(length, ppo.ptx_max_length) if ptx else length
+    # Packed (ppo.packing), the policy's forward holds the minibatch's episodes and the pretraining texts end to end;
+    # padded, every row is as wide as the longest of them.
+    ptx_rows, ptx_length = (ppo.ptx_batch_size, ppo.ptx_max_length) if ptx else (0, 0)
+    if ppo.packing:
+        policy_tokens = ppo.mini_batch_size * episode + ptx_rows * ptx_length
+    else:
+        policy_tokens = (ppo.mini_batch_size + ptx_rows) * max(episode, ptx_length)
+    read = ppo.mini_batch_size * ppo.max_new_tokens + ptx_rows * ptx_length  # positions through the LM head
     update_phase = {
-        "activations": _activations(arch, rows, length, b, checkpointing)
-        + _activations(value, ppo.mini_batch_size, length, b, checkpointing),
-        "logits": _logits(arch, rows, length if ptx else ppo.max_new_tokens + 1, b, with_grad=True),
+        "activations": _activations(arch, 1, policy_tokens, b, checkpointing)
+        + _activations(value, ppo.mini_batch_size, episode, b, checkpointing),
+        "logits": _logits_chunk(arch, min(chunk, read), b, with_grad=True),
     }
     # generation's KV cache is freed before the rollout's forward pass: the larger of the two counts
     rollout_peak = max(rollout_phase.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -76,7 +77,23 @@ def test_launcher_configs_give_processes_and_zero_stage():
     ) == Launch(4, 3)
 
 
-def _ppo_config(tmp_path: Path, lora: bool) -> Path:
+def _long_texts(path: Path, n: int = 16, chars: int = 4000) -> Path:
+    """``n`` documents of HH transcripts end to end, each of at least ``chars`` characters (over 512 tokens)."""
+    with gzip.open(DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz", "rt", encoding="utf-8") as f:
+        transcripts = [json.loads(line)["chosen"] for _, line in zip(range(400), f)]
+    docs, i = [], 0
+    while len(docs) < n:
+        doc = ""
+        while len(doc) < chars:
+            doc, i = doc + transcripts[i % len(transcripts)], i + 1
+        docs.append(json.dumps({"text": doc}) + "\n")
+    path.write_text("".join(docs))
+    return path
+
+
+def _ppo_config(tmp_path: Path, lora: bool, long_ptx: bool = False) -> Path:
+    """One RLHF step on the embedded model; ``long_ptx``: full fine-tune with gradient checkpointing and 8 pretraining
+    rows of 512 tokens beside the episodes (the logits of PPO-ptx, chunked)."""
     reward = "def length(prompts, responses):\n    return [len(r) / 10 for r in responses]\n"
     (tmp_path / "mem_reward.py").write_text(reward)
     cfg = {
@@ -98,6 +115,10 @@ def _ppo_config(tmp_path: Path, lora: bool) -> Path:
     }
     if lora:
         cfg["lora"] = {"r": 8, "alpha": 16, "dropout": 0.0}
+    if long_ptx:
+        ptx_data = {"path": str(_long_texts(tmp_path / "long.jsonl")), "format": "text"}
+        cfg["ppo"].update(rollout_batch_size=2, mini_batch_size=2, gamma_ptx=1.0, ptx_data=ptx_data, ptx_batch_size=8,
+                          ptx_max_length=512, trainer={"gradient_checkpointing": True})  # fmt: skip
     path = tmp_path / "mem.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -113,11 +134,12 @@ sys.exit(code)
 
 
 @pytest.mark.embedded
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_ppo_estimate_within_30_percent_of_the_measured_peak(tmp_path, embedded_model_dir, lora):
+@pytest.mark.parametrize(("lora", "long_ptx"), [(False, False), (True, False), (False, True)],
+                         ids=["full", "lora", "long-ptx"])  # fmt: skip
+def test_ppo_estimate_within_30_percent_of_the_measured_peak(tmp_path, embedded_model_dir, lora, long_ptx):
     """The real PPO stage on the embedded 135M model (CPU, fp32, one RLHF step): its peak resident memory against
     the estimate the dry run prints for the same config."""
-    config = _ppo_config(tmp_path, lora)
+    config = _ppo_config(tmp_path, lora, long_ptx)
     proc = subprocess.run(
         [sys.executable, "-c", MEASURE, "ppo", str(config)],
         cwd=tmp_path,

@@ -60,11 +60,12 @@ def test_packed_passes_equal_the_padded_passes(peaked_policy_dir, tmp_path, kind
         gamma_ptx=0.5,
         temperature=0.7,
     )
-    assert trainer._packing_works()
+    assert trainer._check_forward()
     torch.manual_seed(3)
-    roll = trainer.rollout(trainer.step_prompts(0))  # padded passes (packing is off until train() checks it)
+    roll = trainer.rollout(trainer.step_prompts(0))
     rows = torch.arange(8)
-    reads, _ = trainer._pack(roll, rows)
+    trainer.packing = True
+    reads = trainer._reads(roll, rows)
     assert reads.policy.input_ids.numel() < 0.8 * roll.input_ids.numel()  # it packs: fewer tokens than padded rows
     mask = roll.response_mask.bool()
     ptx = trainer._ptx_sequences(trainer.ptx_batch(0, 0))
@@ -74,8 +75,8 @@ def test_packed_passes_equal_the_padded_passes(peaked_policy_dir, tmp_path, kind
         logprobs, values = trainer._forward_response(roll, trainer.model, rows)
         ref = trainer._ref_logprobs(roll)
         trainer.model.zero_grad()
-        new_logprobs, new_values, entropy, ptx_batch = trainer._update_forward(roll, rows[:4], ptx)
-        lm = core.ptx_loss(*ptx_batch)
+        new_logprobs, new_values, entropy, ptx_logprobs = trainer._update_forward(roll, rows[:4], ptx)
+        lm = core.ptx_loss_from_logprobs(ptx_logprobs)
         m = mask[:4]
         (new_logprobs[m].sum() + new_values[m].sum() + lm).backward()
         grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
@@ -104,29 +105,58 @@ def tiny_gemma2(softcapping: float | None, vocab_size: int = 300) -> Gemma2Confi
     )  # fmt: skip
 
 
-def test_the_packing_check_turns_packing_off_for_a_model_whose_logits_are_post_processed():
-    """The packed path applies the LM head and nothing after it, so a soft-capping Gemma 2 fails the check; the same
-    model without soft-capping passes it."""
+def test_the_lm_head_reproduces_logits_that_models_post_process():
+    """PPO's log-probs come from the LM head on the last hidden states (selfcorrect.train.logprobs.output_head), with
+    the post-processing a model's forward applies: a soft-capping Gemma 2 passes the check and packs."""
     torch.manual_seed(0)
     sequences = [list(range(10, 22)), list(range(30, 37)), list(range(40, 45))]
-    capped, plain = tiny_gemma2(5.0), tiny_gemma2(None)
-    why = packing.packing_matches(Gemma2ForCausalLM(capped), Gemma2ForSequenceClassification(capped), sequences, 0)
-    assert why.startswith("packed logits differ from the padded forward's by")
-    assert packing.packing_matches(Gemma2ForCausalLM(plain), Gemma2ForSequenceClassification(plain), sequences, 0) == ""
+    capped = tiny_gemma2(0.2)  # a cap the random logits reach
+    policy, value = Gemma2ForCausalLM(capped).eval(), Gemma2ForSequenceClassification(capped).eval()
+    assert packing.head_matches(policy, sequences, 0) == ""
+    assert packing.packing_matches(policy, value, sequences, 0) == ""
+    ids = torch.tensor([sequences[0]])  # the soft-capping matters: the bare LM head gives other logits
+    bare = policy.get_output_embeddings()(policy.model(input_ids=ids).last_hidden_state)
+    assert not torch.allclose(policy(input_ids=ids).logits, bare, atol=1e-2)
 
 
-def test_training_checks_packing_first_and_records_it(peaked_policy_dir, tmp_path):
-    """train() runs the check before the first rollout: a Llama policy trains on packed sequences, a soft-capping
-    Gemma 2 policy (same tokenizer) is warned about and trains on padded rows; each kept manifest says which."""
+class DoubledLogits(LlamaForCausalLM):
+    """A Llama whose forward post-processes its logits in a way PPO's LM head does not know."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+
+def test_training_checks_the_head_and_packing_first_and_records_it(peaked_policy_dir, tmp_path):
+    """train() runs the checks before the first rollout: a Llama policy trains on packed sequences; an OPT policy
+    (learned positions from the attention mask: packing fails its check) is warned about and trains on padded rows;
+    each kept manifest says which. A policy whose forward post-processes its logits unknown to PPO is refused."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from selfcorrect.errors import UserError
+
     common = dict(steps=1, save_at_steps=[1], rollout_batch_size=4, mini_batch_size=4, max_new_tokens=4)
     make_ppo_trainer(peaked_policy_dir, tmp_path / "llama", lambda p, r: torch.rand(len(r)), **common).train()
+    tok = AutoTokenizer.from_pretrained(peaked_policy_dir)
     torch.manual_seed(0)
-    gemma = Gemma2ForCausalLM(tiny_gemma2(5.0, vocab_size=len(AutoTokenizer.from_pretrained(peaked_policy_dir))))
-    trainer = make_ppo_trainer(
-        peaked_policy_dir, tmp_path / "gemma", lambda p, r: torch.rand(len(r)), policy=gemma, **common
-    )
-    with pytest.warns(UserWarning, match="ppo.packing: off for this run, padded batches instead: packed logits differ"):
+    opt = OPTForCausalLM(
+        OPTConfig(
+            vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
+            word_embed_proj_dim=32, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        )
+    )  # fmt: skip
+    reward = lambda p, r: torch.rand(len(r))  # noqa: E731
+    trainer = make_ppo_trainer(peaked_policy_dir, tmp_path / "opt", reward, policy=opt, **common)
+    with pytest.warns(UserWarning, match="ppo.packing: off for this run, padded batches instead: packed hidden states"):
         trainer.train()
-    for run, packed in (("llama", True), ("gemma", False)):
+    for run, packed in (("llama", True), ("opt", False)):
         manifest = json.loads((tmp_path / run / "checkpoints" / "step-000001" / "manifest.json").read_text())
         assert manifest["packing"] is packed
+    doubled = DoubledLogits.from_pretrained(peaked_policy_dir)
+    trainer = make_ppo_trainer(
+        peaked_policy_dir, tmp_path / "doubled", lambda p, r: torch.rand(len(r)), policy=doubled, **common
+    )
+    with pytest.raises(UserError, match="the policy's logits differ from its LM head's on its last hidden states"):
+        trainer.train()
+    assert not (tmp_path / "doubled" / "checkpoints" / "step-000001").exists()

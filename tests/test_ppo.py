@@ -223,6 +223,9 @@ def test_trainable_parameters_and_optimizer_state(peaked_policy_dir, tmp_path, m
         ({"ema_decay": 0}, "ppo.ema_decay: Input should be greater than 0"),
         ({"value_learning_rate": 0}, "ppo.value_learning_rate: Input should be greater than 0"),
         ({"trainer": {"bf16": "maybe"}}, "ppo.trainer"),
+        ({"logits_chunk_size": 0}, "ppo.logits_chunk_size: Input should be greater than 0"),
+        ({"logits_chunk_size": 1.5}, "ppo.logits_chunk_size: Input should be a valid integer"),
+        ({"logits_chunk_size": "512"}, "ppo.logits_chunk_size: Input should be a valid integer"),
     ],
 )
 def test_bad_ppo_config(peaked_policy_dir, tmp_path, capsys, monkeypatch, change, needle):
@@ -238,7 +241,8 @@ def test_bad_ppo_config(peaked_policy_dir, tmp_path, capsys, monkeypatch, change
 # ---- the same short run under `accelerate launch`: DDP and DeepSpeed ZeRO-2/3, 2 CPU processes each ------------
 
 ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
-LAUNCHED = {"steps": 4, "save_at_steps": [0, 2, 4]}
+# A small logits chunk, so every pass runs the LM head over several chunks (each recomputed in the backward pass).
+LAUNCHED = {"steps": 4, "save_at_steps": [0, 2, 4], "logits_chunk_size": 4}
 LAUNCHED_STEPS = ["step-000000", "step-000002", "step-000004"]
 requires_deepspeed = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None, reason="needs the deepspeed extra (pip install -e .[deepspeed])"

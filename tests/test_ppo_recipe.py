@@ -259,12 +259,16 @@ def test_rollout_statistics_equal_the_straightforward_computation(peaked_policy_
     with torch.no_grad():
         full = model.policy(input_ids=roll.input_ids, attention_mask=roll.attention_mask, position_ids=positions)
         ref = trainer.ref_policy(input_ids=roll.input_ids, attention_mask=roll.attention_mask, position_ids=positions)
-        _, values = model(roll.input_ids, roll.attention_mask, positions)
+        body = model.value_model.model(input_ids=roll.input_ids, attention_mask=roll.attention_mask,
+                                       position_ids=positions)
+        values = model.value_model.score(body.last_hidden_state).squeeze(-1)
     tokens = roll.input_ids[:, p:].unsqueeze(-1)
+    actions = roll.response_mask.bool()  # what PPO reads; 0 elsewhere
     for logits, got in ((full.logits, roll.logprobs), (ref.logits, roll.ref_logprobs)):
         expected = torch.log_softmax(logits[:, p - 1 : -1] / 0.7, dim=-1).gather(-1, tokens).squeeze(-1)
-        assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
-    assert torch.allclose(roll.values, values[:, p - 1 : p - 1 + r], atol=1e-6)
+        assert torch.allclose(got[actions], expected[actions], atol=1e-5), (got - expected)[actions].abs().max()
+        assert not got[~actions].any()
+    assert torch.allclose(roll.values[actions], values[:, p - 1 : p - 1 + r][actions], atol=1e-6)
 
 
 def test_engine_vllm_bad_input_is_a_one_line_error(tiny_model_dir, tmp_path, monkeypatch):

@@ -9,10 +9,11 @@ bin costs little more than in a padded row); each sequence's ``position_ids`` re
 diagonal causal mask; flash-attention's variable-length path on GPU), so each token sees exactly what it saw in its
 padded row.
 
-The outputs are read only where PPO needs them: the hidden states of the ``read`` positions go through the LM head
-(or the value head), never the whole packed batch. :func:`packing_matches` checks, once per run, that a model's
-packed outputs equal its own padded forward (a model that ignores the restarting positions, or post-processes its
-logits, fails the check and PPO keeps padded batches).
+The outputs are read only where PPO needs them: the last hidden states of the ``read`` positions, which go through
+the value head or, a chunk at a time, the LM head (:mod:`selfcorrect.train.logprobs`); never the whole batch.
+:func:`packing_matches` checks, once per run, that a model's packed outputs equal its padded ones (a model that ignores
+the restarting positions fails it, and PPO lays its sequences out one to a row: :func:`pad`); :func:`head_matches`,
+that the LM head on the hidden states gives the model's own logits.
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ from torch import nn
 
 
 @dataclasses.dataclass
-class Packed:
-    """Sequences laid end to end in bins: ``input_ids`` and ``position_ids`` ``(n_bins, width)``; ``starts[i]`` is
-    where sequence ``i`` begins in the flattened bins (``n_bins * width``)."""
+class Layout:
+    """Sequences laid out in rows for one forward pass: ``input_ids`` and ``position_ids`` ``(rows, width)``;
+    ``starts[i]`` is where sequence ``i`` begins in the flattened rows (``rows * width``). Packed (:func:`pack`):
+    several sequences to a row, no attention mask (restarting positions separate them); padded (:func:`pad`): one
+    sequence to a row, right-padded, with its ``attention_mask``."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     starts: torch.Tensor
+    attention_mask: torch.Tensor | None = None
 
     def at(self, sequence: int, positions: torch.Tensor) -> torch.Tensor:
         """Flat indices (into the flattened bins) of ``positions`` of one sequence."""
@@ -58,7 +62,7 @@ def _first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
 
 def pack(
     sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu", bin_tokens: int = BIN_TOKENS
-) -> Packed:
+) -> Layout:
     """The sequences in as few bins as ``max(bin_tokens, longest sequence)`` allows, of about equal length (first fit
     in order of decreasing length); each bin's tail is ``pad_id`` with positions of its own (nothing reads it)."""
     lengths = [len(s) for s in sequences]
@@ -80,7 +84,21 @@ def pack(
             starts[i] = b * width + col
             col += n
         positions[b, col:] = torch.arange(width - col)
-    return Packed(ids.to(device), positions.to(device), starts.to(device))
+    return Layout(ids.to(device), positions.to(device), starts.to(device))
+
+
+def pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> Layout:
+    """One sequence per row, right-padded to the longest with ``pad_id`` (masked out): the layout for a model that
+    fails :func:`packing_matches`."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        ids[row, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[row, : len(s)] = 1
+    positions = torch.arange(width).expand(len(sequences), width).contiguous()
+    starts = torch.arange(len(sequences)) * width
+    return Layout(ids.to(device), positions.to(device), starts.to(device), mask.to(device))
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
@@ -94,55 +112,74 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return getattr(inner, inner.base_model_prefix)
 
 
-def hidden_states(model: nn.Module, packed: Packed, read: torch.Tensor) -> torch.Tensor:
-    """The last hidden states ``(K, d)`` of the body of ``model`` at the flat positions ``read``."""
+def hidden_states(model: nn.Module, layout: Layout, read: torch.Tensor) -> torch.Tensor:
+    """The last hidden states ``(K, d)`` of the body of ``model`` at the flat positions ``read`` of ``layout``."""
     out = backbone_of(model)(
-        input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None, use_cache=False
+        input_ids=layout.input_ids,
+        position_ids=layout.position_ids,
+        attention_mask=layout.attention_mask,
+        use_cache=False,
     )
     return out.last_hidden_state.flatten(0, 1)[read]
 
 
-def lm_logits(model: nn.Module, packed: Packed, read: torch.Tensor) -> torch.Tensor:
-    """Next-token logits ``(K, V)`` of a causal LM at the flat positions ``read`` (the LM head runs on these only)."""
-    return model.get_output_embeddings()(hidden_states(model, packed, read))
-
-
-def values(classifier: nn.Module, packed: Packed, read: torch.Tensor) -> torch.Tensor:
+def values(classifier: nn.Module, layout: Layout, read: torch.Tensor) -> torch.Tensor:
     """The scalar head ``score`` of a (value) sequence classifier at the flat positions ``read``: ``(K,)``."""
-    return unwrapped(classifier).score(hidden_states(classifier, packed, read)).squeeze(-1)
+    return unwrapped(classifier).score(hidden_states(classifier, layout, read)).squeeze(-1)
+
+
+def _every_position(layout: Layout, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+    device = layout.input_ids.device
+    return torch.cat([layout.at(i, torch.arange(len(s), device=device)) for i, s in enumerate(sequences)])
+
+
+def _gap(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    """The largest difference, relative to the largest size of ``theirs``."""
+    return float((ours.float() - theirs.float()).abs().max() / (1 + theirs.float().abs().max()))
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return 1e-4 if dtype == torch.float32 else 2e-2
+
+
+@torch.no_grad()
+def head_matches(policy: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int) -> str:
+    """Whether the LM head on the body's last hidden states (:func:`selfcorrect.train.logprobs.output_head`, which
+    PPO's log-probs use) gives ``policy``'s own logits on ``sequences`` (empty string) or why not; within 1e-4
+    (float32) or 2e-2 (16-bit) of their largest size."""
+    from selfcorrect.train.logprobs import output_head
+
+    device = next(policy.parameters()).device
+    layout = pad(sequences, pad_id, device)
+    own = policy(
+        input_ids=layout.input_ids, attention_mask=layout.attention_mask, position_ids=layout.position_ids
+    ).logits
+    real = layout.attention_mask.bool()
+    ours = output_head(policy)(hidden_states(policy, layout, _every_position(layout, sequences)))
+    gap = _gap(ours, own[real])
+    if gap > _tolerance(own.dtype):
+        return f"logits differ from its LM head's on its last hidden states by {gap:.2g} (relative)"
+    return ""
 
 
 @torch.no_grad()
 def packing_matches(policy: nn.Module, value_model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int) -> str:
-    """Whether packed outputs equal each model's padded forward on ``sequences`` (empty string) or why not.
+    """Whether packed outputs equal padded ones on ``sequences`` (empty string) or why not.
 
-    Logits and values must agree at every position of every sequence (the later sequences of a bin are the ones a
-    model ignoring the restarting positions gets wrong) within 1e-4 (float32) or 2e-2 (16-bit) of their largest size.
+    The policy's last hidden states and the values must agree at every position of every sequence (the later
+    sequences of a bin are the ones a model ignoring the restarting positions gets wrong) within 1e-4 (float32) or
+    2e-2 (16-bit) of their largest size.
     """
     device = next(policy.parameters()).device
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, s in enumerate(sequences):  # left-padded, as PPO's rollouts
-        ids[row, width - len(s) :] = torch.as_tensor(list(s))
-        mask[row, width - len(s) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    real = mask.bool()
-    padded_logits = policy(input_ids=ids, attention_mask=mask, position_ids=positions).logits[real]
-    padded_hidden = backbone_of(value_model)(input_ids=ids, attention_mask=mask, position_ids=positions)
-    padded_values = unwrapped(value_model).score(padded_hidden.last_hidden_state).squeeze(-1)[real]
-    packed = pack(sequences, pad_id, device)
-    read = torch.cat([packed.at(i, torch.arange(len(s), device=device)) for i, s in enumerate(sequences)])
-    tol = 1e-4 if padded_logits.dtype == torch.float32 else 2e-2
-
-    def gap(packed_out: torch.Tensor, padded_out: torch.Tensor) -> float:
-        return float((packed_out.float() - padded_out.float()).abs().max() / (1 + padded_out.float().abs().max()))
-
-    logit_gap = gap(lm_logits(policy, packed, read), padded_logits)
-    value_gap = gap(values(value_model, packed, read), padded_values)
-    if logit_gap > tol or value_gap > tol:
+    outputs = {}
+    for name, layout in (("padded", pad(sequences, pad_id, device)), ("packed", pack(sequences, pad_id, device))):
+        read = _every_position(layout, sequences)
+        outputs[name] = (hidden_states(policy, layout, read), values(value_model, layout, read))
+    (padded_hidden, padded_values), (packed_hidden, packed_values) = outputs["padded"], outputs["packed"]
+    hidden_gap, value_gap = _gap(packed_hidden, padded_hidden), _gap(packed_values, padded_values)
+    if max(hidden_gap, value_gap) > _tolerance(padded_hidden.dtype):
         return (
-            f"packed logits differ from the padded forward's by {logit_gap:.2g}, values by {value_gap:.2g} (relative)"
+            f"packed hidden states differ from the padded forward's by {hidden_gap:.2g}, values by {value_gap:.2g} "
+            "(relative)"
         )
     return ""

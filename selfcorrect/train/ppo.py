@@ -21,9 +21,10 @@ the adapter disabled; the value model starts from the reward model (or, for a fu
 policy's base with a new scalar head) and, with LoRA, trains only its own adapters and scalar head. The
 optimizer gets only parameters with ``requires_grad``, so frozen base weights have no gradients or Adam state.
 Randomness of step ``k`` on rank ``r`` is seeded from ``(seed, k, r)``, so a resumed run samples exactly what an
-uninterrupted one would have. The forward passes over the rollout (reference, policy, value, and the update's) run on
-packed sequences (``ppo.packing``, :mod:`selfcorrect.train.packing`), checked against the padded forward when training
-starts.
+uninterrupted one would have. The forward passes over the rollout (reference, policy, value, and the update's:
+:mod:`selfcorrect.train.ppo_forward`) run on packed sequences (``ppo.packing``, checked against padded rows when
+training starts) and read the LM head only where a token is read, ``ppo.logits_chunk_size`` positions at a time
+(:mod:`selfcorrect.train.logprobs`): no pass holds the logits of a whole batch.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from selfcorrect.errors import UserError
 from selfcorrect.provenance import stable_seed
 from selfcorrect.reward_models.score import RewardModel, hh_prompt
 from selfcorrect.rundir import merged_dir
-from selfcorrect.train import compat, packing
+from selfcorrect.train import compat, packing, ppo_forward
 from selfcorrect.train import ppo_core as core
 from selfcorrect.train.checkpoints import (
     load_engine_checkpoint,
@@ -103,74 +104,6 @@ def own_sampling_only(model: nn.Module):
         inner.generation_config = saved
 
 
-class PolicyAndValue(nn.Module):
-    """Policy and value model in one module, so one optimizer, one DDP/DeepSpeed wrapper, one forward."""
-
-    def __init__(self, policy: nn.Module, value_model: nn.Module):
-        super().__init__()
-        self.policy = policy
-        self.value_model = value_model
-
-    @property
-    def is_activation_checkpointing(self) -> bool:
-        return compat.is_checkpointing(self.policy)
-
-    is_gradient_checkpointing = is_activation_checkpointing
-
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None) -> None:
-        """Activation (gradient) checkpointing in both models; ``use_reentrant=False`` unless given. Enabling it again
-        without options (as TRL's generation context does after generating) keeps the options given first."""
-        options = activation_checkpointing_kwargs or getattr(self, "_checkpointing_options", {"use_reentrant": False})
-        self._checkpointing_options = options
-        for m in (self.policy, self.value_model):
-            compat.checkpointing_enable(m, options)
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
-        self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
-
-    def activation_checkpointing_disable(self) -> None:
-        for m in (self.policy, self.value_model):
-            compat.checkpointing_disable(m)
-
-    gradient_checkpointing_disable = activation_checkpointing_disable
-
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        logits_to_keep: int = 0,
-        packed: PackedReads | None = None,
-    ):
-        """Padded rows: policy logits (of the last ``logits_to_keep`` positions; 0: all) and values at every position.
-        ``packed``: the policy's logits ``(K, V)`` and the values ``(K',)`` at its read positions only."""
-        if packed is not None:
-            return (
-                packing.lm_logits(self.policy, packed.policy, packed.policy_read),
-                packing.values(self.value_model, packed.value, packed.value_read),
-            )
-        logits = self.policy(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=logits_to_keep
-        ).logits
-        # A LoRA value model (PEFT) holds its adapters inside the wrapped classifier: call that one's backbone.
-        hidden = packing.backbone_of(self.value_model)(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-        )
-        values = packing.unwrapped(self.value_model).score(hidden.last_hidden_state).squeeze(-1)
-        return logits, values
-
-
-@dataclasses.dataclass
-class PackedReads:
-    """One packed forward of :class:`PolicyAndValue`: the policy's sequences (rollout rows, then any ptx rows) and the
-    value model's (rollout rows only), each with the flat positions whose outputs are read."""
-
-    policy: packing.Packed
-    policy_read: torch.Tensor
-    value: packing.Packed
-    value_read: torch.Tensor
-
-
 def _first_true(predicate: Callable[[int], bool], low: int, high: int) -> int:
     """The smallest ``k`` in ``[low, high]`` with ``predicate(k)``, for a predicate false then true (binary search)."""
     while low < high:
@@ -180,10 +113,6 @@ def _first_true(predicate: Callable[[int], bool], low: int, high: int) -> int:
         else:
             low = mid + 1
     return low
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @dataclasses.dataclass
@@ -245,7 +174,7 @@ class PPOPtxTrainer(Trainer):
         for model in (policy, value_model, ref_policy):
             if model is not None:
                 disable_dropout(model)
-        super().__init__(model=PolicyAndValue(policy, value_model), args=args, processing_class=tokenizer)
+        super().__init__(model=ppo_forward.PolicyAndValue(policy, value_model), args=args, processing_class=tokenizer)
         self.ppo = ppo
         self.tokenizer = tokenizer
         self.dialogue = dialogue or DialogueSpec()
@@ -509,109 +438,40 @@ class PPOPtxTrainer(Trainer):
             reads.append(range(len(tokens) - n_actions - 1, len(tokens) - 1))
         return sequences, reads
 
-    def _pack(
-        self, roll: Rollout, rows: torch.Tensor, ptx: Sequence[Sequence[int]] = ()
-    ) -> tuple[PackedReads, torch.Tensor]:
-        """The packed forward of ``rows`` (and ``ptx`` sequences, policy only: every position but the last is read)
-        and the action tokens, in the order of the reads (row by row, as ``response_mask[rows]`` has them)."""
-        sequences, reads = self._episodes(roll, rows)
-        device, pad = roll.input_ids.device, self.tokenizer.pad_token_id
-        policy = packing.pack(sequences + [list(s) for s in ptx], pad, device)
-        value = packing.pack(sequences, pad, device)
-        ptx_reads = [range(0, len(s) - 1) for s in ptx]
+    def _reads(self, roll: Rollout, rows: torch.Tensor, ptx: Sequence[Sequence[int]] = (), values: bool = True):
+        """The reads of a pass over ``rows`` (and ``ptx`` sequences, policy only), packed if this run packs."""
+        sequences, actions = self._episodes(roll, rows)
+        pad, device = self.tokenizer.pad_token_id, roll.input_ids.device
+        return ppo_forward.reads_for(sequences, actions, ptx, pad, device, packed=self.packing, with_values=values)
 
-        def flat(packed: packing.Packed, ranges: list[range]) -> torch.Tensor:
-            return torch.cat([packed.at(i, torch.arange(r.start, r.stop, device=device)) for i, r in enumerate(ranges)])
+    def _head_options(self) -> dict[str, Any]:
+        return {"temperature": self.ppo.temperature, "chunk_size": self.ppo.logits_chunk_size}
 
-        targets = torch.tensor(
-            [t for s, r in zip(sequences, reads) for t in s[r.start + 1 : r.stop + 1]], device=device
-        )
-        return PackedReads(policy, flat(policy, reads + ptx_reads), value, flat(value, reads)), targets
-
-    def _packed_stats(self, roll: Rollout, rows: torch.Tensor, logits, values, targets, entropy: bool = True):
-        """:meth:`_response_stats` from a packed forward's read positions: the same ``(n, R)`` tensors, 0 where the
-        response mask is (``values`` None: None)."""
+    @staticmethod
+    def _placed(roll: Rollout, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Values read at the actions of ``rows`` (row by row) as an ``(n, R)`` tensor aligned with the response mask,
+        0 elsewhere."""
         mask = roll.response_mask[rows].bool()
-        if self.ppo.temperature != 1.0:
-            logits = logits / self.ppo.temperature
+        return torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_scatter(mask, x)
 
-        def place(x: torch.Tensor) -> torch.Tensor:
-            return torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_scatter(mask, x)
-
-        spread = None
-        if entropy:
-            with torch.no_grad():
-                spread = place(core.entropy_from_logits(logits))
-        return (
-            place(core.logprobs_from_logits(logits, targets)),
-            values if values is None else place(values.float()),
-            spread,
-        )
-
-    def _forward_response(self, roll: Rollout, model, rows: torch.Tensor):
-        """Policy log-probs of the response tokens and values of ``rows`` (the LM head only where they are read)."""
-        if self.packing:
-            reads, targets = self._pack(roll, rows)
-            logits, values = model(packed=reads)
-            logprobs, values, _ = self._packed_stats(roll, rows, logits, values, targets, entropy=False)
-            return logprobs, values
-        ids, mask = roll.input_ids[rows], roll.attention_mask[rows]
-        logits, values = model(
-            input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=self._kept(roll)
-        )
-        logprobs, values, _ = self._response_stats(roll, ids, logits, values, entropy=False)
-        return logprobs, values
-
-    def _kept(self, roll: Rollout) -> int:
-        """Positions whose logits are read: those that predict the response tokens (the LM head runs on these only)."""
-        return roll.response_mask.shape[1] + 1
-
-    def _response_stats(self, roll: Rollout, ids, logits, values, entropy: bool = True):
-        """Log-probs of the response tokens, their values, and (for logging, without a graph) the entropy.
-
-        ``logits`` covers the whole sequence or only its last ``_kept(roll)`` positions: either way the last
-        ``R + 1`` positions but the final one predict the ``R`` response tokens.
-        """
-        p, r = roll.context_length, roll.response_mask.shape[1]
-        logits = logits[:, -(r + 1) : -1]
-        if self.ppo.temperature != 1.0:
-            logits = logits / self.ppo.temperature
-        logprobs = core.logprobs_from_logits(logits, ids[:, p:])
-        spread = None
-        if entropy:
-            with torch.no_grad():
-                spread = core.entropy_from_logits(logits)
-        return logprobs, values[:, p - 1 : -1].float(), spread
+    def _forward_response(self, roll: Rollout, model, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Policy log-probs of the response tokens and values of ``rows``, ``(n, R)`` each."""
+        outputs, values = model(reads=self._reads(roll, rows), **self._head_options())
+        return self._placed(roll, rows, outputs.logprobs), self._placed(roll, rows, values.float())
 
     @torch.no_grad()
     def _ref_logprobs(self, roll: Rollout) -> torch.Tensor:
-        if self.packing:
-            rows = torch.arange(roll.input_ids.shape[0])
-            reads, targets = self._pack(roll, rows)
-            if self.is_peft:
-                policy = self.accelerator.unwrap_model(self.model).policy
-                with policy.disable_adapter():
-                    logits = packing.lm_logits(policy, reads.policy, reads.policy_read)
-            else:  # under DeepSpeed an inference engine: its module
-                logits = packing.lm_logits(
-                    getattr(self.ref_policy, "module", self.ref_policy), reads.policy, reads.policy_read
-                )
-            return self._packed_stats(roll, rows, logits, None, targets, entropy=False)[0]
-        ids, mask = roll.input_ids, roll.attention_mask
-        kwargs = {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "position_ids": _positions(mask),
-            "logits_to_keep": self._kept(roll),
-        }
-        if self.is_peft:
+        """The reference policy's log-probs of every row's response tokens, ``(B, R)``."""
+        rows = torch.arange(roll.input_ids.shape[0])
+        reads = self._reads(roll, rows, values=False)
+        if self.is_peft:  # the reference is the policy with its adapters switched off
             policy = self.accelerator.unwrap_model(self.model).policy
             with policy.disable_adapter():
-                logits = policy(**kwargs).logits
-        else:
-            logits = self.ref_policy(**kwargs).logits
-        logits = logits[:, :-1] if self.ppo.temperature == 1.0 else logits[:, :-1] / self.ppo.temperature
-        return core.logprobs_from_logits(logits, ids[:, roll.context_length :])
+                outputs = ppo_forward.policy_outputs(policy, reads, **self._head_options())
+        else:  # under DeepSpeed an inference engine: its module
+            reference = getattr(self.ref_policy, "module", self.ref_policy)
+            outputs = ppo_forward.policy_outputs(reference, reads, **self._head_options())
+        return self._placed(roll, rows, outputs.logprobs)
 
     # ---- 2. score ----------------------------------------------------------------------------------------
     def reward_scores(self, roll: Rollout) -> torch.Tensor:
@@ -664,46 +524,17 @@ class PPOPtxTrainer(Trainer):
     def _ptx_sequences(self, texts: list[str]) -> list[list[int]]:
         return [self.tokenizer(t, add_special_tokens=True)["input_ids"][: self.ppo.ptx_max_length] for t in texts]
 
-    def _ptx_tensors(self, seqs: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(width, max(len(s) for s in seqs))
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        return ids.to(self.accelerator.device), mask.to(self.accelerator.device)
-
     def _update_forward(self, roll: Rollout, rows: torch.Tensor, ptx: list[list[int]]):
-        """One minibatch's forward, with graph: the log-probs, values and entropy of ``rows`` (:meth:`_response_stats`)
-        and the ptx loss's ``(logits, labels, mask)`` of the ``ptx`` sequences (None without them). The ptx rows go
-        through the same forward, so DDP/DeepSpeed see one forward and one backward per optimizer step."""
-        if self.packing:
-            reads, targets = self._pack(roll, rows, ptx)
-            logits, values = self.model(packed=reads)
-            k = len(targets)
-            logprobs, new_values, entropy = self._packed_stats(roll, rows, logits[:k], values, targets)
-            if not ptx:
-                return logprobs, new_values, entropy, None
-            ids, mask = self._ptx_tensors(ptx, 0)
-            # ptx_loss reads position t's logits for token t + 1: every real position but a sequence's last.
-            read = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1).bool()
-            shape = (*mask.shape, logits.shape[-1])
-            ptx_logits = logits.new_zeros(shape).masked_scatter(read.unsqueeze(-1).expand(shape), logits[k:])
-            return logprobs, new_values, entropy, (ptx_logits, ids, mask)
-        ids, mask = roll.input_ids[rows], roll.attention_mask[rows]
-        if ptx:
-            ptx_ids, ptx_mask = self._ptx_tensors(ptx, ids.shape[1])
-            pad = ptx_ids.shape[1] - ids.shape[1]
-            ids = torch.nn.functional.pad(ids, (0, pad), value=self.tokenizer.pad_token_id)
-            mask = torch.nn.functional.pad(mask, (0, pad), value=0)
-            ids, mask = torch.cat([ids, ptx_ids]), torch.cat([mask, ptx_mask])
-        kept = 0 if ptx else self._kept(roll)  # the ptx LM loss reads every position
-        logits, values = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=kept
+        """One minibatch's forward, with graph: the log-probs, values and entropy (no graph) of ``rows`` as ``(n, R)``
+        tensors, and the log-probs of the ``ptx`` sequences' next tokens (None without them). The ptx rows go through
+        the same forward, so DDP/DeepSpeed see one forward and one backward per optimizer step."""
+        outputs, values = self.model(reads=self._reads(roll, rows, ptx), entropy=True, **self._head_options())
+        return (
+            self._placed(roll, rows, outputs.logprobs),
+            self._placed(roll, rows, values.float()),
+            self._placed(roll, rows, outputs.entropy),
+            outputs.ptx_logprobs if ptx else None,
         )
-        k, r_len, p = len(rows), roll.response_mask.shape[1], roll.context_length
-        logprobs, new_values, entropy = self._response_stats(
-            roll, ids[:k, : p + r_len], logits[:k, : p + r_len], values[:k, : p + r_len]
-        )
-        return logprobs, new_values, entropy, ((logits[k:], ids[k:], mask[k:]) if ptx else None)
 
     def _minibatch_order(self, step: int, epoch: int) -> np.ndarray:
         """The order in which an epoch of ``step``'s update visits the rollout rows (minibatches: consecutive runs)."""
@@ -734,7 +565,7 @@ class PPOPtxTrainer(Trainer):
                 rows = torch.as_tensor(order[start : start + self.ppo.mini_batch_size])
                 ptx = self._ptx_sequences(self.ptx_batch(step, minibatch)) if use_ptx else []
                 with self.accelerator.accumulate(self.model):
-                    logprobs, new_values, entropy, ptx_batch = self._update_forward(roll, rows, ptx)
+                    logprobs, new_values, entropy, ptx_logprobs = self._update_forward(roll, rows, ptx)
                     if roll.deferred:  # the first minibatch: exactly the deferred rows, at the rollout's weights
                         if sorted(rows.tolist()) != roll.deferred:
                             raise ValueError("update: the rollout deferred other rows than the first minibatch's")
@@ -753,7 +584,7 @@ class PPOPtxTrainer(Trainer):
                         clip_range=self.ppo.clip_range,
                         clip_range_value=self.ppo.clip_range_value,
                         vf_coef=self.ppo.vf_coef,
-                        ptx=ptx_batch,
+                        ptx_logprobs=ptx_logprobs,
                         gamma_ptx=self.ppo.gamma_ptx,
                     )
                     if not torch.isfinite(loss.total):
@@ -806,15 +637,24 @@ class PPOPtxTrainer(Trainer):
             "eos_rate": self._gather_mean(roll.has_eos.float().mean()),
         }
 
-    def _packing_works(self) -> bool:
-        """Whether the policy's and value model's packed outputs equal their padded forward (on three pieces of the
-        first prompts, packed two to a bin); where not, a warning, and this run's passes stay padded."""
+    def _check_forward(self) -> bool:
+        """Before the first rollout, on three pieces of the first prompts: the LM head on the policy's hidden states
+        must give its own logits (else a one-line error: PPO's log-probs come from them), and, with ``ppo.packing``,
+        packed outputs must equal padded ones (else a warning, and this run lays sequences out one to a row). Returns
+        whether this run packs."""
         flat = [t for ids in self.prompt_ids[:8] for t in ids.tolist()]
         flat = flat * (24 // len(flat) + 1)
+        sequences, pad = [flat[:12], flat[12:19], flat[19:24]], self.tokenizer.pad_token_id
         model = self.accelerator.unwrap_model(self.model)
-        why = packing.packing_matches(
-            model.policy, model.value_model, [flat[:12], flat[12:19], flat[19:24]], self.tokenizer.pad_token_id
-        )
+        why = packing.head_matches(model.policy, sequences, pad)
+        if why:
+            raise UserError(
+                f"ppo: the policy's {why}; PPO computes log-probs from the LM head on the last hidden states (it knows "
+                "Gemma's soft-capping and Cohere's and Granite's logit scaling) and cannot train this model"
+            )
+        if not self.ppo.packing:
+            return False
+        why = packing.packing_matches(model.policy, model.value_model, sequences, pad)
         if why:
             warnings.warn(f"ppo.packing: off for this run, padded batches instead: {why}", stacklevel=1)
         return not why
@@ -980,7 +820,7 @@ class PPOPtxTrainer(Trainer):
 
             # An inference engine with the policy's precision (bf16...); under ZeRO-3 split like the policy.
             self.ref_policy = prepare_deepspeed(self.ref_policy, self.accelerator)
-        self.packing = ppo.packing and self._packing_works()
+        self.packing = self._check_forward()
         self.manifest_extra["packing"] = self.packing
         if self.value_from_reward and isinstance(self.reward_fn, RewardModel):
             # With LoRA the value model with its adapters off is the reward model: score with it, one copy fewer.

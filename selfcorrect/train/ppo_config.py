@@ -109,15 +109,19 @@ class PPOSection(StrictModel):
     # Forward passes over packed sequences instead of padded rows (selfcorrect.train.packing): the same numbers to
     # float tolerance, less work. Checked against the padded forward at the start of a run; off where it differs.
     packing: bool = True
+    # Positions whose full-vocabulary logits exist at once: PPO's log-probs come from the LM head on the last hidden
+    # states, this many positions at a time, recomputed in the backward pass (selfcorrect.train.logprobs). Changes
+    # memory, not results (each position is computed alone), so it is not in the config hash.
+    logits_chunk_size: int = Field(1024, gt=0, strict=True)
     trainer: dict[str, Any] = {}  # TrainingArguments fields PPO honours: HONOURED_TRAINER_FIELDS
 
     def unhashed(self) -> set[str]:
-        """The keys left out of the PPO stage's config hash: ``save_last_every`` (it changes no result) and, at their
-        defaults, ``engine`` (:func:`selfcorrect.engines.unhashed`) and ``packing`` (so a config that does not name
-        them keeps the hash it had before they existed)."""
+        """The keys left out of the PPO stage's config hash: ``save_last_every`` and ``logits_chunk_size`` (they change
+        no result) and, at their defaults, ``engine`` (:func:`selfcorrect.engines.unhashed`) and ``packing`` (so a
+        config that does not name them keeps the hash it had before they existed)."""
         from selfcorrect.engines import unhashed
 
-        return {"save_last_every", *unhashed(self.engine), *(["packing"] if self.packing else [])}
+        return {"save_last_every", "logits_chunk_size", *unhashed(self.engine), *(["packing"] if self.packing else [])}
 
     @field_validator("save_at_steps")
     @classmethod

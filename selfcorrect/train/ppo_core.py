@@ -51,6 +51,7 @@ __all__ = [
     "ppo_ptx_loss",
     "PPOLoss",
     "ptx_loss",
+    "ptx_loss_from_logprobs",
     "value_loss",
     "warmup_factor",
 ]
@@ -316,6 +317,15 @@ def ptx_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | No
     return token_losses[keep].mean()
 
 
+def ptx_loss_from_logprobs(token_logprobs: torch.Tensor) -> torch.Tensor:
+    """:func:`ptx_loss` from the log-probs ``log pi(x_t | x_<t)`` of the counted target tokens (flat, any order): their
+    negative mean, in float32. PPO computes them from hidden states a chunk at a time
+    (:mod:`selfcorrect.train.logprobs`), so no ``(B, T, V)`` logits exist."""
+    if token_logprobs.numel() == 0:
+        raise ValueError("ptx_loss: no target tokens (every label is masked)")
+    return -token_logprobs.float().mean()
+
+
 class PPOLoss(NamedTuple):
     """The PPO-ptx loss of one optimizer step and its parts (as torchtune's ``PPOLoss`` returns them)."""
 
@@ -342,17 +352,26 @@ def ppo_ptx_loss(
     vf_coef: float,
     ptx: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     gamma_ptx: float = 0.0,
+    ptx_logprobs: torch.Tensor | None = None,
 ) -> PPOLoss:
     """InstructGPT's loss for one optimizer step, assembled in one place (Eq. 2 with PPO's clipping).
 
     ``total = policy_loss + vf_coef * value_loss + gamma_ptx * ptx_loss``: :func:`policy_loss` and :func:`value_loss`
-    on the episodes' response tokens, and :func:`ptx_loss` on a pretraining batch ``ptx = (logits, labels, mask)``
-    (left out when None).
+    on the episodes' response tokens, and :func:`ptx_loss` on a pretraining batch ``ptx = (logits, labels, mask)``, or
+    :func:`ptx_loss_from_logprobs` on its target tokens' log-probs ``ptx_logprobs`` (left out when both are None).
     """
+    if ptx is not None and ptx_logprobs is not None:
+        raise ValueError("ppo_ptx_loss: give the pretraining batch as ptx or as ptx_logprobs, not both")
     pg, pg_clipfrac, approx_kl = policy_loss(logprobs, old_logprobs, advantages, mask, clip_range)
     vf, vf_clipfrac = value_loss(values, old_values, returns, mask, clip_range_value)
-    lm = ptx_loss(*ptx) if ptx is not None else torch.zeros((), device=pg.device)
-    total = pg + vf_coef * vf + (gamma_ptx * lm if ptx is not None else 0.0)
+    has_ptx = ptx is not None or ptx_logprobs is not None
+    if ptx is not None:
+        lm = ptx_loss(*ptx)
+    elif ptx_logprobs is not None:
+        lm = ptx_loss_from_logprobs(ptx_logprobs)
+    else:
+        lm = torch.zeros((), device=pg.device)
+    total = pg + vf_coef * vf + (gamma_ptx * lm if has_ptx else 0.0)
     return PPOLoss(total, pg, vf, lm, pg_clipfrac, vf_clipfrac, approx_kl)
 
 
