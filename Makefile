@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA_DIR ?= $(if $(SELFCORRECT_DATA_DIR),$(SELFCORRECT_DATA_DIR),../shared/data)
 
-.PHONY: install test demo lint clean
+.PHONY: install test demo lint clean gpu-check
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ lint: install
 # and the report: runs/quickstart/report/report.md. A rerun skips what is done.
 demo: install
 	SELFCORRECT_DATA_DIR=$(DATA_DIR) $(VENV)/bin/selfcorrect pipeline configs/pipelines/quickstart.yaml
+
+# The device check (benchmarks/gpu_check.sh): on a GPU machine, the checks the CPU suite cannot make; one line each.
+gpu-check:
+	SELFCORRECT_DATA_DIR=$(DATA_DIR) bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) out runs .pytest_cache

@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this tree's selfcorrect for the estimate, whatever the environment installed
 BASELINE = "ce5b615"  # the last commit with full-vocabulary logits in PPO
 HH_FILE = "hh-rlhf/harmless-base-test.jsonl.gz"
 GB = 1e9
@@ -120,14 +121,18 @@ def run_ppo(tree: Path, config: Path) -> dict:
     }
 
 
-def checkpoint_gap(a: Path, b: Path) -> float:
-    """The largest absolute difference between two checkpoints' weights."""
+def checkpoint_gap(a: Path, b: Path) -> dict[str, float]:
+    """How far two checkpoints' weights are apart: the largest absolute difference, and how many weights differ by
+    more than 1e-7, 1e-6 and 1e-5 (of how many)."""
+    import torch
     from safetensors.torch import load_file
 
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     if wa.keys() != wb.keys():
-        return float("inf")
-    return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+        return {"max": float("inf")}
+    gaps = torch.cat([(wa[k].float() - wb[k].float()).abs().flatten() for k in wa])
+    return {"max": float(gaps.max()), "weights": gaps.numel(),
+            **{f"over_{t:g}": int((gaps > t).sum()) for t in (1e-7, 1e-6, 1e-5)}}  # fmt: skip
 
 
 def main() -> None:
@@ -171,7 +176,9 @@ def main() -> None:
                     print(f"peak ratio this tree / baseline: {ours['peak_gb'] / base['peak_gb']:.2f}")
                 if base["returncode"] == 0 and ours["returncode"] == 0:
                     gap = checkpoint_gap(Path(base["checkpoint"]), Path(ours["checkpoint"]))
-                    print(f"step-{args.steps} checkpoints: largest weight difference {gap:.2e}")
+                    counts = ", ".join(f"{v:,} over {k[5:]}" for k, v in gap.items() if k.startswith("over_"))
+                    print(f"step-{args.steps} checkpoints: largest weight difference {gap['max']:.2e} "
+                          f"({counts}, of {gap.get('weights', 0):,} weights)")  # fmt: skip
                     results["checkpoint_gap"] = gap
         finally:
             if args.baseline != "none":

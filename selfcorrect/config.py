@@ -228,6 +228,24 @@ class DatasetSpec(StrictModel):
         return str(Path(expanded).resolve()) if Path(expanded).exists() else expanded
 
 
+class VLLMSection(StrictModel):
+    """The vLLM engine's settings where a stage samples with ``engine: vllm`` (``ppo.vllm``, ``evaluation.vllm``).
+
+    Each key left out is computed where the engine starts (:func:`selfcorrect.memory.vllm_options`): the share of the
+    GPU from the memory plan (the engine's weights and the KV cache of the batch it samples) and, for PPO on CUDA,
+    sleep mode between rollouts.
+    """
+
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)  # share of the GPU the engine may take
+    max_num_seqs: int | None = Field(None, gt=0)  # sequences sampled at once (default: vLLM's)
+    enable_prefix_caching: bool = False  # keep shared prompt prefixes in the KV cache (CoT prompts share theirs)
+    sleep: bool | None = None  # free weights and KV cache while the trainer updates (CUDA only; default: PPO on CUDA)
+
+    def is_default(self) -> bool:
+        """Whether every key is left at its default (then the section is left out of config hashes)."""
+        return self == VLLMSection()
+
+
 class TrackingSection(StrictModel):
     """Experiment tracking: W&B (offline unless an API key is configured), tensorboard, or none."""
 

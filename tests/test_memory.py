@@ -71,10 +71,13 @@ def test_zero_stages_split_gradients_and_optimizer_states():
 
 def test_launcher_configs_give_processes_and_zero_stage():
     assert Launch.from_launcher(None) == Launch(1, None)
-    assert Launch.from_launcher("accelerate launch --config_file accelerate/deepspeed_zero2.yaml") == Launch(8, 2)
+    assert Launch.from_launcher("accelerate launch --config_file accelerate/deepspeed_zero2.yaml") == Launch(8, 2, "bf16")
     assert Launch.from_launcher(
         "accelerate launch --config_file accelerate/deepspeed_zero3.yaml --num_processes 4"
-    ) == Launch(4, 3)
+    ) == Launch(4, 3, "bf16")
+    assert Launch.from_launcher("accelerate launch --config_file accelerate/cpu_2proc.yaml --mixed_precision fp16") == (
+        Launch(2, None, "fp16")
+    )
 
 
 def _long_texts(path: Path, n: int = 16, chars: int = 4000) -> Path:

@@ -242,6 +242,33 @@ def test_a_vllm_engine_that_dies_mid_run_is_a_one_line_error_and_the_rerun_resum
     assert (died / "metrics.csv").read_bytes() == (clean / "metrics.csv").read_bytes()
 
 
+def test_the_vllm_section_reaches_the_engine(vllm_model_dir):
+    """A run config's ``vllm:`` keys become vLLM's own settings of the engine (max_num_seqs, prefix caching), which
+    still samples the model's distribution; left out, the GPU share is the memory plan's (weights plus the batch's KV
+    cache over the device) and PPO's engine sleeps on a GPU. (Near the end: it replaces the shared engine.)"""
+    from selfcorrect.config import VLLMSection
+    from selfcorrect.memory import Architecture, vllm_bytes, vllm_options
+
+    model, tokenizer = load_model(str(vllm_model_dir), dtype="float32", device="cpu")
+    section = VLLMSection(max_num_seqs=3, enable_prefix_caching=True)
+    options = vllm_options(section, model, dtype="float32", sequences=4, tokens=64, training=True, device_bytes=None)
+    assert options == engines.VLLMOptions(engines.GPU_MEMORY_UTILIZATION, 3, True, False, "float32")
+    engine = engines.vllm_engine(model, tokenizer, options)
+    config = engine.llm.llm_engine.vllm_config
+    assert config.scheduler_config.max_num_seqs == 3 and config.cache_config.enable_prefix_caching
+    prompts = [tokenizer(t)["input_ids"] for t in ("\n\nHuman: Hi\n\nAssistant:", "Once upon a time", "1 2 3 4")]
+    assert mean_gap(engine, model, prompts) < LOGPROB_TOLERANCE
+
+    planned = vllm_options(VLLMSection(), model, dtype="bfloat16", sequences=64, tokens=2048, training=True,
+                           device_bytes=80e9)  # fmt: skip
+    arch = Architecture.from_config(model.config.to_dict(), sum(p.numel() for p in model.parameters()))
+    assert planned.gpu_memory_utilization == round(vllm_bytes(arch, 2, 64, 2048) / 80e9, 3)
+    assert planned.sleep and planned.dtype == "bfloat16" and planned.max_num_seqs is None
+    scoring = vllm_options(VLLMSection(gpu_memory_utilization=0.3), model, dtype="float32", sequences=8, tokens=64,
+                           training=False, device_bytes=80e9)  # fmt: skip
+    assert scoring.gpu_memory_utilization == 0.3 and not scoring.sleep
+
+
 def test_a_model_vllm_cannot_run_is_a_one_line_error_that_keeps_what_was_written(tiny_model_dir, tmp_path, capsys):
     """The fixture's tiny Llama (head_dim 16, which vLLM's CPU attention does not support) loads but cannot sample:
     exit 2 with vLLM's reason in one line, and the Q results scored before it stay. (Last: it replaces the shared

@@ -29,14 +29,14 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from selfcorrect import dialogue as dialogues
 from selfcorrect import engines
-from selfcorrect.config import StrictModel, data_dir, shipped_file
+from selfcorrect.config import StrictModel, VLLMSection, data_dir, shipped_file
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.engines import Engine
 from selfcorrect.errors import UserError
@@ -49,6 +49,7 @@ from selfcorrect.evaluate.table import MetricRow
 from selfcorrect.io import append_jsonl, atomic_write_text, check_writable_dir, iter_jsonl
 
 DEFAULT_CONDITIONS = ("q", "q_if", "q_if_cot")
+COT_PROMPT_TOKENS = 1024  # the longest CoT prompt a vLLM engine's KV cache is sized for by default (vllm_options)
 
 
 @dataclass
@@ -74,6 +75,7 @@ class EvalSettings:
     trust_remote_code: bool = False
     overwrite: bool = False
     engine: str = "hf"  # what samples the CoT reasoning: hf (transformers) or vllm (selfcorrect.engines)
+    vllm: VLLMSection = field(default_factory=VLLMSection)  # the vLLM engine's settings
 
 
 class EvaluationSection(StrictModel):
@@ -91,6 +93,10 @@ class EvaluationSection(StrictModel):
     gen_batch_size: int = Field(64, gt=0)
     bootstrap: int = Field(1000, ge=0)
     engine: Literal["hf", "vllm"] = "hf"  # what samples the CoT reasoning (selfcorrect.engines)
+    vllm: VLLMSection = VLLMSection()  # the vLLM engine's settings (engine: vllm)
+    # Where the evaluation runs (cpu, cuda:N). With when: during on GPUs, a GPU the training stages do not use: the
+    # pipeline hides it from them. Left out there, the evaluation waits until PPO ends (it never shares a training GPU).
+    device: str | None = None
     poll_seconds: float = Field(10.0, gt=0)  # when: during, how often to look for new checkpoints
 
     @model_validator(mode="before")
@@ -140,6 +146,8 @@ class EvaluationSection(StrictModel):
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             engine=self.engine,
+            vllm=self.vllm,
+            device=self.device,
         )
 
 
@@ -444,7 +452,7 @@ def evaluate(settings: EvalSettings) -> Path:
                 scorer.candidate_ids(item.assistant, item.candidates)
         engine: Engine = scorer
         if settings.engine == "vllm" and any(t.is_cot for t in pending):
-            engine = engines.vllm_engine(model, tokenizer)
+            engine = engines.vllm_engine(model, tokenizer, _vllm_options(settings, prompts, model))
     _write_manifest(settings, manifest, tasks, samples)
     if pending:
         for group in _groups(pending):
@@ -452,6 +460,25 @@ def evaluate(settings: EvalSettings) -> Path:
             manifest["complete"] = sorted({*manifest["complete"], *(t.key for t in group)})
             atomic_write_text(settings.output / "evaluation.json", json.dumps(manifest, indent=2) + "\n")
     return write_all_metrics(settings, manifest)
+
+
+def _vllm_options(settings: EvalSettings, prompts: PromptSet, model: Any) -> engines.VLLMOptions:
+    """The CoT engine's options (:func:`selfcorrect.memory.vllm_options`): ``gen_batch_size`` sequences of up to
+    ``COT_PROMPT_TOKENS`` prompt tokens plus the reasoning, beside the scorer, in the model's dtype."""
+    import torch
+
+    from selfcorrect.memory import vllm_options
+
+    device = next(model.parameters()).device
+    return vllm_options(
+        settings.vllm,
+        model,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        sequences=settings.gen_batch_size,
+        tokens=COT_PROMPT_TOKENS + prompts.cot_sampling.max_new_tokens,
+        training=False,
+        device_bytes=torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
+    )
 
 
 def read_evaluation(settings: EvalSettings, prompts: PromptSet, output: Path, key: str) -> Evaluation:

@@ -26,6 +26,7 @@ def training_arguments(cfg: RunConfig, path: Path, extra: dict | None = None, re
     from selfcorrect.train.distributed import trainer_device_kwargs
 
     ppo = cfg.section("ppo", path)
+    precision = ppo_precision(cfg)
     trainer_kwargs = {
         "lr_scheduler_type": "constant",  # unused: PPOPtxTrainer.create_scheduler is InstructGPT's warmup + constant
         "adam_beta2": 0.95,  # InstructGPT: Adam betas (0.9, 0.95)
@@ -34,6 +35,7 @@ def training_arguments(cfg: RunConfig, path: Path, extra: dict | None = None, re
         "per_device_train_batch_size": ppo.mini_batch_size,  # DeepSpeed's micro batch: episodes per optimizer step
         **trainer_device_kwargs(),
         **compat.installed_names(ppo.trainer),
+        **precision.trainer_args,  # the 16-bit autocast of fp32 master weights, or DeepSpeed's mixed precision
         **(extra or {}),
     }
     try:
@@ -48,6 +50,22 @@ def training_arguments(cfg: RunConfig, path: Path, extra: dict | None = None, re
         raise UserError(f"{path}: ppo.trainer: {first_line(exc)}") from None
 
 
+def _process_device() -> str:
+    """This process's device as accelerate assigns it (``cuda:<local rank>`` under a multi-GPU launch), by name."""
+    from accelerate import PartialState
+
+    device = PartialState().device
+    return "cpu" if device.type == "cpu" else str(device)
+
+
+def ppo_precision(cfg: RunConfig, **launch: Any):
+    """How PPO trains the run's model (:func:`selfcorrect.train.precision.for_stage`); ``launch``: its keyword
+    arguments for a launch other than this process's (the dry run)."""
+    from selfcorrect.train.precision import for_stage
+
+    return for_stage(cfg.model.dtype, cfg.ppo.trainer, "ppo.trainer", **launch)
+
+
 class PPORecipe:
     """PPO-ptx from the SFT policy against the reward model; checkpoints at ``ppo.save_at_steps``.
 
@@ -60,6 +78,7 @@ class PPORecipe:
         self.ppo = cfg.section("ppo", path)
         self.policy_ref = self.ppo.policy or cfg.policy_start()
         self.reward_ref = self.ppo.reward_model or str(cfg.run_dir().reward)
+        self.precision = ppo_precision(cfg)
 
     def setup(self):
         """Build everything the trainer needs and return the trainer (nothing is trained yet)."""
@@ -82,7 +101,12 @@ class PPORecipe:
             ptx_texts=ptx,
             run_dir=self.cfg.run_dir().ppo,
             config_hash=self._config_hash(),
-            manifest_extra={"policy_init": self.policy_ref, "reward_model": self.reward_ref, "run": self.cfg.name},
+            manifest_extra={
+                "policy_init": self.policy_ref,
+                "reward_model": self.reward_ref,
+                "run": self.cfg.name,
+                "precision": self.precision.describe(),
+            },
             dialogue=self.cfg.dialogue,
             ref_policy=self._setup_ref_policy(),
             value_from_reward=reward.model is not None,  # _setup_model: the value model is a copy of the reward model
@@ -104,16 +128,22 @@ class PPORecipe:
 
     def _setup_model(self, reward) -> tuple[Any, Any, Any]:
         """The policy (train mode), the value model (from the reward model, or the policy's base with a new head for
-        a function reward), with LoRA adapters when asked, and the left-padding tokenizer."""
+        a function reward), with LoRA adapters when asked, and the left-padding tokenizer. Both load on this process's
+        device in the run's dtype; their trained parameters are then held in fp32 where the precision plan says so
+        (:mod:`selfcorrect.train.precision`)."""
         import torch
         from peft import get_peft_model
         from transformers import AutoModelForSequenceClassification
 
         from selfcorrect.models import load_model, resolve_model_path
+        from selfcorrect.train.precision import upcast_trainable
 
-        cfg = self.cfg
+        cfg, precision = self.cfg, self.precision
         policy, tokenizer = load_model(
-            self.policy_ref, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code
+            self.policy_ref,
+            dtype=precision.weights,
+            device=_process_device(),
+            trust_remote_code=cfg.model.trust_remote_code,
         )
         policy.train()
         if cfg.lora is not None:
@@ -126,11 +156,14 @@ class PPORecipe:
         torch.manual_seed(cfg.seed)  # a new value head (function rewards) and the value adapters: likewise
         value_source = self.reward_ref if reward.function is None else resolve_model_path(self.policy_ref)
         value_model = AutoModelForSequenceClassification.from_pretrained(
-            value_source, num_labels=1, use_safetensors=True, dtype=policy.dtype
+            value_source, num_labels=1, use_safetensors=True, dtype=precision.weights
         )
         value_model.config.pad_token_id = tokenizer.pad_token_id
         if cfg.lora is not None:  # adapters + the scalar head are trained; the base stays frozen (no grads, no Adam)
             value_model = get_peft_model(value_model, cfg.lora.peft_config("SEQ_CLS"))
+        if precision.master_fp32:
+            upcast_trainable(policy)
+            upcast_trainable(value_model)
         tokenizer.padding_side = "left"
         return policy, value_model, tokenizer
 
@@ -142,11 +175,18 @@ class PPORecipe:
         """
         if self.cfg.lora is not None:
             return None
+
         from selfcorrect.models import load_model
 
-        cfg = self.cfg
-        ref, _ = load_model(self.policy_ref, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-        return ref
+        cfg, precision = self.cfg, self.precision
+        ref, _ = load_model(
+            self.policy_ref,
+            dtype=precision.weights,
+            device=_process_device(),
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+        # With fp32 master weights the policy starts in fp32: so does its reference, so their KL starts at exactly 0.
+        return ref.float() if precision.master_fp32 else ref
 
     def _config_hash(self) -> str:
         """What ``last/`` must match for a resume (the checkpoints' ``config_hash``)."""
@@ -164,6 +204,8 @@ class PPORecipe:
         }
         if cfg.lora is not None:  # runs from before the value model had adapters cannot resume from its last/
             hashed["value_model"] = "lora"
+        if self.precision.weights != "float32":  # 16-bit runs changed precision (fp32 master weights): not resumable
+            hashed["precision"] = self.precision.describe()
         return config_hash(hashed)
 
 

@@ -66,6 +66,7 @@ from selfcorrect.reward_models.score import (
 from selfcorrect.rundir import trainer_dir
 from selfcorrect.train import compat
 from selfcorrect.train.guards import NonFiniteLossGuard
+from selfcorrect.train.precision import Precision, for_stage, upcast_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -387,7 +388,19 @@ def _default_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def build_reward_config(section: RewardSection, output_dir: Path, seed: int, report_to: str | list[str]):
+def reward_precision(section: RewardSection, model: ModelSection, **launch: Any) -> Precision:
+    """How the reward model trains (:mod:`selfcorrect.train.precision`): it loads in float32 unless ``model.dtype``
+    says otherwise. ``launch``: for a launch other than this process's."""
+    return for_stage(model.dtype or "float32", section.trainer, "reward.trainer", **launch)
+
+
+def build_reward_config(
+    section: RewardSection,
+    output_dir: Path,
+    seed: int,
+    report_to: str | list[str],
+    precision: Precision | None = None,
+):
     """A ``trl.RewardConfig``: our defaults, then ``reward.trainer`` on top.
 
     Defaults: InstructGPT's 1 epoch with cosine decay to 10% of the peak learning rate and Adam betas (0.9, 0.95), no
@@ -414,6 +427,7 @@ def build_reward_config(section: RewardSection, output_dir: Path, seed: int, rep
         "report_to": report_to,
         "max_length": section.max_length,
         "logging_nan_inf_filter": False,
+        **(precision.trainer_args if precision is not None else {}),  # the autocast of fp32 master weights
     }
     try:
         return RewardConfig(**values)
@@ -547,8 +561,11 @@ def _train(
     if train_ds is None or len(train_ds) == 0:
         raise UserError("reward.data: no training records")
     checkpoints = trainer_dir(staging)
-    args = build_reward_config(section, checkpoints, seed, report_to)
+    precision = reward_precision(section, model_section)
+    args = build_reward_config(section, checkpoints, seed, report_to, precision)
     classifier, tokenizer = _load_classifier(model_section, seed)
+    if precision.master_fp32 and lora is None:
+        upcast_trainable(classifier)
 
     # pairwise: every comparison its own K = 2 group (the kwise loss of one pair is TRL's pairwise loss)
     view = to_ranked if section.loss == "kwise" else lambda ds: to_ranked(to_pairwise(ds))

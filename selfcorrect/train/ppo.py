@@ -187,6 +187,8 @@ class PPOPtxTrainer(Trainer):
         if not self.is_peft:
             self.ref_policy = ref_policy if ref_policy is not None else copy.deepcopy(policy)
             self.ref_policy.eval().requires_grad_(False).to(self.accelerator.device)
+        if isinstance(reward_fn, RewardModel) and reward_fn.model is not None:  # each model on this process's device
+            reward_fn.model.to(self.accelerator.device)
         self.run_dir = Path(run_dir or args.output_dir)
         self.config_hash = config_hash
         self.manifest_extra = {
@@ -219,17 +221,19 @@ class PPOPtxTrainer(Trainer):
         self.stop_strings = dialogues.stop_strings(self.dialogue)
         self.reward_ids_match = self._check_reward()
         self.ema: list[torch.Tensor] | None = None
+        self.vllm_options = None  # engine vllm: resolved at the first rollout (_vllm_options)
         self.packing = False  # checked when training starts (train)
         self.history: list[dict[str, float]] = []
 
     def _check_vllm(self, policy: nn.Module) -> None:
         """``ppo.engine: vllm`` is refused, in one line, before anything is sampled: where the longest prompt plus
         ``max_new_tokens`` exceeds the policy's max_model_len, and without vLLM installed."""
-        from selfcorrect.engines import check_engine, check_model_len
+        from selfcorrect.engines import check_engine, check_model_len, check_vllm_section
 
         longest = max(len(ids) for ids in self.prompt_ids)
         check_model_len(longest, self.ppo.max_new_tokens, getattr(policy.config, "max_position_embeddings", None))
         check_engine("vllm")
+        check_vllm_section(self.ppo.vllm, "ppo.vllm")
 
     def _tokenize_prompts(self, prompts: list[list[dict]]) -> tuple[list[list[dict]], list[np.ndarray], int]:
         """Every prompt in the run's dialogue format, as token ids; prompts longer than max_prompt_length dropped."""
@@ -334,12 +338,12 @@ class PPOPtxTrainer(Trainer):
         ids, mask = self._pad_prompts([self.prompt_ids[i] for i in prompt_indices])
         response_ids, engine_logprobs = self.sample_responses(prompt_indices)
         response_mask = torch.zeros_like(response_ids)
-        has_eos = torch.zeros(len(prompt_indices), dtype=torch.bool)
-        reply_ids = []
+        ended, reply_ids = [], []
         for row, tokens in enumerate(response_ids.tolist()):
-            actions, reply, has_eos[row] = self._turn_end(tokens)
+            actions, reply, turn_ended = self._turn_end(tokens)
             response_mask[row, :actions] = 1
             reply_ids.append(tokens[:reply])
+            ended.append(turn_ended)
         input_ids = torch.cat([ids, response_ids], dim=1)
         attention_mask = torch.cat([mask, response_mask], dim=1)
         roll = Rollout(
@@ -353,7 +357,7 @@ class PPOPtxTrainer(Trainer):
             reply_ids=reply_ids,
             engine_logprobs=engine_logprobs,
         )
-        roll.has_eos = has_eos
+        roll.has_eos = torch.tensor(ended, dtype=torch.bool, device=input_ids.device)  # gathered for eos_rate
         roll.deferred = sorted(deferred)
         roll.logprobs = torch.zeros(response_mask.shape, device=input_ids.device)
         roll.values = torch.zeros(response_mask.shape, device=input_ids.device)
@@ -390,7 +394,7 @@ class PPOPtxTrainer(Trainer):
         )
         # Under ZeRO-3 this gathers the weights once for the whole generate call (and turns DeepSpeed's
         # per-module fetch hooks off meanwhile), instead of fetching every layer for every new token.
-        with unwrap_model_for_generation(self.model, self.accelerator) as unwrapped:
+        with unwrap_model_for_generation(self.model, self.accelerator) as unwrapped, self.accelerator.autocast():
             with own_sampling_only(unwrapped.policy):
                 out = unwrapped.policy.generate(
                     input_ids=ids,
@@ -409,8 +413,10 @@ class PPOPtxTrainer(Trainer):
         # Drawn first, from the generator the step seeded (train): a resumed run gives vLLM the same seeds.
         seeds = torch.randint(0, 2**31 - 1, (len(prompt_indices),)).tolist()
         policy = self.accelerator.unwrap_model(self.model).policy
-        with gathered(self.accelerator, policy.parameters()):  # ZeRO-3: whole weights, every process takes part
-            engine = vllm_engine(policy, self.tokenizer)  # created once; each call copies the updated weights in
+        # Created once; each call copies the updated weights in, one module at a time (ZeRO-3: gathered per module,
+        # every process takes part), waking the engine first where it sleeps.
+        gather = functools.partial(gathered, self.accelerator)
+        engine = vllm_engine(policy, self.tokenizer, self._vllm_options(policy), gather)
         samples = engine.sample(
             [self.prompt_ids[i].tolist() for i in prompt_indices],
             seeds,
@@ -419,6 +425,7 @@ class PPOPtxTrainer(Trainer):
             top_p=1.0,
             stop=self.stop_strings,
         )
+        engine.sleep()  # on CUDA: its weights and KV cache leave the GPU for the forward passes and the update
         width = max([1, *(len(s.token_ids) for s in samples)])
         ids = torch.full((len(samples), width), self.tokenizer.pad_token_id, dtype=torch.long)
         logprobs = torch.zeros((len(samples), width))
@@ -426,6 +433,29 @@ class PPOPtxTrainer(Trainer):
             ids[row, : len(sample.token_ids)] = torch.tensor(sample.token_ids, dtype=torch.long)
             logprobs[row, : len(sample.logprobs)] = torch.tensor(sample.logprobs)
         return ids.to(self.accelerator.device), logprobs.to(self.accelerator.device)
+
+    def _vllm_options(self, policy: nn.Module):
+        """The engine's options (:func:`selfcorrect.memory.vllm_options`), once per run, recorded in the manifests: it
+        samples the per-process rollout batch at once, in the policy's 16-bit dtype (its autocast's, where the policy
+        is held in fp32), sleeping between rollouts on a GPU."""
+        if self.vllm_options is None:
+            from selfcorrect.memory import vllm_options
+
+            device = self.accelerator.device
+            cuda = device.type == "cuda"
+            autocast = {"bf16": "bfloat16", "fp16": "float16"}.get(str(self.accelerator.mixed_precision))
+            dtype = str(next(policy.parameters()).dtype).removeprefix("torch.")
+            self.vllm_options = vllm_options(
+                self.ppo.vllm,
+                policy,
+                dtype=autocast if (autocast and dtype == "float32") else dtype,
+                sequences=self.local_batch,
+                tokens=self.ppo.max_prompt_length + self.ppo.max_new_tokens,
+                training=True,
+                device_bytes=torch.cuda.get_device_properties(device).total_memory if cuda else None,
+            )
+            self.manifest_extra["vllm"] = dataclasses.asdict(self.vllm_options)
+        return self.vllm_options
 
     def _episodes(self, roll: Rollout, rows: torch.Tensor) -> tuple[list[list[int]], list[range]]:
         """The tokens of ``rows`` without padding (prompt, then the policy's actions) and, per row, the positions
@@ -464,13 +494,14 @@ class PPOPtxTrainer(Trainer):
         """The reference policy's log-probs of every row's response tokens, ``(B, R)``."""
         rows = torch.arange(roll.input_ids.shape[0])
         reads = self._reads(roll, rows, values=False)
-        if self.is_peft:  # the reference is the policy with its adapters switched off
-            policy = self.accelerator.unwrap_model(self.model).policy
-            with policy.disable_adapter():
-                outputs = ppo_forward.policy_outputs(policy, reads, **self._head_options())
-        else:  # under DeepSpeed an inference engine: its module
-            reference = getattr(self.ref_policy, "module", self.ref_policy)
-            outputs = ppo_forward.policy_outputs(reference, reads, **self._head_options())
+        with self.accelerator.autocast():  # the policy's passes run under it (fp32 master weights): so does this one
+            if self.is_peft:  # the reference is the policy with its adapters switched off
+                policy = self.accelerator.unwrap_model(self.model).policy
+                with policy.disable_adapter():
+                    outputs = ppo_forward.policy_outputs(policy, reads, **self._head_options())
+            else:  # under DeepSpeed an inference engine: its module
+                reference = getattr(self.ref_policy, "module", self.ref_policy)
+                outputs = ppo_forward.policy_outputs(reference, reads, **self._head_options())
         return self._placed(roll, rows, outputs.logprobs)
 
     # ---- 2. score ----------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from transformers import TrainingArguments
 
-from selfcorrect.config import DatasetSpec, StrictModel, check_save_at_steps
+from selfcorrect.config import DatasetSpec, StrictModel, VLLMSection, check_save_at_steps
 from selfcorrect.train import compat
 
 
@@ -106,6 +106,7 @@ class PPOSection(StrictModel):
     save_last_every: int = Field(10, gt=0)
     save_merged: bool = False  # also write each kept step with adapters merged (rundir.merged_dir)
     engine: Literal["hf", "vllm"] = "hf"  # what samples the rollouts (selfcorrect.engines); log-probs stay ours
+    vllm: VLLMSection = VLLMSection()  # the vLLM engine's settings (engine: vllm)
     # Forward passes over packed sequences instead of padded rows (selfcorrect.train.packing): the same numbers to
     # float tolerance, less work. Checked against the padded forward at the start of a run; off where it differs.
     packing: bool = True
@@ -117,11 +118,14 @@ class PPOSection(StrictModel):
 
     def unhashed(self) -> set[str]:
         """The keys left out of the PPO stage's config hash: ``save_last_every`` and ``logits_chunk_size`` (they change
-        no result) and, at their defaults, ``engine`` (:func:`selfcorrect.engines.unhashed`) and ``packing`` (so a
-        config that does not name them keeps the hash it had before they existed)."""
+        no result) and, at their defaults, ``engine`` (:func:`selfcorrect.engines.unhashed`), ``packing`` and ``vllm``
+        (so a config that does not name them keeps the hash it had before they existed)."""
         from selfcorrect.engines import unhashed
 
-        return {"save_last_every", "logits_chunk_size", *unhashed(self.engine), *(["packing"] if self.packing else [])}
+        default = ["packing"] if self.packing else []
+        if self.engine == "hf" or self.vllm.is_default():
+            default.append("vllm")
+        return {"save_last_every", "logits_chunk_size", *unhashed(self.engine), *default}
 
     @field_validator("save_at_steps")
     @classmethod

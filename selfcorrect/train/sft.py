@@ -54,6 +54,7 @@ from selfcorrect.models import EMBEDDED_PREFIX, load_model
 from selfcorrect.provenance import config_hash, stamp, to_json
 from selfcorrect.train import compat
 from selfcorrect.train.guards import NonFiniteLossGuard
+from selfcorrect.train.precision import Precision, for_stage, upcast_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -139,10 +140,23 @@ def n_ptx_rows(ptx_fraction: float, n_demonstrations: int) -> int:
 # ---- trainer ----------------------------------------------------------------------------------------------------
 
 
+def sft_precision(section: SFTSection, model: ModelSection, lora: LoraSection | None, **launch: Any) -> Precision:
+    """How SFT trains (:mod:`selfcorrect.train.precision`): the model loads in float32 unless ``model.dtype`` says
+    otherwise (then, without DeepSpeed, its trained parameters are fp32 under autocast). ``launch``: for a launch
+    other than this process's."""
+    return for_stage(model.dtype or "float32", section.trainer, "sft.trainer", **launch)
+
+
 def sft_config(
-    section: SFTSection, output_dir: Path, seed: int, report_to: str | list[str] = "none", has_eval: bool = False
+    section: SFTSection,
+    output_dir: Path,
+    seed: int,
+    report_to: str | list[str] = "none",
+    has_eval: bool = False,
+    precision: Precision | None = None,
 ) -> SFTConfig:
-    """The SFTConfig: InstructGPT-minded defaults, then ``section.trainer`` on top (its entries win)."""
+    """The SFTConfig: InstructGPT-minded defaults, then ``section.trainer`` on top (its entries win), then the
+    autocast flag of ``precision``."""
     defaults: dict[str, Any] = {
         "output_dir": str(Path(output_dir) / "trainer"),
         "seed": seed,
@@ -162,7 +176,8 @@ def sft_config(
     if "bf16" not in section.trainer and "fp16" not in section.trainer:  # TRL turns bf16 on even on a CPU
         defaults["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     try:
-        return SFTConfig(**{**defaults, **compat.trl_config_values(section.trainer)})
+        extra = precision.trainer_args if precision is not None else {}
+        return SFTConfig(**{**defaults, **compat.trl_config_values(section.trainer), **extra})
     except (TypeError, ValueError) as exc:
         raise UserError(f"sft.trainer: {first_line(exc)}") from None
 
@@ -188,7 +203,8 @@ def build_sft_trainer(
     Returns the trainer and the counts ``n_demonstrations``, ``n_ptx``, ``n_eval`` and ``n_train`` (the rows the
     trainer kept: rows whose prompt fills ``max_length`` are dropped by TRL).
     """
-    args = sft_config(section, output_dir, seed, report_to, has_eval=section.data.test_size > 0)
+    precision = sft_precision(section, model, lora)
+    args = sft_config(section, output_dir, seed, report_to, has_eval=section.data.test_size > 0, precision=precision)
     demos, eval_demos = train_test_split(sft_dataset(section.data, seed), section.data.test_size, seed)
     n_ptx = n_ptx_rows(section.ptx_fraction, len(demos)) if section.ptx_data is not None else 0
     ptx = None
@@ -201,12 +217,14 @@ def build_sft_trainer(
             )
         ptx = ptx.select(range(n_ptx))
 
-    # Full fine-tuning keeps float32 master weights (mixed precision on a GPU); LoRA may use a half-precision base.
-    dtype = model.dtype or ("float32" if lora is None else None)
+    # Full fine-tuning keeps float32 master weights (mixed precision on a GPU); LoRA may use a half-precision base
+    # (PEFT keeps the adapters in float32).
     set_seed(args.seed)
     policy, tokenizer = load_model(
-        model.name_or_path, dtype=dtype, device="cpu", trust_remote_code=model.trust_remote_code
+        model.name_or_path, dtype=precision.weights, device="cpu", trust_remote_code=model.trust_remote_code
     )
+    if precision.master_fp32 and lora is None:
+        upcast_trainable(policy)
     dialogue = dialogue or DialogueSpec()
     train = tokenize_demonstrations(demos, tokenizer, dialogue)
     if ptx is not None:
