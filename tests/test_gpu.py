@@ -77,3 +77,24 @@ def test_a_sleeping_vllm_engine_frees_the_gpu_and_samples_the_reloaded_weights(p
         assert not engine.asleep and again[0].token_ids == first[0].token_ids
     finally:
         engine.close()
+
+
+def test_the_fused_ptx_loss_equals_the_chunked_one(peaked_policy_dir):
+    """Liger-Kernel's fused linear cross-entropy (the gpu extra) gives the pretraining loss and its gradients of the
+    chunked torch path."""
+    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (pip install 'selfcorrect[gpu]')")
+    from selfcorrect.models import load_model
+    from selfcorrect.train import ppo_core as core
+    from selfcorrect.train.logprobs import fused_ptx_loss, output_head, token_logprobs
+
+    model, _ = load_model(str(peaked_policy_dir), dtype="float32", device="cuda")
+    head = output_head(model)
+    torch.manual_seed(0)
+    hidden = torch.randn(300, model.config.hidden_size, device="cuda", requires_grad=True)
+    targets = torch.randint(0, model.config.vocab_size, (300,), device="cuda")
+    chunked = core.ptx_loss_from_logprobs(token_logprobs(head, hidden, targets, chunk_size=64)[0])
+    fused = fused_ptx_loss(head, hidden, targets)
+    assert torch.allclose(fused, chunked, atol=1e-4)
+    (chunked_grad,) = torch.autograd.grad(chunked, hidden)
+    (fused_grad,) = torch.autograd.grad(fused_ptx_loss(head, hidden, targets), hidden)
+    assert torch.allclose(fused_grad, chunked_grad, atol=1e-5)

@@ -71,7 +71,8 @@ def test_zero_stages_split_gradients_and_optimizer_states():
 
 def test_launcher_configs_give_processes_and_zero_stage():
     assert Launch.from_launcher(None) == Launch(1, None)
-    assert Launch.from_launcher("accelerate launch --config_file accelerate/deepspeed_zero2.yaml") == Launch(8, 2, "bf16")
+    zero2 = "accelerate launch --config_file accelerate/deepspeed_zero2.yaml"
+    assert Launch.from_launcher(zero2) == Launch(8, 2, "bf16")
     assert Launch.from_launcher(
         "accelerate launch --config_file accelerate/deepspeed_zero3.yaml --num_processes 4"
     ) == Launch(4, 3, "bf16")

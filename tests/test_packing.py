@@ -18,7 +18,6 @@ from transformers import (
 )
 
 from selfcorrect.train import packing
-from selfcorrect.train import ppo_core as core
 
 
 def test_sequences_are_laid_end_to_end_in_bins_of_about_equal_length():
@@ -75,8 +74,7 @@ def test_packed_passes_equal_the_padded_passes(peaked_policy_dir, tmp_path, kind
         logprobs, values = trainer._forward_response(roll, trainer.model, rows)
         ref = trainer._ref_logprobs(roll)
         trainer.model.zero_grad()
-        new_logprobs, new_values, entropy, ptx_logprobs = trainer._update_forward(roll, rows[:4], ptx)
-        lm = core.ptx_loss_from_logprobs(ptx_logprobs)
+        new_logprobs, new_values, entropy, lm = trainer._update_forward(roll, rows[:4], ptx)
         m = mask[:4]
         (new_logprobs[m].sum() + new_values[m].sum() + lm).backward()
         grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
@@ -153,6 +151,7 @@ def test_training_checks_the_head_and_packing_first_and_records_it(peaked_policy
     for run, packed in (("llama", True), ("opt", False)):
         manifest = json.loads((tmp_path / run / "checkpoints" / "step-000001" / "manifest.json").read_text())
         assert manifest["packing"] is packed
+        assert manifest["ptx_loss_kernel"] == "chunked torch"  # Liger-Kernel's fused kernel runs on CUDA only
     doubled = DoubledLogits.from_pretrained(peaked_policy_dir)
     trainer = make_ppo_trainer(
         peaked_policy_dir, tmp_path / "doubled", lambda p, r: torch.rand(len(r)), policy=doubled, **common

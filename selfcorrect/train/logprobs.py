@@ -24,30 +24,63 @@ from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK_SIZE = 1024  # positions per chunk: 1024 x 49,152 fp32 logits = 0.2 GB a copy
 
+class OutputHead:
+    """The map from a causal LM's last hidden states to its logits: its output embeddings (``lm_head``), times
+    ``scale``, then soft-capped at ``cap`` (None: not), as the model's forward applies them."""
+
+    def __init__(self, lm_head: nn.Module, scale: float = 1.0, cap: float | None = None):
+        self.lm_head, self.scale, self.cap = lm_head, scale, cap
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.cap:
+            logits = torch.tanh(logits / self.cap) * self.cap
+        return logits
+
+
+def output_head(model: nn.Module) -> OutputHead:
+    """The :class:`OutputHead` of a causal LM: its output embeddings, then the post-processing its forward applies
+    (``final_logit_softcapping``: Gemma 2/3; ``logit_scale``: Cohere multiplies; ``logits_scaling``: Granite divides).
+    ``model`` may be PEFT-wrapped (the adapters live inside the wrapped model's layers)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = inner.config
+    scale = getattr(inner, "logit_scale", None)
+    scale = float(scale) if isinstance(scale, (int, float)) else 1.0
+    if getattr(config, "logits_scaling", None):
+        scale /= float(config.logits_scaling)
+    return OutputHead(inner.get_output_embeddings(), scale, getattr(config, "final_logit_softcapping", None) or None)
+
+
 Head = Callable[[torch.Tensor], torch.Tensor]
 
 
-def output_head(model: nn.Module) -> Head:
-    """The map from a causal LM's last hidden states to its logits: its output embeddings, then the post-processing
-    its forward applies (``final_logit_softcapping``: Gemma 2/3; ``logit_scale``: Cohere; ``logits_scaling``:
-    Granite). ``model`` may be PEFT-wrapped (the adapters live inside the wrapped model's layers)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    lm_head, config = inner.get_output_embeddings(), inner.config
-    cap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(inner, "logit_scale", None)  # Cohere multiplies by it (an attribute of the CausalLM)
-    divide = getattr(config, "logits_scaling", None)  # Granite divides by it
+def fused_kernel() -> Callable | None:
+    """Liger-Kernel's fused linear cross-entropy (``pip install 'selfcorrect[gpu]'``), or None where it is not
+    installed."""
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        return None
+    return liger_fused_linear_cross_entropy
 
-    def head(hidden: torch.Tensor) -> torch.Tensor:
-        logits = lm_head(hidden)
-        if isinstance(scale, (int, float)):
-            logits = logits * scale
-        if divide:
-            logits = logits / divide
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
 
-    return head
+def fused_ptx_loss(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The pretraining loss (the mean of ``-log softmax(head(hidden))[target]``) by Liger-Kernel's fused linear
+    cross-entropy on CUDA: the logits exist a block at a time inside the kernel, the gradients are made in the
+    forward pass. ``head`` must have its weight whole on this process (not under ZeRO-3) and no bias where it scales."""
+    kernel = fused_kernel()
+    if kernel is None:
+        raise RuntimeError("fused_ptx_loss: liger-kernel is not installed")
+    bias = getattr(head.lm_head, "bias", None)
+    if bias is not None and head.scale != 1.0:
+        raise ValueError("fused_ptx_loss: a scaled LM head with a bias is not a linear map of the scaled input")
+    out = kernel(hidden * head.scale if head.scale != 1.0 else hidden, head.lm_head.weight, targets, bias=bias,
+                 reduction="mean", softcap=head.cap)  # fmt: skip
+    if isinstance(out, tuple):  # (loss, z_loss) in some versions
+        out = out[0]
+    return getattr(out, "loss", out).float()
 
 
 def _chunk(

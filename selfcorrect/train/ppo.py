@@ -223,6 +223,7 @@ class PPOPtxTrainer(Trainer):
         self.ema: list[torch.Tensor] | None = None
         self.vllm_options = None  # engine vllm: resolved at the first rollout (_vllm_options)
         self.packing = False  # checked when training starts (train)
+        self.fused_ptx = False  # the pretraining loss by Liger-Kernel's fused kernel: checked when training starts
         self.history: list[dict[str, float]] = []
 
     def _check_vllm(self, policy: nn.Module) -> None:
@@ -557,14 +558,16 @@ class PPOPtxTrainer(Trainer):
 
     def _update_forward(self, roll: Rollout, rows: torch.Tensor, ptx: list[list[int]]):
         """One minibatch's forward, with graph: the log-probs, values and entropy (no graph) of ``rows`` as ``(n, R)``
-        tensors, and the log-probs of the ``ptx`` sequences' next tokens (None without them). The ptx rows go through
-        the same forward, so DDP/DeepSpeed see one forward and one backward per optimizer step."""
-        outputs, values = self.model(reads=self._reads(roll, rows, ptx), entropy=True, **self._head_options())
+        tensors, and the pretraining loss of the ``ptx`` sequences (None without them). The ptx rows go through the
+        same forward, so DDP/DeepSpeed see one forward and one backward per optimizer step."""
+        outputs, values = self.model(
+            reads=self._reads(roll, rows, ptx), entropy=True, fused_ptx=self.fused_ptx, **self._head_options()
+        )
         return (
             self._placed(roll, rows, outputs.logprobs),
             self._placed(roll, rows, values.float()),
             self._placed(roll, rows, outputs.entropy),
-            outputs.ptx_logprobs if ptx else None,
+            outputs.ptx_loss if ptx else None,
         )
 
     def _minibatch_order(self, step: int, epoch: int) -> np.ndarray:
@@ -596,7 +599,7 @@ class PPOPtxTrainer(Trainer):
                 rows = torch.as_tensor(order[start : start + self.ppo.mini_batch_size])
                 ptx = self._ptx_sequences(self.ptx_batch(step, minibatch)) if use_ptx else []
                 with self.accelerator.accumulate(self.model):
-                    logprobs, new_values, entropy, ptx_logprobs = self._update_forward(roll, rows, ptx)
+                    logprobs, new_values, entropy, lm_loss = self._update_forward(roll, rows, ptx)
                     if roll.deferred:  # the first minibatch: exactly the deferred rows, at the rollout's weights
                         if sorted(rows.tolist()) != roll.deferred:
                             raise ValueError("update: the rollout deferred other rows than the first minibatch's")
@@ -615,7 +618,7 @@ class PPOPtxTrainer(Trainer):
                         clip_range=self.ppo.clip_range,
                         clip_range_value=self.ppo.clip_range_value,
                         vf_coef=self.ppo.vf_coef,
-                        ptx_logprobs=ptx_logprobs,
+                        lm_loss=lm_loss,
                         gamma_ptx=self.ppo.gamma_ptx,
                     )
                     if not torch.isfinite(loss.total):
@@ -689,6 +692,48 @@ class PPOPtxTrainer(Trainer):
         if why:
             warnings.warn(f"ppo.packing: off for this run, padded batches instead: {why}", stacklevel=1)
         return not why
+
+    def _fused_ptx_works(self) -> bool:
+        """Whether the pretraining loss runs on Liger-Kernel's fused linear cross-entropy: on CUDA with liger-kernel
+        installed, the LM head's weight whole on this process (not ZeRO-3), and the kernel's loss and gradients equal
+        to the chunked torch path's on the first pretraining texts (else a warning, and the torch path)."""
+        from selfcorrect.train.logprobs import fused_kernel, fused_ptx_loss, output_head, token_logprobs
+
+        usable = self.ppo.gamma_ptx > 0 and self.accelerator.device.type == "cuda" and fused_kernel() is not None
+        if not usable or zero_stage(self.accelerator) == 3:
+            return False
+        policy = self.accelerator.unwrap_model(self.model).policy
+        head = output_head(policy)
+        if getattr(head.lm_head, "bias", None) is not None and head.scale != 1.0:
+            return False
+        ids = [t for s in self._ptx_sequences(self.ptx_texts[:2]) for t in s][:257]
+        with torch.no_grad(), self.accelerator.autocast():
+            hidden = packing.backbone_of(policy)(input_ids=torch.tensor([ids], device=self.accelerator.device))
+        hidden = hidden.last_hidden_state[0, :-1].detach().requires_grad_(True)
+        targets = torch.tensor(ids[1:], device=hidden.device)
+        weight = head.lm_head.weight
+        losses, grads = [], []
+        for fused in (False, True):
+            with self.accelerator.autocast():
+                if fused:
+                    loss = fused_ptx_loss(head, hidden, targets)
+                else:
+                    loss = core.ptx_loss_from_logprobs(token_logprobs(head, hidden, targets, chunk_size=64)[0])
+            losses.append(float(loss))
+            grads.append(torch.autograd.grad(loss, [hidden, weight], allow_unused=True))
+        gap = abs(losses[0] - losses[1]) / (1 + abs(losses[0]))
+        for torch_grad, fused_grad in zip(*grads, strict=True):
+            if torch_grad is not None and fused_grad is not None:
+                scale = 1 + float(torch_grad.float().abs().max())
+                gap = max(gap, float((torch_grad.float() - fused_grad.float()).abs().max()) / scale)
+        if gap > 2e-2:
+            warnings.warn(
+                f"ppo: Liger-Kernel's fused cross-entropy differs from the torch path by {gap:.2g} (relative); the "
+                "pretraining loss stays on the chunked torch path",
+                stacklevel=1,
+            )
+            return False
+        return True
 
     # ---- optimizer, learning-rate schedule, EMA -------------------------------------------------------------
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
@@ -853,6 +898,9 @@ class PPOPtxTrainer(Trainer):
             self.ref_policy = prepare_deepspeed(self.ref_policy, self.accelerator)
         self.packing = self._check_forward()
         self.manifest_extra["packing"] = self.packing
+        self.fused_ptx = self._fused_ptx_works()
+        kernel = "liger fused linear cross-entropy" if self.fused_ptx else "chunked torch"
+        self.manifest_extra["ptx_loss_kernel"] = kernel
         if self.value_from_reward and isinstance(self.reward_fn, RewardModel):
             # With LoRA the value model with its adapters off is the reward model: score with it, one copy fewer.
             self.reward_fn.share_base_of(self.accelerator.unwrap_model(self.model).value_model)

@@ -352,23 +352,24 @@ def ppo_ptx_loss(
     vf_coef: float,
     ptx: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     gamma_ptx: float = 0.0,
-    ptx_logprobs: torch.Tensor | None = None,
+    lm_loss: torch.Tensor | None = None,
 ) -> PPOLoss:
     """InstructGPT's loss for one optimizer step, assembled in one place (Eq. 2 with PPO's clipping).
 
     ``total = policy_loss + vf_coef * value_loss + gamma_ptx * ptx_loss``: :func:`policy_loss` and :func:`value_loss`
     on the episodes' response tokens, and :func:`ptx_loss` on a pretraining batch ``ptx = (logits, labels, mask)``, or
-    :func:`ptx_loss_from_logprobs` on its target tokens' log-probs ``ptx_logprobs`` (left out when both are None).
+    ``lm_loss``, that loss computed without the batch's logits (:func:`ptx_loss_from_logprobs` on log-probs taken a
+    chunk at a time, or a fused kernel); left out when both are None.
     """
-    if ptx is not None and ptx_logprobs is not None:
-        raise ValueError("ppo_ptx_loss: give the pretraining batch as ptx or as ptx_logprobs, not both")
+    if ptx is not None and lm_loss is not None:
+        raise ValueError("ppo_ptx_loss: give the pretraining batch as ptx or its loss as lm_loss, not both")
     pg, pg_clipfrac, approx_kl = policy_loss(logprobs, old_logprobs, advantages, mask, clip_range)
     vf, vf_clipfrac = value_loss(values, old_values, returns, mask, clip_range_value)
-    has_ptx = ptx is not None or ptx_logprobs is not None
+    has_ptx = ptx is not None or lm_loss is not None
     if ptx is not None:
         lm = ptx_loss(*ptx)
-    elif ptx_logprobs is not None:
-        lm = ptx_loss_from_logprobs(ptx_logprobs)
+    elif lm_loss is not None:
+        lm = lm_loss
     else:
         lm = torch.zeros((), device=pg.device)
     total = pg + vf_coef * vf + (gamma_ptx * lm if has_ptx else 0.0)

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from selfcorrect.train import compat, packing
-from selfcorrect.train.logprobs import output_head, token_logprobs
+from selfcorrect.train.logprobs import fused_ptx_loss, output_head, token_logprobs
+from selfcorrect.train.ppo_core import ptx_loss_from_logprobs
 
 
 @dataclasses.dataclass
@@ -68,25 +69,40 @@ def reads_for(
 
 class PolicyOutputs(NamedTuple):
     """The policy's outputs at the read positions: the actions' log-probs ``(n_actions,)``, their distributions'
-    entropy (None unless asked; no graph), and the pretraining tokens' log-probs (empty without them)."""
+    entropy (None unless asked; no graph), and the pretraining loss (the mean negative log-prob of the pretraining
+    texts' tokens; None without them)."""
 
     logprobs: torch.Tensor
     entropy: torch.Tensor | None
-    ptx_logprobs: torch.Tensor
+    ptx_loss: torch.Tensor | None
 
 
 def policy_outputs(
-    policy: nn.Module, reads: Reads, *, temperature: float, chunk_size: int, entropy: bool = False
+    policy: nn.Module,
+    reads: Reads,
+    *,
+    temperature: float,
+    chunk_size: int,
+    entropy: bool = False,
+    fused_ptx: bool = False,
 ) -> PolicyOutputs:
     """One pass of ``policy`` over ``reads``: its last hidden states at the read positions, then the LM head a chunk
-    at a time; the actions at ``temperature`` (the distribution they were sampled from), the pretraining tokens at 1."""
+    at a time; the actions at ``temperature`` (the distribution they were sampled from), the pretraining tokens at 1
+    (``fused_ptx``: their loss by Liger-Kernel's fused linear cross-entropy instead)."""
     hidden = packing.hidden_states(policy, reads.policy, reads.policy_read)
     head, k = output_head(policy), reads.n_actions
     logprobs, spread = token_logprobs(
         head, hidden[:k], reads.targets[:k], temperature=temperature, chunk_size=chunk_size, entropy=entropy
     )
-    ptx_logprobs, _ = token_logprobs(head, hidden[k:], reads.targets[k:], chunk_size=chunk_size)
-    return PolicyOutputs(logprobs, spread, ptx_logprobs)
+    ptx_loss = None
+    if len(reads.targets) > k:
+        if fused_ptx:
+            ptx_loss = fused_ptx_loss(head, hidden[k:], reads.targets[k:])
+        else:
+            ptx_loss = ptx_loss_from_logprobs(
+                token_logprobs(head, hidden[k:], reads.targets[k:], chunk_size=chunk_size)[0]
+            )
+    return PolicyOutputs(logprobs, spread, ptx_loss)
 
 
 class PolicyAndValue(nn.Module):
@@ -120,9 +136,8 @@ class PolicyAndValue(nn.Module):
 
     gradient_checkpointing_disable = activation_checkpointing_disable
 
-    def forward(
-        self, reads: Reads, *, temperature: float, chunk_size: int, entropy: bool = False
-    ) -> tuple[PolicyOutputs, torch.Tensor]:
-        """The policy's outputs (:func:`policy_outputs`) and the values ``(n_actions,)`` at the read positions."""
-        outputs = policy_outputs(self.policy, reads, temperature=temperature, chunk_size=chunk_size, entropy=entropy)
+    def forward(self, reads: Reads, **options) -> tuple[PolicyOutputs, torch.Tensor]:
+        """The policy's outputs (:func:`policy_outputs`, with its keyword ``options``) and the values
+        ``(n_actions,)`` at the read positions."""
+        outputs = policy_outputs(self.policy, reads, **options)
         return outputs, packing.values(self.value_model, reads.value, reads.value_read)
