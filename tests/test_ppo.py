@@ -30,14 +30,20 @@ def vowels(prompts, responses):
 LORA = {"r": 4, "alpha": 8, "dropout": 0.05, "target_modules": "all-linear"}
 
 
-def test_ppo_raises_a_rule_reward(peaked_policy_dir, tmp_path):
-    tok = AutoTokenizer.from_pretrained(peaked_policy_dir)
+def even_token_reward(tokenizer):
+    """A rule reward with a known optimum: the share of a response's tokens with an even id (1 at best)."""
 
-    def even_tokens(prompts, responses):  # share of response tokens with an even id
-        ids = [tok(r, add_special_tokens=False)["input_ids"] for r in responses]
+    def even_tokens(prompts, responses):
+        ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
         return torch.tensor([sum(i % 2 == 0 for i in x) / max(1, len(x)) for x in ids])
 
-    history = make_ppo_trainer(peaked_policy_dir, tmp_path / "run", even_tokens, steps=14, learning_rate=1e-3).train()
+    return even_tokens
+
+
+def test_ppo_raises_a_rule_reward(peaked_policy_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(peaked_policy_dir)
+    reward = even_token_reward(tok)
+    history = make_ppo_trainer(peaked_policy_dir, tmp_path / "run", reward, steps=14, learning_rate=1e-3).train()
     rewards = [h["reward"] for h in history]
     assert len(history) == 14
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
@@ -65,6 +71,21 @@ def test_ppo_raises_a_rule_reward(peaked_policy_dir, tmp_path):
         assert key in history[-1], key
     assert history[-1]["episodes"] == 14 * 8 and history[0]["kl"] == pytest.approx(0.0, abs=1e-4)
     assert all(h["kl_k3"] >= -1e-6 for h in history)
+
+
+def test_ppo_with_lora_raises_a_rule_reward(peaked_policy_dir, tmp_path):
+    """The same rule reward with LoRA adapters on the policy (r 8, all linear layers): within 14 RLHF steps the mean
+    reward of the last 3 steps is 0.1 above that of the first 3 (of at most 1)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(peaked_policy_dir)
+    policy = get_peft_model(LlamaForCausalLM.from_pretrained(peaked_policy_dir),
+                            LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))  # fmt: skip
+    trainer = make_ppo_trainer(peaked_policy_dir, tmp_path / "run", even_token_reward(tok), policy=policy, steps=14,
+                               learning_rate=1e-2)  # fmt: skip
+    rewards = [h["reward"] for h in trainer.train()]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
 
 
 def test_ptx_lowers_lm_loss_on_pretraining_data(peaked_policy_dir, tmp_path):
