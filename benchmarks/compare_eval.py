@@ -45,7 +45,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -309,14 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         vars(args).update({k: v for k, v in saved["settings"].items() if k in ("limit", "batch_size")})
         report(args, saved["runs"], saved.get("work_per_item"), saved.get("same_items"))
         return 0
-    harness.exit_on_sigterm()
-    root = harness.cache_dir(args.cache_dir)
-    sc_python = harness.selfcorrect_python(args.selfcorrect_python)
     data = Path(args.data_dir or os.environ.get("SELFCORRECT_DATA_DIR") or "").expanduser().resolve()
     files = bbq_files(data)
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="compare-eval-"))
-    work.mkdir(parents=True, exist_ok=True)
-    harness.log(f"work directory {work}; {harness.machine_note()}")
+    root, sc_python, work = harness.start(args, "compare-eval-")
     versions = {"selfcorrect": harness.package_versions(sc_python, LM_EVAL_PACKAGES)}
     lm_python = None
     if not args.skip_anchor:

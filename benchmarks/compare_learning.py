@@ -26,11 +26,9 @@ It measures and prints; it asserts nothing. Progress goes to stderr, the table t
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -80,10 +78,10 @@ def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def fixtures(args: argparse.Namespace, root: Path, work: Path, py: Path) -> dict[str, Any]:
     """The policy directory, the trained reward model (made once under ``root``) and the two prompt files."""
-    from selfcorrect import dialogue as dialogues
-    from selfcorrect.data import split_hh_transcript
+    from anchors.ppo_fixtures import write_prompts
+
     from selfcorrect.dialogue import DialogueSpec
-    from selfcorrect.models import load_tokenizer, prepare_embedded
+    from selfcorrect.models import prepare_embedded
 
     data = Path(args.data_dir or os.environ.get("SELFCORRECT_DATA_DIR") or "").expanduser().resolve()
     hh = data / HH_FILE
@@ -106,25 +104,9 @@ def fixtures(args: argparse.Namespace, root: Path, work: Path, py: Path) -> dict
         run = harness.measure([str(py), "-m", "selfcorrect", "reward", str(path)], work / "reward.log",
                               {**base_env(), "PYTHONPATH": str(harness.REPO_ROOT)})  # fmt: skip
         harness.check(run, "training the reward model")
-    tokenizer, spec = load_tokenizer(str(model)), DialogueSpec(format=DIALOGUE)
-    messages_list, ids_list = [], []
-    with gzip.open(hh, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                messages, _ = split_hh_transcript(json.loads(line)["chosen"])
-            except ValueError:
-                continue
-            ids = dialogues.encode(tokenizer, dialogues.prompt_text(messages, spec, tokenizer), spec)
-            if len(ids) <= args.max_prompt_length:
-                messages_list.append(messages)
-                ids_list.append(ids)
-            if len(ids_list) == args.steps * args.batch:
-                break
-    sc_file, trl_file = work / "prompts_selfcorrect.jsonl", work / "prompts_trl.jsonl"
-    sc_file.write_text("".join(json.dumps({"prompt": m}) + "\n" for m in messages_list))
-    trl_file.write_text("".join(json.dumps({"input_ids": ids}) + "\n" for ids in ids_list))
-    return {"model": str(model), "reward_model": str(rm_run / "reward"), "prompts_selfcorrect": str(sc_file),
-            "prompts_trl": str(trl_file), "prompt_tokens": [len(ids) for ids in ids_list]}  # fmt: skip
+    spec = DialogueSpec(format=DIALOGUE)
+    prompts = write_prompts(hh, model, work, args.steps * args.batch, args.max_prompt_length, spec)
+    return {"model": str(model), "reward_model": str(rm_run / "reward"), **prompts}
 
 
 def run_selfcorrect(args: argparse.Namespace, fx: dict[str, Any], seed: int, work: Path, py: Path) -> list[dict]:
@@ -224,12 +206,7 @@ def draw(path: Path, results: dict[str, dict[int, list[dict]]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    harness.exit_on_sigterm()
-    root = harness.cache_dir(args.cache_dir)
-    py = harness.selfcorrect_python(args.selfcorrect_python)
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="compare-learning-"))
-    work.mkdir(parents=True, exist_ok=True)
-    harness.log(f"work directory {work}; {harness.machine_note()}")
+    root, py, work = harness.start(args, "compare-learning-")
     trl_python = None
     if not args.skip_anchor:
         trl_python, _ = harness.ensure_venv(TRL_VENV, TRL_STEPS, TRL_PACKAGES, root)

@@ -43,7 +43,6 @@ import argparse
 import json
 import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -252,12 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         report(args, saved["fixtures"], {k: v for k, v in saved["runs"].items() if v})
         return 0
-    harness.exit_on_sigterm()
-    root = harness.cache_dir(args.cache_dir)
-    sc_python = harness.selfcorrect_python(args.selfcorrect_python)
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="compare-ppo-"))
-    work.mkdir(parents=True, exist_ok=True)
-    harness.log(f"work directory {work}; {harness.machine_note()}")
+    root, sc_python, work = harness.start(args, "compare-ppo-")
     versions = {"selfcorrect": harness.package_versions(sc_python, TRL_PACKAGES)}
     trl_python = None
     if not args.skip_anchor:

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -209,6 +210,18 @@ def measure(
         loadavg_before=before,
         loadavg_after=os.getloadavg(),
     )
+
+
+def start(args: Any, prefix: str) -> tuple[Path, Path, Path]:
+    """What every side-by-side run does first: SIGTERM handled, and its venv cache, selfcorrect's interpreter and its
+    work directory (``--work-dir`` or a new temporary one, named with ``prefix``), logged."""
+    exit_on_sigterm()
+    root = cache_dir(args.cache_dir)
+    python = selfcorrect_python(args.selfcorrect_python)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    log(f"work directory {work}; {machine_note()}")
+    return root, python, work
 
 
 def exit_on_sigterm() -> None:

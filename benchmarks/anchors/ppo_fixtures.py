@@ -57,10 +57,13 @@ def make_reward_model(model_dir: Path, out: Path, seed: int) -> Path:
     return out
 
 
-def write_prompts(hh_file: Path, tokenizer_dir: Path, out_dir: Path, count: int, max_len: int) -> dict[str, object]:
-    """The two prompt files (see the module docstring); returns their paths and the prompts' token counts."""
+def write_prompts(
+    hh_file: Path, tokenizer_dir: Path, out_dir: Path, count: int, max_len: int, spec: DialogueSpec | None = None
+) -> dict[str, object]:
+    """The two prompt files (see the module docstring) in dialogue ``spec`` (default ``human_assistant``); returns
+    their paths and the prompts' token counts."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    spec = DialogueSpec()
+    spec = spec or DialogueSpec()
     messages_list, ids_list = [], []
     with gzip.open(hh_file, "rt", encoding="utf-8") as fh:
         for line in fh:
@@ -68,7 +71,7 @@ def write_prompts(hh_file: Path, tokenizer_dir: Path, out_dir: Path, count: int,
                 messages, _ = split_hh_transcript(json.loads(line)["chosen"])
             except ValueError:
                 continue
-            ids = dialogues.encode(tokenizer, dialogues.prompt_text(messages, spec), spec)
+            ids = dialogues.encode(tokenizer, dialogues.prompt_text(messages, spec, tokenizer), spec)
             if len(ids) <= max_len:
                 messages_list.append(messages)
                 ids_list.append(ids)
