@@ -37,7 +37,6 @@ import gc
 import json
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,6 +44,7 @@ from typing import Any
 
 import torch
 import yaml
+from harness import scratch_dir
 from ppo_throughput import HH_FILE, REWARD_MODULE, REWARD_SOURCE, run_config
 
 from selfcorrect import engines
@@ -156,7 +156,7 @@ def ppo_trainer(engine: str, args: argparse.Namespace, work: Path):
 
 def ppo_figures(args: argparse.Namespace) -> dict[str, Any]:
     """PPO rollout samples/s and generated tokens/s of each engine on the prompts and seeds of the same steps."""
-    work = Path(tempfile.mkdtemp(prefix="engines-bench-"))
+    work = scratch_dir("engines-bench-")
     (work / f"{REWARD_MODULE}.py").write_text(REWARD_SOURCE)
     sys.path.insert(0, str(work))
     rows = {}

@@ -10,8 +10,10 @@ Nothing here imports selfcorrect or the anchors: the driver scripts only launch 
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -214,14 +216,21 @@ def measure(
 
 def start(args: Any, prefix: str) -> tuple[Path, Path, Path]:
     """What every side-by-side run does first: SIGTERM handled, and its venv cache, selfcorrect's interpreter and its
-    work directory (``--work-dir`` or a new temporary one, named with ``prefix``), logged."""
+    work directory (``--work-dir``, kept, or a new temporary one named with ``prefix``, removed at exit), logged."""
     exit_on_sigterm()
     root = cache_dir(args.cache_dir)
     python = selfcorrect_python(args.selfcorrect_python)
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix=prefix))
+    work = args.work_dir or scratch_dir(prefix)
     work.mkdir(parents=True, exist_ok=True)
     log(f"work directory {work}; {machine_note()}")
     return root, python, work
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new temporary directory, removed when the script exits (its models and checkpoints take gigabytes)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, work, True)
+    return work
 
 
 def exit_on_sigterm() -> None:

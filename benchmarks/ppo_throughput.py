@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness import scratch_dir
+
 MODEL = "embedded:smollm2-135m-instruct"
 HH_FILE = "hh-rlhf/harmless-base-test.jsonl.gz"
 SEED = 0
@@ -99,7 +101,7 @@ def worker(variant: str, args: argparse.Namespace, out: Path) -> None:
     from selfcorrect.recipes.ppo import build_trainer as build_ppo_trainer
     from selfcorrect.stages import load_run_config
 
-    work = Path(tempfile.mkdtemp(prefix=f"ppo-bench-{variant}-"))
+    work = scratch_dir(f"ppo-bench-{variant}-")
     (work / f"{REWARD_MODULE}.py").write_text(REWARD_SOURCE)
     sys.path.insert(0, str(work))
     output_dir = Path(args.output_dir) / variant if args.output_dir else work / "run"

@@ -37,6 +37,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -300,6 +301,7 @@ class VLLMEngine:
         self.options = options or VLLMOptions()
         self.key = engine_key(model, tokenizer, self.options)
         self.dir = tempfile.mkdtemp(prefix="selfcorrect-vllm-")
+        self._remove_dir = weakref.finalize(self, shutil.rmtree, self.dir, ignore_errors=True)  # at exit at the latest
         model.config.save_pretrained(self.dir)  # no weights: they are copied in from memory (load)
         tokenizer.save_pretrained(self.dir)
         on_gpu = torch.cuda.is_available() and not cpu_build()
@@ -326,12 +328,12 @@ class VLLMEngine:
                     **memory,
                 )
         except Exception as error:  # vLLM's reason, in one line (an unsupported architecture, dtype, head size...)
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self._remove_dir()
             name = getattr(model.config, "_name_or_path", "") or type(model).__name__
             reason = f"{type(error).__name__}: {one_line(error)}"
             raise UserError(f"engine vllm: vLLM cannot load {name}: {reason}") from error
         except BaseException:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self._remove_dir()
             raise
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self.failed = False  # sampling raised: the engine is not reused (vllm_engine)
@@ -419,7 +421,7 @@ class VLLMEngine:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self._remove_dir()
 
 
 _shared: VLLMEngine | None = None
