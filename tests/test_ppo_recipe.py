@@ -228,6 +228,42 @@ def test_under_lora_the_value_model_with_its_adapters_off_scores_as_the_reward_m
     assert torch.allclose(trainer.reward_scores(roll), by_hand, atol=1e-5)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_value_model_from_the_reward_model_starts_at_its_normalised_scores(peaked_policy_dir, tmp_path, lora):
+    """InstructGPT starts the value function from the reward model, which RL sees normalised (its bias added): the
+    rollout's values are the reward model's scores of the same prefixes plus that bias, not the raw head's output
+    (a value offset by -bias from every return biases the first steps' advantages by position, not by action)."""
+    tok = AutoTokenizer.from_pretrained(peaked_policy_dir)
+
+    def classifier():
+        torch.manual_seed(0)  # the same scalar head each time: copies of one reward model
+        model = AutoModelForSequenceClassification.from_pretrained(peaked_policy_dir, num_labels=1)
+        model.config.pad_token_id = tok.pad_token_id
+        return model.eval()
+
+    reference = classifier()
+    value = classifier()
+    if lora:
+        value = get_peft_model(value, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"]))
+    reward = RewardModel(classifier(), tok, bias=-0.75, max_length=64, dialogue=DialogueSpec())
+    trainer = make_ppo_trainer(peaked_policy_dir, tmp_path, reward, value=value, value_from_reward=True,
+                               rollout_batch_size=4, mini_batch_size=4, max_new_tokens=5, max_prompt_length=32)
+    torch.manual_seed(0)
+    roll = trainer.rollout([0, 1, 2, 3])
+    p, r = roll.context_length, roll.response_mask.shape[1]
+    positions = (roll.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        body = reference.model(input_ids=roll.input_ids, attention_mask=roll.attention_mask, position_ids=positions)
+        raw = reference.score(body.last_hidden_state).squeeze(-1)  # the head at every position
+    actions = roll.response_mask.bool()
+    by_hand = raw[:, p - 1 : p - 1 + r] - 0.75
+    assert torch.allclose(roll.values[actions], by_hand[actions], atol=1e-5), (roll.values - by_hand)[actions]
+    # A function reward has no bias; its value model is a new head, used as it is.
+    plain = make_ppo_trainer(peaked_policy_dir, tmp_path / "function", flat, rollout_batch_size=4,
+                             mini_batch_size=4, max_new_tokens=5)
+    assert plain.accelerator.unwrap_model(plain.model).value_offset == 0.0
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_gradient_checkpointing_is_honoured(peaked_policy_dir, tmp_path, checkpointing):
     trainer = make_ppo_trainer(peaked_policy_dir, tmp_path, vowels, steps=1, rollout_batch_size=4, mini_batch_size=2,

@@ -71,8 +71,11 @@ def main() -> None:
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.policy, padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    # TRL's PPO takes every pad-token id for padding: it masks it out of attention (prompts included) and ends a
+    # response, and its score, before the first one. SmolLM2's pad token is its EOS, <|im_end|>, which every chat
+    # prompt holds: the chat turns would be unmarked and responses could never end. A new pad token, as TRL's own PPO
+    # example adds (TRL replaces pad ids by 0 before the embedding, so the vocabulary is not resized).
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
     rows = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
     dataset = Dataset.from_list([{"input_ids": r["input_ids"]} for r in rows])
 

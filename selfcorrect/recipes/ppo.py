@@ -204,6 +204,8 @@ class PPORecipe:
         }
         if cfg.lora is not None:  # runs from before the value model had adapters cannot resume from its last/
             hashed["value_model"] = "lora"
+        if ":" not in self.reward_ref:  # nor runs from before its values had the reward model's bias added
+            hashed["value_offset"] = "reward_bias"
         if self.precision.weights != "float32":  # 16-bit runs changed precision (fp32 master weights): not resumable
             hashed["precision"] = self.precision.describe()
         return config_hash(hashed)

@@ -146,8 +146,8 @@ class PPOPtxTrainer(Trainer):
     ``reward_fn`` is a :class:`~selfcorrect.reward_models.score.RewardModel` (a trained model scores the rollout's own
     token ids; a function reward gets HH-format prompt strings and the reply texts) or any callable
     ``f(prompt_messages, reply_texts) -> rewards``. ``value_from_reward``: the value model was loaded from that reward
-    model's weights, so under LoRA the reward model's own copy is dropped and the value model with its adapters off
-    scores instead (:meth:`RewardModel.share_base_of`).
+    model's weights, so its values get the reward model's normalising bias added, and under LoRA the reward model's
+    own copy is dropped and the value model with its adapters off scores instead (:meth:`RewardModel.share_base_of`).
     """
 
     def __init__(
@@ -174,7 +174,10 @@ class PPOPtxTrainer(Trainer):
         for model in (policy, value_model, ref_policy):
             if model is not None:
                 disable_dropout(model)
-        super().__init__(model=ppo_forward.PolicyAndValue(policy, value_model), args=args, processing_class=tokenizer)
+        # A value model copied from a reward model starts at its normalised scores: the same bias added.
+        offset = reward_fn.bias if value_from_reward and isinstance(reward_fn, RewardModel) else 0.0
+        model = ppo_forward.PolicyAndValue(policy, value_model, value_offset=offset)
+        super().__init__(model=model, args=args, processing_class=tokenizer)
         self.ppo = ppo
         self.tokenizer = tokenizer
         self.dialogue = dialogue or DialogueSpec()

@@ -106,12 +106,16 @@ def policy_outputs(
 
 
 class PolicyAndValue(nn.Module):
-    """Policy and value model in one module, so one optimizer, one DDP/DeepSpeed wrapper, one forward."""
+    """Policy and value model in one module, so one optimizer, one DDP/DeepSpeed wrapper, one forward.
 
-    def __init__(self, policy: nn.Module, value_model: nn.Module):
+    ``value_offset`` is added to every value: the normalising bias of the reward model the value model starts from
+    (InstructGPT: the value function starts as the reward model, which RL sees with its bias added)."""
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module, value_offset: float = 0.0):
         super().__init__()
         self.policy = policy
         self.value_model = value_model
+        self.value_offset = float(value_offset)
 
     @property
     def is_activation_checkpointing(self) -> bool:
@@ -140,4 +144,4 @@ class PolicyAndValue(nn.Module):
         """The policy's outputs (:func:`policy_outputs`, with its keyword ``options``) and the values
         ``(n_actions,)`` at the read positions."""
         outputs = policy_outputs(self.policy, reads, **options)
-        return outputs, packing.values(self.value_model, reads.value, reads.value_read)
+        return outputs, packing.values(self.value_model, reads.value, reads.value_read) + self.value_offset
