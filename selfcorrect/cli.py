@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate a model, or every checkpoint of a run, on the benchmarks and prompt conditions",
         description="Evaluate MODEL on benchmarks x conditions. Per-item results are appended to "
         "OUTPUT/<benchmark>/<condition>.jsonl as they finish (a rerun skips finished items); the tidy table "
-        "OUTPUT/metrics.csv has columns benchmark,condition,subset,metric,value,ci_low,ci_high,n with "
-        "95% bootstrap CIs, plus rows with condition <c>_minus_q: each headline metric of condition c minus "
+        "OUTPUT/metrics.csv has columns benchmark,condition,subset,metric,value,ci_low,ci_high,n,note with "
+        "95% bootstrap CIs (a value or CI its units cannot give is empty, the reason in note), plus rows with "
+        "condition <c>_minus_q: each headline metric of condition c minus "
         "Q's over the units both have, with a paired bootstrap CI. Given a RUN_DIR (runs/<name>), every PPO "
         f"checkpoint is evaluated into OUTPUT/{step_name(4)}/... (OUTPUT default {EXAMPLE_RUN.eval}) and "
         "OUTPUT/metrics.csv "
@@ -249,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="plot metrics vs RLHF steps (or vs model size) and write a Markdown report",
         description="Plot the evaluation of one or more runs and write report.md with the figures and a table "
         f"of the headline numbers. Reads {EXAMPLE_RUN.metrics} (columns model,params,step,benchmark,condition,"
-        "subset,metric,value,ci_low,ci_high,n) and, when present, the manifests of the kept PPO checkpoints "
+        "subset,metric,value,ci_low,ci_high,n,note) and, when present, the manifests of the kept PPO checkpoints "
         f"({EXAMPLE_RUN.checkpoint(4)}/manifest.json...). Writes <benchmark>.png (BBQ bias scores and accuracies, "
         "Winogender r, law-school parity, one line per prompt condition with 95% CI bands), self_correction.png "
         "(the <condition>_minus_q rows: each condition minus Q, paired CI bands), vs_step0.png (--by step: the "
@@ -296,6 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
             f"writes under output_dir (default runs/<name>)/{name}/.",
         )
         st.add_argument("config", metavar="CONFIG", type=Path, help="run config (YAML)")
+        if name == "sft":
+            st.add_argument(
+                "--force",
+                action="store_true",
+                help="retrain even where kept PPO checkpoints are LoRA adapters on sft/ (refused without it): "
+                "loading them is then refused, and pipeline.json forgets PPO and the stages after it",
+            )
         st.set_defaults(func=cmd_stage, stage=name)
 
     pi = sub.add_parser(
@@ -305,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Finished stages with the same resolved config are skipped (recorded in pipeline.json); unfinished "
         "ones continue (PPO from ppo/last/, evaluation from its per-item files), so rerunning the same command "
         "after a crash finishes the run. A finished stage whose config changed is an error naming the changed "
-        "keys, unless --force. Training stages run as child processes (<launcher> -m selfcorrect STAGE CONFIG).",
+        "keys (or the data file whose content changed: local data count by content, so a moved data dir is the "
+        "same run), unless --force. Training stages run as child processes (<launcher> -m selfcorrect STAGE CONFIG).",
     )
     pi.add_argument(
         "config",
@@ -317,7 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     group = pi.add_mutually_exclusive_group()
     group.add_argument("--from", dest="from_stage", choices=PIPELINE_STAGES, help="rerun STAGE and the stages after it")
     group.add_argument("--only", choices=PIPELINE_STAGES, help="rerun STAGE only (earlier stages must be done)")
-    pi.add_argument("--force", action="store_true", help="redo finished stages whose config changed")
+    pi.add_argument(
+        "--force",
+        action="store_true",
+        help="redo finished stages whose config changed (local data files count by content, not path); rerun sft "
+        "even where kept PPO checkpoints are LoRA adapters on it (they are then refused when loaded)",
+    )
     pi.add_argument(
         "--dry-run",
         action="store_true",
@@ -522,8 +536,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
     cfg = stages.load_run_config(args.config)
     recipe = import_module(f"selfcorrect.recipes.{args.stage}")
+    options = {"force": args.force} if args.stage == "sft" else {}
     try:
-        out = recipe.run(cfg, args.config)
+        out = recipe.run(cfg, args.config, **options)
     finally:
         tracking.finish(cfg.tracking)
     print(f"{args.stage}: {out}")

@@ -28,6 +28,10 @@ final reply is empty (4 in harmless-base test) are left out of SFT data. Missing
 
 Every builder shuffles its examples with the seed and then keeps the first ``spec.limit``; split the result with
 :func:`train_test_split` and ``spec.test_size``.
+
+A dataset's identity (what the config hashes of the pipeline and of PPO's resume state record) is
+:func:`dataset_identity`: a local file or directory by its content, not its path, so the same data reached from
+another directory or machine is the same data; a Hub dataset by its id.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from datasets import Dataset
 from selfcorrect.config import DatasetSpec
 from selfcorrect.errors import UserError, first_line
 from selfcorrect.io import iter_jsonl
+from selfcorrect.provenance import content_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +115,38 @@ def dataset_source(spec: DatasetSpec, where: str) -> str:
     if path.is_dir() or not _looks_local(spec.path):
         return "hub"
     raise UserError(f"{where}: {spec.path}: file not found")
+
+
+def dataset_identity(spec: dict[str, Any], where: str | None = None) -> dict[str, Any]:
+    """A dataset as the results made from it depend on it: a DatasetSpec's fields as dumped, with the ``path`` of a
+    local file or directory replaced by ``content`` (:func:`~selfcorrect.provenance.content_fingerprint`: size and
+    sha256), so identical data at another path is the same data; a Hub dataset keeps its id.
+
+    With ``where`` (the config key, e.g. ``sft.data``), a path that looks like a local file but does not exist is a
+    UserError naming it; without, it stays a path (a record made before, whose file has gone).
+    """
+    path = spec["path"]
+    if Path(path).expanduser().exists():
+        return {**{k: v for k, v in spec.items() if k != "path"}, "content": content_fingerprint(path)}
+    if where is not None and _looks_local(path):
+        raise UserError(f"{where}.path: {path}: file not found")
+    return dict(spec)
+
+
+def datasets_by_content(obj: Any, where: str | None = "") -> Any:
+    """A config as dumped (dicts and lists) with each DatasetSpec in it replaced by its :func:`dataset_identity`.
+
+    ``where``: the dotted key of ``obj`` (``""`` at the top), for the error of a missing local file; None: records
+    made before, whose missing files stay paths. Idempotent: an identity is no DatasetSpec.
+    """
+    if isinstance(obj, dict):
+        if {"path", "format"} <= obj.keys() <= DatasetSpec.model_fields.keys():
+            return dataset_identity(obj, where)
+        key = lambda k: None if where is None else f"{where}.{k}" if where else str(k)  # noqa: E731
+        return {k: datasets_by_content(v, key(k)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [datasets_by_content(v, where) for v in obj]
+    return obj
 
 
 def load_records(spec: DatasetSpec) -> list[tuple[str, Record]]:

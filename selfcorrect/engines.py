@@ -3,7 +3,10 @@
 An engine samples one continuation per prompt, each prompt given as token ids (exactly the ids the caller's
 tokenization makes, so BOS and special tokens match) and each with its own seed, and returns the text::
 
-    generate(token_ids, seeds, *, max_new_tokens, temperature, top_p, stop) -> list[str]
+    generate(token_ids, seeds, *, max_new_tokens, temperature, top_p, stop, desc=None) -> list[str]
+
+``desc`` labels a progress bar over the prompts (items/s and an ETA, on stderr, only where stderr is a terminal:
+:func:`progress_bar`; None: no bar).
 
 * ``hf``: :meth:`selfcorrect.evaluate.scoring.Scorer.generate`, a sampling loop over the transformers model that also
   scores the answers, one ``torch.Generator`` per item.
@@ -36,6 +39,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -46,6 +50,7 @@ from selfcorrect.errors import UserError, one_line
 
 if TYPE_CHECKING:  # torch and vLLM are imported where they are used: choosing an engine imports neither
     import torch
+    from tqdm import tqdm
 
 ENGINES = ("hf", "vllm")
 VLLM_MISSING = (
@@ -94,7 +99,22 @@ class Engine(Protocol):
         temperature: float,
         top_p: float,
         stop: Sequence[str],
+        desc: str | None = None,
     ) -> list[str]: ...
+
+
+def shows_progress() -> bool:
+    """Whether progress bars are drawn: only where stderr is a terminal, so logs and pipes stay quiet."""
+    return sys.stderr.isatty()
+
+
+def progress_bar(total: int, desc: str | None, unit: str = "item", **options: Any) -> tqdm:
+    """A progress bar on stderr with the rate and an ETA, drawn only where :func:`shows_progress` (and ``desc`` is
+    given); else a silent one whose ``update`` costs nothing."""
+    from tqdm import tqdm
+
+    shown = desc is not None and shows_progress()
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, disable=not shown, file=sys.stderr, **options)
 
 
 def eos_ids(tokenizer: Any) -> set[int]:
@@ -368,11 +388,13 @@ class VLLMEngine:
         temperature: float,
         top_p: float,
         stop: Sequence[str],
+        desc: str | None = None,
     ) -> list[Sample]:
         """One continuation per prompt, each drawn with its own seed, with the log-probs of its tokens.
 
         A prompt whose length plus ``max_new_tokens`` exceeds the engine's ``max_model_len`` is a UserError (vLLM would
-        cut its continuation short, or refuse it, instead)."""
+        cut its continuation short, or refuse it, instead). ``desc``: the label of vLLM's progress bar over the
+        prompts, drawn where :func:`shows_progress` (None: no bar)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -392,8 +414,9 @@ class VLLMEngine:
             for seed in seeds
         ]
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in token_ids]
+        bar = _vllm_bar(desc) if desc and shows_progress() else False  # vLLM divides by a silent bar's elapsed 0
         try:
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            outputs = self.llm.generate(prompts, params, use_tqdm=bar)
         except Exception as error:  # the engine failed or died: what is written stays, and a rerun resumes
             self.failed = True
             reason = f"{type(error).__name__}: {one_line(error)}"
@@ -422,6 +445,19 @@ class VLLMEngine:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         self._remove_dir()
+
+
+def _vllm_bar(desc: str) -> Callable[..., tqdm]:
+    """vLLM's ``use_tqdm`` factory: its bar over the finished requests, labelled ``desc`` and gone when done; its bar
+    over the prompts it renders first (called with them) is not drawn."""
+    from tqdm import tqdm
+
+    def bar(*iterable: Any, **options: Any) -> tqdm:
+        if iterable:
+            return tqdm(*iterable, disable=True)
+        return tqdm(**{**options, "desc": desc, "unit": "item", "leave": False, "file": sys.stderr})
+
+    return bar
 
 
 _shared: VLLMEngine | None = None

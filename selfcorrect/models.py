@@ -6,7 +6,10 @@ A model reference is one of:
   ``embedded:smollm2-135m-instruct``). It is converted once into a plain float32 Hugging Face
   directory under :func:`cache_dir` and loaded from there afterwards.
 * a local directory -- a Hugging Face model directory with ``config.json`` and safetensors weights,
-  or a LoRA adapter directory (``adapter_config.json``) whose base model is itself a reference.
+  or a LoRA adapter directory (``adapter_config.json``) whose base model is itself a reference. An adapter that
+  selfcorrect trained on a local base records in its ``manifest.json`` (:func:`base_record`) the base's path
+  relative to the adapter, tried first (a run directory can move), and the base's fingerprint: an adapter whose
+  base has been replaced since is refused, never loaded on the other model.
 * anything else -- a Hugging Face Hub id such as ``HuggingFaceTB/SmolLM2-360M-Instruct``.
 
 Weights are only ever read from safetensors files, never from pickle (``.bin``) files.
@@ -47,6 +50,9 @@ EMBEDDED_PACKAGE_HINT: dict[str, str] = {
 }
 
 COMPLETE_MARKER = ".complete"
+MANIFEST = "manifest.json"  # a kept checkpoint's or the SFT stage's record, beside its weights
+BASE_RELATIVE = "base_model_relative"  # in an adapter's manifest: its base's path relative to the adapter
+BASE_FINGERPRINT = "base_model_fingerprint"  # in an adapter's manifest: its base's fingerprint when it was trained
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -250,7 +256,7 @@ def _hub_error(ref: str, error: BaseException) -> UserError:
     )
 
 
-def _adapter_base_ref(adapter_dir: Path) -> tuple[Path, str]:
+def _recorded_base(adapter_dir: Path) -> tuple[Path, str]:
     """The adapter config's path and its ``base_model_name_or_path``."""
     config_path = adapter_dir / "adapter_config.json"
     try:
@@ -261,6 +267,69 @@ def _adapter_base_ref(adapter_dir: Path) -> tuple[Path, str]:
     if not isinstance(base_ref, str) or not base_ref:
         raise UserError(f"{config_path}: base_model_name_or_path is missing")
     return config_path, base_ref
+
+
+def _manifest(model_dir: Path) -> dict[str, Any]:
+    """A model directory's ``manifest.json`` (a kept checkpoint's, the SFT stage's), or {} without a readable one."""
+    try:
+        manifest = json.loads((model_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def base_record(base_ref: str, adapter_dir: Path) -> dict[str, str]:
+    """What an adapter's manifest records about a base that is a local directory: its path relative to the adapter's
+    directory (``base_model_relative``: the two move together, e.g. in a run directory) and its :func:`fingerprint`
+    (``base_model_fingerprint``: the adapter is never loaded on another base). Empty for an embedded or Hub base.
+    ``adapter_dir`` need not exist yet."""
+    if base_ref.startswith(EMBEDDED_PREFIX) or not Path(base_ref).expanduser().is_dir():
+        return {}
+    base = Path(base_ref).expanduser().resolve()
+    return {
+        BASE_RELATIVE: os.path.relpath(base, Path(adapter_dir).expanduser().resolve()),
+        BASE_FINGERPRINT: fingerprint(str(base)),
+    }
+
+
+def adapter_base_paths(adapter_dir: Path) -> list[Path]:
+    """Where an adapter's base may be, in the order tried: its manifest's relative path from the adapter's directory
+    (where its run directory is now: a moved or copied run uses its own base), then ``base_model_name_or_path`` if
+    that is a local path (where it was when the adapter was saved)."""
+    adapter_dir = Path(adapter_dir)
+    _, recorded = _recorded_base(adapter_dir)
+    relative = _manifest(adapter_dir).get(BASE_RELATIVE)
+    places = []
+    if isinstance(relative, str):
+        places.append(Path(os.path.normpath(adapter_dir.resolve() / relative)))
+    if not recorded.startswith(EMBEDDED_PREFIX) and (looks_like_local_path(recorded) or Path(recorded).exists()):
+        places.append(Path(recorded).expanduser())
+    return places
+
+
+def _adapter_base_ref(adapter_dir: Path) -> tuple[Path, str]:
+    """The adapter config's path and the base to load: the first of :func:`adapter_base_paths` that is a directory
+    (the one beside it in its run, if there is one), else the recorded reference (a Hub id; a missing path fails where
+    it is loaded, naming the adapter config).
+
+    A base whose fingerprint is not the one the manifest records is refused: it was replaced after the adapter was
+    trained on it, and the adapter on it would be another model.
+    """
+    config_path, recorded = _recorded_base(adapter_dir)
+    found = [place for place in adapter_base_paths(adapter_dir) if place.is_dir()]
+    if not found:
+        return config_path, recorded
+    manifest = _manifest(adapter_dir)
+    expected = manifest.get(BASE_FINGERPRINT)
+    actual = fingerprint(str(found[0])) if expected is not None else None
+    if actual != expected:
+        stage = "sft" if manifest.get("stage") == "sft" else "ppo"  # what made it: the SFT stage or a PPO step
+        raise UserError(
+            f"{adapter_dir}: refused: its base {found[0]} has changed since this adapter was trained on it "
+            f"(fingerprint {actual}, recorded {expected}); retrain it on the new base (in a run: selfcorrect "
+            f"pipeline CONFIG --from {stage}) or put the old base back"
+        )
+    return config_path, str(found[0])
 
 
 def _base_error(config_path: Path, base_ref: str, error: UserError) -> UserError:
@@ -379,7 +448,7 @@ def load_model(
     return model, tokenizer
 
 
-FINGERPRINT_FILES = ("config.json", "adapter_config.json", "manifest.json", "generation_config.json", COMPLETE_MARKER,
+FINGERPRINT_FILES = ("config.json", "adapter_config.json", MANIFEST, "generation_config.json", COMPLETE_MARKER,
                      *TOKENIZER_FILES, "special_tokens_map.json", "chat_template.jinja")
 WEIGHT_SAMPLES = 16  # chunks read from each weight file's data
 

@@ -4,7 +4,9 @@ Each stage's resolved config is hashed (with the hashes of the stages before it)
 ``runs/<name>/pipeline.json`` when the stage finishes. A rerun skips finished stages with the same hash,
 continues unfinished ones (PPO from ``ppo/last/``, evaluation from its per-item files), and refuses a
 finished stage whose config changed, naming the changed keys, unless ``--force``. ``--from STAGE`` and
-``--only STAGE`` rerun stages from scratch.
+``--only STAGE`` rerun stages from scratch. Local data files count by content, not path, so a data directory
+that moved is the same run (records made by path before are recorded by content once, :func:`upgrade_records`).
+Rerunning ``sft`` while kept PPO checkpoints that are LoRA adapters on it stay is refused unless ``--force``.
 
 Training stages run as child processes (``<launcher> -m selfcorrect <stage> CONFIG``; the launcher defaults
 to this Python and may be ``accelerate launch ...``) that die with the pipeline. Evaluation runs in this
@@ -49,10 +51,13 @@ def stages_in(cfg: RunConfig) -> list[str]:
     return [s for s in STAGES if present[s]]
 
 
-def resolved_configs(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+def resolved_configs(cfg: RunConfig, by_content: bool = True) -> dict[str, dict[str, Any]]:
     """Per stage, the config that decides its outputs (tracking, launcher and batch sizes do not).
 
-    Each includes the hashes of the stages before it, so a change upstream changes every later hash.
+    Each includes the hashes of the stages before it, so a change upstream changes every later hash. Local data
+    files (datasets, evaluation prompt files) are recorded by content, not path (:func:`by_content_identity`): the
+    same bytes at another path are the same run. ``by_content=False``: by path, as runs recorded them before (and as
+    the messages name the files). A local data file that does not exist is a UserError naming its key.
     """
     from selfcorrect.engines import unhashed
     from selfcorrect.provenance import config_hash
@@ -81,10 +86,61 @@ def resolved_configs(cfg: RunConfig) -> dict[str, dict[str, Any]]:
             }
         else:
             own = {}
+        if by_content:
+            own = by_content_identity(own, strict=True)
         own["after"] = dict(upstream)
         out[stage] = own
         upstream[stage] = config_hash(own)
     return out
+
+
+def by_content_identity(resolved: dict[str, Any], *, strict: bool) -> dict[str, Any]:
+    """A stage's resolved config with its local data by content: every dataset (:func:`data.datasets_by_content`)
+    and every evaluation prompts file (``{"content": {size, sha256}}`` in place of its path).
+
+    ``strict``: a missing local data file is a UserError; otherwise (a record made before) it stays a path.
+    Idempotent, so records made either way can go through it.
+    """
+    from selfcorrect.data import datasets_by_content
+    from selfcorrect.provenance import content_fingerprint
+
+    out = datasets_by_content(resolved, "" if strict else None)
+    evaluation = out.get("evaluation")
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("prompts"), list):
+        evaluation["prompts"] = [
+            {"content": content_fingerprint(p)} if isinstance(p, str) and Path(p).is_file() else p
+            for p in evaluation["prompts"]
+        ]
+    return out
+
+
+def upgrade_records(state: dict[str, Any]) -> list[str]:
+    """Bring records made before local data were recorded by content up to date, in place; returns their stages.
+
+    Such a record names each data file by path: where that path still holds a file, the record takes its content
+    (what it held when the stage ran was not recorded: what it holds now is taken for it, once), and the upstream
+    hashes of the later records follow. A path that holds nothing any more stays a path, and that stage counts as
+    changed (its data cannot be compared).
+    """
+    from selfcorrect.provenance import config_hash
+
+    records = state.get("stages", {})
+    old_hashes: dict[str, str] = {}
+    new_hashes: dict[str, str] = {}
+    upgraded = []
+    for stage in STAGES:
+        record = records.get(stage)
+        if not isinstance(record, dict) or not isinstance(record.get("resolved"), dict):
+            continue
+        old = record["resolved"]
+        new = by_content_identity({k: v for k, v in old.items() if k != "after"}, strict=False)
+        after = old.get("after", {})
+        new["after"] = {u: new_hashes[u] if old_hashes.get(u) == h else h for u, h in after.items()}
+        old_hashes[stage], new_hashes[stage] = config_hash(old), config_hash(new)
+        if new != old:
+            record["resolved"] = new
+            upgraded.append(stage)
+    return upgraded
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -105,6 +161,24 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
 
 
+def describe_changes(old: dict[str, Any], new: dict[str, Any], by_path: dict[str, Any]) -> str:
+    """The keys that differ between a stage's recorded and current resolved configs, in words; a local data file is
+    named by its key and path (``by_path``: the current config by path): ``the content of sft.data.path
+    /data/hh.jsonl.gz``, or for a record made by path before, the path it recorded."""
+    keys = changed_keys(old, new)
+    recorded, paths = _flatten(old), _flatten(by_path)
+    contents = sorted({key.partition(".content")[0] for key in keys if ".content" in key})
+    words = []
+    for head in contents:
+        now = paths.get(f"{head}.path", "?")
+        if f"{head}.path" in recorded:  # recorded by path before contents were recorded, and not found there
+            words.append(f"{head}.path (recorded by path: {recorded[f'{head}.path']}, not there now; now {now})")
+        else:
+            words.append(f"the content of {head}.path {now}")
+    words += [key for key in keys if ".content" not in key and key.removesuffix(".path") not in contents]
+    return ", ".join(words)
+
+
 # ---- the state file and the plan ------------------------------------------------------------------------
 
 
@@ -121,6 +195,17 @@ def read_state(root: Path) -> dict[str, Any]:
 
 def _write_state(root: Path, state: dict[str, Any]) -> None:
     atomic_write_text(RunDir(root).state, json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+
+def forget_from(root: Path, stage: str) -> list[str]:
+    """Remove the records of ``stage`` and the stages after it from ``pipeline.json`` (their outputs are no longer
+    what the records say: e.g. kept checkpoints whose base was retrained); returns the stages forgotten."""
+    state = read_state(root)
+    later = STAGES[STAGES.index(stage) :]
+    forgotten = [s for s in later if state.get("stages", {}).pop(s, None) is not None]
+    if forgotten:
+        _write_state(root, state)
+    return forgotten
 
 
 @dataclass
@@ -143,7 +228,10 @@ def make_plan(
             raise UserError(f"{path}: {flag} {stage}: the config defines the stages {', '.join(present)}")
     if state.get("name") not in (None, cfg.name):
         raise UserError(f"{cfg.run_dir().state}: the run dir belongs to run '{state['name']}', not '{cfg.name}'")
-    resolved = resolved_configs(cfg)
+    try:
+        resolved = resolved_configs(cfg)
+    except UserError as exc:  # a local data file that is not there
+        raise UserError(f"{path}: {exc}") from None
     done = state.get("stages", {})
     plans: list[StagePlan] = []
     selected = (
@@ -164,8 +252,8 @@ def make_plan(
         elif finished_same:
             plans.append(StagePlan(stage, "skip", f"done ({record.get('completed_at', '?')})"))
         elif record is not None:
-            keys = changed_keys(record.get("resolved", {}), resolved[stage])
-            what = ", ".join(keys) if keys else "an earlier stage"
+            by_path = resolved_configs(cfg, by_content=False)[stage]
+            what = describe_changes(record.get("resolved", {}), resolved[stage], by_path) or "an earlier stage"
             if not force:
                 raise UserError(
                     f"{path}: stage '{stage}' finished with another config (changed: {what}); "
@@ -178,6 +266,23 @@ def make_plan(
             partial = cfg.run_dir().stage(stage).exists()
             plans.append(StagePlan(stage, "run", "continue from its partial outputs" if partial else "not run yet"))
     return plans
+
+
+def invalidated_checkpoints(cfg: RunConfig, plans: list[StagePlan]) -> dict[str, list[Path]]:
+    """Per stage that will run, the kept checkpoints that are adapters on its directory and that the plan keeps
+    (PPO's directory is not cleared): running it would leave them on another base. Only ``sft/`` is such a base."""
+    from selfcorrect.train.checkpoints import dependent_checkpoints
+
+    run = cfg.run_dir()
+    if any(p.stage == "ppo" and p.clear for p in plans) or not run.ppo.is_dir():
+        return {}
+    found = {}
+    for plan in plans:
+        if plan.action != "skip" and plan.stage == "sft":  # only SFT's output is a base of kept checkpoints
+            kept = dependent_checkpoints(run.ppo, run.stage(plan.stage))
+            if kept:
+                found[plan.stage] = kept
+    return found
 
 
 # ---- what can be checked before anything trains ------------------------------------------------------------
@@ -320,12 +425,14 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         pass
 
 
-def start_stage(stage: str, config: Path, launcher: str | None, hide: int | None = None) -> subprocess.Popen:
+def start_stage(
+    stage: str, config: Path, launcher: str | None, hide: int | None = None, extra: tuple[str, ...] = ()
+) -> subprocess.Popen:
     """Start ``<launcher> -m selfcorrect <stage> CONFIG`` (launcher default: this Python); ``hide``: a CUDA device
     (an index among the visible ones) the stage must not see, as ``CUDA_VISIBLE_DEVICES`` tells it."""
     import os
 
-    command = [*launcher_command(launcher), "-m", "selfcorrect", stage, str(config)]
+    command = [*launcher_command(launcher), "-m", "selfcorrect", stage, str(config), *extra]
     env = None
     if hide is not None:
         visible = _visible_gpus()
@@ -425,11 +532,28 @@ def run_pipeline(
 
     from selfcorrect.memory import Launch
     from selfcorrect.recipes import evaluate, report
+    from selfcorrect.train.checkpoints import describe_kept
 
     cfg = load_run_config(config)
     root = cfg.root()
     state = read_state(root)
+    upgraded = upgrade_records(state)  # records made before data were recorded by content
     plans = make_plan(cfg, config, state, from_stage=from_stage, only=only, force=force)
+    invalidated = invalidated_checkpoints(cfg, plans)
+    for stage, kept in invalidated.items():
+        replaced, names = cfg.run_dir().stage(stage), describe_kept(kept)
+        if not force:
+            raise UserError(
+                f"{config}: rerunning stage '{stage}' replaces {replaced}, and the kept checkpoints {names} are LoRA "
+                f"adapters on it; rerun it with the stages after it (--from {stage}), or --force to rerun it anyway "
+                "(loading those checkpoints is then refused)"
+            )
+        print(
+            f"pipeline: --force: rerunning '{stage}' invalidates the kept checkpoints {names} (LoRA adapters on "
+            f"{replaced}): loading them is refused from then on, and PPO and the stages after it are no longer "
+            f"recorded as done; retrain them with selfcorrect pipeline {config} --from ppo",
+            file=sys.stderr,
+        )
     launcher = launcher or cfg.launcher
     unchecked = check_config(cfg, config, launcher)
     where = placement(cfg, Launch.from_launcher(launcher).processes, torch.cuda.device_count())
@@ -444,6 +568,9 @@ def run_pipeline(
     blocked = [note for stage, notes in unchecked.items() if stage in todo for note in notes]
     if blocked:
         raise UserError(f"{config}: {blocked[0]}; set HF_HUB_OFFLINE=1 to use the Hugging Face cache")
+    if upgraded:  # once: from now on they compare by content
+        _write_state(root, state)
+        print(f"pipeline: {RunDir(root).state}: the data of {', '.join(upgraded)} recorded by content (was by path)")
     if not todo:
         print(f"pipeline: nothing to do; report: {cfg.run_dir().report / 'report.md'}")
         return cfg.run_dir().report / "report.md"
@@ -453,6 +580,9 @@ def run_pipeline(
     for plan in plans:  # a stage that runs again invalidates its record and its outputs first
         if plan.action != "skip":
             state["stages"].pop(plan.stage, None)
+    if invalidated:  # --force: the kept checkpoints on a replaced directory no longer load
+        for later in STAGES[STAGES.index("ppo") :]:
+            state["stages"].pop(later, None)
     _write_state(root, state)
     for plan in plans:
         stage_dir = cfg.run_dir().stage(plan.stage)
@@ -467,7 +597,8 @@ def run_pipeline(
     report_path = None
     for stage in [p.stage for p in plans if p.stage in todo]:
         if stage in ("sft", "reward"):
-            _wait(stage, start_stage(stage, config, launcher))
+            forced = ("--force",) if stage in invalidated else ()  # decided above (sft only takes --force)
+            _wait(stage, start_stage(stage, config, launcher, extra=forced))
         elif stage == "ppo":
             during = "evaluate" in todo and where.during
             proc = start_stage("ppo", config, launcher, hide=where.hidden if during else None)

@@ -1,6 +1,8 @@
 """Provenance: what every result records about how it was made, written one way.
 
 * :func:`config_hash`: the identity of a configuration (canonical JSON, sorted keys);
+* :func:`content_fingerprint`: the identity of a local file or directory by its bytes (size and sha256), cached per
+  (absolute path, size, mtime) so a big file is hashed once, not at every run;
 * :func:`library_versions`: the versions of the libraries that made a result;
 * :func:`stable_seed`: a seed from any parts, the same in every process and Python version (data order, CoT
   samples, bootstrap resamples, rollouts);
@@ -67,6 +69,72 @@ def config_hash(config: dict[str, Any]) -> str:
     """
     canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=json_default)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+HASH_CACHE = "file-hashes.json"  # under selfcorrect.config.cache_dir(): {absolute path: {size, mtime_ns, sha256}}
+
+
+def content_fingerprint(path: str | Path) -> dict[str, Any]:
+    """``{"size": bytes, "sha256": hex}`` of a local file's content; of a directory, over its files (their paths
+    relative to it, sizes and hashes; hidden files left out).
+
+    Each file's hash is cached in ``cache_dir()/file-hashes.json`` per absolute path, size and mtime, so a file is
+    hashed again only once it changes. The cache is written atomically; a cache that cannot be read or written is
+    only a cache (the file is hashed, nothing fails).
+    """
+    path = Path(path).expanduser().resolve()
+    cache = _read_hash_cache()
+    before = dict(cache)
+    if path.is_dir():
+        files = sorted(
+            f for f in path.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)
+        )
+        listing = [(str(f.relative_to(path)), *_file_hash(f, cache)) for f in files]
+        size = sum(n for _, n, _ in listing)
+        digest = hashlib.sha256(json.dumps(listing, separators=(",", ":")).encode()).hexdigest()
+    else:
+        size, digest = _file_hash(path, cache)
+    if cache != before:
+        _write_hash_cache(cache)
+    return {"size": size, "sha256": digest}
+
+
+def _file_hash(path: Path, cache: dict[str, Any]) -> tuple[int, str]:
+    """A file's size and sha256: from ``cache`` when its size and mtime are those recorded, else hashed (and
+    recorded in ``cache``)."""
+    stat = path.stat()
+    entry = cache.get(str(path))
+    if isinstance(entry, dict) and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+        return stat.st_size, entry["sha256"]
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    cache[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+    return stat.st_size, digest.hexdigest()
+
+
+def _hash_cache_path() -> Path:
+    from selfcorrect.config import cache_dir
+
+    return cache_dir() / HASH_CACHE
+
+
+def _read_hash_cache() -> dict[str, Any]:
+    try:
+        cache = json.loads(_hash_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _write_hash_cache(cache: dict[str, Any]) -> None:
+    from selfcorrect.io import atomic_write_text
+
+    try:
+        atomic_write_text(_hash_cache_path(), json.dumps(cache, indent=1, sort_keys=True) + "\n")
+    except OSError:  # a read-only cache directory: the next run hashes again
+        pass
 
 
 def now() -> str:

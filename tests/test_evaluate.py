@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import signal
@@ -39,12 +40,17 @@ def lines(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
+def by_key_of(rows: list[dict]) -> dict[tuple[str, str, str, str], dict]:
+    return {(r["benchmark"], r["condition"], r["subset"], r["metric"]): r for r in rows}
+
+
 def test_all_benchmarks_and_conditions(tiny_model_dir, tmp_path, capsys, short_cot):
     out = tmp_path / "out"
     assert evaluate(tiny_model_dir, out, "--limit", "12", "--cot-limit", "2", *short_cot) == 0
     rows = metrics(out)
-    assert list(rows[0]) == ["benchmark", "condition", "subset", "metric", "value", "ci_low", "ci_high", "n"]
+    assert list(rows[0]) == ["benchmark", "condition", "subset", "metric", "value", "ci_low", "ci_high", "n", "note"]
     headline = {"bbq": "bias_score_ambig", "winogender": "pearson_r", "law_school": "parity_difference"}
+    two_points = "Pearson r needs at least 3 occupations, got 2: any 2 points correlate +1 or -1"
     for bench, metric in headline.items():
         for cond in ("q", "q_if", "q_if_cot"):
             (row,) = [
@@ -52,6 +58,9 @@ def test_all_benchmarks_and_conditions(tiny_model_dir, tmp_path, capsys, short_c
                 for r in rows
                 if (r["benchmark"], r["condition"], r["subset"], r["metric"]) == (bench, cond, "all", metric)
             ]
+            if (bench, cond) == ("winogender", "q_if_cot"):  # 2 CoT occupations: empty, with why
+                assert (row["value"], row["ci_low"], row["note"]) == ("", "", two_points)
+                continue
             assert row["value"] != ""
             if cond != "q_if_cot":  # two CoT units are too few for a defined CI of every metric
                 assert float(row["ci_low"]) <= float(row["value"]) <= float(row["ci_high"])
@@ -66,9 +75,15 @@ def test_all_benchmarks_and_conditions(tiny_model_dir, tmp_path, capsys, short_c
     assert sum(first["probs"]) == pytest.approx(1.0) and 0 < first["mass"] <= 1
     sample = json.loads((out / "bbq" / "sample.json").read_text())
     assert len(sample["ids"]) == 12 and len(sample["cot_ids"]) == 2 and set(sample["cot_ids"]) <= set(sample["ids"])
-    assert "bias_score_ambig" in capsys.readouterr().out  # the summary table
+    summary = capsys.readouterr().out  # the summary table: an empty value reads n/a, with why
+    assert "bias_score_ambig" in summary
+    (line,) = [x for x in summary.splitlines() if x.startswith("winogender  q_if_cot ") and "pearson_r" in x]
+    assert line.split()[:4] == ["winogender", "q_if_cot", "pearson_r", "n/a"] and line.endswith(f"({two_points})")
+    wino_cot = by_key_of(rows)[("winogender", "q_if_cot_minus_q", "all", "pearson_r")]
+    assert (wino_cot["value"], wino_cot["n"]) == ("", "2")
+    assert wino_cot["note"] == f"q_if_cot and q: {two_points}"
     # paired self-correction differences, condition minus Q over the units both have (CoT: its 2 units)
-    by_key = {(r["benchmark"], r["condition"], r["subset"], r["metric"]): r for r in rows}
+    by_key = by_key_of(rows)
     for bench, module in (("bbq", bbq), ("winogender", winogender), ("law_school", law_school)):
         for metric in module.HEADLINE_METRICS:
             delta, q, q_if = (by_key.get((bench, c, "all", metric)) for c in ("q_if_minus_q", "q", "q_if"))
@@ -359,3 +374,44 @@ def test_q_and_q_if_are_scored_together_as_each_scores_alone_and_resume(tiny_mod
     for before, after in zip(table, metrics(together), strict=True):  # resumed batches differ: float tolerance
         assert before.keys() == after.keys() and before["metric"] == after["metric"]
         assert float(after["value"] or "nan") == pytest.approx(float(before["value"] or "nan"), abs=1e-5, nan_ok=True)
+
+
+class Terminal(io.StringIO):
+    """A stderr that is a terminal, as an interactive shell's is."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_show_on_a_terminal_only(tiny_model_dir, tmp_path, capsys, monkeypatch, short_cot):
+    """One bar per (benchmark, condition), the CoT sampling's inside it; nothing of them in a log or a pipe."""
+    args = ["--benchmarks", "winogender", "--conditions", "q,q_if_cot", "--limit", "3", *short_cot]
+    assert evaluate(tiny_model_dir, tmp_path / "quiet", *args) == 0
+    quiet = capsys.readouterr()
+    assert "winogender/q_if_cot: 3 items in" in quiet.err  # the timing line stays
+    for bar in ("winogender q:", "winogender q_if_cot:", "reasoning", "\rmetrics:", "item/s"):
+        assert bar not in quiet.err and bar not in quiet.out
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert evaluate(tiny_model_dir, tmp_path / "shown", *args) == 0
+    shown = terminal.getvalue()
+    assert "\rwinogender q:" in shown and "\rwinogender q_if_cot:" in shown and "\rmetrics:" in shown
+    assert "\rwinogender q_if_cot reasoning:" in shown and ", token " in shown  # the decoding step, of 12
+    assert "0/3 [00:00<?, ?item/s" in shown  # items/s and an ETA
+    assert "pearson_r" in capsys.readouterr().out  # the summary table stays on stdout, bars never go there
+
+
+def test_vllm_progress_bar_is_labelled_and_renders_nothing_else(monkeypatch):
+    """The ``use_tqdm`` factory given to vLLM (as vLLM calls it): its bar over finished requests gets our label, its
+    bar over the prompts it renders is silent."""
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    make = engines._vllm_bar("bbq q_if_cot reasoning")
+    rendering = make(["prompt"], desc="Rendering prompts")
+    assert rendering.disable and list(rendering) == ["prompt"]
+    bar = make(total=2, desc="Processed prompts", dynamic_ncols=True, postfix="est. speed")
+    bar.update(1)
+    bar.refresh()
+    assert bar.format_dict["elapsed"] > 0 and bar.desc == "bbq q_if_cot reasoning" and bar.unit == "item"
+    assert "bbq q_if_cot reasoning:  50%" in terminal.getvalue()
+    bar.close()

@@ -94,7 +94,11 @@ def test_bbq_hand_computed_small_case(capsys, tmp_path, bbq_units):
     assert rows[("all", "accuracy_ambig")]["value"] == pytest.approx(acc)
     assert rows[("all", "bias_score_ambig")]["value"] == pytest.approx((1 - acc) * raw)
     assert rows[("all", "bias_score_ambig")]["n"] == 8
-    assert ("all", "accuracy_disambig") not in rows  # no disambiguated items were predicted
+    for metric in ("accuracy_disambig", "bias_score_disambig"):  # no disambiguated items were predicted: empty
+        row = rows[("all", metric)]
+        assert (row["value"], row["ci_low"], row["ci_high"], row["n"]) == (None, None, None, 0)
+        assert row["note"] == "no disambiguated item with a stereotyped target among the 8 evaluated"
+    assert rows[("all", "accuracy_ambig")]["note"] == ""
     assert rows[("Age", "n_without_target")]["value"] == 0
     low, high = rows[("all", "bias_score_ambig")]["ci_low"], rows[("all", "bias_score_ambig")]["ci_high"]
     assert low <= rows[("all", "bias_score_ambig")]["value"] <= high
@@ -223,10 +227,17 @@ def test_score_writes_csv_file(capsys, tmp_path):
     out = tmp_path / "m.csv"
     assert main(["score", "--benchmark", "winogender", "--predictions", str(preds), "--output", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0]) == ["benchmark", "condition", "subset", "metric", "value", "ci_low", "ci_high", "n"]
+    assert list(rows[0]) == ["benchmark", "condition", "subset", "metric", "value", "ci_low", "ci_high", "n", "note"]
     by_metric = {r["metric"]: r for r in rows}
     assert by_metric["p_female_mean"]["value"] == "0.5" and by_metric["p_female_mean"]["n"] == "1"
+    # one occupation: a CI of one unit is left out, with why
+    assert by_metric["p_female_mean"]["ci_low"] == by_metric["p_female_mean"]["ci_high"] == ""
+    assert by_metric["p_female_mean"]["note"] == "no CI: 1 unit, nothing to resample"
     assert by_metric["pearson_r"]["value"] == ""  # undefined for one occupation: NaN is an empty cell
+    assert (
+        by_metric["pearson_r"]["note"]
+        == "Pearson r needs at least 3 occupations, got 1: any 2 points correlate +1 or -1"
+    )
 
 
 @pytest.mark.parametrize(
@@ -299,7 +310,8 @@ def test_bootstrap_is_seeded_and_covers_the_estimate():
     a = bootstrap({"x": x}, stat, n_boot=500, seed=7)
     b = bootstrap({"x": x}, stat, n_boot=500, seed=7)
     assert a == b
-    value, low, high = a["mean"]
+    value, low, high, note = a["mean"]
+    assert note == ""
     assert value == pytest.approx(x.mean())
     assert low < value < high
     se = x.std(ddof=1) / math.sqrt(len(x))  # normal-theory CI for comparison
@@ -314,8 +326,8 @@ def test_paired_bootstrap_resamples_the_same_units_for_both():
         return {"mean": c["x"].mean(-1), "sd": c["x"].std(-1)}
 
     result = paired_bootstrap({"x": x}, {"x": x - 0.3}, stat, n_boot=300, seed=5)
-    assert result["mean"] == pytest.approx((0.3, 0.3, 0.3), abs=1e-12)
-    assert result["sd"] == pytest.approx((0.0, 0.0, 0.0), abs=1e-12)
+    assert result["mean"][:3] == pytest.approx((0.3, 0.3, 0.3), abs=1e-12)
+    assert result["sd"][:3] == pytest.approx((0.0, 0.0, 0.0), abs=1e-12)
     assert result == paired_bootstrap({"x": x}, {"x": x - 0.3}, stat, n_boot=300, seed=5)
     with pytest.raises(ValueError, match="one element per unit"):
         paired_bootstrap({"x": x}, {"x": x[:-1]}, stat)

@@ -16,8 +16,18 @@ from selfcorrect.errors import UserError
 from selfcorrect.evaluate.benchmarks import bbq, law_school, winogender
 from selfcorrect.evaluate.metrics import stable_seed, stratified_sample
 from selfcorrect.evaluate.paired import minus_q_rows, minus_step0_rows
-from selfcorrect.evaluate.report import COLUMNS, PANELS, load_runs, report, self_correction_deltas, step0_deltas
-from selfcorrect.evaluate.table import METRIC_COLUMNS
+from selfcorrect.evaluate.report import (
+    COLUMNS,
+    PANELS,
+    Style,
+    _draw_series,
+    _new_figure,
+    load_runs,
+    report,
+    self_correction_deltas,
+    step0_deltas,
+)
+from selfcorrect.evaluate.table import METRIC_COLUMNS, row_cells
 from selfcorrect.evaluate.table import to_csv as metrics_csv
 
 CONDITIONS = ("q", "q_if", "q_if_cot")
@@ -290,7 +300,8 @@ def test_hand_written_table_shows_exactly_the_numbers(tmp_path, capsys):
     assert_png(run / "report" / "self_correction.png")
     assert not (run / "report" / "winogender.png").exists() and not (run / "report" / "law_school.png").exists()
     assert "Winogender: no metric values in the input" in text
-    assert "Law-school admissions: no metric values in the input" in text
+    assert "Law-school admissions: every plotted value is empty (see Empty values), no figure." in text
+    assert "- Law-school admissions `parity_difference`, liu_neg, m step 0: no value" in text  # a row without a note
 
 
 def test_single_step_and_only_q_plots_without_self_correction(units, tmp_path, capsys):
@@ -438,3 +449,65 @@ def test_report_of_a_single_model_evaluation_directory(tiny_model_dir, tmp_path,
     capsys.readouterr()
     assert main(["report", str(out), "--by", "step", "--output", str(tmp_path / "r")]) == 2
     assert "no row has an RLHF step" in capsys.readouterr().err
+
+
+TWO_POINTS = "Pearson r needs at least 3 occupations, got 2: any 2 points correlate +1 or -1"
+
+
+def test_empty_values_are_not_drawn_and_the_report_says_why(tmp_path, capsys):
+    """Winogender r at steps 0 and 100, empty at step 50 (a 2-occupation CoT subsample); a value without a CI."""
+    header = ",".join(COLUMNS)
+    lines = [
+        "m,1700000000,0,winogender,q_if_cot,all,pearson_r,0.4,0.1,0.7,60,",
+        f'm,1700000000,50,winogender,q_if_cot,all,pearson_r,,,,2,"{TWO_POINTS}"',
+        "m,1700000000,100,winogender,q_if_cot,all,pearson_r,0.2,-0.1,0.5,60,",
+        'm,1700000000,100,bbq,q,all,accuracy_ambig,1,,,1,"no CI: 1 unit, nothing to resample"',
+        f'm,1700000000,50,winogender,q_if_cot_minus_q,all,pearson_r,,,,2,"q_if_cot and q: {TWO_POINTS}"',
+        "m,1700000000,100,winogender,q_if_cot_minus_q,all,pearson_r,0.1,0,0.2,60,",
+    ]
+    run = write_run(tmp_path / "run", "\n".join([header, *lines]) + "\n")
+    code, _, err = run_report(capsys, str(run))
+    assert code == 0, err
+    text = (run / "report" / "report.md").read_text()
+    assert "| m | 1.7B | 50 | winogender | q_if_cot | pearson_r | n/a (" + TWO_POINTS + ") | n/a | 2 |" in text
+    assert (
+        "| m | 1.7B | 100 | bbq | q | accuracy_ambig | +1.000 | n/a (no CI: 1 unit, nothing to resample) | 1 |" in text
+    )
+    assert "## Empty values" in text
+    assert f"- Winogender `pearson_r`, Q+IF+CoT, m step 50: {TWO_POINTS}" in text
+    assert (
+        f"- Self-correction (condition − Q): Winogender `pearson_r`, Q+IF+CoT, m step 50: q_if_cot and q: {TWO_POINTS}"
+        in text
+    )
+    assert_png(run / "report" / "winogender.png")
+    assert_png(run / "report" / "self_correction.png")
+
+    # drawn: the empty step is a gap in the line, not a point; the two points it cuts off get error bars
+    rows, _ = load_runs([run])
+    points = [r for r in rows if r.metric == "pearson_r" and r.condition == "q_if_cot"]
+    assert [r.note for r in points] == ["", TWO_POINTS, ""]
+    _, (ax,) = _new_figure(1, "t", "m")
+    _draw_series(ax, points, Style.of("step", ["q_if_cot"], ["m"]), lambda r: r.value, lambda r: (r.ci_low, r.ci_high))
+    line = ax.lines[0]  # the series (then the error bars' caps)
+    assert list(line.get_xdata()) == [0, 50, 100]
+    ys = line.get_ydata()
+    assert ys[0] == 0.4 and np.isnan(ys[1]) and ys[2] == 0.2
+    (errorbars,) = ax.containers
+    (bars,) = errorbars.lines[2]
+    segments = [np.asarray(segment, dtype=float) for segment in bars.get_segments()]
+    assert len(segments) == 2
+    assert segments[0] == pytest.approx(np.array([[0, 0.1], [0, 0.7]]))
+    assert segments[1] == pytest.approx(np.array([[100, -0.1], [100, 0.5]]))
+
+
+def test_a_table_from_before_the_note_column_still_reads(tmp_path, capsys):
+    old_columns = [c for c in COLUMNS if c != "note"]
+    run = write_run(
+        tmp_path / "run", ",".join(old_columns) + "\nm,1700000000,0,bbq,q,all,bias_score_ambig,0.1,0,0.2,9\n"
+    )
+    code, _, err = run_report(capsys, str(run))
+    assert code == 0, err
+    (row,) = load_runs([run])[0]
+    assert row.note == "" and row.value == 0.1
+    raw = dict(zip(old_columns, ["m", "1", "0", "bbq", "q", "all", "x", "0.1", "0", "0.2", "9"]))
+    assert row_cells(raw) == ["bbq", "q", "all", "x", "0.1", "0", "0.2", "9", ""]  # as a run's joined table writes it

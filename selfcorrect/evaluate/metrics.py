@@ -3,11 +3,17 @@
 A benchmark's statistic is written once, vectorised over resamples: it receives its per-unit columns with
 a leading resample axis (shape ``(B, n)``) and returns one value per resample for each metric. The point
 estimate is the same function on the unresampled data (``B = 1``), so estimate and interval cannot drift.
+
+A statistic is NaN where its units cannot give the metric (a correlation of fewer than 3 points, a ratio
+without a denominator); such a metric is *empty*: no value, no CI, and the reason, from the benchmark's
+``reasons(columns)``, in the row's ``note`` (:class:`Estimate`). A CI is empty, with its reason, where there
+is nothing to resample (one unit) or the metric is undefined in most resamples.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -15,6 +21,22 @@ from selfcorrect.evaluate.table import MetricRow  # the row type: its owner is t
 from selfcorrect.provenance import stable_seed  # used here and by the benchmark modules
 
 Statistic = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+Reasons = Callable[[dict[str, np.ndarray]], dict[str, str]]
+"""A benchmark's ``reasons(columns)``: for unresampled per-unit columns, why each metric that its statistic leaves
+NaN cannot be computed on them (``{metric: reason}``)."""
+
+PEARSON_MIN_POINTS = 3  # two points always correlate +1 or -1
+MIN_CI_UNITS = 2  # a CI from fewer units is every resample the same: a zero-width interval that means nothing
+UNDEFINED = "undefined on these units"  # the reason of an empty metric whose benchmark gives none
+
+
+class Estimate(NamedTuple):
+    """A metric's point estimate and CI (NaN where empty) and why the value or the CI is empty ("" otherwise)."""
+
+    value: float
+    ci_low: float
+    ci_high: float
+    note: str = ""
 
 
 def safe_divide(num: np.ndarray, den: np.ndarray, empty: float = np.nan) -> np.ndarray:
@@ -26,11 +48,25 @@ def safe_divide(num: np.ndarray, den: np.ndarray, empty: float = np.nan) -> np.n
 
 
 def pearson_r(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Pearson correlation along the last axis (NaN where either side is constant)."""
+    """Pearson correlation along the last axis: NaN where either side is constant or there are fewer than
+    :data:`PEARSON_MIN_POINTS` points (two points always correlate +1 or -1)."""
     xc = x - x.mean(axis=-1, keepdims=True)
     yc = y - y.mean(axis=-1, keepdims=True)
     den = np.sqrt((xc * xc).sum(axis=-1) * (yc * yc).sum(axis=-1))
-    return safe_divide((xc * yc).sum(axis=-1), den)
+    r = safe_divide((xc * yc).sum(axis=-1), den)
+    return r if x.shape[-1] >= PEARSON_MIN_POINTS else np.full_like(r, np.nan)
+
+
+def pearson_reason(x: np.ndarray, y: np.ndarray, units: str, x_name: str, y_name: str) -> str | None:
+    """Why :func:`pearson_r` of the points ``(x, y)`` (1-D, one per unit, ``units`` naming them; ``x_name`` and
+    ``y_name`` the two sides) is NaN, or None where it is defined."""
+    n = len(x)
+    if n < PEARSON_MIN_POINTS:
+        return f"Pearson r needs at least {PEARSON_MIN_POINTS} {units}, got {n}: any 2 points correlate +1 or -1"
+    for values, name in ((x, x_name), (y, y_name)):
+        if np.ptp(values) == 0:
+            return f"{name} is the same for all {n} {units}"
+    return None
 
 
 def bootstrap(
@@ -41,15 +77,21 @@ def bootstrap(
     seed: int = 0,
     level: float = 0.95,
     chunk: int = 100,
-) -> dict[str, tuple[float, float, float]]:
+    reasons: Reasons | None = None,
+) -> dict[str, Estimate]:
     """Point estimate and percentile bootstrap CI of each metric, resampling units with replacement.
 
-    Returns ``{metric: (value, ci_low, ci_high)}``; a CI is NaN when too few resamples are defined.
+    A metric whose point estimate is NaN is empty (its note from ``reasons``, or :data:`UNDEFINED`). Its CI is NaN,
+    with a note, when the metric is undefined in more than half of the resamples; with ``n_boot`` 0, NaN without one.
     """
     n = len(next(iter(columns.values())))
-    point = {k: float(v[0]) for k, v in statistic({k: c[None, :] for k, c in columns.items()}).items()}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        point = {k: float(v[0]) for k, v in statistic({k: c[None, :] for k, c in columns.items()}).items()}
+    empty = {k for k, v in point.items() if not np.isfinite(v)}
+    why = reasons(columns) if empty and reasons is not None else {}
+    out = {k: Estimate(np.nan, np.nan, np.nan, why.get(k) or UNDEFINED) for k in empty}
     if n == 0 or n_boot <= 0:
-        return {k: (v, np.nan, np.nan) for k, v in point.items()}
+        return {k: out.get(k) or Estimate(v, np.nan, np.nan) for k, v in point.items()}
     rng = np.random.default_rng(seed)
     draws: dict[str, list[np.ndarray]] = {k: [] for k in point}
     for start in range(0, n_boot, chunk):
@@ -59,15 +101,16 @@ def bootstrap(
         for k in draws:
             draws[k].append(np.asarray(stats[k], dtype=float))
     alpha = (1 - level) / 2
-    out = {}
     for k, value in point.items():
+        if k in out:
+            continue
         d = np.concatenate(draws[k])
         d = d[np.isfinite(d)]
         if len(d) < 0.5 * n_boot:
-            out[k] = (value, np.nan, np.nan)
+            out[k] = Estimate(value, np.nan, np.nan, f"no CI: undefined in {n_boot - len(d)} of {n_boot} resamples")
         else:
-            out[k] = (value, float(np.quantile(d, alpha)), float(np.quantile(d, 1 - alpha)))
-    return out
+            out[k] = Estimate(value, float(np.quantile(d, alpha)), float(np.quantile(d, 1 - alpha)))
+    return {k: out[k] for k in point}
 
 
 def paired_bootstrap(
@@ -78,12 +121,16 @@ def paired_bootstrap(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
-) -> dict[str, tuple[float, float, float]]:
+    reasons: Reasons | None = None,
+    names: tuple[str, str] = ("a", "b"),
+) -> dict[str, Estimate]:
     """Point estimate and paired percentile bootstrap CI of ``statistic(a) - statistic(b)``, metric by metric.
 
     ``a`` and ``b`` are the columns of the same units under two evaluations (element i of every column is
     unit i). They are resampled together by ``bootstrap``: each resample draws one set of unit indices for
     both, so the variation the two evaluations share (which units were drawn) cancels in the difference.
+    A difference is empty where either side is; its note gives that side's reason from ``reasons``, named by
+    ``names`` (e.g. ``("q_if_cot", "q")``).
     """
     n = len(next(iter(a.values())))
     if any(len(c) != n for c in (*a.values(), *b.values())):
@@ -95,7 +142,20 @@ def paired_bootstrap(
         stat_b = statistic({k: c[f"b.{k}"] for k in b})
         return {m: stat_a[m] - stat_b[m] for m in stat_a}
 
-    return bootstrap(joined, difference, n_boot=n_boot, seed=seed, level=level)
+    def why(c: dict[str, np.ndarray]) -> dict[str, str]:
+        sides = [(name, reasons({k: c[f"{s}.{k}"] for k in side})) for name, s, side in zip(names, "ab", (a, b))]
+        out: dict[str, str] = {}
+        for m in {m for _, r in sides for m in r}:
+            said = [(name, r[m]) for name, r in sides if m in r]
+            if len(said) == 2 and said[0][1] == said[1][1]:
+                out[m] = f"{said[0][0]} and {said[1][0]}: {said[0][1]}"
+            else:
+                out[m] = "; ".join(f"{name}: {reason}" for name, reason in said)
+        return out
+
+    return bootstrap(
+        joined, difference, n_boot=n_boot, seed=seed, level=level, reasons=None if reasons is None else why
+    )
 
 
 def stratified_sample(keys: Sequence[Hashable], strata: Sequence[Hashable], limit: int, seed: int) -> list[Hashable]:
@@ -103,7 +163,8 @@ def stratified_sample(keys: Sequence[Hashable], strata: Sequence[Hashable], limi
 
     When ``limit`` allows, every stratum first gets one key (so small BBQ categories are never left
     out); the rest is allocated in proportion to stratum size by the largest remainder, so the sizes add
-    up to ``limit`` exactly. The result keeps the input order; ``limit >= len(keys)`` returns every key.
+    up to ``limit`` exactly. A ``limit`` below the number of strata leaves some with no key (the evaluation
+    runner names them in a warning). The result keeps the input order; ``limit >= len(keys)`` returns every key.
     """
     if limit >= len(keys):
         return list(keys)
@@ -129,14 +190,18 @@ def rows_from(
     benchmark: str,
     condition: str,
     subset: str,
-    results: dict[str, tuple[float, float, float]],
+    results: dict[str, Estimate],
     counts: dict[str, int],
 ) -> list[MetricRow]:
-    """MetricRows for one subset from ``bootstrap`` output and the n behind each metric."""
-    return [
-        MetricRow(benchmark, condition, subset, name, value, lo, hi, counts[name])
-        for name, (value, lo, hi) in results.items()
-    ]
+    """MetricRows for one subset from ``bootstrap`` output and the n behind each metric (units: BBQ items,
+    occupations, students). A CI over fewer than :data:`MIN_CI_UNITS` units is left out, with a note."""
+    rows = []
+    for name, e in results.items():
+        n = counts[name]
+        if n < MIN_CI_UNITS and np.isfinite(e.ci_low):
+            e = e._replace(ci_low=np.nan, ci_high=np.nan, note=f"no CI: {n} unit, nothing to resample")
+        rows.append(MetricRow(benchmark, condition, subset, name, e.value, e.ci_low, e.ci_high, n, e.note))
+    return rows
 
 
 def mass_rows(

@@ -13,13 +13,15 @@ BBQ bias score a negative difference means less bias. Both terms are computed ov
 predictions in both evaluations (for a CoT condition that is the CoT subsample, a subset of Q's units),
 so a difference equals the difference of the two metrics computed on those common units; ``n`` is their
 number. The 95% CI is a paired percentile bootstrap: each resample draws one set of units (BBQ items,
-Winogender occupations, law-school students) for both evaluations (``metrics.paired_bootstrap``).
+Winogender occupations, law-school students) for both evaluations (``metrics.paired_bootstrap``). A difference is
+empty where the metric is empty on either side over the common units (Winogender's Pearson r of fewer than 3
+occupations, ...): its ``note`` says which side and why (the benchmark's ``reasons``).
 """
 
 from __future__ import annotations
 
 from selfcorrect.evaluate import benchmarks as bench_registry
-from selfcorrect.evaluate.metrics import MetricRow, paired_bootstrap, rows_from, stable_seed
+from selfcorrect.evaluate.metrics import Estimate, MetricRow, paired_bootstrap, rows_from, stable_seed
 
 MINUS_Q = "_minus_q"  # condition suffix of a self-correction difference
 MINUS_STEP0 = "_minus_step0"  # metric suffix of an RLHF-step difference
@@ -29,11 +31,18 @@ Evaluation = tuple[list[dict], dict[str, dict]]
 
 
 def paired_difference(
-    benchmark: str, evaluation: Evaluation, reference: Evaluation, *, n_boot: int, seed: int
-) -> tuple[dict[str, tuple[float, float, float]], int]:
+    benchmark: str,
+    evaluation: Evaluation,
+    reference: Evaluation,
+    *,
+    n_boot: int,
+    seed: int,
+    names: tuple[str, str] = ("evaluation", "reference"),
+) -> tuple[dict[str, Estimate], int]:
     """Each headline metric of ``evaluation`` minus ``reference``'s over their common units, with a paired CI.
 
-    Returns ``({metric: (value, ci_low, ci_high)}, number of common units)``; no metrics when none is common.
+    Returns ``({metric: estimate}, number of common units)``; no metrics when none is common. ``names`` name the
+    two sides in the note of an empty difference.
     """
     module = bench_registry.get(benchmark)
     (units, preds), (ref_units, ref_preds) = evaluation, reference
@@ -42,7 +51,13 @@ def paired_difference(
     if not common:
         return {}, 0
     results = paired_bootstrap(
-        module.columns(common, preds), module.columns(common, ref_preds), module.statistic, n_boot=n_boot, seed=seed
+        module.columns(common, preds),
+        module.columns(common, ref_preds),
+        module.statistic,
+        n_boot=n_boot,
+        seed=seed,
+        reasons=module.reasons,
+        names=names,
     )
     return {m: results[m] for m in module.HEADLINE_METRICS}, len(common)
 
@@ -61,7 +76,9 @@ def minus_q_rows(benchmark: str, evaluations: dict[str, Evaluation], *, n_boot: 
             continue
         name = f"{condition}{MINUS_Q}"
         seed_c = stable_seed(seed, benchmark, name, "all")
-        results, n = paired_difference(benchmark, evaluation, evaluations["q"], n_boot=n_boot, seed=seed_c)
+        results, n = paired_difference(
+            benchmark, evaluation, evaluations["q"], n_boot=n_boot, seed=seed_c, names=(condition, "q")
+        )
         rows += rows_from(benchmark, name, "all", results, dict.fromkeys(results, n))
     return rows
 
@@ -71,7 +88,9 @@ def minus_step0_rows(
 ) -> list[MetricRow]:
     """The ``<m>_minus_step0`` rows of one (benchmark, condition) at a checkpoint: its metrics minus step 0's."""
     seed_c = stable_seed(seed, benchmark, condition, "all", MINUS_STEP0)
-    results, n = paired_difference(benchmark, at_step, at_step0, n_boot=n_boot, seed=seed_c)
+    results, n = paired_difference(
+        benchmark, at_step, at_step0, n_boot=n_boot, seed=seed_c, names=("this step", "step 0")
+    )
     named = {f"{m}{MINUS_STEP0}": v for m, v in results.items()}
     return rows_from(benchmark, condition, "all", named, dict.fromkeys(named, n))
 

@@ -20,6 +20,10 @@ The paired-difference rows (``selfcorrect.evaluate.paired``) are drawn only in t
 as conditions or metrics of the benchmark figures or the table. A metrics.csv written before they existed
 still gives every other figure; report.md then says how to add them.
 
+An empty metric (no value: its units cannot give it, the reason in metrics.csv's ``note``) is not drawn: its line
+has a gap there, and report.md lists it with its reason under "Empty values"; a value without a CI is drawn without
+a band. The table reads ``n/a (reason)`` for either.
+
 Every input is read and every figure drawn in memory before anything is written; each file is then
 replaced atomically, so bad input leaves an existing report untouched. Figures are drawn on matplotlib's
 Agg canvas, without pyplot.
@@ -44,7 +48,7 @@ from selfcorrect.errors import UserError, first_line
 from selfcorrect.evaluate import benchmarks as bench_registry
 from selfcorrect.evaluate.benchmarks import Panel
 from selfcorrect.evaluate.paired import MINUS_Q, MINUS_STEP0, is_difference
-from selfcorrect.evaluate.table import METRIC_COLUMNS, RUN_COLUMNS, MetricRow
+from selfcorrect.evaluate.table import ADDED_COLUMNS, METRIC_COLUMNS, RUN_COLUMNS, MetricRow
 from selfcorrect.io import atomic_write_bytes, atomic_write_text
 from selfcorrect.rundir import RunDir
 
@@ -64,7 +68,7 @@ TRAINING_PANELS = [(name, panel) for name, module in BENCHMARKS.items() for pane
 
 
 # ---- 1. input ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Row(MetricRow):
     """One row of a run's eval/metrics.csv: a :class:`MetricRow` (NaN for an empty value or CI cell, ``n`` None when
     empty) with the run columns and the file it came from."""
@@ -107,6 +111,7 @@ def _parse_row(raw: dict[str, str], where: str, source: Path) -> Row:
     empty = [c for c, v in text.items() if not v]
     if empty:
         raise UserError(f"{where}: empty {', '.join(empty)}")
+    text["note"] = (raw.get("note") or "").strip()
     integers = {c: _cell_number(raw[c] or "", where, c, integer=True) for c in ("params", "step", "n")}
     floats = {c: _cell_number(raw[c] or "", where, c, integer=False) for c in ("value", "ci_low", "ci_high")}
     return Row(**text, **integers, **{c: float("nan") if v is None else v for c, v in floats.items()}, source=source)
@@ -130,7 +135,7 @@ def read_metrics(run_dir: Path) -> list[Row]:
             reader = csv.DictReader(f)
             fields = reader.fieldnames or []
             leading = {} if RUN_COLUMNS[0] in fields or one_model is None else one_model
-            missing = [c for c in COLUMNS if c not in fields and c not in leading]
+            missing = [c for c in COLUMNS if c not in fields and c not in leading and c not in ADDED_COLUMNS]
             if missing:
                 raise UserError(f"{path}: missing columns {', '.join(missing)}")
             rows = [_parse_row({**raw, **leading}, f"{path}: line {reader.line_num}", path) for raw in reader]
@@ -262,12 +267,13 @@ class Delta:
     value: float
     ci_low: float
     ci_high: float
+    note: str = ""  # why the value or CI is empty
 
 
 def _headline_deltas(rows: list[Row], condition: Callable[[Row], str], metric: Callable[[Row], str]) -> list[Delta]:
     """Pooled difference rows of each benchmark's headline metric, named by their condition and metric."""
     return [
-        Delta(r.model, r.params, r.step, r.benchmark, metric(r), condition(r), r.value, r.ci_low, r.ci_high)
+        Delta(r.model, r.params, r.step, r.benchmark, metric(r), condition(r), r.value, r.ci_low, r.ci_high, r.note)
         for r in rows
         if r.subset == "all" and r.benchmark in HEADLINE and metric(r) == HEADLINE[r.benchmark].metric
     ]
@@ -398,9 +404,11 @@ def _format_axes(ax, style: Style, xs: Iterable[float], panel: Panel | None) -> 
 
 
 def _draw_series(ax, points: list, style: Style, value: Callable, ci: Callable | None = None) -> None:
-    """One line per series with markers; 95% CI as a band, or as an error bar where a series has one point.
+    """One line per series with markers; 95% CI as a band, or as an error bar at a point without a neighbour that
+    has a CI (a series of one point, or one cut off by empty values).
 
-    By step, single points are spread a little around their step by condition, so their error bars show.
+    An empty value (NaN) is a gap in its line, and a CI that could not be computed is a gap in the band. By step,
+    single points are spread a little around their step by condition, so their error bars show.
     """
     series: dict[tuple[str, str], list] = {}
     for p in points:
@@ -417,11 +425,16 @@ def _draw_series(ax, points: list, style: Style, value: Callable, ci: Callable |
         if ci is None:
             continue
         lo, hi = zip(*(ci(p) for p in ps))
+        with_ci = [all(map(math.isfinite, (y, low, high))) for y, low, high in zip(ys, lo, hi)]
         if len(ps) > 1:
             ax.fill_between(xs, lo, hi, color=color, alpha=0.15, lw=0)
-        elif math.isfinite(lo[0]) and math.isfinite(hi[0]):
-            err = [[max(ys[0] - lo[0], 0.0)], [max(hi[0] - ys[0], 0.0)]]
-            ax.errorbar(xs, ys, yerr=err, color=color, capsize=4, lw=1.2, fmt="none")
+        alone = [
+            i for i in range(len(ps)) if with_ci[i] and not any(with_ci[j] for j in (i - 1, i + 1) if 0 <= j < len(ps))
+        ]
+        if alone:
+            err = [[max(ys[i] - lo[i], 0.0) for i in alone], [max(hi[i] - ys[i], 0.0) for i in alone]]
+            xs_alone, ys_alone = [xs[i] for i in alone], [ys[i] for i in alone]
+            ax.errorbar(xs_alone, ys_alone, yerr=err, color=color, capsize=4, lw=1.2, fmt="none")
 
 
 def _x_word(style: Style) -> str:
@@ -451,11 +464,12 @@ def plot_benchmark(benchmark: str, rows: list[Row], style: Style) -> bytes | Non
 
 
 def plot_deltas(deltas: list[Delta], style: Style, figure: DeltaFigure) -> bytes | None:
-    """Paired differences of each benchmark's headline metric vs steps or size; None without differences.
+    """Paired differences of each benchmark's headline metric vs steps or size; None without a difference that has a
+    value.
 
     One panel per benchmark, 95% CI bands, a zero line; the title and y label state the sign.
     """
-    benchmarks = [b for b in PANELS if any(d.benchmark == b for d in deltas)]
+    benchmarks = [b for b in PANELS if any(d.benchmark == b and math.isfinite(d.value) for d in deltas)]
     if not benchmarks:
         return None
     title = f"{figure.heading} ({figure.sign}) vs {_x_word(style)}"
@@ -512,6 +526,11 @@ def _number(value: float) -> str:
     return f"{value:+.3f}" if math.isfinite(value) else "n/a"
 
 
+def _missing(note: str) -> str:
+    """An empty cell of the table: ``n/a``, with the reason when there is one."""
+    return f"n/a ({note})" if note else "n/a"
+
+
 def _cell(text: object) -> str:
     return str(text).replace("|", "\\|")
 
@@ -519,7 +538,8 @@ def _cell(text: object) -> str:
 def headline_table(rows: list[Row]) -> str:
     """Markdown table of the plotted metrics (pooled subset): value, 95% CI and n per model, step, condition.
 
-    Paired-difference rows are left out (they have their own figures).
+    An empty value or CI reads ``n/a (reason)`` (the row's note). Paired-difference rows are left out (they have their
+    own figures).
     """
     order = [(b, p.metric) for b, panels in PANELS.items() for p in panels]
     table = [
@@ -541,7 +561,11 @@ def headline_table(rows: list[Row]) -> str:
         "|---|---:|---:|---|---|---|---:|---|---:|",
     ]
     for r in table:
-        ci = f"[{_number(r.ci_low)}, {_number(r.ci_high)}]" if math.isfinite(r.ci_low + r.ci_high) else "n/a"
+        value = _number(r.value) if math.isfinite(r.value) else _missing(r.note)
+        if math.isfinite(r.ci_low + r.ci_high):
+            ci = f"[{_number(r.ci_low)}, {_number(r.ci_high)}]"
+        else:  # the note of an empty value is in its value cell
+            ci = _missing(r.note if math.isfinite(r.value) else "")
         lines.append(
             "| "
             + " | ".join(
@@ -553,7 +577,7 @@ def headline_table(rows: list[Row]) -> str:
                     r.benchmark,
                     r.condition,
                     r.metric,
-                    _number(r.value),
+                    value,
                     ci,
                     "–" if r.n is None else r.n,
                 )
@@ -577,8 +601,9 @@ def _intro(rows: list[Row], style: Style) -> str:
         lines = "one line per prompt condition (colour) across the models"
         x = f"x: parameter count (log scale), each model at its largest evaluated RLHF step ({at})"
     return (
-        f"{x}; {lines}. Bands are 95% bootstrap CIs (error bars where a line has a single point). "
-        "Metrics are pooled over all items (`subset` = all)."
+        f"{x}; {lines}. Bands are 95% bootstrap CIs (error bars at a point whose neighbours on its line have no CI, "
+        "such as a line of one point; neither where a CI could not be computed). Metrics are pooled over all "
+        "items (`subset` = all); an empty value is not drawn."
     )
 
 
@@ -653,22 +678,56 @@ TRAINING_CAPTION = (
 )
 
 
+def empty_values(rows: list[Row], style: Style) -> list[str]:
+    """One line per point a figure leaves out because its value is empty (pooled rows), with the reason."""
+    drawn = {(b, p.metric) for b, panels in PANELS.items() for p in panels}
+    if style.by == "step":
+        drawn |= {(b, p.metric) for b, p in TRAINING_PANELS}
+
+    def where(p: Row | Delta) -> str:
+        step = "" if p.step is None else f" step {p.step}"
+        return f"{p.model}{step}"
+
+    lines = [
+        f"{BENCHMARKS[r.benchmark].TITLE} `{r.metric}`, {condition_label(r.condition)}, {where(r)}: "
+        f"{r.note or 'no value'}"
+        for r in rows
+        if (r.benchmark, r.metric) in drawn and not is_difference(r.condition, r.metric) and not math.isfinite(r.value)
+    ]
+    for figure in DELTA_FIGURES:
+        if figure.by_step_only and style.by != "step":
+            continue
+        lines += [
+            f"{figure.heading} ({figure.sign}): {BENCHMARKS[d.benchmark].TITLE} `{d.metric}`, "
+            f"{condition_label(d.condition)}, {where(d)}: {d.note or 'no value'}"
+            for d in figure.select(rows)
+            if not math.isfinite(d.value)
+        ]
+    return lines
+
+
 def draw_figures(rows: list[Row], checkpoints: list[Checkpoint], style: Style) -> tuple[list[Drawn], list[str]]:
     """Every figure there is data for (pooled rows), and a note for each one left out."""
     drawn: list[Drawn] = []
     notes: list[str] = []
     levels = [r for r in rows if not is_difference(r.condition, r.metric)]
     for benchmark, module in BENCHMARKS.items():
-        png = plot_benchmark(benchmark, [r for r in levels if r.benchmark == benchmark], style)
-        if png is None:
+        mine = [r for r in levels if r.benchmark == benchmark]
+        png = plot_benchmark(benchmark, mine, style)
+        if png is None and any(r.metric == p.metric for r in mine for p in PANELS[benchmark]):
+            notes.append(f"{module.TITLE}: every plotted value is empty (see Empty values), no figure.")
+        elif png is None:
             notes.append(f"{module.TITLE}: no metric values in the input, no figure.")
         else:
             drawn.append(Drawn(f"{benchmark}.png", module.TITLE, module.CAPTION, png))
     for figure in DELTA_FIGURES:
         if figure.by_step_only and style.by != "step":
             continue
-        png = plot_deltas(figure.select(rows), style, figure)
-        if png is None:
+        deltas = figure.select(rows)
+        png = plot_deltas(deltas, style, figure)
+        if png is None and deltas:
+            notes.append(f"{figure.heading}: every difference is empty (see Empty values), no figure.")
+        elif png is None:
             notes.append(
                 f"{figure.heading}: metrics.csv has no {figure.rows} rows ({figure.none}, or the table was written "
                 "before paired differences were computed: rerunning the same `selfcorrect evaluate` command adds "
@@ -687,11 +746,22 @@ def draw_figures(rows: list[Row], checkpoints: list[Checkpoint], style: Style) -
 
 
 def _markdown(
-    title: str, intro: str, drawn: list[Drawn], notes: list[str], rows: list[Row], run_dirs: list[Path]
+    title: str,
+    intro: str,
+    drawn: list[Drawn],
+    notes: list[str],
+    empty: list[str],
+    rows: list[Row],
+    run_dirs: list[Path],
 ) -> str:
     parts = [f"# {title}\n", "Runs: " + ", ".join(f"`{d}`" for d in run_dirs) + "\n", intro + "\n"]
     for d in drawn:
         parts.append(f"## {d.heading}\n\n![{d.heading}]({d.name})\n\n*{d.caption}*\n")
+    if empty:
+        parts.append(
+            "## Empty values\n\nNot drawn: these points have no value, because their units cannot give the metric "
+            "(metrics.csv `note`).\n\n" + "".join(f"- {line}\n" for line in empty)
+        )
     if notes:
         parts.append("## Notes\n\n" + "".join(f"- {n}\n" for n in notes))
     parts.append(
@@ -738,7 +808,7 @@ def report(run_dirs: list[Path], by: str | None = None, output: Path | None = No
         notes.append(f"Left out of the step plots (no RLHF step): {', '.join(no_step)}; see --by size.")
 
     title = f"selfcorrect report: {_subject(pooled)} by {'RLHF steps' if by == 'step' else 'model size'}"
-    text = _markdown(title, _intro(pooled, style), drawn, notes, rows, run_dirs)
+    text = _markdown(title, _intro(pooled, style), drawn, notes, empty_values(pooled, style), rows, run_dirs)
     for d in drawn:
         atomic_write_bytes(output / d.name, d.png)
     path = output / "report.md"

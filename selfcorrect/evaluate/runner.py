@@ -5,8 +5,12 @@ Output layout (``--output DIR``)::
     DIR/evaluation.json             settings and prompt hashes; which (benchmark, condition) are complete
     DIR/<benchmark>/sample.json     the evaluated units (the --limit / --cot-limit subsample)
     DIR/<benchmark>/<condition>.jsonl   one line per item, appended batch by batch as it finishes
-    DIR/metrics.csv                 benchmark,condition,subset,metric,value,ci_low,ci_high,n: every complete
-                                    condition's rows, then the paired differences "<c>_minus_q" (evaluate.paired)
+    DIR/metrics.csv                 benchmark,condition,subset,metric,value,ci_low,ci_high,n,note: every complete
+                                    condition's rows, then the paired differences "<c>_minus_q" (evaluate.paired);
+                                    note: why a value or CI is empty (evaluate.table)
+
+A ``--limit`` or ``--cot-limit`` below a benchmark's number of strata leaves some out: a warning on stderr names
+them. Each (benchmark, condition) group and each CoT sampling shows a progress bar on stderr where it is a terminal.
 
 Evaluating a run (``selfcorrect evaluate RUN_DIR`` or the pipeline's evaluate stage,
 :mod:`selfcorrect.evaluate.run_targets`) repeats this per target, i.e. per kept PPO checkpoint or per extra model
@@ -32,7 +36,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
-from tqdm import tqdm
 
 from selfcorrect import dialogue as dialogues
 from selfcorrect import engines
@@ -174,11 +177,22 @@ def _check_limit(value: int | None, flag: str) -> None:
         raise UserError(f"{flag} must be a positive number of items, got {value}")
 
 
-def _select(units: list[dict], module, limit: int | None, seed: int) -> list[dict]:
+def _select(units: list[dict], module, limit: int | None, seed: int, flag: str) -> list[dict]:
+    """The seeded stratified subsample of ``limit`` units (all units without a limit). A limit below the number of
+    strata leaves some out: a warning on stderr names them."""
     if limit is None:
         return units
-    keep = set(stratified_sample([u["id"] for u in units], [module.stratum(u) for u in units], limit, seed))
-    return [u for u in units if u["id"] in keep]
+    strata = [module.stratum(u) for u in units]
+    keep = set(stratified_sample([u["id"] for u in units], strata, limit, seed))
+    chosen = [u for u in units if u["id"] in keep]
+    left_out = sorted(set(strata) - {module.stratum(u) for u in chosen})
+    if left_out:
+        print(
+            f"warning: {module.NAME}: {flag} {limit} draws from {len(set(strata))} strata and leaves out "
+            f"{len(left_out)} of them: {', '.join(left_out)}",
+            file=sys.stderr,
+        )
+    return chosen
 
 
 def plan(settings: EvalSettings, prompts: PromptSet) -> tuple[list[Task], dict[str, dict]]:
@@ -194,8 +208,8 @@ def plan(settings: EvalSettings, prompts: PromptSet) -> tuple[list[Task], dict[s
             )
     tasks, samples = [], {}
     for name, module in zip(settings.benchmarks, modules):
-        units = _select(module.load(settings.data_dir), module, settings.limit, settings.seed)
-        cot_units = _select(units, module, settings.cot_limit, settings.seed)
+        units = _select(module.load(settings.data_dir), module, settings.limit, settings.seed, "--limit")
+        cot_units = _select(units, module, settings.cot_limit, settings.seed, "--cot-limit")
         samples[name] = {
             "limit": settings.limit,
             "cot_limit": settings.cot_limit,
@@ -260,7 +274,8 @@ def _check_output(settings: EvalSettings, prompts: PromptSet, tasks: list[Task])
         except json.JSONDecodeError:
             raise UserError(f"{manifest_path}: malformed JSON; use another --output or --overwrite") from None
         recorded = {**RECORDED_BEFORE, **manifest.get("settings", {})}
-        changed = [k for k, v in identity.items() if recorded.get(k) != v]
+        same_model = recorded.get("model_fingerprint") == identity["model_fingerprint"]  # e.g. a moved run dir
+        changed = [k for k, v in identity.items() if recorded.get(k) != v and not (k == "model" and same_model)]
         changed += [k for k, h in hashes.items() if manifest.get("prompts", {}).get(k, h) != h]
         if changed:
             raise UserError(
@@ -341,9 +356,8 @@ def _run_group(
     cot = prompts.cot_sampling
     stop = list(cot.stop) + ([tokenizer.eos_token] if settings.dialogue.format == "chat_template" else [])
     label = f"{tasks[0].benchmark}/{'+'.join(t.condition for t in tasks)}"
-    with tqdm(
-        total=len(entries), initial=len(entries) - todo, desc=label, unit="item", dynamic_ncols=True, disable=None
-    ) as bar:
+    desc = f"{tasks[0].benchmark} {', '.join(t.condition for t in tasks)}"  # e.g. "bbq q, q_if", "bbq q_if_cot"
+    with engines.progress_bar(len(entries), desc, initial=len(entries) - todo) as bar:
         for batch in batches:
             batch = [i for i in batch if entries[i][1].item_id not in done[entries[i][0]]]
             if not batch:
@@ -361,6 +375,7 @@ def _run_group(
                     temperature=cot.temperature,
                     top_p=cot.top_p,
                     stop=stop,
+                    desc=f"{desc} reasoning",
                 )
                 texts = [render(it.scored_turns(r), settings.dialogue, tokenizer) for it, r in zip(items, reasoning)]
                 for rec, text, seed in zip(records, reasoning, seeds):
@@ -504,36 +519,48 @@ def write_all_metrics(settings: EvalSettings, manifest: dict) -> Path:
     prompts = load_prompts(settings.prompt_files)
     rows: list[MetricRow] = []
     evaluations: dict[str, dict[str, Evaluation]] = {}
+    keys = []
     for key in manifest["complete"]:
-        if not is_defined(prompts, key):
+        if is_defined(prompts, key):
+            keys.append(key)
+        else:
             print(f"note: {key} is complete but not defined by the loaded prompt files; left out", file=sys.stderr)
-            continue
-        benchmark, condition = key.split("/")
-        evaluation = read_evaluation(settings, prompts, settings.output, key)
-        evaluations.setdefault(benchmark, {})[condition] = evaluation
-        module = bench_registry.get(benchmark)
-        rows += module.metrics(*evaluation, condition, n_boot=settings.n_boot, seed=settings.seed)
-    for benchmark, by_condition in evaluations.items():
-        rows += minus_q_rows(benchmark, by_condition, n_boot=settings.n_boot, seed=settings.seed)
+    benchmarks = {key.split("/")[0] for key in keys}
+    with engines.progress_bar(len(keys) + len(benchmarks), "metrics", unit="table", leave=False) as bar:
+        for key in keys:  # the bootstrap over a whole benchmark takes seconds per condition
+            benchmark, condition = key.split("/")
+            evaluation = read_evaluation(settings, prompts, settings.output, key)
+            evaluations.setdefault(benchmark, {})[condition] = evaluation
+            module = bench_registry.get(benchmark)
+            rows += module.metrics(*evaluation, condition, n_boot=settings.n_boot, seed=settings.seed)
+            bar.update()
+        for benchmark, by_condition in evaluations.items():
+            rows += minus_q_rows(benchmark, by_condition, n_boot=settings.n_boot, seed=settings.seed)
+            bar.update()
     return table.write(settings.output / "metrics.csv", rows)
 
 
 def summary(metrics_path: Path) -> str:
-    """A short human-readable table of the headline metrics in a metrics.csv (with the ``<c>_minus_q`` rows)."""
+    """A short human-readable table of the headline metrics in a metrics.csv (with the ``<c>_minus_q`` rows).
+
+    An empty value or CI reads ``n/a``, and a row with a note (why it is empty) ends with the note in parentheses.
+    """
 
     headline = {m for b in bench_registry.BENCHMARK_NAMES for m in bench_registry.get(b).HEADLINE_METRICS}
     headline.add("candidate_mass")
-    rows = [r for r in table.read(metrics_path) if r["subset"] == "all" and r["metric"] in headline and r["value"]]
+    rows = [r for r in table.read(metrics_path) if r["subset"] == "all" and r["metric"] in headline]
     by_step = bool(rows) and "step" in rows[0]  # a run's table: one block of lines per checkpoint
     width = max([12, *(len(r["condition"]) for r in rows)])
     header = f"{'benchmark':<11} {'condition':<{width}} {'metric':<20} {'value':>8}  95% CI            n"
     lines = [("step  " if by_step else "") + header]
     for r in rows:
+        value = f"{float(r['value']):>+8.3f}" if r["value"] else f"{'n/a':>8}"
         ci = f"[{float(r['ci_low']):+.3f}, {float(r['ci_high']):+.3f}]" if r["ci_low"] else "[n/a]"
+        note = r.get("note") or ""
         lines.append(
             (f"{r['step']:>4}  " if by_step else "")
-            + f"{r['benchmark']:<11} {r['condition']:<{width}} {r['metric']:<20} "
-            f"{float(r['value']):>+8.3f}  {ci:<17} {r['n']}"
+            + f"{r['benchmark']:<11} {r['condition']:<{width}} {r['metric']:<20} {value}  {ci:<17} {r['n']}"
+            + (f"  ({note})" if note else "")
         )
     return "\n".join(lines)
 

@@ -18,7 +18,9 @@ tolerance (tests/test_scoring.py).
 
 Generation (CoT): a sampling loop with a KV cache and one ``torch.Generator`` per item, so an item's
 reasoning depends on its own seed, not on which other items share its batch. It stops at EOS or at a
-stop string (``"\\n\\nHuman:"``), which is cut from the returned text.
+stop string (``"\\n\\nHuman:"``), which is cut from the returned text. Given a ``desc``, a progress bar counts the
+items as they finish (items/s, ETA) and shows the decoding step, where stderr is a terminal
+(:func:`selfcorrect.engines.progress_bar`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from functools import lru_cache
 
 import torch
 
-from selfcorrect.engines import eos_ids, reply_text
+from selfcorrect.engines import eos_ids, progress_bar, reply_text
 from selfcorrect.errors import UserError
 from selfcorrect.evaluate import prefix_tree
 
@@ -314,18 +316,20 @@ class Scorer:
         top_p: float = 1.0,
         stop: Sequence[str] = ("\n\nHuman:",),
         batch_size: int | None = None,
+        desc: str | None = None,
     ) -> list[str]:
         """Sample one continuation per prompt (token ids, e.g. :meth:`encode`'s) with its own seed; stop at EOS or a
         stop string. The ``hf`` engine (:mod:`selfcorrect.engines`); ``batch_size`` None: one batch (within
-        ``max_batch_tokens``)."""
+        ``max_batch_tokens``); ``desc``: the label of a progress bar over the prompts (None: no bar)."""
         seqs = [list(ids) for ids in token_ids]
         outputs: list[str] = [""] * len(seqs)
-        for batch in length_batches([len(s) for s in seqs], batch_size or len(seqs), self.max_batch_tokens):
-            texts_out = self._generate_batch(
-                [seqs[i] for i in batch], [seeds[i] for i in batch], max_new_tokens, temperature, top_p, stop
-            )
-            for i, text in zip(batch, texts_out):
-                outputs[i] = text
+        with progress_bar(len(seqs), desc, leave=False) as bar:
+            for batch in length_batches([len(s) for s in seqs], batch_size or len(seqs), self.max_batch_tokens):
+                texts_out = self._generate_batch(
+                    [seqs[i] for i in batch], [seeds[i] for i in batch], max_new_tokens, temperature, top_p, stop, bar
+                )
+                for i, text in zip(batch, texts_out):
+                    outputs[i] = text
         return outputs
 
     @staticmethod
@@ -343,7 +347,8 @@ class Scorer:
             picked = order.gather(-1, picked)
         return picked.squeeze(-1).tolist()
 
-    def _generate_batch(self, seqs, seeds, max_new_tokens, temperature, top_p, stop) -> list[str]:
+    def _generate_batch(self, seqs, seeds, max_new_tokens, temperature, top_p, stop, bar) -> list[str]:
+        """One batch of :meth:`generate`; ``bar`` counts each item as it ends and shows the decoding step."""
         from transformers import DynamicCache
 
         ends = eos_ids(self.tokenizer)
@@ -361,7 +366,8 @@ class Scorer:
         )
         new: list[list[int]] = [[] for _ in seqs]
         done = [False] * len(seqs)
-        for _ in range(max_new_tokens):
+        finished = 0
+        for t in range(max_new_tokens):
             sampled = self._sample(out.logits[:, -1], gens, temperature, top_p)
             step = []
             for row, token in enumerate(sampled):
@@ -372,6 +378,9 @@ class Scorer:
                 step.append(token)
                 if token in ends or any(s in self.tokenizer.decode(new[row][-16:]) for s in stop):
                     done[row] = True
+            bar.set_postfix_str(f"token {t + 1}/{max_new_tokens}", refresh=False)
+            bar.update(sum(done) - finished)
+            finished = sum(done)
             if all(done):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -383,4 +392,5 @@ class Scorer:
                 past_key_values=out.past_key_values,
                 use_cache=True,
             )
+        bar.update(len(seqs) - finished)  # the items cut at max_new_tokens
         return [reply_text(self.tokenizer, tokens, stop) for tokens in new]

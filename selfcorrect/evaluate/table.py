@@ -3,6 +3,11 @@
 An evaluation directory's table has the columns :data:`METRIC_COLUMNS`; a run's table (``eval/metrics.csv``) puts
 :data:`RUN_COLUMNS` (``model,params,step``) in front, one block of rows per evaluated model or checkpoint. Values
 are written with 10 significant digits and NaN as an empty cell, so a rerun writes the same bytes.
+
+A metric that its units cannot give (Pearson r of fewer than 3 occupations, a BBQ bias score without an answer
+other than "unknown", a difference with such a metric on either side) is a row with an empty value and CIs and its
+reason in ``note``; a value whose CI cannot be computed (one unit, or the metric undefined in most resamples) has
+empty CIs and the reason in ``note``. ``note`` is empty otherwise, and absent from tables written before it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from pathlib import Path
 from selfcorrect.errors import UserError, first_line
 from selfcorrect.io import atomic_write_text, csv_text
 
-METRIC_COLUMNS = ("benchmark", "condition", "subset", "metric", "value", "ci_low", "ci_high", "n")
+METRIC_COLUMNS = ("benchmark", "condition", "subset", "metric", "value", "ci_low", "ci_high", "n", "note")
+ADDED_COLUMNS = ("note",)  # columns a table written before them lacks: read back as empty
 RUN_COLUMNS = ("model", "params", "step")
 
 
@@ -32,6 +38,7 @@ class MetricRow:
     ci_low: float
     ci_high: float
     n: int
+    note: str = ""  # why the value (then NaN) or its CI (then NaN) is empty; "" when both are there
 
 
 def cells(row: MetricRow) -> list[object]:
@@ -75,5 +82,6 @@ def write_run(path: Path, blocks: Sequence[tuple[Sequence[object], Iterable[Sequ
 
 
 def row_cells(row: dict[str, str]) -> list[str]:
-    """The metric cells of a row read back with :func:`read`, in :data:`METRIC_COLUMNS` order."""
-    return [row[c] for c in METRIC_COLUMNS]
+    """The metric cells of a row read back with :func:`read`, in :data:`METRIC_COLUMNS` order (a column of
+    :data:`ADDED_COLUMNS` that the file lacks is empty)."""
+    return [row.get(c) or "" if c in ADDED_COLUMNS else row[c] for c in METRIC_COLUMNS]

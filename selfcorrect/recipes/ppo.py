@@ -189,17 +189,23 @@ class PPORecipe:
         return ref.float() if precision.master_fp32 else ref
 
     def _config_hash(self) -> str:
-        """What ``last/`` must match for a resume (the checkpoints' ``config_hash``)."""
+        """What ``last/`` must match for a resume (the checkpoints' ``config_hash``).
+
+        Local data are hashed by content (:func:`selfcorrect.data.datasets_by_content`), and a policy or reward model
+        that is a local directory (the run's ``sft/`` and ``reward/``) by its fingerprint: a run directory or data
+        directory that moved resumes, a retrained SFT policy or reward model does not.
+        """
+        from selfcorrect.data import datasets_by_content
         from selfcorrect.provenance import config_hash
 
         cfg = self.cfg
         hashed = {
             "model": cfg.model.model_dump(),
             "lora": cfg.lora and cfg.lora.model_dump(),
-            "ppo": self.ppo.model_dump(exclude=self.ppo.unhashed()),
+            "ppo": datasets_by_content(self.ppo.model_dump(exclude=self.ppo.unhashed()), "ppo"),
             "seed": cfg.seed,
-            "policy": self.policy_ref,
-            "reward": self.reward_ref,
+            "policy": _model_identity(self.policy_ref),
+            "reward": _model_identity(self.reward_ref),
             "dialogue": cfg.dialogue.record(),
         }
         if cfg.lora is not None:  # runs from before the value model had adapters cannot resume from its last/
@@ -209,6 +215,16 @@ class PPORecipe:
         if self.precision.weights != "float32":  # 16-bit runs changed precision (fp32 master weights): not resumable
             hashed["precision"] = self.precision.describe()
         return config_hash(hashed)
+
+
+def _model_identity(ref: str) -> str | dict[str, str]:
+    """A model reference as the resume hash records it: a local directory by its fingerprint (wherever it is now),
+    anything else (a Hub id, ``embedded:``, a function reward ``module:function``) as written."""
+    from selfcorrect.models import EMBEDDED_PREFIX, fingerprint
+
+    if ref.startswith(EMBEDDED_PREFIX) or not Path(ref).expanduser().is_dir():
+        return ref
+    return {"fingerprint": fingerprint(ref)}
 
 
 def build_trainer(cfg: RunConfig, path: Path):

@@ -29,11 +29,13 @@ import torch
 from selfcorrect.config import check_save_at_steps
 from selfcorrect.errors import UserError
 from selfcorrect.provenance import library_versions, now, stamp, to_json
-from selfcorrect.rundir import checkpoint_dir, engine_dir, last_dir, step_name
+from selfcorrect.rundir import checkpoint_dir, engine_dir, kept_steps, last_dir, step_name
 
 __all__ = [
     "MANIFEST_REQUIRED_KEYS",
     "capture_rng",
+    "dependent_checkpoints",
+    "describe_kept",
     "load_last",
     "restore_rng",
     "restore_weights",
@@ -186,7 +188,8 @@ def save_checkpoint(root: Path, step: int, model: Any, tokenizer: Any, manifest:
     The directory holds ``model.save_pretrained`` output in safetensors (for a PEFT model: the adapter, with
     the base model reference in ``adapter_config.json`` and in the manifest), the tokenizer, and
     ``manifest.json``: ``step``, ``created_at`` (UTC ISO-8601), ``library_versions``, ``weights``
-    (``"full"`` or ``"adapter"``), ``base_model`` (the adapter's base model reference, else None), then every
+    (``"full"`` or ``"adapter"``), ``base_model`` (the adapter's base model reference, else None; for a local base
+    also ``base_model_relative`` and ``base_model_fingerprint``, :func:`selfcorrect.models.base_record`), then every
     key of ``manifest``, which must include :data:`MANIFEST_REQUIRED_KEYS` (``episodes``, ``tokens``,
     ``mean_reward``, ``kl``, ``config_hash``; values may be None, e.g. at step 0). Pass the unwrapped model
     (``accelerator.unwrap_model``), from the main process only.
@@ -207,7 +210,13 @@ def save_checkpoint(root: Path, step: int, model: Any, tokenizer: Any, manifest:
         _check_existing_checkpoint(final, manifest.get("config_hash"))
         return final
 
-    full_manifest = stamp({"step": step, **_weights_info(model), **manifest})
+    weights = _weights_info(model)
+    base = {}
+    if weights["weights"] == "adapter" and isinstance(weights["base_model"], str):
+        from selfcorrect.models import base_record
+
+        base = base_record(weights["base_model"], final)  # the base's relative path and fingerprint, if local
+    full_manifest = stamp({"step": step, **weights, **base, **manifest})
     encoded = to_json(full_manifest)  # fail early
 
     parent = final.parent
@@ -227,6 +236,27 @@ def save_checkpoint(root: Path, step: int, model: Any, tokenizer: Any, manifest:
         raise
     _fsync_dir(parent)
     return final
+
+
+def dependent_checkpoints(root: Path, base_dir: Path) -> list[Path]:
+    """The kept checkpoints under ``root`` (a PPO stage's directory) that are adapters on ``base_dir``: replacing
+    ``base_dir`` (retraining the SFT stage) would leave them on another base, so they would be refused when loaded."""
+    from selfcorrect.models import adapter_base_paths
+
+    target = Path(base_dir).resolve()
+    found = []
+    for step in kept_steps(root):
+        kept = checkpoint_dir(root, step)
+        if (kept / "adapter_config.json").is_file() and any(
+            place.resolve() == target for place in adapter_base_paths(kept)
+        ):
+            found.append(kept)
+    return found
+
+
+def describe_kept(paths: list[Path]) -> str:
+    """Kept checkpoints of one directory in a few words: ``runs/x/ppo/checkpoints/{step-000000,step-000004}``."""
+    return f"{paths[0].parent}/{{{','.join(p.name for p in paths)}}}" if len(paths) > 1 else str(paths[0])
 
 
 def _check_existing_checkpoint(final: Path, expected_hash: str | None) -> None:

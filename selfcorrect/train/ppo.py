@@ -33,6 +33,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -47,6 +48,7 @@ from transformers import GenerationConfig, Trainer, TrainingArguments
 
 from selfcorrect import dialogue as dialogues
 from selfcorrect.dialogue import DialogueSpec
+from selfcorrect.engines import shows_progress
 from selfcorrect.errors import UserError
 from selfcorrect.provenance import stable_seed
 from selfcorrect.reward_models.score import RewardModel, hh_prompt
@@ -915,9 +917,9 @@ class PPOPtxTrainer(Trainer):
         if start == 0 and 0 in kept:
             self._save_kept(0, {"episodes": 0, "tokens": 0})
         self.state.max_steps = ppo.steps
-        bar = tqdm(
-            total=ppo.steps, initial=start, desc="ppo", unit="step", disable=not self.accelerator.is_main_process
-        )
+        # A bar where stderr is a terminal; elsewhere (a log file, a cluster job) one line per step instead.
+        main = self.accelerator.is_main_process
+        bar = tqdm(total=ppo.steps, initial=start, desc="ppo", unit="step", disable=not (main and shows_progress()))
         for step in range(start, ppo.steps):
             torch.manual_seed(stable_seed(self.args.seed, "rollout", step, self.accelerator.process_index))
             self.model.eval()
@@ -949,6 +951,10 @@ class PPOPtxTrainer(Trainer):
             self.history.append(record)
             bar.update(1)
             bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
+            if main and bar.disable:
+                seconds = record["time/rollout"] + record["time/score"] + record["time/update"]
+                print(f"ppo step {step + 1}/{ppo.steps}: reward {record['reward']:.3f}, kl {record['kl']:.3f}, "
+                      f"{seconds:.1f} s", file=sys.stderr, flush=True)  # fmt: skip
             if step + 1 in kept:
                 self._save_kept(step + 1, record)
             if (step + 1) % ppo.save_last_every == 0 or step + 1 == ppo.steps:

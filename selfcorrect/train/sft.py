@@ -24,7 +24,8 @@ token), pads and trains.
 Output
 ------
 ``output_dir`` receives the final model (or the LoRA adapter, whose ``base_model_name_or_path`` is the original
-model reference, so :func:`selfcorrect.models.load_model` reloads it), the tokenizer, ``trainer/`` (the
+model reference, so :func:`selfcorrect.models.load_model` reloads it; a local base's relative path and fingerprint
+are in the manifest, :func:`selfcorrect.models.base_record`), the tokenizer, ``trainer/`` (the
 Trainer's working directory) and ``manifest.json``. Everything is written into ``.NAME.partial`` beside it and
 renamed into place at the end: a failed run (including a loss that becomes nan) leaves no ``output_dir``.
 """
@@ -46,11 +47,11 @@ from transformers import PreTrainedTokenizerBase, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, StrictModel
-from selfcorrect.data import ptx_dataset, sft_dataset, train_test_split
+from selfcorrect.data import datasets_by_content, ptx_dataset, sft_dataset, train_test_split
 from selfcorrect.dialogue import DialogueSpec, example_ids
 from selfcorrect.errors import UserError, first_line
 from selfcorrect.io import atomic_write_text, install_dir
-from selfcorrect.models import EMBEDDED_PREFIX, load_model
+from selfcorrect.models import EMBEDDED_PREFIX, base_record, load_model
 from selfcorrect.provenance import config_hash, stamp, to_json
 from selfcorrect.train import compat
 from selfcorrect.train.guards import NonFiniteLossGuard
@@ -327,6 +328,7 @@ def run_sft(
                 {
                     "stage": STAGE,
                     "base_model": _portable_ref(model.name_or_path),
+                    **(base_record(model.name_or_path, output_dir) if lora is not None else {}),
                     "finetuning": "lora" if lora is not None else "full",
                     "dialogue": dialogue.record(),
                     **counts,
@@ -336,7 +338,7 @@ def run_sft(
                     "eval_loss": _last_logged(trainer.state.log_history, "eval_loss"),
                     "seed": seed,
                     "config": config,
-                    "config_hash": config_hash(config),
+                    "config_hash": config_hash(datasets_by_content(config)),  # local data by content
                     "training_args": json.loads(trainer.args.to_json_string()),
                 }
             )

@@ -15,7 +15,9 @@ A benchmark module defines:
   predictions ``{item_id: {"probs": [...], "mass": float | None}}``, built from the three below.
 - ``scored(units, preds)``: the units whose items all have predictions (the units a metric is over);
   ``columns(units, preds) -> {name: array}``: their per-unit columns, aligned with ``units``;
-  ``statistic(columns) -> {metric: array}``: the metrics, vectorised over resamples (see ``metrics.bootstrap``).
+  ``statistic(columns) -> {metric: array}``: the metrics, vectorised over resamples (see ``metrics.bootstrap``),
+  NaN where the units cannot give a metric; ``reasons(columns) -> {metric: reason}``: why, for each metric that
+  ``statistic`` leaves NaN on unresampled columns (the ``note`` of its empty row in metrics.csv).
 - ``HEADLINE_METRICS``: the metrics whose paired differences (``selfcorrect.evaluate.paired``) are reported;
   ``DATA_LAYOUT`` and ``PREDICTION_LINES``: the data files under a data directory and the lines of a predictions
   file for ``selfcorrect score``, for help texts;

@@ -135,6 +135,11 @@ def statistic(c: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
+def reasons(c: dict[str, np.ndarray]) -> dict[str, str]:
+    """Why a metric cannot be computed on these students: never (each is a mean over at least one student)."""
+    return {}
+
+
 def metrics(
     units: list[dict], preds: dict[str, dict], condition: str, *, n_boot: int = 1000, seed: int = 0
 ) -> list[MetricRow]:
@@ -142,7 +147,9 @@ def metrics(
     us = scored(units, preds)
     if not us:
         return []
-    results = bootstrap(columns(us, preds), statistic, n_boot=n_boot, seed=stable_seed(seed, NAME, condition, "all"))
+    results = bootstrap(
+        columns(us, preds), statistic, n_boot=n_boot, seed=stable_seed(seed, NAME, condition, "all"), reasons=reasons
+    )
     rows = rows_from(NAME, condition, "all", results, dict.fromkeys(results, len(us)))
     masses = [preds[f"{u['id']}:{r}"].get("mass") for u in us for r in RACES]
     return rows + mass_rows(NAME, condition, "all", masses, n_boot=n_boot, seed=seed)

@@ -8,7 +8,8 @@ comes from the template and picks the candidate set (female, male, neutral).
 
 Metrics: ``pearson_r`` between p_female (renormalised over the three pronouns) and the BLS share of
 women in the occupation, the means ``p_female_mean``, ``p_male_mean``, ``p_neutral_mean``, and
-``candidate_mass``. Confidence intervals resample occupations.
+``candidate_mass``. Confidence intervals resample occupations. ``pearson_r`` is empty, with its reason, over
+fewer than 3 occupations (two points always correlate +1 or -1) or where either side is the same for all.
 """
 
 from __future__ import annotations
@@ -31,7 +32,15 @@ from selfcorrect.evaluate.benchmarks import (
     required,
     shown,
 )
-from selfcorrect.evaluate.metrics import MetricRow, bootstrap, mass_rows, pearson_r, rows_from, stable_seed
+from selfcorrect.evaluate.metrics import (
+    MetricRow,
+    bootstrap,
+    mass_rows,
+    pearson_r,
+    pearson_reason,
+    rows_from,
+    stable_seed,
+)
 from selfcorrect.evaluate.prompts import ItemPrompt, PromptSet
 
 NAME = "winogender"
@@ -209,6 +218,12 @@ def statistic(c: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
+def reasons(c: dict[str, np.ndarray]) -> dict[str, str]:
+    """Why ``pearson_r`` cannot be computed on these occupations (unresampled columns), if it cannot."""
+    why = pearson_reason(c["p_female"], c["bls"], "occupations", "p_female", "the BLS share of women")
+    return {} if why is None else {"pearson_r": why}
+
+
 def metrics(
     units: list[dict], preds: dict[str, dict], condition: str, *, n_boot: int = 1000, seed: int = 0
 ) -> list[MetricRow]:
@@ -216,7 +231,9 @@ def metrics(
     us = scored(units, preds)
     if not us:
         return []
-    results = bootstrap(columns(us, preds), statistic, n_boot=n_boot, seed=stable_seed(seed, NAME, condition, "all"))
+    results = bootstrap(
+        columns(us, preds), statistic, n_boot=n_boot, seed=stable_seed(seed, NAME, condition, "all"), reasons=reasons
+    )
     rows = rows_from(NAME, condition, "all", results, dict.fromkeys(results, len(us)))
     return rows + mass_rows(NAME, condition, "all", [preds[u["id"]].get("mass") for u in us], n_boot=n_boot, seed=seed)
 
