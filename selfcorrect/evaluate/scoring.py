@@ -378,7 +378,7 @@ class Scorer:
                 step.append(token)
                 if token in ends or any(s in self.tokenizer.decode(new[row][-16:]) for s in stop):
                     done[row] = True
-            bar.set_postfix_str(f"token {t + 1}/{max_new_tokens}", refresh=False)
+            bar.set_postfix_str(f"token {t + 1}/{max_new_tokens}")  # drawn every token: a token takes milliseconds
             bar.update(sum(done) - finished)
             finished = sum(done)
             if all(done):
