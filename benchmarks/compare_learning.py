@@ -17,6 +17,9 @@ of the steps minus that of the first quarter), the final KL (the mean sequence K
 selfcorrect's ``kl``, TRL's ``objective/kl``, both the sum over the response of log pi - log pi_ref) and the reward
 gained per nat of KL. ``--set KEY=VALUE`` changes a key of selfcorrect's ``ppo:`` section (``trainer.adam_beta2=0.999``,
 ``whiten_advantages=false``...) for an ablation; ``--skip-anchor`` runs selfcorrect only; ``--png`` draws both curves.
+With ``--work-dir``, each finished (tool, seed) run leaves ``<tool>-seed<N>.history.json``
+there, and a rerun with the same settings reuses it instead of training again (a long comparison survives an
+interruption).
 
     .venv/bin/python benchmarks/compare_learning.py --seeds 0 1 2 --json out/learning.json --png out/learning.png
 
@@ -109,6 +112,25 @@ def fixtures(args: argparse.Namespace, root: Path, work: Path, py: Path) -> dict
     return {"model": str(model), "reward_model": str(rm_run / "reward"), **prompts}
 
 
+def reused(path: Path, setting: Any) -> list[dict] | None:
+    """A finished run's per-step history saved at ``path`` for exactly ``setting``, or None."""
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("setting") != json.loads(json.dumps(setting)):
+        return None
+    harness.log(f"reusing {path} (same settings)")
+    return saved["history"]
+
+
+def keep(path: Path, setting: Any, history: list[dict]) -> list[dict]:
+    """Save a finished run's history beside its setting (atomically), for :func:`reused`; returns ``history``."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"setting": setting, "history": history}))
+    tmp.replace(path)
+    return history
+
+
 def run_selfcorrect(args: argparse.Namespace, fx: dict[str, Any], seed: int, work: Path, py: Path) -> list[dict]:
     """``selfcorrect ppo`` with one seed: its per-step ``reward`` and ``kl``."""
     out = work / f"selfcorrect-seed{seed}"
@@ -122,6 +144,9 @@ def run_selfcorrect(args: argparse.Namespace, fx: dict[str, Any], seed: int, wor
     config = {"name": f"learning-{seed}", "output_dir": str(out), "seed": seed, "dialogue": DIALOGUE,
               "model": {"name_or_path": fx["model"], "dtype": "float32"}, "ppo": merged(ppo, overrides(args.set)),
               "tracking": {"backend": "none"}}  # fmt: skip
+    done = work / f"selfcorrect-seed{seed}.history.json"
+    if (history := reused(done, config)) is not None:
+        return history
     path = work / f"selfcorrect-seed{seed}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     harness.log(f"selfcorrect seed {seed}: selfcorrect ppo {path}")
@@ -129,7 +154,7 @@ def run_selfcorrect(args: argparse.Namespace, fx: dict[str, Any], seed: int, wor
                           {**base_env(), "PYTHONPATH": str(harness.REPO_ROOT)})  # fmt: skip
     harness.check(run, f"selfcorrect ppo (seed {seed})")
     history = json.loads((out / "ppo" / "last" / "state.json").read_text())["state"]["history"]
-    return [{"reward": h["reward"], "kl": h["kl"]} for h in history]
+    return keep(done, config, [{"reward": h["reward"], "kl": h["kl"]} for h in history])
 
 
 def run_trl(args: argparse.Namespace, fx: dict[str, Any], seed: int, work: Path, py: Path) -> list[dict]:
@@ -142,11 +167,14 @@ def run_trl(args: argparse.Namespace, fx: dict[str, Any], seed: int, work: Path,
         "--kl-coef", str(args.kl_coef), "--seed", str(seed), "--output-dir", str(work / f"trl-seed{seed}"),
         "--out", str(out),
     ]  # fmt: skip
+    done = work / f"trl-seed{seed}.history.json"
+    if (history := reused(done, cmd[1:])) is not None:
+        return history
     harness.log(f"TRL seed {seed}: PPOTrainer ({TRL_VENV})")
     run = harness.measure(cmd, work / f"trl-seed{seed}.log", base_env())
     harness.check(run, f"TRL PPO (seed {seed})")
     logs = [entry for entry in json.loads(out.read_text())["logs"] if "objective/kl" in entry]
-    return [{"reward": entry["objective/scores"], "kl": entry["objective/kl"]} for entry in logs]
+    return keep(done, cmd[1:], [{"reward": entry["objective/scores"], "kl": entry["objective/kl"]} for entry in logs])
 
 
 def summary(history: list[dict]) -> dict[str, float]:
