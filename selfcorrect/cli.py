@@ -1,6 +1,7 @@
 """The ``selfcorrect`` command: one entry point, one subcommand per job.
 
-Bad input raises ``UserError``: printed as one line ``selfcorrect: error: ...`` and exit code 2.
+Bad input raises ``UserError``: printed as one line ``selfcorrect: error: ...`` and exit code 2. The other exit codes
+(a failed write, a stop signal) are listed in :mod:`selfcorrect.errors`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ from pathlib import Path
 
 from selfcorrect import __version__
 from selfcorrect.dialogue import FORMATS
-from selfcorrect.errors import UserError, first_line
+from selfcorrect.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_STOPPED,
+    EXIT_WRITE_FAILED,
+    WRITE_ERRNOS,
+    Stopped,
+    UserError,
+    first_line,
+)
 from selfcorrect.evaluate.benchmarks import BENCHMARK_NAMES, modules
 from selfcorrect.rundir import RunDir, step_name
 
@@ -614,11 +623,19 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as exc:
         print(f"selfcorrect: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except OSError as exc:  # the environment: a full disk, a permission, a path that is a file...
         where = f"{exc.filename}: " if exc.filename else ""
+        if exc.errno in WRITE_ERRNOS:  # the machine failed a write: what was saved before stays in place
+            reason = exc.strerror or first_line(exc)
+            print(f"selfcorrect: error: cannot write {where}{reason}; the previous saved state is kept: free space "
+                  "(or raise the limit) and rerun the same command", file=sys.stderr)  # fmt: skip
+            return EXIT_WRITE_FAILED
         print(f"selfcorrect: error: {where}{exc.strerror or first_line(exc)}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except Stopped as exc:
+        print(f"selfcorrect: stopped: {exc}", file=sys.stderr)
+        return EXIT_STOPPED
     except KeyboardInterrupt:
         print("selfcorrect: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

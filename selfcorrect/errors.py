@@ -1,4 +1,21 @@
-"""The exceptions the CLI turns into one-line errors: bad input from the user, and a failed stage process."""
+"""The exceptions the CLI turns into one-line messages, and the exit codes it gives them.
+
+Exit codes (README "Running on a cluster"): 0 done; 1 an unexpected error (with its traceback); 2 bad input;
+74 a write failed (a full disk, a quota, a file-size limit, an I/O error), the previous good state kept;
+75 stopped by SIGTERM or SIGUSR1 after saving what resumes it (rerun the same command, or requeue the job);
+130 interrupted from the keyboard.
+"""
+
+import errno
+
+EXIT_BAD_INPUT = 2
+EXIT_WRITE_FAILED = 74  # sysexits.h EX_IOERR
+EXIT_STOPPED = 75  # sysexits.h EX_TEMPFAIL: try again later (a scheduler's requeue)
+
+# The errnos of a write that failed because of the machine, not the path the user gave: exit EXIT_WRITE_FAILED.
+WRITE_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG", "EIO", "EROFS") if hasattr(errno, name)
+)
 
 
 class UserError(Exception):
@@ -6,6 +23,13 @@ class UserError(Exception):
 
     The CLI prints the message on one line, without a traceback, and exits with code 2.
     The message names the file and the field or line at fault.
+    """
+
+
+class Stopped(BaseException):
+    """A stop signal (SIGTERM, SIGUSR1) ended the command after it saved what resumes it; the message says where.
+
+    A ``BaseException``, like ``KeyboardInterrupt``, so that no ``except Exception`` swallows it. Exit code 75.
     """
 
 
