@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from selfcorrect import __version__
+from selfcorrect import __version__, stop
 from selfcorrect.dialogue import FORMATS
 from selfcorrect.errors import (
     EXIT_BAD_INPUT,
@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="How does RLHF training change a language model's capacity to morally self-correct? "
         "Evaluate models on BBQ, Winogender and law-school admissions (Ganguli et al. 2023) under the "
         "prompt conditions Q, Q+IF and Q+IF+CoT.",
+        epilog="exit codes: 0 done; 1 an unexpected error; 2 bad input; 74 a write failed (full disk, quota), the "
+        "previous saved state kept; 75 stopped by SIGTERM or SIGUSR1 with its state saved (rerun, or requeue, to "
+        "continue); 130 Ctrl-C.",
     )
     parser.add_argument("--version", action="version", version=f"selfcorrect {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -206,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="discard results in OUTPUT made with other settings instead of refusing",
     )
     _add_prompts(ev)
+    ev.add_argument(
+        "--wait-for-lock",
+        action="store_true",
+        help="if another process is writing OUTPUT (one writer per directory), wait until it ends instead of stopping "
+        "with an error that names it (PID, host, command)",
+    )
     ev.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("prompts", help="inspect the prompt conditions", description="Inspect prompt conditions.")
@@ -313,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
                 help="retrain even where kept PPO checkpoints are LoRA adapters on sft/ (refused without it): "
                 "loading them is then refused, and pipeline.json forgets PPO and the stages after it",
             )
+        st.add_argument(
+            "--wait-for-lock",
+            action="store_true",
+            help="if another process is writing the run directory (one writer per directory), wait until it ends "
+            "instead of stopping with an error that names it (PID, host, command)",
+        )
         st.set_defaults(func=cmd_stage, stage=name)
 
     pi = sub.add_parser(
@@ -362,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
         help='command prefix for the training stages, e.g. "accelerate launch --config_file '
         "accelerate/deepspeed_zero2.yaml\" (a shipped accelerate config by its name, or a path; default: the config's "
         "launcher, else this Python)",
+    )
+    pi.add_argument(
+        "--wait-for-lock",
+        action="store_true",
+        help="if another process is writing the run directory or its evaluations (one writer per directory), wait "
+        "until it ends instead of stopping with an error that names it (PID, host, command); a --dry-run takes no lock",
     )
     pi.set_defaults(func=cmd_pipeline)
 
@@ -416,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from selfcorrect import dirlock
     from selfcorrect.config import data_dir
     from selfcorrect.evaluate.runner import EvalSettings, evaluate, print_summary
 
@@ -448,12 +470,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         engine=args.engine,
     )
-    if is_run:
-        from selfcorrect.evaluate.run_targets import evaluate_run
+    with dirlock.hold(settings.output, wait=args.wait_for_lock, what="--output"):  # one writer per output dir
+        if is_run:
+            from selfcorrect.evaluate.run_targets import evaluate_run
 
-        print_summary(evaluate_run(settings, run_dir))
-    else:
-        print_summary(evaluate(settings))
+            metrics = evaluate_run(settings, run_dir)
+        else:
+            metrics = evaluate(settings)
+    print_summary(metrics)
     return 0
 
 
@@ -541,36 +565,50 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_stage(args: argparse.Namespace) -> int:
     from importlib import import_module
 
-    from selfcorrect import stages, tracking
+    from selfcorrect import dirlock, stages, tracking
 
     cfg = stages.load_run_config(args.config)
     recipe = import_module(f"selfcorrect.recipes.{args.stage}")
     options = {"force": args.force} if args.stage == "sft" else {}
-    try:
-        out = recipe.run(cfg, args.config, **options)
-    finally:
-        tracking.finish(cfg.tracking)
+    with dirlock.hold(cfg.root(), wait=args.wait_for_lock, what="output_dir"):  # one writer per run directory
+        try:
+            out = recipe.run(cfg, args.config, **options)
+        finally:
+            tracking.finish(cfg.tracking)
     print(f"{args.stage}: {out}")
     return 0
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    from selfcorrect import dirlock
     from selfcorrect.errors import StageFailed
     from selfcorrect.pipeline import run_pipeline
+    from selfcorrect.stages import load_run_config
 
+    # one writer per run directory, from before the plan reads pipeline.json (a dry run writes nothing: no lock); the
+    # stages' child processes inherit it, and the evaluation stage's lock on eval/ waits as this one does
+    lock = (
+        nullcontext()
+        if args.dry_run
+        else dirlock.hold(load_run_config(args.config).root(), wait=args.wait_for_lock, what="output_dir")
+    )
     try:
-        run_pipeline(
-            args.config,
-            from_stage=args.from_stage,
-            only=args.only,
-            force=args.force,
-            dry_run=args.dry_run,
-            launcher=args.launcher,
-            device_memory=args.device_memory,
-        )
+        with lock:
+            run_pipeline(
+                args.config,
+                from_stage=args.from_stage,
+                only=args.only,
+                force=args.force,
+                dry_run=args.dry_run,
+                launcher=args.launcher,
+                device_memory=args.device_memory,
+            )
     except StageFailed as exc:
-        print(f"selfcorrect: error: {exc}", file=sys.stderr)
-        return 2 if exc.returncode == 2 else 1  # 2: the stage refused its input
+        print(f"selfcorrect: {'stopped' if exc.returncode == EXIT_STOPPED else 'error'}: {exc}", file=sys.stderr)
+        # 2: the stage refused its input; 74: a write failed; 75: it stopped on a signal; else its own failure
+        return exc.returncode if exc.returncode in (EXIT_BAD_INPUT, EXIT_WRITE_FAILED, EXIT_STOPPED) else 1
     return 0
 
 
@@ -620,7 +658,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return args.func(args)
+        with stop.handling():  # SIGTERM, SIGUSR1: a clean stop (selfcorrect.stop)
+            return args.func(args)
     except UserError as exc:
         print(f"selfcorrect: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -37,7 +37,11 @@ class StageFailed(Exception):
     """A training stage's process exited with a non-zero code (its own message is above)."""
 
     def __init__(self, stage: str, returncode: int):
-        super().__init__(f"stage '{stage}' failed (exit code {returncode}); fix the cause and rerun to continue")
+        if returncode == EXIT_STOPPED:
+            message = f"stage '{stage}' stopped on a signal (exit code {returncode}); rerun to continue"
+        else:
+            message = f"stage '{stage}' failed (exit code {returncode}); fix the cause and rerun to continue"
+        super().__init__(message)
         self.returncode = returncode
 
 

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from selfcorrect.errors import UserError
-from selfcorrect.io import install_dir
+from selfcorrect.io import install_dir, writing
 from selfcorrect.provenance import now, to_json
 
 MANIFEST = "manifest.json"
@@ -28,13 +28,17 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
     ``out``, atomically (a temporary directory beside ``out``, renamed into place). ``out`` must not exist yet.
 
     ``dtype`` is that of the written weights (default: float32, the dtype the checkpoints train in on a CPU).
+
+    A failed write (a full disk, a quota, a file-size limit) is an ``OSError`` naming ``out``
+    (:func:`selfcorrect.io.writing`); the temporary directory is removed and ``out`` does not appear.
     """
     from selfcorrect.models import load_model
 
     source, out = Path(checkpoint).expanduser(), Path(out).expanduser()
     if out.exists():
         raise UserError(f"{out}: already exists; export into a new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(str(checkpoint), dtype=dtype or "float32", device="cpu")
     manifest = _read_manifest(source)
     manifest.update(
@@ -43,13 +47,15 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
         weights="full",
         base_model=None,
     )
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    with writing(out):
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.save_pretrained(staging)  # safetensors
-        tokenizer.save_pretrained(staging)
-        (staging / MANIFEST).write_text(to_json(manifest))
-        os.chmod(staging, 0o777 & ~_umask())
-        install_dir(staging, out, replace=False)
+        with writing(out, staging=staging):
+            model.save_pretrained(staging)  # safetensors
+            tokenizer.save_pretrained(staging)
+            (staging / MANIFEST).write_text(to_json(manifest))
+            os.chmod(staging, 0o777 & ~_umask())
+            install_dir(staging, out, replace=False)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import gzip
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import urllib.request
@@ -46,6 +49,86 @@ def iter_jsonl(path: str | Path, *, tolerate_torn_tail: bool = False) -> Iterato
         yield number, obj
 
 
+# How libraries that write files themselves report a failed write: safetensors ("I/O error: No space left on device
+# (os error 28)"), torch.save (a RuntimeError from its zip writer, the OSError of a Python file object as its context).
+_ERRNO_IN_TEXT = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]|\berrno:? ?(\d+)|\bcode: ?(\d+)", re.IGNORECASE)
+_STRERRORS = {
+    text.lower(): code
+    for text, code in (
+        ("No space left on device", errno.ENOSPC),
+        ("Disk quota exceeded", getattr(errno, "EDQUOT", errno.ENOSPC)),
+        ("File too large", errno.EFBIG),
+        ("Read-only file system", errno.EROFS),
+        ("Input/output error", errno.EIO),
+        ("Permission denied", errno.EACCES),
+    )
+}
+_WRITING = re.compile(r" \(writing (.+)\)$")
+_WRITER_FAILURES = ("i/o error", "pytorchstreamwriter", "inline_container.cc", "iostream error", "failed writing")
+
+
+def write_error(error: BaseException, path: str | Path, staging: str | Path | None = None) -> OSError | None:
+    """``error`` (raised while writing ``path``) as an ``OSError(errno, strerror, str(path))``, or None if it is not
+    a failed write.
+
+    An OSError keeps its errno; an exception of a library that writes files itself (safetensors, torch.save) becomes
+    one when its message says it failed writing: its errno is that of the OSError it was raised from (a Python file
+    object's), or the one its text gives (``os error 28``, ``File too large``...), else EIO. A file named by the
+    error under ``staging`` (the temporary file or directory being written, removed afterwards) is named relative to
+    it in the strerror: the path named is the one the user knows.
+    """
+    if not isinstance(error, Exception):
+        return None
+    text = str(error)
+    chained = error if isinstance(error, OSError) else None
+    if chained is None and any(marker in text.lower() for marker in _WRITER_FAILURES):
+        link: BaseException | None = error
+        for _ in range(8):  # the OSError a library's writer was raised from, if any
+            link = (link.__cause__ or link.__context__) if link is not None else None
+            if isinstance(link, OSError) and link.errno is not None:
+                chained = link
+                break
+        if chained is None:
+            found = _ERRNO_IN_TEXT.search(text)
+            code = next((int(g) for g in found.groups() if g), None) if found else None
+            if code is None:
+                code = next((c for t, c in _STRERRORS.items() if t in text.lower()), errno.EIO)
+            return OSError(code, os.strerror(code), str(path))
+    if chained is None:
+        return None
+    code = chained.errno if chained.errno is not None else errno.EIO
+    reason = chained.strerror or (os.strerror(code) if chained.errno is not None else text) or os.strerror(code)
+    name = chained.filename
+    if name is not None and staging is not None:
+        name, inside = Path(os.fsdecode(name)), Path(staging)
+        if name == inside:
+            name = None
+        elif inside in name.parents:
+            within = _WRITING.search(reason)  # a nested writing(): "(writing model.safetensors)" of a subdirectory
+            rel = name.relative_to(inside) / within.group(1) if within else name.relative_to(inside)
+            reason = f"{reason[: within.start()] if within else reason} (writing {rel})"
+            name = None
+    if name is not None and Path(os.fsdecode(name)) != Path(path):
+        reason = f"{reason} ({os.fsdecode(name)})"
+    return OSError(code, reason, str(path))
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, *, staging: str | Path | None = None) -> Iterator[None]:
+    """Writes of ``path`` (a file or a directory being saved): any failed write in the block, whatever the library
+    raised, leaves as an ``OSError`` with its errno and ``filename`` ``path`` (:func:`write_error`), which the CLI
+    prints as one line (a full disk, a quota or a file-size limit: exit 74). Cleaning up is the caller's."""
+    try:
+        yield
+    except Exception as exc:
+        converted = write_error(exc, path, staging)
+        if converted is None:
+            raise
+        if isinstance(exc, OSError) and (exc.filename, exc.strerror) == (converted.filename, converted.strerror):
+            raise  # already as wanted
+        raise converted from exc
+
+
 def _umask_mode() -> int:
     """The mode a plain new file gets (mkstemp would make it 0600)."""
     mask = os.umask(0)
@@ -61,15 +144,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write a file so that readers see the old or the new content, never a half-written one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, _umask_mode())
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path, staging=tmp):
+            os.chmod(tmp, _umask_mode())
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -122,20 +207,27 @@ def append_jsonl(path: str | Path, objects: Iterable[dict[str, Any]]) -> None:
     If an earlier writer was killed mid-line, the torn tail is cut off first.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objects).encode()
-    with path.open("a+b") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size:
-            f.seek(max(0, size - 1))
-            if f.read(1) != b"\n":
-                f.seek(0)
-                keep = f.read().rfind(b"\n") + 1
-                f.truncate(keep)
-                f.seek(0, os.SEEK_END)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a+b", buffering=0) as f:
+            size = f.seek(0, os.SEEK_END)
+            if size:
+                f.seek(max(0, size - 1))
+                if f.read(1) != b"\n":
+                    f.seek(0)
+                    size = f.read().rfind(b"\n") + 1
+                    f.truncate(size)
+                    f.seek(0, os.SEEK_END)
+            try:
+                view = memoryview(data)
+                while view:  # a raw file: a short write (a file-size limit reached) shows as an error, not a loss
+                    view = view[f.write(view) :]
+                os.fsync(f.fileno())
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    f.truncate(size)  # no torn line left behind (and the space given back)
+                raise
 
 
 def csv_text(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:

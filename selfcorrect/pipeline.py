@@ -28,7 +28,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from selfcorrect.errors import StageFailed, UserError
+from selfcorrect import stop
+from selfcorrect.errors import EXIT_STOPPED, StageFailed, Stopped, UserError
 from selfcorrect.io import atomic_write_text
 from selfcorrect.rundir import RunDir
 from selfcorrect.stages import RunConfig, load_run_config
@@ -433,10 +434,12 @@ def start_stage(
     import os
 
     command = [*launcher_command(launcher), "-m", "selfcorrect", stage, str(config), *extra]
-    env = None
+    # torchrun (under accelerate launch) kills its workers 30 s after passing on a SIGTERM by default: give PPO the
+    # time to end its step and save (the scheduler's own kill still bounds it).
+    env = {**os.environ, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "900")}
     if hide is not None:
         visible = _visible_gpus()
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(v for i, v in enumerate(visible) if i != hide)}
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(v for i, v in enumerate(visible) if i != hide)
     print(f"pipeline: {shlex.join(command)}", file=sys.stderr, flush=True)
     return subprocess.Popen(command, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
@@ -506,8 +509,16 @@ def placement(cfg: RunConfig, processes: int, gpus: int) -> Placement:
 
 
 def _wait(stage: str, proc: subprocess.Popen) -> None:
-    if proc.wait() != 0:
-        raise StageFailed(stage, proc.returncode)
+    """Wait for a stage's process; a stop signal meanwhile is passed on to it, and the pipeline stops after it."""
+    with stop.deferred(), stop.forwarding(proc):
+        code = proc.wait()
+    if code != 0:  # asked to stop, a stage ends with 75 (under accelerate launch with the launcher's own code, 1)
+        raise StageFailed(stage, EXIT_STOPPED if stop.requested() else code)
+
+
+def _stop_if_requested(where: str) -> None:
+    if stop.requested():
+        raise Stopped(f"{stop.requested()} received: the pipeline stopped {where}; rerun it to continue")
 
 
 def _now() -> str:
@@ -528,8 +539,11 @@ def run_pipeline(
 
     ``device_memory`` (GB per device): the plan flags a training stage whose estimated peak is larger.
     """
+    from contextlib import nullcontext
+
     import torch
 
+    from selfcorrect import dirlock
     from selfcorrect.memory import Launch
     from selfcorrect.recipes import evaluate, report
     from selfcorrect.train.checkpoints import describe_kept
@@ -588,7 +602,9 @@ def run_pipeline(
         stage_dir = cfg.run_dir().stage(plan.stage)
         if plan.clear and stage_dir.exists():
             print(f"pipeline: removing {stage_dir} ({plan.reason})", file=sys.stderr)
-            shutil.rmtree(stage_dir)
+            # eval/ has a lock of its own (selfcorrect evaluate RUN_DIR writes it too): never removed under its writer
+            with dirlock.hold(stage_dir) if plan.stage == "evaluate" else nullcontext():
+                shutil.rmtree(stage_dir)
 
     def finished(stage: str) -> None:
         state["stages"][stage] = {"resolved": resolved[stage], "completed_at": _now()}
@@ -603,10 +619,17 @@ def run_pipeline(
             during = "evaluate" in todo and where.during
             proc = start_stage("ppo", config, launcher, hide=where.hidden if during else None)
             if during:
-                evaluate.run(cfg, training=proc)
+                with stop.forwarding(proc):
+                    try:
+                        evaluate.run(cfg, training=proc)
+                    except Stopped:  # PPO got the signal too: it saves the step in progress before the pipeline ends
+                        with stop.deferred():
+                            proc.wait()
+                        raise
                 _wait("ppo", proc)
                 finished("ppo")
                 finished("evaluate")
+                _stop_if_requested("after stages 'ppo' and 'evaluate'")
                 continue
             _wait("ppo", proc)
         elif stage == "evaluate":
@@ -616,6 +639,7 @@ def run_pipeline(
         elif stage == "report":
             report_path = report.run(cfg)
         finished(stage)
+        _stop_if_requested(f"after stage '{stage}'")
     if report_path is not None:
         print(f"pipeline: done; report: {report_path}")
     return report_path

@@ -14,6 +14,8 @@
     runs/<name>/eval/models/<model>/                the evaluation of an extra model (evaluation.models)
     runs/<name>/eval/metrics.csv                    the run's joined metrics table
     runs/<name>/report/                             plots and report.md
+    runs/<name>/.selfcorrect.lock                   while a process writes the run: its lock (selfcorrect.dirlock)
+    runs/<name>/eval/.selfcorrect.lock              while a process writes the evaluations: their lock
 
 A training stage that is given its own directory (the PPO trainer, tests) uses the functions that take that
 directory (:func:`checkpoint_dir`, :func:`last_dir`...), so the layout inside a stage has one owner too.
@@ -27,6 +29,14 @@ from pathlib import Path
 
 STEP_PATTERN = re.compile(r"step-(\d{6})")
 STAGE_DIRS = {"sft": "sft", "reward": "reward", "ppo": "ppo", "evaluate": "eval", "report": "report"}
+# The lock file of a directory that one process at a time writes (a run directory, an evaluation output directory):
+# :mod:`selfcorrect.dirlock` holds it while the process writes, and removes it when it lets go.
+LOCK = ".selfcorrect.lock"
+
+
+def lock_file(directory: Path) -> Path:
+    """The lock file of a directory that one process at a time writes (:mod:`selfcorrect.dirlock`)."""
+    return Path(directory) / LOCK
 
 
 def step_name(step: int) -> str:

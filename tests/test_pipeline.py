@@ -273,6 +273,42 @@ def test_sigkill_during_ppo_and_during_evaluation_then_rerun(light_run, tiny_mod
     assert (out / "eval" / "metrics.csv").read_text() == clean  # "when" does not change what is computed
 
 
+def test_the_slurm_requeue_script_stops_the_pipeline_cleanly_and_the_rerun_finishes(
+    light_run, tiny_model_dir, monkeypatch
+):
+    """``examples/slurm/requeue.sbatch`` run as Slurm runs it (bash; ``scontrol`` here only records its arguments):
+    Slurm's SIGUSR1 to the script reaches the pipeline, which passes it on to the PPO child as SIGTERM; PPO saves its
+    step, the pipeline exits 75 with one line and no child left, the script asks for a requeue; the rerun finishes."""
+    tmp = light_run["tmp"]
+    out = tmp / "stopped"
+    bin_dir = tmp / "fake-slurm"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp / "scontrol.log"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.syspath_prepend(str(tmp))
+    path = write(tmp / "stopped.yaml", light_config(tmp, tiny_model_dir, out))
+    env = {**os.environ, "SLURM_JOB_ID": "4242",
+           "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])}  # fmt: skip
+    script = ROOT / "examples" / "slurm" / "requeue.sbatch"
+    proc = subprocess.Popen(["bash", str(script), str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env)  # fmt: skip
+    wait_until(proc, lambda: last_ppo_step(out) >= 1)
+    descendants = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err
+    assert (tmp / "scontrol.log").read_text() == "requeue 4242\n"
+    assert err.strip().splitlines()[-1].startswith("selfcorrect: stopped:"), err
+    assert "Traceback" not in err
+    time.sleep(1.0)
+    assert not any(map(_alive, descendants)), "a stage outlived the stopped pipeline"
+    assert "report" not in json.loads((out / "pipeline.json").read_text())["stages"]
+
+    assert main(["pipeline", str(path)]) == 0
+    assert (out / "eval" / "metrics.csv").read_text() == (light_run["out"] / "eval" / "metrics.csv").read_text()
+
+
 @pytest.mark.parametrize("name", ["quickstart", "ganguli2023", "liu2024"])
 def test_dry_run_of_the_shipped_pipelines(name, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # runs/<name> of the working directory: empty here

@@ -345,7 +345,7 @@ def test_function_reward(tmp_path: Path, monkeypatch):
     reward = RewardModel.load("my_rewards:length")
     scores = reward.score([_prompt("tea"), _prompt("snow")], ["abc", [{"role": "assistant", "content": "hello"}]])
     assert scores.tolist() == [3.0, 5.0]
-    with pytest.raises(UserError, match="returned 1 rewards for 2"):
+    with pytest.raises(UserError, match="^reward my_rewards:broken: returned 1 value for 2 responses$"):
         RewardModel.load("my_rewards:broken").score([_prompt("a"), _prompt("b")], ["x", "y"])
 
     # reward.function: nothing is trained; the stage directory points at the function.

@@ -50,6 +50,7 @@ from selfcorrect.evaluate.paired import Evaluation, minus_q_rows
 from selfcorrect.evaluate.prompts import ItemPrompt, PromptSet, load_prompts, render
 from selfcorrect.evaluate.table import MetricRow
 from selfcorrect.io import append_jsonl, atomic_write_text, check_writable_dir, iter_jsonl
+from selfcorrect.rundir import LOCK
 
 DEFAULT_CONDITIONS = ("q", "q_if", "q_if_cot")
 COT_PROMPT_TOKENS = 1024  # the longest CoT prompt a vLLM engine's KV cache is sized for by default (vllm_options)
@@ -288,7 +289,7 @@ def _check_output(settings: EvalSettings, prompts: PromptSet, tasks: list[Task])
                 raise UserError(f"{path}: not recorded in {manifest_path}; use another --output or --overwrite")
         manifest["prompts"].update(hashes)
         return manifest
-    if not manifest_path.exists() and out.exists() and any(out.iterdir()):
+    if not manifest_path.exists() and out.exists() and any(p.name != LOCK for p in out.iterdir()):  # its lock: ours
         raise UserError(f"{out}: not empty and not a selfcorrect evaluation output; use another --output")
     return fresh
 

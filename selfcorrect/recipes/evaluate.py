@@ -44,7 +44,7 @@ def wait_for(proc: subprocess.Popen, seconds: float) -> int | None:
 
 def run(cfg: RunConfig, training: subprocess.Popen | None = None) -> Path:
     """Evaluate every target once; with ``training`` (PPO running), evaluate checkpoints as they appear."""
-    from selfcorrect import tracking
+    from selfcorrect import dirlock, tracking
     from selfcorrect.evaluate.run_targets import evaluate_target, join_metrics
 
     all_targets = targets(cfg)
@@ -53,7 +53,11 @@ def run(cfg: RunConfig, training: subprocess.Popen | None = None) -> Path:
     template = settings(cfg)
     metrics = cfg.run_dir().metrics
     pending = list(all_targets)
-    with tracking.EvalLog(cfg.tracking, cfg.name, cfg.root()) as log:
+    # one writer per evaluation directory (`selfcorrect evaluate RUN_DIR` writes it too); the pipeline holds the run dir
+    with (
+        dirlock.hold(cfg.run_dir().eval, what="the evaluation directory"),
+        tracking.EvalLog(cfg.tracking, cfg.name, cfg.root()) as log,
+    ):
         while pending:
             ready = [t for t in pending if t.step is None or (Path(t.model) / "manifest.json").is_file()]
             if not ready:

@@ -110,6 +110,7 @@ class PPORecipe:
             dialogue=self.cfg.dialogue,
             ref_policy=self._setup_ref_policy(),
             value_from_reward=reward.model is not None,  # _setup_model: the value model is a copy of the reward model
+            reward_name=self._reward_name(reward),
         )
 
     def _setup_data(self) -> tuple[list[list[dict]], list[str] | None]:
@@ -125,6 +126,17 @@ class PPORecipe:
         if ":" not in self.reward_ref and not Path(self.reward_ref).is_dir():
             raise UserError(f"{self.path}: ppo.reward_model: {self.reward_ref} not found (run `selfcorrect reward`)")
         return RewardModel.load(self.reward_ref)  # on this process's own device
+
+    def _reward_name(self, reward) -> str:
+        """How a failing reward is named: as the config gives it (``module:function`` or the reward model's directory),
+        with the function a reward directory names (``reward.function``)."""
+        from selfcorrect.reward_models.score import read_manifest
+
+        path = Path(self.reward_ref).expanduser()
+        if reward.function is None or not path.is_dir():
+            return self.reward_ref
+        function = (read_manifest(path) or {}).get("function")
+        return f"{self.reward_ref} ({function})" if function else self.reward_ref
 
     def _setup_model(self, reward) -> tuple[Any, Any, Any]:
         """The policy (train mode), the value model (from the reward model, or the policy's base with a new head for

@@ -9,6 +9,8 @@ A reward reference given to :meth:`RewardModel.load` is one of:
   sequence-classification directory without the manifest loads with bias 0;
 * a directory whose manifest names a ``function`` (``run_reward`` with ``reward.function`` set);
 * ``"module:function"``: an importable function ``f(prompts: list[str], responses: list[str]) -> list[float]``.
+  Its result is checked where it comes back (:func:`checked_rewards`: one finite real number per response, as a list,
+  tuple, 1-D array or 1-D tensor); anything else, or an exception inside it, is a one-line error naming the reward.
 
 How a (prompt, response) pair becomes tokens (shared with training, so scores match what the model was trained on):
 :func:`selfcorrect.dialogue.example_ids` in the reward model's dialogue format -- the prompt messages up to the opened
@@ -30,11 +32,13 @@ import importlib
 import json
 import logging
 import math
+import numbers
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -104,6 +108,142 @@ def load_function(spec: str) -> Callable[[list[str], list[str]], Sequence[float]
     if not callable(function):
         raise UserError(f"{spec}: '{function_name}' is not callable")
     return function
+
+
+def reward_label(reward: Any) -> str:
+    """How errors name a reward: a :class:`RewardModel`'s source, else a function's ``module:qualname``."""
+    source = getattr(reward, "source", "")
+    if source:
+        return str(source)
+    if isinstance(reward, RewardModel) and reward.function is None:
+        return "(a reward model in memory)"
+    function = getattr(reward, "function", None) or reward
+    name = getattr(function, "__qualname__", None) or getattr(function, "__name__", None) or type(function).__name__
+    module = getattr(function, "__module__", None)
+    return f"{module}:{name}" if module else str(name)
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """A value's repr on one line, at most ``limit`` characters."""
+    try:
+        text = " ".join(repr(value).split())
+    except Exception:  # a broken __repr__ must not hide the real error
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _a(value: Any) -> str:
+    """``"a str ('x')"``, ``"an int (3)"``, ``"None"``: a value's type with its article, and its short repr."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiouAEIOU' else 'a'} {name} ({_short(value)})"
+
+
+def _where(reward: str, step: int | None) -> str:
+    return f"reward {reward}: " + ("" if step is None else f"at RLHF step {step}: ")
+
+
+def _first_non_finite(values: torch.Tensor) -> str | None:
+    """``"NaN at index i"`` / ``"inf at index i"`` / ``"-inf at index i"`` for the first non-finite value, else None."""
+    bad = (~torch.isfinite(values)).nonzero()
+    if not len(bad):
+        return None
+    index = int(bad[0, 0])
+    value = float(values[index])
+    return f"{'NaN' if math.isnan(value) else ('inf' if value > 0 else '-inf')} at index {index}"
+
+
+def _real_dtype(values: torch.Tensor | np.ndarray) -> bool:
+    """An integer or floating dtype (not bool, not complex, not strings or objects)."""
+    if isinstance(values, np.ndarray):
+        return values.dtype.kind in "iuf"
+    return values.dtype != torch.bool and not values.dtype.is_complex
+
+
+def _is_number(value: Any) -> bool:
+    """A real number: int, float, a numpy scalar or 0-d array or tensor of a real dtype; not a bool."""
+    if isinstance(value, bool | np.bool_):
+        return False
+    if isinstance(value, numbers.Real):  # int, float, np.integer, np.floating
+        return True
+    return isinstance(value, torch.Tensor | np.ndarray) and value.ndim == 0 and _real_dtype(value)
+
+
+def checked_rewards(values: Any, n: int, reward: str, step: int | None = None) -> torch.Tensor:
+    """What a reward function returned, checked: ``n`` finite real numbers as float32 on the CPU, shape ``(n,)``.
+
+    Accepted: a list, tuple (or other sequence) of ints and floats (numpy scalars and 0-d tensors too), a 1-D numpy
+    array or a 1-D torch tensor of an integer or float dtype. Refused, as a one-line UserError naming ``reward`` and
+    the RLHF ``step`` (when given): None, a string, a mapping, an iterator, another shape or length, bools, strings or
+    other objects among the values, NaN or infinity, or a number beyond float32's range.
+    """
+    where = _where(reward, step)
+    if values is None:
+        raise UserError(f"{where}returned None; return one number per response")
+    if isinstance(values, str | bytes):
+        raise UserError(f"{where}returned {_a(values)}; return one number per response")
+    if isinstance(values, torch.Tensor | np.ndarray):
+        kind = "tensor" if isinstance(values, torch.Tensor) else "array"
+        if values.ndim != 1:
+            shape = tuple(values.shape)
+            raise UserError(f"{where}returned a {values.ndim}-D {kind} of shape {shape}; return one value per response")
+        if not _real_dtype(values):
+            raise UserError(f"{where}returned {'a tensor' if kind == 'tensor' else 'an array'} of dtype {values.dtype}")
+        items: Sequence[Any] | None = None
+    elif isinstance(values, Sequence):
+        items = values
+    else:
+        raise UserError(f"{where}returned {_a(values)}; return a list of numbers, one per response")
+    if len(values) != n:
+        raise UserError(f"{where}returned {len(values)} value{'' if len(values) == 1 else 's'} for {n} responses")
+    if items is None:  # a tensor or an array of real numbers
+        wide = torch.as_tensor(values).detach().to(device="cpu", dtype=torch.float64)
+    else:
+        floats = []
+        for index, item in enumerate(items):
+            if not _is_number(item):
+                raise UserError(f"{where}returned {_a(item)} at index {index}")
+            try:
+                floats.append(float(item))
+            except OverflowError:  # an int beyond any float
+                raise UserError(f"{where}returned {_short(item)} at index {index}: beyond float range") from None
+        wide = torch.tensor(floats, dtype=torch.float64)
+    problem = _first_non_finite(wide)
+    if problem is not None:
+        raise UserError(f"{where}returned {problem}")
+    rewards = wide.to(torch.float32)
+    problem = _first_non_finite(rewards)
+    if problem is not None:
+        index = int(problem.rsplit(" ", 1)[1])
+        raise UserError(f"{where}returned {float(wide[index]):g} at index {index}: beyond float32's range")
+    return rewards
+
+
+def checked_scores(scores: torch.Tensor, reward: str, step: int | None = None, dtype: Any = None) -> torch.Tensor:
+    """A reward model's scores, refused if any is NaN or infinite (a 16-bit overflow, or broken weights): a one-line
+    UserError naming the reward model, the RLHF step (when given) and the dtype of its weights (when given)."""
+    problem = _first_non_finite(scores.detach().float().cpu())
+    if problem is not None:
+        when = "" if step is None else f"at RLHF step {step}: "
+        weights = "" if dtype is None else f" (its weights in {dtype})"
+        raise UserError(f"reward model {reward}: {when}scored {problem}{weights}")
+    return scores
+
+
+def call_reward(
+    function: Callable[..., Any], prompts: list[Any], responses: list[str], reward: str, step: int | None = None
+) -> torch.Tensor:
+    """``function(prompts, responses)``, checked by :func:`checked_rewards`; an exception inside it becomes a one-line
+    UserError naming the reward, the RLHF step (when given) and the exception's type and first line."""
+    try:
+        values = function(prompts, responses)
+    except Exception as exc:
+        when = "raised" if step is None else f"raised at RLHF step {step}"
+        message = str(exc).strip()
+        what = type(exc).__name__ + (f": {message.splitlines()[0][:300]}" if message else "")
+        raise UserError(f"reward {reward}: {when}: {what}") from exc
+    return checked_rewards(values, len(responses), reward, step)
 
 
 # ---- the reward model --------------------------------------------------------------------------------------------
@@ -313,15 +453,13 @@ class RewardModel:
         ids = [encode(self.tokenizer, p, r, spec) for p, r in zip(prompts, responses, strict=True)]
         return self.score_ids(ids, batch_size=batch_size) + self.bias
 
-    def score_texts(self, prompts: Sequence[str], responses: Sequence[Response]) -> torch.Tensor:
-        """Rewards (with the bias) from a function reward, given HH-format prompt strings."""
-        values = list(self.function(list(prompts), [response_text(r) for r in responses]))
-        if len(values) != len(prompts):
-            raise UserError(f"{self.source}: returned {len(values)} rewards for {len(prompts)} responses")
-        try:
-            rewards = torch.tensor([float(v) for v in values], dtype=torch.float32)
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"{self.source}: rewards must be numbers ({exc})") from None
-        return rewards.reshape(len(prompts)) + self.bias
+    def score_texts(
+        self, prompts: Sequence[str], responses: Sequence[Response], step: int | None = None
+    ) -> torch.Tensor:
+        """Rewards (with the bias) from a function reward, given HH-format prompt strings: checked by
+        :func:`call_reward` (errors name ``step``, the RLHF step, when given)."""
+        texts = [response_text(r) for r in responses]
+        rewards = call_reward(self.function, list(prompts), texts, self.source or reward_label(self), step)
+        return rewards + self.bias
 
     __call__ = score

@@ -28,8 +28,9 @@ import torch
 
 from selfcorrect.config import check_save_at_steps
 from selfcorrect.errors import UserError
+from selfcorrect.io import writing
 from selfcorrect.provenance import library_versions, now, stamp, to_json
-from selfcorrect.rundir import checkpoint_dir, engine_dir, kept_steps, last_dir, step_name
+from selfcorrect.rundir import checkpoint_dir, engine_dir, kept_steps, last_dir, parse_step, step_name
 
 __all__ = [
     "MANIFEST_REQUIRED_KEYS",
@@ -95,6 +96,14 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(to_json(obj), encoding="utf-8")
 
 
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file object: a failed write then carries its errno (a full disk, a file-size
+    limit), which ``torch.save`` to a path loses (a RuntimeError of its zip writer); see
+    :func:`selfcorrect.io.writing`."""
+    with writing(path), path.open("wb") as f:
+        torch.save(obj, f)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Model weights
 # --------------------------------------------------------------------------------------------------------------
@@ -129,15 +138,16 @@ def _save_weights(model: Any, directory: Path) -> None:
     """Save ``model`` into ``directory`` as safetensors: ``save_pretrained`` (a PEFT model writes its adapter),
     or for a plain ``torch.nn.Module`` its state dict as ``model.safetensors``. A save that produced no
     safetensors file is a RuntimeError (weights are never written as pickle)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    if _is_peft(model):
-        model.save_pretrained(directory, safe_serialization=True)
-    elif hasattr(model, "save_pretrained"):
-        model.save_pretrained(directory)  # transformers 5 always writes safetensors
-    else:
-        from safetensors.torch import save_model
+    with writing(directory, staging=directory):  # a failed write names the directory (a library's may name no file)
+        directory.mkdir(parents=True, exist_ok=True)
+        if _is_peft(model):
+            model.save_pretrained(directory, safe_serialization=True)
+        elif hasattr(model, "save_pretrained"):
+            model.save_pretrained(directory)  # transformers 5 always writes safetensors
+        else:
+            from safetensors.torch import save_model
 
-        save_model(model, str(directory / "model.safetensors"))
+            save_model(model, str(directory / "model.safetensors"))
     if not any(directory.glob("*.safetensors")):
         raise RuntimeError(f"{directory}: saving {type(model).__name__} wrote no safetensors file")
 
@@ -182,7 +192,9 @@ def _remove_stale_temp_dirs(parent: Path, prefix: str) -> None:
                 shutil.rmtree(stale, ignore_errors=True)
 
 
-def save_checkpoint(root: Path, step: int, model: Any, tokenizer: Any, manifest: dict[str, Any]) -> Path:
+def save_checkpoint(
+    root: Path, step: int, model: Any, tokenizer: Any, manifest: dict[str, Any], *, verify: bool = False
+) -> Path:
     """Write the kept checkpoint of ``step`` atomically and return its directory (:func:`rundir.checkpoint_dir`).
 
     The directory holds ``model.save_pretrained`` output in safetensors (for a PEFT model: the adapter, with
@@ -198,7 +210,13 @@ def save_checkpoint(root: Path, step: int, model: Any, tokenizer: Any, manifest:
 
     **An existing checkpoint is never overwritten**: if the directory already exists (a resumed run reaching a
     step it had saved before it was killed) it is returned unchanged, unless its manifest records a different
-    ``config_hash``, which is a :class:`UserError` (another configuration wrote into this run directory).
+    ``config_hash``, which is a :class:`UserError` (another configuration wrote into this run directory). With
+    ``verify`` (a run retraining from step 0 over kept checkpoints, its ``last/`` gone) ``model``'s weights must also
+    be exactly those the existing checkpoint holds (:func:`_check_same_weights`), else a :class:`UserError`.
+
+    A failed write (a full disk, a quota, a file-size limit: whatever the library raised) is an ``OSError`` with its
+    errno and ``filename`` the checkpoint's directory (:func:`selfcorrect.io.writing`); the temporary directory is
+    removed and nothing appears under the final name.
     """
     missing = [key for key in MANIFEST_REQUIRED_KEYS if key not in manifest]
     if missing:
@@ -208,6 +226,8 @@ def save_checkpoint(root: Path, step: int, model: Any, tokenizer: Any, manifest:
     final = checkpoint_dir(root, step)
     if final.exists():
         _check_existing_checkpoint(final, manifest.get("config_hash"))
+        if verify:
+            _check_same_weights(Path(root), final, model)
         return final
 
     weights = _weights_info(model)
@@ -220,17 +240,18 @@ def save_checkpoint(root: Path, step: int, model: Any, tokenizer: Any, manifest:
     encoded = to_json(full_manifest)  # fail early
 
     parent = final.parent
-    parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{final.name}.tmp-"
-    _remove_stale_temp_dirs(parent, prefix)
     tmp = parent / f"{prefix}{os.getpid()}"
-    try:
-        tmp.mkdir()
-        _save_weights(model, tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "manifest.json").write_text(encoded, encoding="utf-8")
-        _fsync_tree(tmp)
-        os.rename(tmp, final)  # fails rather than replace if ``final`` appeared meanwhile
+    try:  # a failed write (a full disk, a file-size limit) is an OSError naming ``final``; nothing stays behind
+        with writing(final, staging=tmp):
+            parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temp_dirs(parent, prefix)
+            tmp.mkdir()
+            _save_weights(model, tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "manifest.json").write_text(encoded, encoding="utf-8")
+            _fsync_tree(tmp)
+            os.rename(tmp, final)  # fails rather than replace if ``final`` appeared meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -257,6 +278,33 @@ def dependent_checkpoints(root: Path, base_dir: Path) -> list[Path]:
 def describe_kept(paths: list[Path]) -> str:
     """Kept checkpoints of one directory in a few words: ``runs/x/ppo/checkpoints/{step-000000,step-000004}``."""
     return f"{paths[0].parent}/{{{','.join(p.name for p in paths)}}}" if len(paths) > 1 else str(paths[0])
+
+
+def _check_same_weights(root: Path, final: Path, model: Any) -> None:
+    """``model``'s weights, saved as :func:`save_checkpoint` would (into a temporary directory beside ``final``, removed
+    after), are exactly those of the existing checkpoint ``final`` (every tensor of its safetensors files); a
+    difference is a :class:`UserError`: a retraining that did not reproduce the kept checkpoint it reached."""
+    from safetensors.torch import load_file
+
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with writing(final, staging=tmp):
+            _save_weights(model, tmp)
+        ours = {p.name: load_file(p) for p in sorted(tmp.glob("*.safetensors"))}
+        kept = {p.name: load_file(p) for p in sorted(final.glob("*.safetensors"))}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    same = ours.keys() == kept.keys() and all(
+        a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in ((ours[n], kept[n]) for n in ours)
+    )
+    if not same:
+        raise UserError(
+            f"{final}: a training again from step 0 (begun as {last_dir(root)} was missing) reached step "
+            f"{parse_step(final.name)} with other weights than this kept checkpoint holds, so the kept checkpoints "
+            f"and this training are not one run; put back the {last_dir(root)} saved with them, or move {root} aside "
+            "and rerun to start over"
+        )
 
 
 def _check_existing_checkpoint(final: Path, expected_hash: str | None) -> None:
@@ -379,46 +427,121 @@ def save_last(
     }
     encoded = to_json(record)  # fail before writing
 
-    root.mkdir(parents=True, exist_ok=True)
     last = last_dir(root)
     old, tmp_prefix = last.with_name(f"{last.name}.old"), f"{last.name}.tmp-"
-    _remove_stale_temp_dirs(root, tmp_prefix)
     tmp = root / f"{tmp_prefix}{os.getpid()}"
+    # A failed write (a full disk, a file-size limit) is an OSError naming ``last``; the temporary directory goes and
+    # the previous ``last`` (or ``last.old``) stays as it was.
     try:
-        tmp.mkdir()
-        for name, m in models.items():
-            _save_weights(m, tmp / name)
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        if scheduler is not None:
-            torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
-        if rng:
-            torch.save(capture_rng(), tmp / RNG_FILE)
-        if tensors is not None:
-            from safetensors.torch import save_file
+        with writing(last, staging=tmp):
+            root.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temp_dirs(root, tmp_prefix)
+            tmp.mkdir()
+            for name, m in models.items():
+                _save_weights(m, tmp / name)
+            if optimizer is not None:
+                _torch_save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+            if scheduler is not None:
+                _torch_save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+            if rng:
+                _torch_save(capture_rng(), tmp / RNG_FILE)
+            if tensors is not None:
+                from safetensors.torch import save_file
 
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS_FILE))
-        (tmp / STATE_FILE).write_text(encoded, encoding="utf-8")  # written last: marks a complete directory
-        _fsync_tree(tmp)
+                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS_FILE))
+            (tmp / STATE_FILE).write_text(encoded, encoding="utf-8")  # written last: marks a complete directory
+            _fsync_tree(tmp)
+            if last.exists():
+                if old.exists():  # a stale leftover: ``last`` is complete, so ``last.old`` is not needed
+                    shutil.rmtree(old)
+                os.rename(last, old)
+            os.rename(tmp, last)  # if this fails, ``last.old`` is what load_last reads
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-    if last.exists():
-        if old.exists():  # a stale leftover: ``last`` is complete, so ``last.old`` is not needed
-            shutil.rmtree(old)
-        os.rename(last, old)
-    os.rename(tmp, last)
     _fsync_dir(root)
     if old.exists():
         shutil.rmtree(old)
     return last
 
 
-def _load_tensors(directory: Path) -> dict[str, torch.Tensor]:
+class _Torn(Exception):
+    """A file of a resume state that cannot be read back: ``path`` and what is wrong with it."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def _reading(path: Path, read: Any) -> Any:
+    """``read()``; whatever goes wrong reading ``path`` (missing, cut short, not what was saved) is a ``_Torn``."""
+    try:
+        return read()
+    except FileNotFoundError:
+        raise _Torn(path, "missing") from None
+    except json.JSONDecodeError as exc:
+        raise _Torn(path, f"not valid JSON ({exc})") from None
+    except Exception as exc:  # torch.load, safetensors, a wrong structure: one reason each, on one line
+        text = " ".join(str(exc).split())
+        raise _Torn(path, f"unreadable ({type(exc).__name__}: {text[:160]})") from None
+
+
+def _check_weights(directory: Path, kind: str) -> None:
+    """The weights directory of a resume state is whole: its JSON files parse, and its safetensors files (at least
+    one; their headers say how long they must be) are complete, without reading the weights themselves."""
+    from safetensors import safe_open
+
+    if not directory.is_dir():
+        raise _Torn(directory, "missing")
+    needed = {"full": "config.json", "adapter": "adapter_config.json"}.get(kind)
+    if needed is not None and not (directory / needed).is_file():
+        raise _Torn(directory / needed, "missing")
+    for path in sorted(directory.glob("*.json")):
+        _reading(path, lambda path=path: json.loads(path.read_text(encoding="utf-8")))
+    found = sorted(directory.glob("*.safetensors"))
+    if not found:
+        raise _Torn(directory, "holds no safetensors weights")
+    for path in found:
+
+        def check(path: Path = path) -> None:
+            with safe_open(str(path), framework="pt"):  # checks that the file covers every tensor of its header
+                pass
+
+        _reading(path, check)
+
+
+def _read_last(directory: Path) -> dict[str, Any]:
+    """Everything :func:`load_last` returns, read from ``directory``; a torn file is a ``_Torn``."""
     from safetensors.torch import load_file
 
-    return load_file(str(directory / TENSORS_FILE))
+    state_path = directory / STATE_FILE
+    record = _reading(state_path, lambda: json.loads(state_path.read_text(encoding="utf-8")))
+    fields = ("state", "models", "has_optimizer", "has_scheduler", "has_rng", "created_at", "library_versions")
+    if not isinstance(record, dict) or any(key not in record for key in fields):
+        raise _Torn(state_path, "not a resume state written by selfcorrect (cut short or edited)")
+    if not isinstance(record["state"], dict) or "step" not in record["state"] or not isinstance(record["models"], dict):
+        raise _Torn(state_path, "not a resume state written by selfcorrect (no step or models)")
+    model_dirs = {name: directory / name for name in record["models"]}
+    for name, model_dir in model_dirs.items():
+        info = record["models"][name]
+        _check_weights(model_dir, info.get("weights") if isinstance(info, dict) else None)
+
+    def load(name: str, present: bool) -> Any:
+        path = directory / name
+        return _reading(path, lambda: torch.load(path, map_location="cpu", weights_only=True)) if present else None
+
+    tensors_path = directory / TENSORS_FILE
+    return {
+        "path": directory,
+        "state": record["state"],
+        "model_dirs": model_dirs,
+        "optimizer": load(OPTIMIZER_FILE, record["has_optimizer"]),
+        "scheduler": load(SCHEDULER_FILE, record["has_scheduler"]),
+        "rng": load(RNG_FILE, record["has_rng"]),
+        "tensors": _reading(tensors_path, lambda: load_file(str(tensors_path))) if record.get("has_tensors") else None,
+        "created_at": record["created_at"],
+        "library_versions": record["library_versions"],
+    }
 
 
 def load_last(root: Path) -> dict[str, Any] | None:
@@ -437,8 +560,12 @@ def load_last(root: Path) -> dict[str, Any] | None:
          "tensors": dict | None,              # the named tensors given to save_last (on the CPU)
          "created_at": str, "library_versions": dict}
 
-    Tensors are loaded to CPU with ``weights_only=True``. A directory without ``state.json`` (never produced
-    by :func:`save_last`) is a :class:`UserError`.
+    Tensors are loaded to CPU with ``weights_only=True``; the weights are checked whole (their safetensors headers)
+    but not loaded (:func:`restore_weights` does that).
+
+    **A torn resume state is never skipped** (starting over would retrain over the kept checkpoints): a file of it
+    missing, cut short or unreadable is a one-line :class:`UserError` naming the file and what is wrong, and how to
+    go on (:func:`torn_last_message`).
     """
     root = Path(root)
     directory = last_dir(root)
@@ -446,29 +573,37 @@ def load_last(root: Path) -> dict[str, Any] | None:
         directory = directory.with_name(f"{directory.name}.old")
         if not directory.is_dir():
             return None
-    state_path = directory / STATE_FILE
     try:
-        record = json.loads(state_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise UserError(
-            f"{state_path}: cannot read the resume state ({error}); delete {directory} to start over "
-            "from the last kept checkpoint"
-        ) from error
+        return _read_last(directory)
+    except _Torn as torn:
+        raise UserError(torn_last_message(root, directory, torn.path, torn.reason)) from None
 
-    def load(name: str, present: bool) -> Any:
-        return torch.load(directory / name, map_location="cpu", weights_only=True) if present else None
 
-    return {
-        "path": directory,
-        "state": record["state"],
-        "model_dirs": {name: directory / name for name in record["models"]},
-        "optimizer": load(OPTIMIZER_FILE, record["has_optimizer"]),
-        "scheduler": load(SCHEDULER_FILE, record["has_scheduler"]),
-        "rng": load(RNG_FILE, record["has_rng"]),
-        "tensors": _load_tensors(directory) if record.get("has_tensors") else None,
-        "created_at": record["created_at"],
-        "library_versions": record["library_versions"],
-    }
+def torn_last_message(root: Path, directory: Path, path: Path, reason: str) -> str:
+    """One line: the file of the resume state ``directory`` (``last/`` or ``last.old/`` of ``root``) that cannot be
+    read and why, then the ways on: restore it; resume from an intact older ``last.old`` (an earlier step: not the
+    same state, so only if asked); start over. The newest kept checkpoint is named, and why it cannot be resumed
+    from: it holds the policy weights only."""
+    root = Path(root)
+    parts = [f"{path}: {reason}; {directory} is torn, so the run cannot resume from it"]
+    kept = kept_steps(root)
+    if kept and kept[-1] > 0:
+        parts.append(
+            f"the newest kept checkpoint, {checkpoint_dir(root, kept[-1])} (step {kept[-1]}), holds the policy "
+            "weights only (not the value model, optimizer or scheduler), so no exact resume from it is possible"
+        )
+    ways = [f"restore {directory} from a copy"]
+    old = last_dir(root).with_name(f"{last_dir(root).name}.old")
+    if directory != old and old.is_dir():
+        try:
+            step = _read_last(old)["state"]["step"]
+        except _Torn:
+            pass
+        else:
+            ways.append(f"replace it by {old} (an intact earlier save, of step {step}: the steps after it run again)")
+    ways.append(f"move {root} aside and rerun to start over from step 0")
+    parts.append("to go on: " + ", or ".join(ways))
+    return "; ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -485,7 +620,8 @@ def save_engine_checkpoint(engine: Any, root: Path, step: int) -> str:
     A collective: every process must call it.
     """
     tag = step_name(step)
-    engine.save_checkpoint(str(engine_dir(root)), tag=tag, save_latest=False)
+    with writing(engine_dir(root) / tag):  # a partial one is never named by last/; the next save's prune removes it
+        engine.save_checkpoint(str(engine_dir(root)), tag=tag, save_latest=False)
     return tag
 
 

@@ -47,12 +47,13 @@ from tqdm import tqdm
 from transformers import GenerationConfig, Trainer, TrainingArguments
 
 from selfcorrect import dialogue as dialogues
+from selfcorrect import stop
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.engines import shows_progress
-from selfcorrect.errors import UserError
+from selfcorrect.errors import Stopped, UserError
 from selfcorrect.provenance import stable_seed
-from selfcorrect.reward_models.score import RewardModel, hh_prompt
-from selfcorrect.rundir import merged_dir
+from selfcorrect.reward_models.score import RewardModel, call_reward, checked_scores, hh_prompt, reward_label
+from selfcorrect.rundir import last_dir, merged_dir
 from selfcorrect.train import compat, packing, ppo_forward
 from selfcorrect.train import ppo_core as core
 from selfcorrect.train.checkpoints import (
@@ -168,6 +169,7 @@ class PPOPtxTrainer(Trainer):
         manifest_extra: dict[str, Any] | None = None,
         dialogue: DialogueSpec | None = None,
         value_from_reward: bool = False,
+        reward_name: str | None = None,
     ):
         if not prompts:
             raise UserError("ppo.prompts: the prompt dataset is empty")
@@ -184,6 +186,7 @@ class PPOPtxTrainer(Trainer):
         self.tokenizer = tokenizer
         self.dialogue = dialogue or DialogueSpec()
         self.reward_fn = reward_fn
+        self.reward_name = reward_name or reward_label(reward_fn)  # how errors name the reward (the config's words)
         self.prompts, self.prompt_ids, n_dropped = self._tokenize_prompts(prompts)
         self.ptx_texts = ptx_texts or []
         self.is_peft = hasattr(policy, "disable_adapter")
@@ -517,12 +520,19 @@ class PPOPtxTrainer(Trainer):
         A reward model scores ``prompt ids + reply ids + [EOS]`` in the run's dialogue format, EOS only where the
         policy ended its turn: the rollout's own ids when it shares the policy's vocabulary, else the same exchange
         re-tokenized with its tokenizer. A function reward gets HH-format prompt strings and the reply texts.
+
+        Checked at this boundary: a function's result must be one finite number per response, and a model's scores
+        finite; anything else, or an exception inside the reward, is a one-line UserError naming the reward and the
+        RLHF step (1-based), raised before anything of this step is saved.
         """
-        reward = self.reward_fn
+        reward, name = self.reward_fn, self.reward_name
+        # The step being run: the steps completed (global_step in this loop; the restored history after a resume) + 1.
+        step = max(self.state.global_step, len(self.history)) + 1
         if not isinstance(reward, RewardModel):
-            return torch.as_tensor(reward(roll.prompts, roll.responses), dtype=torch.float32)
+            return call_reward(reward, roll.prompts, roll.responses, name, step)
         if reward.model is None:
-            return reward.score_texts([hh_prompt(p) for p in roll.prompts], roll.responses)
+            prompts = [hh_prompt(p) for p in roll.prompts]
+            return call_reward(reward.function, prompts, list(roll.responses), name, step) + reward.bias
         eos = [[self.tokenizer.eos_token_id] if ended else [] for ended in roll.has_eos.tolist()]
         if self.reward_ids_match:
             sequences = [p + r + e for p, r, e in zip(roll.prompt_ids, roll.reply_ids, eos)]
@@ -534,7 +544,8 @@ class PPOPtxTrainer(Trainer):
                 + (rm_eos if ended else [])
                 for p, text, ended in zip(roll.prompts, roll.responses, roll.has_eos.tolist())
             ]
-        return reward.score_ids(sequences) + reward.bias
+        scores = reward.score_ids(sequences) + reward.bias
+        return checked_scores(scores, name, step, dtype=next(reward.model.parameters()).dtype)
 
     @torch.no_grad()
     def score(self, roll: Rollout) -> None:
@@ -818,8 +829,9 @@ class PPOPtxTrainer(Trainer):
                     "metrics": record,
                     **self.manifest_extra,
                 }
+                verify = getattr(self, "_verify_kept", False)  # retraining from step 0 over kept ones (_resume)
                 with self._ema_weights():  # with EMA on, a kept checkpoint holds the EMA of the weights
-                    kept = save_checkpoint(self.run_dir, step, policy, self.tokenizer, manifest)
+                    kept = save_checkpoint(self.run_dir, step, policy, self.tokenizer, manifest, verify=verify)
                 merged = merged_dir(self.run_dir, step)
                 if self.ppo.save_merged and not merged.exists():  # a plain model any tool loads (selfcorrect export)
                     from selfcorrect.export import export_checkpoint
@@ -830,6 +842,10 @@ class PPOPtxTrainer(Trainer):
     def _save_last(self, state: dict[str, Any]) -> None:
         """Refresh ``last/``: the raw weights, optimizer, scheduler, RNG, EMA and the loop's state (under DeepSpeed the
         weights and optimizer are an engine checkpoint that ``last/`` names)."""
+        from selfcorrect.rundir import kept_steps
+
+        if getattr(self, "_verify_kept", False) and any(s > state["step"] for s in kept_steps(self.run_dir)):
+            state = {**state, "verify_kept": True}  # a rerun from here still checks the kept checkpoints it reaches
         deepspeed = zero_stage(self.accelerator) is not None
         if deepspeed:
             state = {**state, "deepspeed_tag": save_engine_checkpoint(self.model, self.run_dir, state["step"])}
@@ -848,10 +864,22 @@ class PPOPtxTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _resume(self) -> dict[str, Any]:
-        last = load_last(self.run_dir)
+        last = load_last(self.run_dir)  # a torn last/ is a one-line UserError saying how to go on
         if last is None:
+            from selfcorrect.rundir import checkpoints_dir, kept_steps
+
+            # No last/, yet kept checkpoints beyond step 0 (last/ removed, or a kill or a failed write before its first
+            # save): the run starts over, and each kept checkpoint it reaches must come out exactly as kept, else a
+            # one-line error (save_checkpoint's verify): never a second training silently mixed with the kept one.
+            kept = [s for s in kept_steps(self.run_dir) if s > 0]
+            self._verify_kept = bool(kept)
+            if kept and self.accelerator.is_main_process:
+                print(f"note: {checkpoints_dir(self.run_dir)} holds kept checkpoints up to step {kept[-1]} but there "
+                      f"is no {last_dir(self.run_dir)} to resume from: training again from step 0, checking that it "
+                      "reproduces each kept checkpoint it reaches", file=sys.stderr)  # fmt: skip
             return {"step": 0, "episodes": 0, "tokens": 0}
         state = last["state"]
+        self._verify_kept = bool(state.get("verify_kept"))  # a retraining from step 0 that has kept ones ahead
         if state.get("config_hash") != self.config_hash:
             raise UserError(
                 f"{last['path']}: made with another config (hash {state.get('config_hash')} != {self.config_hash}); "
@@ -912,14 +940,23 @@ class PPOPtxTrainer(Trainer):
         state = self._resume()
         start = state["step"]
         episodes, tokens = state["episodes"], state["tokens"]
-        kept = set(ppo.save_at_steps)
-        negative_kl_steps = 0
-        if start == 0 and 0 in kept:
+        if start == 0 and 0 in ppo.save_at_steps:
             self._save_kept(0, {"episodes": 0, "tokens": 0})
-        self.state.max_steps = ppo.steps
+        self.state.max_steps, self.state.global_step = ppo.steps, start
         # A bar where stderr is a terminal; elsewhere (a log file, a cluster job) one line per step instead.
         main = self.accelerator.is_main_process
         bar = tqdm(total=ppo.steps, initial=start, desc="ppo", unit="step", disable=not (main and shows_progress()))
+        self._last_step = start if start > 0 else -1  # the step last/ holds (-1: none yet)
+        with stop.deferred():  # a stop signal ends the loop at the next safe point below, with last/ saved
+            self._loop(start, episodes, tokens, bar)
+        bar.close()
+        return self.history
+
+    def _loop(self, start: int, episodes: int, tokens: int, bar: tqdm) -> None:
+        """RLHF steps ``start`` to ``ppo.steps``: rollout, score, (advantages and) update, log, save."""
+        ppo, main = self.ppo, self.accelerator.is_main_process
+        kept = set(ppo.save_at_steps)
+        negative_kl_steps = 0
         for step in range(start, ppo.steps):
             torch.manual_seed(stable_seed(self.args.seed, "rollout", step, self.accelerator.process_index))
             self.model.eval()
@@ -927,8 +964,15 @@ class PPOPtxTrainer(Trainer):
             clock = time.perf_counter()
             roll = self.rollout(self.step_prompts(step), deferred=self.first_minibatch(step))
             t_rollout = time.perf_counter() - clock
-            self.score(roll)
+            self._stop_if_requested(step, episodes, tokens)  # nothing of this step is in the weights yet
+            try:
+                self.score(roll)
+            except UserError:  # a reward that failed: keep the steps done since the last save in last/
+                if self.accelerator.num_processes == 1 and 0 < step != self._last_step:  # (other processes: no save)
+                    self._save_last(self._loop_state(step, episodes, tokens))
+                raise
             t_score = time.perf_counter() - clock - t_rollout
+            self._stop_if_requested(step, episodes, tokens)
             record = self.update(roll, step)  # its first minibatch completes the rollout's log-probs and advantages
             t_update = time.perf_counter() - clock - t_rollout - t_score
             record = {**self.rollout_stats(roll), **record}
@@ -958,16 +1002,42 @@ class PPOPtxTrainer(Trainer):
             if step + 1 in kept:
                 self._save_kept(step + 1, record)
             if (step + 1) % ppo.save_last_every == 0 or step + 1 == ppo.steps:
-                self._save_last(
-                    {
-                        "step": step + 1,
-                        "episodes": episodes,
-                        "tokens": tokens,
-                        "kl_controller": self.kl_ctl.state_dict(),
-                        "config_hash": self.config_hash,
-                        "num_processes": self.accelerator.num_processes,
-                        "history": self.history,
-                    }
-                )
-        bar.close()
-        return self.history
+                self._save_last(self._loop_state(step + 1, episodes, tokens))
+            if step + 1 < ppo.steps:  # after the last step the run is complete: it ends as usual
+                self._stop_if_requested(step + 1, episodes, tokens)
+
+    def _loop_state(self, step: int, episodes: int, tokens: int) -> dict[str, Any]:
+        """What ``last/`` records of the loop after ``step`` RLHF steps (beside the weights, optimizer, RNG...)."""
+        self._last_step = step
+        return {
+            "step": step,
+            "episodes": episodes,
+            "tokens": tokens,
+            "kl_controller": self.kl_ctl.state_dict(),
+            "config_hash": self.config_hash,
+            "num_processes": self.accelerator.num_processes,
+            "history": self.history,
+        }
+
+    def _stop_if_requested(self, step: int, episodes: int, tokens: int) -> None:
+        """After a stop signal (to any process): save ``last/`` at ``step`` completed RLHF steps and raise ``Stopped``.
+
+        Called where the weights, optimizer and KL controller are those of the end of ``step`` (before a step's update,
+        or after it): the saved state is the one an uninterrupted run has there, so the rerun continues it exactly.
+        Every process takes part (the flag is summed over them), so all stop at the same step.
+        """
+        flag = stop.requested() is not None
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(torch.tensor([float(flag)], device=self.accelerator.device), "sum")
+            flag = bool(total.item() > 0)
+        if not flag:
+            return
+        signal_name = stop.requested() or "a stop signal"
+        if step == 0:
+            raise Stopped(f"{signal_name} received before the first RLHF step ended; the rerun starts from step 0")
+        if self._last_step != step:
+            self._save_last(self._loop_state(step, episodes, tokens))
+        raise Stopped(
+            f"{signal_name} received: {last_dir(self.run_dir)} holds RLHF step {step} of {self.ppo.steps}; rerun the "
+            "same command to resume from there"
+        )
