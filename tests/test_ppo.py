@@ -391,6 +391,33 @@ def test_deepspeed_zero2_on_two_cpu_processes(zero2_run, ddp_run):
     assert_same_run(zero2_run, ddp_run, atol=1e-4)  # DDP and ZeRO sum the gradients in another order
 
 
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step_and_the_rerun_matches(
+    peaked_policy_dir, launch_dir, ddp_run
+):
+    """SIGTERM to rank 1 only (of 2 DDP processes over gloo): the flag is summed over the processes, so both save
+    ``last/`` at the same step and stop with exit code 75 (the launcher's own exit code is non-zero); the same
+    command again finishes the run with the checkpoints of the uninterrupted one."""
+    import psutil
+
+    out = launch_dir / "ddp-stopped"
+    config = write_config(launch_dir, peaked_policy_dir, out, **LAUNCHED)
+    env = launch_env(launch_dir, ACCELERATE_USE_CPU="true")
+    proc = subprocess.Popen(launch_command("cpu_2proc.yaml", config), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    wait_until(proc, lambda: last_ppo_step(out) >= 1)
+    ranks = {p.environ().get("RANK"): p for p in psutil.Process(proc.pid).children(recursive=True)}
+    ranks["1"].send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    stopped_at = last_ppo_step(out)
+    assert 1 <= stopped_at < 4, "the run finished before the signal"
+    assert "selfcorrect: stopped: SIGTERM received" in err and f"holds RLHF step {stopped_at} of 4" in err, err
+    launch("cpu_2proc.yaml", config, ACCELERATE_USE_CPU="true")
+    for step in LAUNCHED_STEPS[1:]:
+        a, b = checkpoint_weights(out, step), checkpoint_weights(ddp_run, step)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), step
+
+
 @requires_deepspeed
 def test_deepspeed_zero2_kill_and_rerun_gives_identical_checkpoints(peaked_policy_dir, launch_dir, zero2_run):
     """All processes of a ZeRO-2 run killed after step 1; the same command again resumes from the DeepSpeed

@@ -1032,7 +1032,7 @@ class PPOPtxTrainer(Trainer):
             flag = bool(total.item() > 0)
         if not flag:
             return
-        signal_name = stop.requested() or "a stop signal"
+        signal_name = stop.requested() or "a stop signal (to another process)"
         if step == 0:
             raise Stopped(f"{signal_name} received before the first RLHF step ended; the rerun starts from step 0")
         if self._last_step != step:
