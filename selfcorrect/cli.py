@@ -132,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"checkpoint is evaluated into OUTPUT/{step_name(4)}/... (OUTPUT default {EXAMPLE_RUN.eval}) and "
         "OUTPUT/metrics.csv "
         "gains the leading columns model,params,step, and, when step 0 is among the checkpoints, rows with metric "
-        "<m>_minus_step0 (each later checkpoint's headline metric minus step 0's, paired).",
+        "<m>_minus_step0 (each later checkpoint's headline metric minus step 0's, paired). Under "
+        "'accelerate launch --num_processes N -m selfcorrect evaluate ...' the batches are shared out over the N "
+        "processes (each on its own device) and the results are those of one process.",
     )
     ev.add_argument(
         "model",
@@ -440,6 +442,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from selfcorrect import dirlock
     from selfcorrect.config import data_dir
     from selfcorrect.evaluate.runner import EvalSettings, evaluate, print_summary
+    from selfcorrect.evaluate.shards import Shard
 
     _check_seed_and_bootstrap(args)
     for flag in ("batch_size", "gen_batch_size"):
@@ -477,7 +480,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             metrics = evaluate_run(settings, run_dir)
         else:
             metrics = evaluate(settings)
-    print_summary(metrics)
+    if Shard.from_env().main:  # under accelerate launch, process 0 wrote the table and prints it
+        print_summary(metrics)
     return 0
 
 

@@ -15,6 +15,7 @@ from selfcorrect.evaluate import table
 from selfcorrect.evaluate.paired import minus_step0_rows
 from selfcorrect.evaluate.prompts import PromptSet, load_prompts
 from selfcorrect.evaluate.runner import EvalSettings, evaluate, is_defined, read_evaluation
+from selfcorrect.evaluate.shards import Shard
 from selfcorrect.evaluate.table import MetricRow
 from selfcorrect.rundir import RunDir
 
@@ -95,4 +96,6 @@ def evaluate_run(template: EvalSettings, run_dir: Path, label: str | None = None
     targets = checkpoint_targets(run, steps, label or Path(run_dir).resolve().name, template.output)
     for target in targets:
         evaluate_target(template, target)
+    if not Shard.from_env().main:  # under accelerate launch: process 0 joins the tables
+        return template.output / "metrics.csv"
     return join_metrics(targets, template.output / "metrics.csv", template)

@@ -48,6 +48,7 @@ from selfcorrect.evaluate import table
 from selfcorrect.evaluate.metrics import stable_seed, stratified_sample
 from selfcorrect.evaluate.paired import Evaluation, minus_q_rows
 from selfcorrect.evaluate.prompts import ItemPrompt, PromptSet, load_prompts, render
+from selfcorrect.evaluate.shards import Shard, part_path, part_paths
 from selfcorrect.evaluate.table import MetricRow
 from selfcorrect.io import append_jsonl, atomic_write_text, check_writable_dir, iter_jsonl
 from selfcorrect.rundir import LOCK
@@ -318,9 +319,31 @@ def _holds_every_item(task: Task, output: Path) -> bool:
 
 
 def _done_ids(path: Path) -> set[str]:
-    if not path.exists():
-        return set()
-    return {obj["id"] for _, obj in iter_jsonl(path, tolerate_torn_tail=True) if "id" in obj}
+    """The items done in a results file and in the part files beside it (:mod:`selfcorrect.evaluate.shards`)."""
+    return {
+        obj["id"]
+        for part in [path, *part_paths(path)]
+        if part.exists()
+        for _, obj in iter_jsonl(part, tolerate_torn_tail=True)
+        if "id" in obj
+    }
+
+
+def _fold_parts(path: Path, order: list[str]) -> None:
+    """Fold the part files beside a results file into it (atomically, in the plan's item order), then remove them."""
+    parts = part_paths(path)
+    if not parts:
+        return
+    records: dict[str, dict] = {}
+    for source in [path, *parts]:
+        if source.exists():
+            for _, obj in iter_jsonl(source, tolerate_torn_tail=True):
+                records.setdefault(obj.get("id"), obj)
+    rank = {item_id: i for i, item_id in enumerate(order)}
+    ordered = sorted(records.values(), key=lambda r: (rank.get(r.get("id"), len(rank)), str(r.get("id"))))
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+    for part in parts:
+        part.unlink()
 
 
 def _groups(tasks: list[Task]) -> list[list[Task]]:
@@ -333,15 +356,17 @@ def _groups(tasks: list[Task]) -> list[list[Task]]:
 
 
 def _run_group(
-    tasks: list[Task], scorer, engine: Engine, settings: EvalSettings, prompts: PromptSet, tokenizer
+    tasks: list[Task], scorer, engine: Engine, settings: EvalSettings, prompts: PromptSet, tokenizer, shard: Shard
 ) -> None:
     """Score every item of ``tasks`` (one CoT task, or Q-type tasks of one benchmark) that is not in its per-item
     file yet, batch by batch; ``engine`` samples the reasoning of a CoT task from the token ids of its first-stage
-    prompts (``scorer.encode``)."""
+    prompts (``scorer.encode``). In a launch of several processes, this process's share of the batches, into its
+    part files."""
     from selfcorrect.evaluate.scoring import length_batches
 
-    paths = [settings.output / t.benchmark / f"{t.condition}.jsonl" for t in tasks]
-    done = [_done_ids(p) for p in paths]
+    results = [settings.output / t.benchmark / f"{t.condition}.jsonl" for t in tasks]
+    done = [_done_ids(p) for p in results]
+    paths = results if shard.world == 1 else [part_path(p, shard.rank) for p in results]
     entries = [(k, it) for k, t in enumerate(tasks) for it in t.items]  # (task index, item) across the group
     is_cot = tasks[0].is_cot
     first_stage = [
@@ -352,13 +377,19 @@ def _run_group(
         batches = length_batches([len(s) for s in first_ids], settings.gen_batch_size, scorer.max_batch_tokens)
     else:  # prompts that begin alike together: the scorer runs their shared prefixes once
         batches = scorer.batches(first_ids, settings.batch_size)
-    todo = sum(it.item_id not in done[k] for k, it in entries)
+    extra = prompts.cot_sampling.max_new_tokens if is_cot else 0  # the token work of a batch: prompts (+ reasoning)
+    mine = shard.take([sum(len(first_ids[i]) + extra for i in batch) for batch in batches])
+    batches = [batch for b, batch in enumerate(batches) if b in mine]
+    entries_mine = sorted({i for batch in batches for i in batch})
+    todo = sum(entries[i][1].item_id not in done[entries[i][0]] for i in entries_mine)
+    already = len(entries_mine) - todo
     start = time.perf_counter()
     cot = prompts.cot_sampling
     stop = list(cot.stop) + ([tokenizer.eos_token] if settings.dialogue.format == "chat_template" else [])
     label = f"{tasks[0].benchmark}/{'+'.join(t.condition for t in tasks)}"
     desc = f"{tasks[0].benchmark} {', '.join(t.condition for t in tasks)}"  # e.g. "bbq q, q_if", "bbq q_if_cot"
-    with engines.progress_bar(len(entries), desc, initial=len(entries) - todo) as bar:
+    desc = desc if shard.world == 1 else f"{desc} [process {shard.rank}/{shard.world}]"
+    with engines.progress_bar(len(entries_mine), desc, initial=already) as bar:
         for batch in batches:
             batch = [i for i in batch if entries[i][1].item_id not in done[entries[i][0]]]
             if not batch:
@@ -397,7 +428,12 @@ def _run_group(
             bar.update(len(batch))
     elapsed = time.perf_counter() - start
     if todo:
-        print(f"{label}: {todo} items in {elapsed:.1f} s ({todo / elapsed:.2f} items/s)", file=sys.stderr)
+        where = "" if shard.world == 1 else f" (process {shard.rank} of {shard.world})"
+        print(f"{label}: {todo} items in {elapsed:.1f} s ({todo / elapsed:.2f} items/s){where}", file=sys.stderr)
+    shard.barrier()  # every process has ended the group: process 0 folds their part files in
+    if shard.main:
+        for task, path in zip(tasks, results):
+            _fold_parts(path, [it.item_id for it in task.items])
 
 
 def read_results(path: Path, wanted: set[str]) -> dict[str, dict]:
@@ -440,6 +476,8 @@ def evaluate(settings: EvalSettings) -> Path:
     from selfcorrect.evaluate.scoring import Scorer
     from selfcorrect.models import check_device, load_model
 
+    shard = Shard.from_env()  # under accelerate launch / torchrun: this process's share (evaluate.shards)
+    settings = replace(settings, device=shard.device(settings.device))
     check_device(settings.device)  # before anything is read or loaded: cheap checks first
     engines.check_engine(settings.engine)
     check_writable_dir(settings.output, "--output")
@@ -455,7 +493,8 @@ def evaluate(settings: EvalSettings) -> Path:
     pending = [t for t in tasks if t.key not in manifest["complete"] or not _holds_every_item(t, settings.output)]
     for task in pending:
         if task.key in manifest["complete"]:  # e.g. a torn last line: finish the missing items, never a smaller n
-            print(f"note: {task.key} is marked complete but its file lacks items; finishing it", file=sys.stderr)
+            if shard.main:
+                print(f"note: {task.key} is marked complete but its file lacks items; finishing it", file=sys.stderr)
             manifest["complete"].remove(task.key)
     if pending:
         model, tokenizer = load_model(
@@ -469,12 +508,20 @@ def evaluate(settings: EvalSettings) -> Path:
         engine: Engine = scorer
         if settings.engine == "vllm" and any(t.is_cot for t in pending):
             engine = engines.vllm_engine(model, tokenizer, _vllm_options(settings, prompts, model))
-    _write_manifest(settings, manifest, tasks, samples)
+    shard.barrier()  # every process has read the output dir before process 0 writes it
+    if shard.main:
+        _write_manifest(settings, manifest, tasks, samples)
+        for task in tasks:  # the part files a killed launch left (counted as done above): into the results files
+            _fold_parts(settings.output / task.benchmark / f"{task.condition}.jsonl", [it.item_id for it in task.items])
+    shard.barrier()
     if pending:
         for group in _groups(pending):
-            _run_group(group, scorer, engine, settings, prompts, tokenizer)
+            _run_group(group, scorer, engine, settings, prompts, tokenizer, shard)
             manifest["complete"] = sorted({*manifest["complete"], *(t.key for t in group)})
-            atomic_write_text(settings.output / "evaluation.json", json.dumps(manifest, indent=2) + "\n")
+            if shard.main:
+                atomic_write_text(settings.output / "evaluation.json", json.dumps(manifest, indent=2) + "\n")
+    if not shard.main:
+        return settings.output / "metrics.csv"
     return write_all_metrics(settings, manifest)
 
 
