@@ -128,11 +128,13 @@ def _ppo_config(tmp_path: Path, lora: bool, long_ptx: bool = False) -> Path:
     return path
 
 
+# The peak of this process's own memory: VmHWM (its address space's high-water mark, new at exec), not getrusage's
+# ru_maxrss, which Linux keeps across exec and so starts at the RSS of the pytest process that forked it.
 MEASURE = """
-import resource, sys
+import re, sys
 from selfcorrect.cli import main
 code = main(sys.argv[1:])
-print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print("MAXRSS_KB", re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
 sys.exit(code)
 """
 
