@@ -526,8 +526,7 @@ class PPOPtxTrainer(Trainer):
         RLHF step (1-based), raised before anything of this step is saved.
         """
         reward, name = self.reward_fn, self.reward_name
-        # The step being run: the steps completed (global_step in this loop; the restored history after a resume) + 1.
-        step = max(self.state.global_step, len(self.history)) + 1
+        step = self.state.global_step + 1  # the step being run (train() sets global_step to the steps completed)
         if not isinstance(reward, RewardModel):
             return call_reward(reward, roll.prompts, roll.responses, name, step)
         if reward.model is None:
