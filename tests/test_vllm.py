@@ -119,6 +119,20 @@ def test_cot_with_vllm_resumes_after_sigkill_to_the_same_results(vllm_model_dir,
     hf_args = [a if a != "vllm" else "hf" for a in args]
     assert main(["evaluate", str(vllm_model_dir), "--output", str(clean), *hf_args]) == 2
 
+    # Under accelerate launch, 2 processes: each builds its own engine (vLLM's external launcher over their world, so
+    # on GPUs each on its own device) and samples its share of the items; the items are those of one process.
+    shared = tmp_path / "shared"
+    config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "cpu_2proc.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "selfcorrect",
+           "evaluate", str(vllm_model_dir), "--output", str(shared), *args]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "ACCELERATE_USE_CPU": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(process 0 of 2)" in proc.stderr and "(process 1 of 2)" in proc.stderr
+    both = {r["id"]: (r["reasoning"], r["seed"]) for r in lines(shared / "bbq" / "q_if_cot.jsonl")}
+    assert both == {i: (reasoning, seed) for i, (reasoning, seed, _) in resumed.items()}
+    for r in lines(shared / "bbq" / "q_if_cot.jsonl"):
+        assert r["probs"] == pytest.approx(resumed[r["id"]][2], abs=1e-6)
+
 
 def test_ppo_with_vllm_rollouts_learns_and_vllm_follows_every_update(vllm_model_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(vllm_model_dir)

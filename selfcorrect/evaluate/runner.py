@@ -103,6 +103,10 @@ class EvaluationSection(StrictModel):
     # pipeline hides it from them. Left out there, the evaluation waits until PPO ends (it never shares a training GPU).
     device: str | None = None
     poll_seconds: float = Field(10.0, gt=0)  # when: during, how often to look for new checkpoints
+    # Processes that share out the evaluation after training, each on its own GPU (selfcorrect.evaluate.shards), under
+    # the pipeline's launcher; at most as many as it starts. Left out: all of them, or 1 (the pipeline's own process)
+    # where `device` names one device or the evaluation runs while PPO trains.
+    num_processes: int | None = Field(None, gt=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -188,7 +192,7 @@ def _select(units: list[dict], module, limit: int | None, seed: int, flag: str) 
     keep = set(stratified_sample([u["id"] for u in units], strata, limit, seed))
     chosen = [u for u in units if u["id"] in keep]
     left_out = sorted(set(strata) - {module.stratum(u) for u in chosen})
-    if left_out:
+    if left_out and Shard.from_env().main:  # every process draws the same: one says so
         print(
             f"warning: {module.NAME}: {flag} {limit} draws from {len(set(strata))} strata and leaves out "
             f"{len(left_out)} of them: {', '.join(left_out)}",
@@ -507,6 +511,7 @@ def evaluate(settings: EvalSettings) -> Path:
                 scorer.candidate_ids(item.assistant, item.candidates)
         engine: Engine = scorer
         if settings.engine == "vllm" and any(t.is_cot for t in pending):
+            shard.connect()  # every process builds its engine now, each on its own device
             engine = engines.vllm_engine(model, tokenizer, _vllm_options(settings, prompts, model))
     shard.barrier()  # every process has read the output dir before process 0 writes it
     if shard.main:

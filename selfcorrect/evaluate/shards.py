@@ -40,14 +40,23 @@ class Shard:
     def main(self) -> bool:
         return self.rank == 0
 
-    def barrier(self) -> None:
-        """Wait until every process of the launch reaches this point (nothing to wait for in one process)."""
+    def connect(self) -> None:
+        """Join the launch's process group (once; nothing in one process). A vLLM engine built after this sits on
+        this process's own device (vLLM's ``external_launcher`` over this world), not on every process's GPU 0."""
         if self.world == 1:
             return
         import torch.distributed as dist
 
         if not dist.is_initialized():
             dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+
+    def barrier(self) -> None:
+        """Wait until every process of the launch reaches this point (nothing to wait for in one process)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        self.connect()
         dist.barrier()
 
     def device(self, asked: str | None) -> str | None:
