@@ -331,6 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
             "instead of stopping with an error that names it (PID, host, command)",
         )
         st.set_defaults(func=cmd_stage, stage=name)
+    # The pipeline's evaluation stage in processes of its own (pipeline.EVALUATE_STAGE); unlisted: `selfcorrect
+    # pipeline CONFIG --only evaluate` is the command for people.
+    es = sub.add_parser(
+        "evaluate-stage",
+        description="The evaluation stage of `selfcorrect pipeline` (which starts it as <launcher> -m selfcorrect "
+        "evaluate-stage CONFIG when evaluation.num_processes > 1): evaluate what the 'evaluation' section of CONFIG "
+        "names, each model's items shared out over the launched processes, into output_dir/eval/.",
+    )
+    es.add_argument("config", metavar="CONFIG", type=Path, help="run config (YAML)")
+    es.add_argument("--wait-for-lock", action="store_true", help="wait for another writer of the run directory")
+    es.set_defaults(func=cmd_stage, stage="evaluate")
 
     pi = sub.add_parser(
         "pipeline",
@@ -570,6 +581,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from importlib import import_module
 
     from selfcorrect import dirlock, stages, tracking
+    from selfcorrect.evaluate.shards import Shard
 
     cfg = stages.load_run_config(args.config)
     recipe = import_module(f"selfcorrect.recipes.{args.stage}")
@@ -579,7 +591,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
             out = recipe.run(cfg, args.config, **options)
         finally:
             tracking.finish(cfg.tracking)
-    print(f"{args.stage}: {out}")
+    if Shard.from_env().main:  # under a launch of several processes, process 0 says it
+        print(f"{args.stage}: {out}")
     return 0
 
 

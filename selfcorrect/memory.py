@@ -151,23 +151,27 @@ def architecture_of(ref: str) -> Architecture | str:
 
 @dataclass(frozen=True)
 class Launch:
-    """How a stage is launched: processes per machine, DeepSpeed ZeRO stage (None: no DeepSpeed) and accelerate's
-    mixed precision (no, bf16, fp16)."""
+    """How a stage is launched: processes (over all machines, as accelerate counts them), DeepSpeed ZeRO stage (None:
+    no DeepSpeed), accelerate's mixed precision (no, bf16, fp16) and machines (nodes)."""
 
     processes: int = 1
     zero: int | None = None
     mixed_precision: str = "no"
+    machines: int = 1
 
     @classmethod
     def from_launcher(cls, launcher: str | None) -> Launch:
-        """From ``accelerate launch --config_file F [--num_processes N]`` (anything else: one process)."""
+        """From ``[srun ...] accelerate launch --config_file F [--num_processes N] [--num_machines M]`` (options as
+        ``--key value`` or ``--key=value``; a launcher that is no accelerate launch counts as one process)."""
         import shlex
 
         import yaml
 
         from selfcorrect.config import shipped_file
 
-        words = shlex.split(launcher or "")
+        words: list[str] = []
+        for word in shlex.split(launcher or ""):
+            words += word.split("=", 1) if word.startswith("--") else [word]
         options = dict(zip(words, words[1:], strict=False))
         config: dict[str, Any] = {}
         if "--config_file" in options:
@@ -178,7 +182,8 @@ class Launch:
         if config.get("distributed_type") == "DEEPSPEED":
             zero = int((config.get("deepspeed_config") or {}).get("zero_stage", 0))
         mixed = str(options.get("--mixed_precision", config.get("mixed_precision", "no")))
-        return cls(processes, zero, mixed)
+        machines = int(options.get("--num_machines", config.get("num_machines", 1)))
+        return cls(processes, zero, mixed, machines)
 
 
 @dataclass

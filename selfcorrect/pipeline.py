@@ -26,13 +26,16 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from selfcorrect import stop
 from selfcorrect.errors import EXIT_STOPPED, StageFailed, Stopped, UserError
 from selfcorrect.io import atomic_write_text
 from selfcorrect.rundir import RunDir
 from selfcorrect.stages import RunConfig, load_run_config
+
+if TYPE_CHECKING:
+    from selfcorrect.memory import Launch
 
 STAGES = ("sft", "reward", "ppo", "evaluate", "report")
 
@@ -76,7 +79,8 @@ def resolved_configs(cfg: RunConfig, by_content: bool = True) -> dict[str, dict[
                 own["sft_data"] = dump(cfg.sft.data)
         elif stage == "evaluate":
             evaluation = cfg.evaluation
-            skip = {"when", "device", "batch_size", "gen_batch_size", "poll_seconds", *unhashed(evaluation.engine)}
+            skip = {"when", "device", "num_processes", "batch_size", "gen_batch_size", "poll_seconds",
+                    *unhashed(evaluation.engine)}  # fmt: skip
             if evaluation.engine == "hf" or evaluation.vllm.is_default():  # configs that name neither keep their hash
                 skip.add("vllm")
             own = {
@@ -242,7 +246,7 @@ def make_plan(
         record = done.get(stage)
         finished_same = record is not None and record.get("resolved") == resolved[stage]
         if selected is not None and stage not in selected:
-            if not finished_same:
+            if not finished_same and present.index(stage) < present.index(selected[0]):
                 raise UserError(
                     f"{path}: stage '{stage}' has not finished with this config; run it first "
                     f"(selfcorrect pipeline {path} --from {stage})"
@@ -426,11 +430,15 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         pass
 
 
+EVALUATE_STAGE = "evaluate-stage"  # the command of the evaluation stage in processes of its own (cli.py)
+
+
 def start_stage(
     stage: str, config: Path, launcher: str | None, hide: int | None = None, extra: tuple[str, ...] = ()
 ) -> subprocess.Popen:
-    """Start ``<launcher> -m selfcorrect <stage> CONFIG`` (launcher default: this Python); ``hide``: a CUDA device
-    (an index among the visible ones) the stage must not see, as ``CUDA_VISIBLE_DEVICES`` tells it."""
+    """Start ``<launcher> -m selfcorrect <stage> CONFIG`` (launcher default: this Python; ``stage`` a command:
+    sft, reward, ppo or :data:`EVALUATE_STAGE`); ``hide``: a CUDA device (an index among the visible ones) the stage
+    must not see, as ``CUDA_VISIBLE_DEVICES`` tells it."""
     import os
 
     command = [*launcher_command(launcher), "-m", "selfcorrect", stage, str(config), *extra]
@@ -459,44 +467,49 @@ def _visible_gpus() -> list[str]:
 @dataclass(frozen=True)
 class Placement:
     """Where the stages run: ``during``, whether the evaluation runs while PPO trains; ``hidden``, the GPU (an index
-    among the visible ones) that PPO's processes must not see because the evaluation is on it; ``lines``, the plan in
-    words (the dry run prints them)."""
+    among the visible ones) that PPO's processes must not see because the evaluation is on it; ``evaluation``, the
+    processes of the evaluation stage (1: in the pipeline's own process; more: under the launcher, each process
+    taking its share of every checkpoint's items); ``lines``, the plan in words (the dry run prints them)."""
 
     during: bool
     hidden: int | None
     lines: tuple[str, ...]
+    evaluation: int = 1
 
 
-def placement(cfg: RunConfig, processes: int, gpus: int) -> Placement:
-    """Where each stage runs on a machine with ``gpus`` CUDA devices, training with ``processes`` processes.
+def placement(cfg: RunConfig, launch: Launch, gpus: int) -> Placement:
+    """Where each stage runs on a machine with ``gpus`` CUDA devices, training with the ``launch``'s processes.
 
     The evaluation never silently shares a training GPU: ``evaluation.when: during`` on GPUs runs it on
     ``evaluation.device`` (a GPU PPO's processes then do not see, or the CPU), and without one it waits until PPO
-    ends. Too few GPUs left for the launcher's processes is a one-line UserError.
+    ends. After training it runs on ``evaluation.num_processes`` of the launcher's processes (default: all of them,
+    or 1 where ``evaluation.device`` names one device). Too few GPUs left for the launcher's processes, or more
+    evaluation processes than the launcher starts, is a one-line UserError.
     """
+    processes = launch.processes
     training = [s for s in ("sft", "reward", "ppo") if getattr(cfg, s) is not None]
     if cfg.reward is not None and cfg.reward.function is not None:
         training.remove("reward")
     where = f"cuda:0-{gpus - 1}" if gpus > 1 else ("cuda:0" if gpus else "the CPU")
-    lines = [f"where: {', '.join(training) or 'no training'} on {where} ({processes} process(es) each)"]
+    nodes = f"{launch.machines} nodes x " if launch.machines > 1 else ""
+    lines = [f"where: {', '.join(training) or 'no training'} on {nodes}{where} ({processes} process(es) each)"]
     evaluation = cfg.evaluation
     if evaluation is None:
         return Placement(False, None, tuple(lines))
     device = evaluation.device or ("cuda:0" if gpus else "cpu")
     wants_during = evaluation.when == "during" and cfg.ppo is not None
     if not wants_during:
-        lines.append(f"where: evaluate on {device}, after training")
-        return Placement(False, None, tuple(lines))
+        return _after_training(cfg, launch, device, f"{nodes}{where}", lines)
     if not gpus or device == "cpu":
         lines.append(f"where: evaluate on {device}, while PPO trains (sharing the CPU's cores)" if not gpus else
                      "where: evaluate on the CPU, while PPO trains on the GPUs")  # fmt: skip
-        return Placement(True, None, tuple(lines))
+        return Placement(True, None, tuple(_one_process(cfg, lines)))
     if evaluation.device is None:
         lines.append(
-            "where: evaluate on cuda:0 after PPO ends: evaluation.when is during, but evaluation.device names no GPU "
-            "of its own, and it never shares a training GPU"
+            "where: evaluate after PPO ends: evaluation.when is during, but evaluation.device names no GPU of its "
+            "own, and it never shares a training GPU"
         )
-        return Placement(False, None, tuple(lines))
+        return _after_training(cfg, launch, device, f"{nodes}{where}", lines)
     index = int(device.partition(":")[2] or 0)
     if processes > gpus - 1:
         raise UserError(
@@ -505,7 +518,59 @@ def placement(cfg: RunConfig, processes: int, gpus: int) -> Placement:
         )
     lines[-1] = lines[-1].replace(where, f"{where} (PPO without cuda:{index})")
     lines.append(f"where: evaluate on {device}, while PPO trains on the other GPUs")
-    return Placement(True, index, tuple(lines))
+    return Placement(True, index, tuple(_one_process(cfg, lines)))
+
+
+def _one_process(cfg: RunConfig, lines: list[str]) -> list[str]:
+    """The evaluation beside PPO runs in the pipeline's own process: more than one asked for is a UserError."""
+    if (cfg.evaluation.num_processes or 1) > 1:
+        raise UserError(
+            f"evaluation.num_processes {cfg.evaluation.num_processes}: an evaluation while PPO trains runs in one "
+            "process (on evaluation.device); set evaluation.when: after to share it out over the launcher's processes"
+        )
+    return lines
+
+
+def _after_training(cfg: RunConfig, launch: Launch, device: str, where: str, lines: list[str]) -> Placement:
+    """The evaluation after training: in the pipeline's own process, or on N of the launcher's processes."""
+    evaluation = cfg.evaluation
+    asked = evaluation.num_processes
+    n = asked or (1 if evaluation.device is not None else launch.processes)
+    if n > launch.processes:
+        raise UserError(
+            f"evaluation.num_processes {n}: the launcher starts {launch.processes} process(es); ask for at most "
+            f"{launch.processes}, or launch more (accelerate launch --num_processes)"
+        )
+    if n > 1 and evaluation.device is not None:
+        raise UserError(
+            f"evaluation.device {evaluation.device}: with evaluation.num_processes {n} each process takes its own "
+            "device; leave evaluation.device out, or set evaluation.num_processes: 1"
+        )
+    if 1 < n < launch.processes and launch.machines > 1:
+        raise UserError(
+            f"evaluation.num_processes {n}: a launcher over {launch.machines} nodes evaluates on all its "
+            f"{launch.processes} processes or in the pipeline's own process; set {launch.processes} or 1"
+        )
+    if n == 1:
+        lines.append(f"where: evaluate on {device}, after training (in the pipeline's process)")
+    else:
+        lines.append(
+            f"where: evaluate on {where} after training: {n} processes under the launcher, each checkpoint's items "
+            "shared out over them"
+        )
+    return Placement(False, None, tuple(lines), n)
+
+
+def evaluation_launcher(launcher: str | None, launch: Launch, processes: int) -> str | None:
+    """The launcher of an evaluation on ``processes`` of ``launch``'s processes: the same, told the count."""
+    if processes == launch.processes:
+        return launcher
+    words = shlex.split(launcher or "")
+    for i, word in enumerate(words):
+        if word == "--num_processes" or word.startswith("--num_processes="):
+            del words[i : i + (2 if word == "--num_processes" else 1)]
+            break
+    return shlex.join([*words, "--num_processes", str(processes)])
 
 
 def _wait(stage: str, proc: subprocess.Popen) -> None:
@@ -570,9 +635,15 @@ def run_pipeline(
         )
     launcher = launcher or cfg.launcher
     unchecked = check_config(cfg, config, launcher)
-    where = placement(cfg, Launch.from_launcher(launcher).processes, torch.cuda.device_count())
+    launch = Launch.from_launcher(launcher)
+    try:
+        where = placement(cfg, launch, torch.cuda.device_count())
+    except UserError as exc:
+        raise UserError(f"{config}: {exc}") from None
     print(describe_plan(cfg, plans))
     print("\n".join(where.lines))
+    if launcher:
+        print(f"launch: {shlex.join(launcher_command(launcher))} -m selfcorrect STAGE {config}")
     print(describe_memory(cfg, launcher, device_memory))
     todo = {p.stage for p in plans if p.action != "skip"}
     if dry_run:
@@ -635,7 +706,11 @@ def run_pipeline(
         elif stage == "evaluate":
             if "evaluate" in state["stages"]:  # done during PPO
                 continue
-            evaluate.run(cfg)
+            if where.evaluation > 1:  # shared out over the launcher's processes (selfcorrect.evaluate.shards)
+                shared = evaluation_launcher(launcher, launch, where.evaluation)
+                _wait("evaluate", start_stage(EVALUATE_STAGE, config, shared))
+            else:
+                evaluate.run(cfg)
         elif stage == "report":
             report_path = report.run(cfg)
         finished(stage)

@@ -129,6 +129,7 @@ def evaluate(model: str, out: str, *extra: str) -> list[str]:
     return ["evaluate", model, "--output", out, *WINO, *extra]
 
 
+CPU_2PROC = "accelerate/cpu_2proc.yaml"
 CASES = [
     # ---- evaluate ---------------------------------------------------------------------------------------------
     Case("evaluate: --output is a file", lambda e: evaluate(str(e.model), e("a_file.txt")), "is not a directory"),
@@ -207,6 +208,10 @@ CASES = [
     Case("pipeline: a launcher config file that does not exist",
          lambda e: ["pipeline", e.config("lcfg", launcher="accelerate launch --config_file nope.yaml"), "--dry-run"],
          "nope.yaml"),
+    Case("pipeline: more evaluation processes than the launcher starts",
+         lambda e: ["pipeline", e.config("evalprocs", launcher=f"accelerate launch --config_file {CPU_2PROC}",
+                                         evaluation={"benchmarks": ["winogender"], "num_processes": 3}), "--dry-run"],
+         "evalprocs.yaml: evaluation.num_processes 3: the launcher starts 2 process(es)"),
     Case("pipeline: unwritable output_dir",
          lambda e: ["pipeline", e.config("ro", output_dir="/proc/selfcorrect-run"), "--dry-run"], "not writable"),
     Case("pipeline: a local data file that does not exist",

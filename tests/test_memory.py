@@ -79,6 +79,9 @@ def test_launcher_configs_give_processes_and_zero_stage():
     assert Launch.from_launcher("accelerate launch --config_file accelerate/cpu_2proc.yaml --mixed_precision fp16") == (
         Launch(2, None, "fp16")
     )
+    # the multi-node launcher of examples/slurm/pipeline.sbatch: srun's options before accelerate's, --key=value forms
+    two_nodes = f"srun --nodes=2 --ntasks-per-node=1 {zero2} --num_machines=2 --num_processes 16 --rdzv_backend c10d"
+    assert Launch.from_launcher(two_nodes) == Launch(16, 2, "bf16", machines=2)
 
 
 def _long_texts(path: Path, n: int = 16, chars: int = 4000) -> Path:

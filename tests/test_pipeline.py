@@ -276,7 +276,7 @@ def test_sigkill_during_ppo_and_during_evaluation_then_rerun(light_run, tiny_mod
 def test_the_slurm_requeue_script_stops_the_pipeline_cleanly_and_the_rerun_finishes(
     light_run, tiny_model_dir, monkeypatch
 ):
-    """``examples/slurm/requeue.sbatch`` run as Slurm runs it (bash; ``scontrol`` here only records its arguments):
+    """``examples/slurm/pipeline.sbatch`` run as Slurm runs it (bash; ``scontrol`` here only records its arguments):
     Slurm's SIGUSR1 to the script reaches the pipeline, which passes it on to the PPO child as SIGTERM; PPO saves its
     step, the pipeline exits 75 with one line and no child left, the script asks for a requeue; the rerun finishes."""
     tmp = light_run["tmp"]
@@ -290,7 +290,7 @@ def test_the_slurm_requeue_script_stops_the_pipeline_cleanly_and_the_rerun_finis
     path = write(tmp / "stopped.yaml", light_config(tmp, tiny_model_dir, out))
     env = {**os.environ, "SLURM_JOB_ID": "4242",
            "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])}  # fmt: skip
-    script = ROOT / "examples" / "slurm" / "requeue.sbatch"
+    script = ROOT / "examples" / "slurm" / "pipeline.sbatch"
     proc = subprocess.Popen(["bash", str(script), str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env=env)  # fmt: skip
     wait_until(proc, lambda: last_ppo_step(out) >= 1)
@@ -307,6 +307,71 @@ def test_the_slurm_requeue_script_stops_the_pipeline_cleanly_and_the_rerun_finis
 
     assert main(["pipeline", str(path)]) == 0
     assert (out / "eval" / "metrics.csv").read_text() == (light_run["out"] / "eval" / "metrics.csv").read_text()
+
+
+def test_the_slurm_script_plans_ganguli2023_on_two_nodes_of_eight_gpus(tmp_path):
+    """``examples/slurm/pipeline.sbatch ganguli2023 --dry-run`` as Slurm runs it on 2 nodes x 8 GPUs (``scontrol``
+    here names the nodes; ``srun`` would fail if called): the pipeline plans every stage under one launcher line
+    for both nodes, 16 processes, and the evaluation after training over the same 16."""
+    bin_dir = tmp_path / "fake-slurm"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && printf "gpu-01\\ngpu-02\\n"\n')
+    (bin_dir / "srun").write_text('#!/bin/sh\necho "srun: called in a dry run" >&2; exit 1\n')
+    for tool in ("scontrol", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "SLURM_JOB_ID": "4243", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8",
+           "SLURM_JOB_NODELIST": "gpu-[01-02]",
+           "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])}  # fmt: skip
+    script = ROOT / "examples" / "slurm" / "pipeline.sbatch"
+    proc = subprocess.run(["bash", str(script), "ganguli2023", "--dry-run"], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    launch = next(line for line in proc.stdout.splitlines() if line.startswith("launch: "))
+    assert "srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 accelerate launch" in launch
+    assert "--num_machines 2 --num_processes 16 --rdzv_backend c10d --main_process_ip gpu-01" in launch
+    assert launch.endswith("-m selfcorrect STAGE ganguli2023")
+    assert "where: sft, reward, ppo on 2 nodes x" in proc.stdout
+    assert "after training: 16 processes under the launcher" in proc.stdout
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+def _metric_values(path: Path) -> dict[tuple[str, ...], tuple[float | None, ...]]:
+    """A run's metrics.csv by (model, step, benchmark, condition, subset, metric): value and CI as numbers."""
+    rows = {}
+    for r in csv.DictReader(path.open()):
+        key = tuple(r[k] for k in ("model", "step", "benchmark", "condition", "subset", "metric"))
+        rows[key] = tuple(float(r[k]) if r[k] else None for k in ("value", "ci_low", "ci_high"))
+    return rows
+
+
+def test_the_evaluation_stage_shares_the_kept_checkpoints_over_the_launchers_processes(
+    light_run, tiny_model_dir, monkeypatch, capfd
+):
+    """The light run's kept checkpoints evaluated again by the pipeline under a launcher of 2 CPU processes: the
+    evaluation stage runs as `<launcher> -m selfcorrect evaluate-stage CONFIG`, both processes take a share of every
+    checkpoint, and the run's metrics.csv (with the step-0 differences) is the one the pipeline's own process wrote
+    (to 1e-6: the processes run on one thread each)."""
+    tmp = light_run["tmp"]
+    out = tmp / "shared"
+    path = write(tmp / "shared.yaml", light_config(tmp, tiny_model_dir, out))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.syspath_prepend(str(tmp))
+    assert main(["pipeline", str(path), "--only", "ppo"]) == 0  # PPO is seeded: the light run's checkpoints again
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    launcher = "accelerate launch --config_file accelerate/cpu_2proc.yaml"
+    capfd.readouterr()
+    assert main(["pipeline", str(path), "--from", "evaluate", "--launcher", launcher]) == 0
+    printed = capfd.readouterr()
+    assert "where: evaluate on the CPU after training: 2 processes under the launcher" in printed.out
+    assert re.search(r"pipeline: \S+accelerate launch .* -m selfcorrect evaluate-stage \S+shared.yaml", printed.err)
+    assert "(process 0 of 2)" in printed.err and "(process 1 of 2)" in printed.err
+    assert not list((out / "eval").rglob("*.part-*.jsonl"))  # folded into each condition's results file
+    shared = _metric_values(out / "eval" / "metrics.csv")
+    single = _metric_values(light_run["out"] / "eval" / "metrics.csv")
+    assert shared.keys() == single.keys() and any(k[5].endswith("_minus_step0") for k in shared)
+    for key, values in single.items():
+        assert shared[key] == pytest.approx(values, abs=1e-6, nan_ok=True), key
+    assert "evaluate" in json.loads((out / "pipeline.json").read_text())["stages"]
 
 
 @pytest.mark.parametrize("name", ["quickstart", "ganguli2023", "liu2024"])

@@ -42,7 +42,9 @@ def checkpoint_targets(run: RunDir, steps: list[int], label: str, eval_dir: Path
 
 def evaluate_target(template: EvalSettings, target: EvalTarget) -> Path:
     """Evaluate one target with the template's settings; returns its ``metrics.csv``."""
-    print(f"evaluate: {target.label}" + (f" step {target.step}" if target.step is not None else ""), file=sys.stderr)
+    if Shard.from_env().main:
+        step = f" step {target.step}" if target.step is not None else ""
+        print(f"evaluate: {target.label}{step}", file=sys.stderr)
     return evaluate(replace(template, model=target.model, output=target.output))
 
 

@@ -42,11 +42,20 @@ def wait_for(proc: subprocess.Popen, seconds: float) -> int | None:
     return proc.poll()
 
 
-def run(cfg: RunConfig, training: subprocess.Popen | None = None) -> Path:
-    """Evaluate every target once; with ``training`` (PPO running), evaluate checkpoints as they appear."""
+def run(cfg: RunConfig, config: Path | None = None, *, training: subprocess.Popen | None = None) -> Path:
+    """Evaluate every target once; with ``training`` (PPO running), evaluate checkpoints as they appear.
+
+    Under a launch of several processes (the pipeline's evaluation stage under its launcher) each target's items are
+    shared out over them (:mod:`selfcorrect.evaluate.shards`); process 0 alone joins the tables and logs to W&B.
+    ``config``, the run config's path, is unused: every stage recipe takes it.
+    """
+    from contextlib import nullcontext
+
     from selfcorrect import dirlock, tracking
     from selfcorrect.evaluate.run_targets import evaluate_target, join_metrics
+    from selfcorrect.evaluate.shards import Shard
 
+    main = Shard.from_env().main
     all_targets = targets(cfg)
     if not all_targets:
         raise UserError(f"{cfg.name}: evaluation: nothing to evaluate (no ppo checkpoints and no evaluation.models)")
@@ -56,7 +65,7 @@ def run(cfg: RunConfig, training: subprocess.Popen | None = None) -> Path:
     # one writer per evaluation directory (`selfcorrect evaluate RUN_DIR` writes it too); the pipeline holds the run dir
     with (
         dirlock.hold(cfg.run_dir().eval, what="the evaluation directory"),
-        tracking.EvalLog(cfg.tracking, cfg.name, cfg.root()) as log,
+        tracking.EvalLog(cfg.tracking, cfg.name, cfg.root()) if main else nullcontext() as log,
     ):
         while pending:
             ready = [t for t in pending if t.step is None or (Path(t.model) / "manifest.json").is_file()]
@@ -72,7 +81,9 @@ def run(cfg: RunConfig, training: subprocess.Popen | None = None) -> Path:
                 continue
             evaluate_target(template, ready[0])
             pending.remove(ready[0])
-            join_metrics(all_targets, metrics, template, deltas=not pending)  # the last join adds the step-0 deltas
-            log.checkpoint(ready[0])  # live, so a W&B dashboard follows the run
-        log.models(all_targets)
+            if main:
+                join_metrics(all_targets, metrics, template, deltas=not pending)  # the last join adds step-0 deltas
+                log.checkpoint(ready[0])  # live, so a W&B dashboard follows the run
+        if main:
+            log.models(all_targets)
     return metrics
