@@ -365,6 +365,7 @@ def test_the_evaluation_stage_shares_the_kept_checkpoints_over_the_launchers_pro
     assert "where: evaluate on the CPU after training: 2 processes under the launcher" in printed.out
     assert re.search(r"pipeline: \S+accelerate launch .* -m selfcorrect evaluate-stage \S+shared.yaml", printed.err)
     assert "(process 0 of 2)" in printed.err and "(process 1 of 2)" in printed.err
+    assert len(re.findall(rf"evaluate: \S+ step \d+ \(\d of {len(STEPS)}\)", printed.err)) == len(STEPS)  # process 0
     assert not list((out / "eval").rglob("*.part-*.jsonl"))  # folded into each condition's results file
     shared = _metric_values(out / "eval" / "metrics.csv")
     single = _metric_values(light_run["out"] / "eval" / "metrics.csv")

@@ -40,11 +40,13 @@ def checkpoint_targets(run: RunDir, steps: list[int], label: str, eval_dir: Path
     return [EvalTarget(label, str(run.checkpoint(s)), run.eval_checkpoint(s, eval_dir), s) for s in steps]
 
 
-def evaluate_target(template: EvalSettings, target: EvalTarget) -> Path:
-    """Evaluate one target with the template's settings; returns its ``metrics.csv``."""
+def evaluate_target(template: EvalSettings, target: EvalTarget, count: tuple[int, int] | None = None) -> Path:
+    """Evaluate one target with the template's settings; returns its ``metrics.csv``. ``count``: (this target's
+    number, how many there are), for the line that says which one starts."""
     if Shard.from_env().main:
         step = f" step {target.step}" if target.step is not None else ""
-        print(f"evaluate: {target.label}{step}", file=sys.stderr)
+        of = f" ({count[0]} of {count[1]})" if count else ""
+        print(f"evaluate: {target.label}{step}{of}", file=sys.stderr)
     return evaluate(replace(template, model=target.model, output=target.output))
 
 
@@ -96,8 +98,8 @@ def evaluate_run(template: EvalSettings, run_dir: Path, label: str | None = None
     if not steps:
         raise UserError(f"{run_dir}: no kept checkpoints to evaluate")
     targets = checkpoint_targets(run, steps, label or Path(run_dir).resolve().name, template.output)
-    for target in targets:
-        evaluate_target(template, target)
+    for number, target in enumerate(targets, 1):
+        evaluate_target(template, target, (number, len(targets)))
     if not Shard.from_env().main:  # under accelerate launch: process 0 joins the tables
         return template.output / "metrics.csv"
     return join_metrics(targets, template.output / "metrics.csv", template)

@@ -79,7 +79,7 @@ def run(cfg: RunConfig, config: Path | None = None, *, training: subprocess.Pope
                 if code == 0:
                     training = None
                 continue
-            evaluate_target(template, ready[0])
+            evaluate_target(template, ready[0], (len(all_targets) - len(pending) + 1, len(all_targets)))
             pending.remove(ready[0])
             if main:
                 join_metrics(all_targets, metrics, template, deltas=not pending)  # the last join adds step-0 deltas
