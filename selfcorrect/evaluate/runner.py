@@ -81,6 +81,9 @@ class EvalSettings:
     overwrite: bool = False
     engine: str = "hf"  # what samples the CoT reasoning: hf (transformers) or vllm (selfcorrect.engines)
     vllm: VLLMSection = field(default_factory=VLLMSection)  # the vLLM engine's settings
+    # what reads the candidates: a policy's next-token probabilities, or a reward model's preferences
+    # (``model`` is then a reward: selfcorrect.evaluate.reward_probe)
+    scorer: Literal["policy", "reward"] = "policy"
 
 
 class EvaluationSection(StrictModel):
@@ -245,6 +248,7 @@ def _prompt_hash(prompts: PromptSet, benchmark: str, condition: str) -> str:
 
 def _identity(settings: EvalSettings) -> dict:
     """The settings that must match for a rerun to reuse the per-item files (the model by path and by content)."""
+    from selfcorrect.evaluate.reward_probe import reward_fingerprint
     from selfcorrect.models import fingerprint
 
     model = settings.model
@@ -252,7 +256,8 @@ def _identity(settings: EvalSettings) -> dict:
         model = str(Path(model).expanduser().resolve())
     return {
         "model": model,
-        "model_fingerprint": fingerprint(settings.model),
+        "scorer": settings.scorer,
+        "model_fingerprint": (reward_fingerprint if settings.scorer == "reward" else fingerprint)(settings.model),
         "dialogue": settings.dialogue.record() if settings.dialogue else None,
         "limit": settings.limit,
         "cot_limit": settings.cot_limit,
@@ -264,7 +269,7 @@ def _identity(settings: EvalSettings) -> dict:
 
 
 # Identity keys added later, with the value every output dir written before them was made with.
-RECORDED_BEFORE = {"engine": "hf"}
+RECORDED_BEFORE = {"engine": "hf", "scorer": "policy"}
 
 
 def _check_output(settings: EvalSettings, prompts: PromptSet, tasks: list[Task]) -> dict:
@@ -417,7 +422,7 @@ def _run_group(
                 for rec, text, seed in zip(records, reasoning, seeds):
                     rec.update(reasoning=text, seed=seed)
             ids = None if is_cot else [first_ids[i] for i in batch]  # a CoT prompt gains its reasoning
-            scores = scorer.score(texts, [it.candidates for it in items], batch_size=settings.batch_size, token_ids=ids)
+            scores = scorer.score_items(items, texts, batch_size=settings.batch_size, token_ids=ids)
             for rec, it, s in zip(records, items, scores):
                 rec.update(
                     probs=s.probs,
@@ -425,6 +430,8 @@ def _run_group(
                     prediction=max(range(len(s.probs)), key=s.probs.__getitem__),
                     candidates=list(it.candidates),
                 )
+                if s.rewards is not None:  # a reward model's preferences: its raw rewards too
+                    rec["rewards"] = s.rewards
             for k, path in enumerate(paths):
                 mine = [rec for i, rec in zip(batch, records) if entries[i][0] == k]
                 if mine:
@@ -490,6 +497,8 @@ def evaluate(settings: EvalSettings) -> Path:
     spec, how = resolve_dialogue(settings)
     settings = replace(settings, dialogue=spec)
     prompts = load_prompts(settings.prompt_files)
+    if settings.scorer == "reward":
+        _check_probe(settings, prompts)
     tasks, samples = plan(settings, prompts)
     manifest = _check_output(settings, prompts, tasks)
     manifest["dialogue"] = {**spec.record(), **how}
@@ -500,7 +509,11 @@ def evaluate(settings: EvalSettings) -> Path:
             if shard.main:
                 print(f"note: {task.key} is marked complete but its file lacks items; finishing it", file=sys.stderr)
             manifest["complete"].remove(task.key)
-    if pending:
+    if pending and settings.scorer == "reward":
+        scorer, tokenizer, n_parameters = _reward_scorer(settings)
+        manifest["model_info"] = {"n_parameters": n_parameters}
+        engine = scorer
+    elif pending:
         model, tokenizer = load_model(
             settings.model, dtype=settings.dtype, device=settings.device, trust_remote_code=settings.trust_remote_code
         )
@@ -528,6 +541,33 @@ def evaluate(settings: EvalSettings) -> Path:
     if not shard.main:
         return settings.output / "metrics.csv"
     return write_all_metrics(settings, manifest)
+
+
+def _check_probe(settings: EvalSettings, prompts: PromptSet) -> None:
+    """What a reward-model probe cannot do, as one-line errors: a CoT condition (its reasoning would be a policy's),
+    and a chat-template dialogue for a function reward (which reads HH-format text)."""
+    for benchmark in settings.benchmarks:
+        for condition in settings.conditions:
+            if condition in prompts.conditions(benchmark) and prompts.condition(benchmark, condition).cot is not None:
+                raise UserError(
+                    f"--conditions {condition}: a CoT condition; a reward model scores finished replies, and the "
+                    "reasoning would be a policy's (probe the Q-type conditions, e.g. q,q_if)"
+                )
+    is_function = not Path(settings.model).expanduser().is_dir()
+    if is_function and settings.dialogue is not None and settings.dialogue.format == "chat_template":
+        raise UserError(f"{settings.model}: a function reward reads HH-format text; --dialogue chat_template needs a "
+                        "reward model with a tokenizer")
+
+
+def _reward_scorer(settings: EvalSettings) -> tuple[Any, Any, int]:
+    """The reward-model probe's scorer (:mod:`selfcorrect.evaluate.reward_probe`), the reward model's tokenizer (None
+    for a function reward) and its parameter count (0 for a function)."""
+    from selfcorrect.evaluate.reward_probe import RewardScorer
+    from selfcorrect.reward_models.score import RewardModel
+
+    reward = RewardModel.load(settings.model, device=settings.device, dtype=settings.dtype)
+    n_parameters = sum(p.numel() for p in reward.model.parameters()) if reward.model is not None else 0
+    return RewardScorer(reward, settings.dialogue or DialogueSpec()), reward.tokenizer, n_parameters
 
 
 def _vllm_options(settings: EvalSettings, prompts: PromptSet, model: Any) -> engines.VLLMOptions:

@@ -31,6 +31,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 
@@ -41,10 +42,12 @@ from selfcorrect.evaluate import prefix_tree
 
 @dataclass(frozen=True)
 class Score:
-    """Renormalised candidate probabilities and the raw mass the model put on the candidates."""
+    """Renormalised candidate probabilities and the raw mass the model put on the candidates (None where it has no
+    meaning: a reward model's preferences, which also keep its raw ``rewards``)."""
 
     probs: list[float]
-    mass: float
+    mass: float | None
+    rewards: list[float] | None = None
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
@@ -303,6 +306,17 @@ class Scorer:
                 probs = (raw / mass).tolist() if mass > 0 else [1.0 / len(lp)] * len(lp)
                 results[i] = Score(probs=probs, mass=mass)
         return results  # type: ignore[return-value]
+
+    def score_items(
+        self,
+        items: Sequence[Any],
+        texts: Sequence[str],
+        batch_size: int = 16,
+        token_ids: Sequence[Sequence[int]] | None = None,
+    ) -> list[Score]:
+        """:meth:`score` of evaluation items (``ItemPrompt``), given their rendered ``texts``: what the runner asks of
+        a scorer (a reward model answers it too: :class:`selfcorrect.evaluate.reward_probe.RewardScorer`)."""
+        return self.score(texts, [it.candidates for it in items], batch_size=batch_size, token_ids=token_ids)
 
     # ---- generation ---------------------------------------------------------------------------
     @torch.inference_mode()
