@@ -187,9 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
         "condition <c>_minus_q: each headline metric of condition c minus "
         "Q's over the units both have, with a paired bootstrap CI. Given a RUN_DIR (runs/<name>), every PPO "
         f"checkpoint is evaluated into OUTPUT/{step_name(4)}/... (OUTPUT default {EXAMPLE_RUN.eval}) and "
-        "OUTPUT/metrics.csv "
-        "gains the leading columns model,params,step, and, when step 0 is among the checkpoints, rows with metric "
-        "<m>_minus_step0 (each later checkpoint's headline metric minus step 0's, paired). Under "
+        "OUTPUT/metrics.csv gains the leading columns model,params,step,scorer (the run's reward model, when it "
+        "has one, probed first into OUTPUT/reward: scorer reward), and, when step 0 is among the checkpoints, rows "
+        "with metric <m>_minus_step0 (each later checkpoint's headline metric minus step 0's, paired). Under "
         "'accelerate launch --num_processes N -m selfcorrect evaluate ...' the batches are shared out over the N "
         "processes (each on its own device) and the results are those of one process.",
     )
@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="plot metrics vs RLHF steps (or vs model size) and write a Markdown report",
         description="Plot the evaluation of one or more runs and write report.md with the figures and a table "
-        f"of the headline numbers. Reads {EXAMPLE_RUN.metrics} (columns model,params,step,benchmark,condition,"
+        f"of the headline numbers. Reads {EXAMPLE_RUN.metrics} (columns model,params,step,scorer,benchmark,condition,"
         "subset,metric,value,ci_low,ci_high,n,note) and, when present, the manifests of the kept PPO checkpoints "
         f"({EXAMPLE_RUN.checkpoint(4)}/manifest.json...). Writes <benchmark>.png (BBQ bias scores and accuracies, "
         "Winogender r, law-school parity, one line per prompt condition with 95% CI bands), self_correction.png "

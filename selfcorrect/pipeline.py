@@ -83,6 +83,8 @@ def resolved_configs(cfg: RunConfig, by_content: bool = True) -> dict[str, dict[
                     *unhashed(evaluation.engine)}  # fmt: skip
             if evaluation.engine == "hf" or evaluation.vllm.is_default():  # configs that name neither keep their hash
                 skip.add("vllm")
+            if evaluation.probe_reward:  # the default: runs recorded before the probe existed keep their hash
+                skip.add("probe_reward")
             own = {
                 "evaluation": dump(cfg.evaluation, exclude=skip),
                 "model": common["model"],
@@ -776,7 +778,8 @@ def _describe_evaluation(cfg: RunConfig) -> list[str]:
     from selfcorrect.recipes import evaluate
 
     evaluation = cfg.evaluation
-    targets, settings = evaluate.targets(cfg), evaluate.settings(cfg)
+    settings = evaluate.settings(cfg)
+    targets = [t for t in evaluate.targets(cfg) if t.scorer == "policy"]  # the probe is counted below
     prompts = load_prompts(settings.prompt_files)
     tasks, _ = plan(settings, prompts)
     max_new = prompts.cot_sampling.max_new_tokens
@@ -794,4 +797,11 @@ def _describe_evaluation(cfg: RunConfig) -> list[str]:
         f"all {len(targets)} models: {passes * len(targets):,} passes, <= {tokens * len(targets):,} tokens"
         + (f" (CoT sampled by engine {evaluation.engine})" if evaluation.engine != "hf" else "")
     )
+    if evaluation.probe_reward and cfg.reward is not None:
+        q_type = [t for t in tasks if not t.is_cot]
+        exchanges = sum(len(it.candidates) for t in q_type for it in t.items)
+        lines.append(
+            f"  reward model: probed first on the same items, {len(q_type)} Q-type (benchmark, condition), "
+            f"{exchanges:,} scored exchanges (selfcorrect probe; evaluation.probe_reward)"
+        )
     return lines

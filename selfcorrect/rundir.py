@@ -149,6 +149,10 @@ class RunDir:
         """Where the evaluation of the kept checkpoint of ``step`` goes (under ``eval_root``, default ``eval/``)."""
         return (eval_root or self.eval) / step_name(step)
 
+    def eval_reward(self) -> Path:
+        """Where the probe of the run's reward model goes (``selfcorrect probe``: its preferences between answers)."""
+        return self.eval / "reward"
+
     def eval_model(self, slug: str) -> Path:
         """Where the evaluation of an extra model goes (``evaluation.models``)."""
         return self.eval / "models" / slug

@@ -87,7 +87,14 @@ class EvalLog:
             self.run = None
 
     def checkpoint(self, target: Any) -> None:
-        """Log one evaluated checkpoint (a target with ``step``, ``output``)."""
+        """Log one evaluated checkpoint (a target with ``step``, ``output``); the probe of the run's reward model
+        (``scorer`` reward) goes into the run's summary as ``reward_model/<benchmark>/<condition>/<metric>``."""
+        if self.run is not None and getattr(target, "scorer", "policy") == "reward":
+            for r in _rows(target.output / "metrics.csv"):
+                if r["subset"] == "all" and r["value"]:
+                    key = f"reward_model/{r['benchmark']}/{r['condition']}/{r['metric']}"
+                    self.run.summary[key] = float(r["value"])
+            return
         if self.run is None or target.step is None:
             return
         import wandb
@@ -113,7 +120,11 @@ class EvalLog:
 
     def models(self, targets: list) -> None:
         """Log the tables of the models evaluated without RLHF (targets without ``step``) as one Table."""
-        extra = [t for t in targets if t.step is None and (t.output / "metrics.csv").is_file()]
+        extra = [
+            t
+            for t in targets
+            if t.step is None and getattr(t, "scorer", "policy") == "policy" and (t.output / "metrics.csv").is_file()
+        ]
         if self.run is None or not extra:
             return
         import wandb

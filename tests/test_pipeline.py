@@ -19,6 +19,7 @@ from conftest import last_ppo_step, wait_until
 from wandb_offline import read_offline_run
 
 from selfcorrect.cli import main
+from selfcorrect.evaluate.table import METRIC_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 WANDB_KEYS = ("WANDB_MODE", "WANDB_PROJECT", "WANDB_RUN_GROUP", "WANDB_NAME", "WANDB_DIR", "WANDB_API_KEY")
@@ -94,7 +95,20 @@ def test_pipeline_runs_every_stage_and_covers_every_checkpoint(finished_run):
     state = json.loads((out / "pipeline.json").read_text())
     assert set(state["stages"]) == {"sft", "reward", "ppo", "evaluate", "report"}
     rows = metric_rows(out / "eval" / "metrics.csv")
-    assert list(rows[0])[:3] == ["model", "params", "step"]
+    assert list(rows[0])[:4] == ["model", "params", "step", "scorer"]
+    # first the probe of the run's reward model on the same items (Q-type conditions; law school's prompts are
+    # longer than this reward model's max_length of 128 tokens, so it is left out), then the checkpoints
+    probe = [r for r in rows if r["scorer"] == "reward"]
+    assert rows[: len(probe)] == probe and {(r["model"], r["step"]) for r in probe} == {("tiny", "")}
+    assert {(r["benchmark"], r["condition"]) for r in probe} == {
+        (b, c) for b in ("bbq", "winogender") for c in ("q", "q_if", "q_if_minus_q")
+    }
+    assert [{k: r[k] for k in METRIC_COLUMNS} for r in probe] == metric_rows(out / "eval" / "reward" / "metrics.csv")
+    probed = json.loads((out / "eval" / "reward" / "evaluation.json").read_text())
+    assert probed["settings"]["scorer"] == "reward" and probed["dialogue"]["source"] == "recorded"
+    sample = json.loads((out / "eval" / "reward" / "bbq" / "sample.json").read_text())["ids"]
+    assert sample == json.loads((out / "eval" / "step-000000" / "bbq" / "sample.json").read_text())["ids"]
+    rows = [r for r in rows if r["scorer"] == "policy"]
     covered = {(r["step"], r["benchmark"], r["condition"]) for r in rows}
     minus_q = {f"{c}_minus_q" for c in CONDITIONS[1:]}
     assert covered == {(str(s), b, c) for s in STEPS for b in BENCHMARKS for c in [*CONDITIONS, *minus_q]}
@@ -140,7 +154,14 @@ def test_eval_metrics_are_logged_to_wandb_keyed_by_rlhf_step(finished_run):
         int(r["step"]): float(r["value"])
         for r in rows
         if (r["benchmark"], r["condition"], r["subset"], r["metric"]) == ("winogender", "q", "all", "pearson_r")
+        and r["scorer"] == "policy"
     }
+    probe = {  # the probe of the reward model: in the run's summary, not against an RLHF step
+        f"reward_model/{r['benchmark']}/{r['condition']}/{r['metric']}": float(r["value"])
+        for r in rows
+        if r["scorer"] == "reward" and r["subset"] == "all" and r["value"]
+    }
+    assert probe and {k: v for k, v in ev["summary"].items() if k.startswith("reward_model/")} == pytest.approx(probe)
     assert {row["rlhf_step"]: row["eval/winogender/q/pearson_r"] for row in logged} == pytest.approx(want)
     assert any(key.startswith("predictions/bbq/q") for row in logged for key in row)  # W&B Tables
     assert any(key.startswith("report/") for row in runs["tiny-report"]["history"] for key in row)
@@ -391,9 +412,12 @@ def test_dry_run_of_the_shipped_pipelines(name, capsys, tmp_path, monkeypatch):
     if name == "liu2024":
         assert re.search(r"winogender +liu_neg +60 items", plan) and "7 models" in plan
         assert [line.split()[0] for line in plan.splitlines()[1:3]] == ["evaluate", "report"]
+        assert "reward model: probed" not in plan  # no reward stage
     if name == "quickstart":
         assert "checkpoints at steps 0, 1, 2, 4" in plan and "4 models x 9 (benchmark, condition)" in plan
         assert "<= 576 generated tokens" in plan  # 12 CoT items x 48: quickstart_cot.yaml, found in configs/prompts/
+        # the reward model probed on the Q-type items: BBQ 2 x 40 x 3, Winogender 2 x 40 x 3, law school 2 x 80 x 2
+        assert "reward model: probed first on the same items, 6 Q-type (benchmark, condition), 800 scored" in plan
 
 
 def test_typo_in_a_stage_section_is_a_one_line_error(tmp_path, tiny_model_dir, capsys):

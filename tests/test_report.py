@@ -31,6 +31,7 @@ from selfcorrect.evaluate.table import METRIC_COLUMNS, row_cells
 from selfcorrect.evaluate.table import to_csv as metrics_csv
 
 CONDITIONS = ("q", "q_if", "q_if_cot")
+POLICY_COLUMNS = tuple(c for c in COLUMNS if c != "scorer")  # a table as written before the scorer column
 STEPS = (0, 50, 100)
 STEP_PNGS = ("bbq.png", "winogender.png", "law_school.png", "self_correction.png", "vs_step0.png", "training.png")
 
@@ -175,8 +176,8 @@ def table_line(r: dict) -> str:
     return "| " + " | ".join([*cells, f"{float(r['value']):+.3f}", ci, r["n"]]) + " |"
 
 
-def test_columns_are_the_evaluate_columns_with_model_params_step():
-    assert COLUMNS == ("model", "params", "step", *METRIC_COLUMNS)
+def test_columns_are_the_evaluate_columns_with_model_params_step_scorer():
+    assert COLUMNS == ("model", "params", "step", "scorer", *METRIC_COLUMNS)
 
 
 def test_panels_are_the_benchmarks_headline_metrics():
@@ -275,7 +276,7 @@ def test_delta_rows_are_read_with_their_cis(units, tmp_path):
 
 
 def test_hand_written_table_shows_exactly_the_numbers(tmp_path, capsys):
-    header = ",".join(COLUMNS)
+    header = ",".join(POLICY_COLUMNS)
     lines = [
         "m,1700000000,0,bbq,q,all,bias_score_ambig,0.125,0.05,0.2,100",
         "m,1700000000,0,bbq,q_if,all,bias_score_ambig,-0.0625,,,100",
@@ -389,10 +390,10 @@ def test_no_metrics_is_a_one_line_error_and_overwrites_nothing(tmp_path, capsys)
     "content, needle",
     [
         ("model,step,benchmark,condition,subset,metric,value\nm,0,bbq,q,all,unknown_rate,0.3\n", "missing columns"),
-        (",".join(COLUMNS) + "\n", "no rows"),
-        (",".join(COLUMNS) + "\nm,,x,bbq,q,all,unknown_rate,0.3,,,10\n", "line 2: column 'step': not a number"),
-        (",".join(COLUMNS) + "\nm,,0,bbq,q,all,x,0.1,,,1\nm,,0,bbq,q,all,x,0.2,,,1\n", "two rows for model 'm'"),
-        (",".join(COLUMNS) + "\nm,,,bbq,q,all,unknown_rate,0.3,,,10\n", "has no 'params'"),  # no steps: by size
+        (",".join(POLICY_COLUMNS) + "\n", "no rows"),
+        (",".join(POLICY_COLUMNS) + "\nm,,x,bbq,q,all,unknown_rate,0.3,,,10\n", "line 2: column 'step': not a number"),
+        (",".join(POLICY_COLUMNS) + "\nm,,0,bbq,q,all,x,0.1,,,1\nm,,0,bbq,q,all,x,0.2,,,1\n", "two rows for model 'm'"),
+        (",".join(POLICY_COLUMNS) + "\nm,,,bbq,q,all,unknown_rate,0.3,,,10\n", "has no 'params'"),  # no steps: by size
     ],
 )
 def test_bad_metrics_csv(tmp_path, capsys, content, needle):
@@ -407,7 +408,7 @@ def test_bad_metrics_csv(tmp_path, capsys, content, needle):
 
 
 def test_bad_manifest_names_the_file(tmp_path, capsys):
-    run = write_run(tmp_path / "run", ",".join(COLUMNS) + "\nm,,0,bbq,q,all,unknown_rate,0.3,,,10\n")
+    run = write_run(tmp_path / "run", ",".join(POLICY_COLUMNS) + "\nm,,0,bbq,q,all,unknown_rate,0.3,,,10\n")
     path = run / "ppo" / "checkpoints" / "step-000050" / "manifest.json"
     path.parent.mkdir(parents=True)
     path.write_text('{"step": 50, "mean_reward": "high"}')
@@ -418,7 +419,7 @@ def test_bad_manifest_names_the_file(tmp_path, capsys):
 def test_training_covariates_from_manifests(tmp_path, capsys):
     """An eval-only metric set plus manifests: training.png has the reward/KL/length and unknown panels."""
     rows = [f"m,,{s},bbq,{c},all,unknown_rate,{0.2 + 0.001 * s},0.1,0.4,50" for s in STEPS for c in CONDITIONS]
-    run = write_run(tmp_path / "run", "\n".join([",".join(COLUMNS), *rows]) + "\n", manifests())
+    run = write_run(tmp_path / "run", "\n".join([",".join(POLICY_COLUMNS), *rows]) + "\n", manifests())
     code, _, err = run_report(capsys, str(run))
     assert code == 0, err
     assert_png(run / "report" / "training.png")
@@ -428,7 +429,7 @@ def test_training_covariates_from_manifests(tmp_path, capsys):
 
 
 def test_report_returns_the_report_path_and_refuses_a_file_as_output(tmp_path):
-    run = write_run(tmp_path / "run", ",".join(COLUMNS) + "\nm,,0,bbq,q,all,unknown_rate,0.3,,,10\n")
+    run = write_run(tmp_path / "run", ",".join(POLICY_COLUMNS) + "\nm,,0,bbq,q,all,unknown_rate,0.3,,,10\n")
     assert report([run]) == run / "report" / "report.md"
     (tmp_path / "taken").write_text("a file\n")
     with pytest.raises(UserError, match="taken: exists and is not a directory"):
@@ -456,7 +457,7 @@ TWO_POINTS = "Pearson r needs at least 3 occupations, got 2: any 2 points correl
 
 def test_empty_values_are_not_drawn_and_the_report_says_why(tmp_path, capsys):
     """Winogender r at steps 0 and 100, empty at step 50 (a 2-occupation CoT subsample); a value without a CI."""
-    header = ",".join(COLUMNS)
+    header = ",".join(POLICY_COLUMNS)
     lines = [
         "m,1700000000,0,winogender,q_if_cot,all,pearson_r,0.4,0.1,0.7,60,",
         f'm,1700000000,50,winogender,q_if_cot,all,pearson_r,,,,2,"{TWO_POINTS}"',
@@ -501,7 +502,7 @@ def test_empty_values_are_not_drawn_and_the_report_says_why(tmp_path, capsys):
 
 
 def test_a_table_from_before_the_note_column_still_reads(tmp_path, capsys):
-    old_columns = [c for c in COLUMNS if c != "note"]
+    old_columns = [c for c in POLICY_COLUMNS if c != "note"]
     run = write_run(
         tmp_path / "run", ",".join(old_columns) + "\nm,1700000000,0,bbq,q,all,bias_score_ambig,0.1,0,0.2,9\n"
     )
@@ -511,3 +512,56 @@ def test_a_table_from_before_the_note_column_still_reads(tmp_path, capsys):
     assert row.note == "" and row.value == 0.1
     raw = dict(zip(old_columns, ["m", "1", "0", "bbq", "q", "all", "x", "0.1", "0", "0.2", "9"]))
     assert row_cells(raw) == ["bbq", "q", "all", "x", "0.1", "0", "0.2", "9", ""]  # as a run's joined table writes it
+
+
+def with_reward_rows(policy_csv: str, units: dict[str, list[dict]], model: str) -> str:
+    """A run's table with the probe of its reward model: the policy rows (scorer policy), then the reward model's
+    rows (scorer reward, no step) from the real metric code on synthetic preferences (BBQ as the step-0 policy)."""
+    lines = policy_csv.splitlines()
+    text = "\n".join([lines[0].replace("step,", "step,scorer,", 1)] + [
+        ",".join([*line.split(",")[:3], "policy", *line.split(",")[3:]]) for line in lines[1:]
+    ]) + "\n"  # fmt: skip
+    makers = {bbq: bbq_preds, winogender: winogender_preds, law_school: law_preds}
+    rows = []
+    for module, make in makers.items():
+        evaluations = {c: (units[module.NAME], make(units[module.NAME], 0, c)) for c in ("q", "q_if")}
+        for condition, (us, preds) in evaluations.items():
+            rows += module.metrics(us, preds, condition, n_boot=100, seed=0)
+        rows += minus_q_rows(module.NAME, evaluations, n_boot=100, seed=0)
+    reward = metrics_csv(rows, {"model": model, "params": "", "step": "", "scorer": "reward"})
+    return text + reward.split("\n", 1)[1]
+
+
+def test_the_reward_models_rows_are_reference_lines_and_a_table_of_their_own(units, tmp_path, capsys):
+    """The same run with and without its reward model's probe: the benchmark figures gain its dotted lines (and a
+    caption that says how to read them), report.md a table of its numbers; the paired-difference and training
+    figures and the policy's table are unchanged, and the probe's rows are no line or point of their own."""
+    policy = real_metrics_csv(units, "m", 135_000_000)
+    plain = write_run(tmp_path / "plain", policy, manifests())
+    probed = write_run(tmp_path / "probed", with_reward_rows(policy, units, "m"), manifests())
+    for run in (plain, probed):
+        code, _, err = run_report(capsys, str(run))
+        assert code == 0, err
+    for name in ("bbq.png", "winogender.png", "law_school.png"):
+        assert (plain / "report" / name).read_bytes() != (probed / "report" / name).read_bytes(), name
+    for name in ("self_correction.png", "vs_step0.png", "training.png"):
+        assert (plain / "report" / name).read_bytes() == (probed / "report" / name).read_bytes(), name
+    old, new = ((run / "report" / "report.md").read_text() for run in (plain, probed))
+    policy_table = [line for line in old.splitlines() if line.startswith("| m | 135M |")]
+    assert policy_table == [line for line in new.splitlines() if line.startswith("| m | 135M |")]
+    assert "## Reward model (probe)" in new and "Dotted horizontal lines: the run's reward model" in new
+    assert "Reward model" not in old and "Dotted" not in old
+    reward_lines = [line for line in new.splitlines() if line.startswith("| m | – | – |")]
+    assert len(reward_lines) == 2 * 6  # q and q_if x the 6 headline metrics
+    assert "Left out of the step plots" not in new  # the probe is not a model without steps
+
+
+def test_a_table_of_reward_model_rows_only_or_a_bad_scorer_is_a_one_line_error(units, tmp_path, capsys):
+    only = with_reward_rows(real_metrics_csv(units, "m", 135_000_000), units, "m")
+    header, *lines = only.splitlines()
+    run = write_run(tmp_path / "only", "\n".join([header, *(x for x in lines if ",reward," in x)]) + "\n")
+    code, _, err = run_report(capsys, str(run))
+    assert code == 2 and "only reward-model (probe) rows" in err and len(err.strip().splitlines()) == 1
+    bad = write_run(tmp_path / "bad", only.replace(",reward,", ",critic,", 1))
+    code, _, err = run_report(capsys, str(bad))
+    assert code == 2 and "column 'scorer': expected policy or reward, got 'critic'" in err

@@ -45,15 +45,16 @@ def _chunks(data: bytes) -> list[bytes]:
 def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
     """What an offline W&B run directory (``.../offline-run-*``) recorded, read from its ``.wandb`` file.
 
-    Returns ``{"name", "group", "history", "metrics"}``; ``history`` holds one dict per ``wandb.log`` call,
-    ``metrics`` maps each ``define_metric`` name (or glob) to its step metric.
+    Returns ``{"name", "group", "history", "metrics", "summary"}``; ``history`` holds one dict per ``wandb.log``
+    call, ``metrics`` maps each ``define_metric`` name (or glob) to its step metric, ``summary`` holds what was set
+    in ``run.summary`` (the last value of each key).
     """
     from wandb.proto import wandb_internal_pb2
 
     files = sorted(Path(run_dir).glob("*.wandb"))
     if not files:
         raise FileNotFoundError(f"{run_dir}: no .wandb file")
-    run: dict[str, Any] = {"name": None, "group": None, "history": [], "metrics": {}}
+    run: dict[str, Any] = {"name": None, "group": None, "history": [], "metrics": {}, "summary": {}}
     for raw in _chunks(files[0].read_bytes()):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
@@ -63,6 +64,9 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
         elif kind == "history":
             items = record.history.item
             run["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items})
+        elif kind == "summary":
+            for item in record.summary.update:
+                run["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
         elif kind == "metric":
             run["metrics"][record.metric.name or record.metric.glob_name] = record.metric.step_metric
     return run

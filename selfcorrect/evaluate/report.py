@@ -2,7 +2,7 @@
 
 Input, per run directory::
 
-    RUN_DIR/eval/metrics.csv      model,params,step + the columns of evaluate's metrics.csv
+    RUN_DIR/eval/metrics.csv      model,params,step,scorer + the columns of evaluate's metrics.csv
     the kept PPO checkpoints' manifest.json (selfcorrect.rundir)   optional: mean_reward, kl, metrics.response_length
 
 Output (``RUN_DIR/report/`` for one run by step, ``RUN_DIR/report-by-size/`` by size, else ``--output``)::
@@ -19,6 +19,10 @@ Output (``RUN_DIR/report/`` for one run by step, ``RUN_DIR/report-by-size/`` by 
 The paired-difference rows (``selfcorrect.evaluate.paired``) are drawn only in their own two figures, never
 as conditions or metrics of the benchmark figures or the table. A metrics.csv written before they existed
 still gives every other figure; report.md then says how to add them.
+
+Rows of the run's reward model (``scorer`` reward: ``selfcorrect probe``, its preferences between the candidate
+answers) are no line of their own: each benchmark figure draws their values as dotted horizontal reference lines,
+one per condition, and report.md lists them in a table of their own.
 
 An empty metric (no value: its units cannot give it, the reason in metrics.csv's ``note``) is not drawn: its line
 has a gap there, and report.md lists it with its reason under "Empty values"; a value without a CI is drawn without
@@ -53,6 +57,7 @@ from selfcorrect.io import atomic_write_bytes, atomic_write_text
 from selfcorrect.rundir import RunDir
 
 COLUMNS = (*RUN_COLUMNS, *METRIC_COLUMNS)
+SCORERS = ("policy", "reward")
 BY = ("step", "size")
 
 CONDITION_LABELS = {"q": "Q", "q_if": "Q+IF", "q_if_cot": "Q+IF+CoT", "match_stats": "Q+Match Stats"}
@@ -77,6 +82,7 @@ class Row(MetricRow):
     params: int | None
     step: int | None
     source: Path
+    scorer: str = "policy"  # or reward: the probe of a reward model (selfcorrect.evaluate.reward_probe)
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,9 @@ def _parse_row(raw: dict[str, str], where: str, source: Path) -> Row:
     if empty:
         raise UserError(f"{where}: empty {', '.join(empty)}")
     text["note"] = (raw.get("note") or "").strip()
+    text["scorer"] = (raw.get("scorer") or "policy").strip()
+    if text["scorer"] not in SCORERS:
+        raise UserError(f"{where}: column 'scorer': expected {' or '.join(SCORERS)}, got {text['scorer']!r}")
     integers = {c: _cell_number(raw[c] or "", where, c, integer=True) for c in ("params", "step", "n")}
     floats = {c: _cell_number(raw[c] or "", where, c, integer=False) for c in ("value", "ci_low", "ci_high")}
     return Row(**text, **integers, **{c: float("nan") if v is None else v for c, v in floats.items()}, source=source)
@@ -120,7 +129,7 @@ def _parse_row(raw: dict[str, str], where: str, source: Path) -> Row:
 def read_metrics(run_dir: Path) -> list[Row]:
     """The rows of a run's metrics table, or of one model's evaluation directory.
 
-    A run directory has ``eval/metrics.csv`` with the leading columns ``model,params,step``. The output of
+    A run directory has ``eval/metrics.csv`` with the leading columns ``model,params,step,scorer``. The output of
     ``selfcorrect evaluate MODEL --output DIR`` has ``DIR/metrics.csv`` without them: its rows get the model and its
     parameter count from ``DIR/evaluation.json`` and no step. A missing file, missing columns or no rows is a
     UserError.
@@ -157,7 +166,9 @@ def _one_model(directory: Path) -> dict[str, str] | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{manifest_path}: unreadable evaluation manifest ({first_line(exc)})") from None
     params = (manifest.get("model_info") or {}).get("n_parameters")
-    return {"model": Path(model).name or model, "params": "" if params is None else str(params), "step": ""}
+    scorer = str(manifest["settings"].get("scorer", "policy"))
+    return {"model": Path(model).name or model, "params": "" if params is None else str(params), "step": "",
+            "scorer": scorer}  # fmt: skip
 
 
 def _manifest_number(manifest: dict, key: str, path: Path) -> float:
@@ -212,7 +223,7 @@ def load_runs(run_dirs: Iterable[Path]) -> tuple[list[Row], list[Checkpoint]]:
         checkpoints += read_checkpoints(run_dir, label)
     seen: dict[tuple, Row] = {}
     for r in rows:
-        key = (r.model, r.step, r.benchmark, r.condition, r.subset, r.metric)
+        key = (r.model, r.step, r.scorer, r.benchmark, r.condition, r.subset, r.metric)
         if key in seen:
             other = seen[key].source
             where = str(r.source) if other == r.source else f"{other} and {r.source}"
@@ -447,8 +458,9 @@ def _subject(points: Iterable[Row | Delta | Checkpoint]) -> str:
     return models[0] if len(models) == 1 else f"{len(models)} models"
 
 
-def plot_benchmark(benchmark: str, rows: list[Row], style: Style) -> bytes | None:
-    """The benchmark's metrics (pooled subset) vs steps or size, one panel per metric with a value; None if none."""
+def plot_benchmark(benchmark: str, rows: list[Row], style: Style, reference: list[Row] = ()) -> bytes | None:
+    """The benchmark's metrics (pooled subset) vs steps or size, one panel per metric with a value; None if none.
+    ``reference``: the reward model's rows (pooled), drawn as a dotted horizontal line per condition."""
     panels = [p for p in PANELS[benchmark] if any(r.metric == p.metric and math.isfinite(r.value) for r in rows)]
     if not panels:
         return None
@@ -456,10 +468,16 @@ def plot_benchmark(benchmark: str, rows: list[Row], style: Style) -> bytes | Non
     for ax, panel in zip(axes, panels):
         points = [r for r in rows if r.metric == panel.metric]
         _draw_series(ax, points, style, lambda r: r.value, lambda r: (r.ci_low, r.ci_high))
+        for r in reference:
+            if r.metric == panel.metric and math.isfinite(r.value):
+                ax.axhline(r.value, color=style.colors.get(r.condition, "0.25"), ls=":", lw=1.6, zorder=1)
         _format_axes(ax, style, map(style.x, points), panel)
         ax.set_title(panel.title, fontsize=10.5)
         ax.set_ylabel(panel.metric)
     style.legend(fig, {r.condition for r in rows}, {r.model for r in rows})
+    if any(r.metric in {p.metric for p in panels} and math.isfinite(r.value) for r in reference):
+        fig.legend(handles=[Line2D([], [], color="0.25", ls=":", lw=1.6, label="reward model (probe)")],
+                   loc="outside right lower", frameon=False)  # fmt: skip
     return _png(fig)
 
 
@@ -706,20 +724,36 @@ def empty_values(rows: list[Row], style: Style) -> list[str]:
     return lines
 
 
-def draw_figures(rows: list[Row], checkpoints: list[Checkpoint], style: Style) -> tuple[list[Drawn], list[str]]:
-    """Every figure there is data for (pooled rows), and a note for each one left out."""
+REFERENCE_CAPTION = (
+    " Dotted horizontal lines: the run's reward model, probed on the same items (`selfcorrect probe`): the same "
+    "metric computed from its preferences between the candidate answers (the softmax of its rewards for each "
+    "answer as a finished reply) in place of a policy's probabilities. It is where the reward would pull a policy "
+    "that only followed it: a policy line that moves toward it over RLHF steps moves the way the reward prefers. "
+    "It measures the reward model's preference between the given answers, not what any policy would say."
+)
+
+
+def draw_figures(
+    rows: list[Row], checkpoints: list[Checkpoint], style: Style, reference: list[Row] = ()
+) -> tuple[list[Drawn], list[str]]:
+    """Every figure there is data for (pooled rows), and a note for each one left out; ``reference``: the reward
+    model's pooled rows, drawn into the benchmark figures."""
     drawn: list[Drawn] = []
     notes: list[str] = []
     levels = [r for r in rows if not is_difference(r.condition, r.metric)]
     for benchmark, module in BENCHMARKS.items():
         mine = [r for r in levels if r.benchmark == benchmark]
-        png = plot_benchmark(benchmark, mine, style)
+        lines = [r for r in reference if r.benchmark == benchmark and not is_difference(r.condition, r.metric)]
+        png = plot_benchmark(benchmark, mine, style, lines)
         if png is None and any(r.metric == p.metric for r in mine for p in PANELS[benchmark]):
             notes.append(f"{module.TITLE}: every plotted value is empty (see Empty values), no figure.")
         elif png is None:
             notes.append(f"{module.TITLE}: no metric values in the input, no figure.")
         else:
-            drawn.append(Drawn(f"{benchmark}.png", module.TITLE, module.CAPTION, png))
+            with_lines = any(math.isfinite(r.value) for r in lines)
+            drawn.append(
+                Drawn(f"{benchmark}.png", module.TITLE, module.CAPTION + (REFERENCE_CAPTION if with_lines else ""), png)
+            )
     for figure in DELTA_FIGURES:
         if figure.by_step_only and style.by != "step":
             continue
@@ -753,6 +787,7 @@ def _markdown(
     empty: list[str],
     rows: list[Row],
     run_dirs: list[Path],
+    reference: list[Row] = (),
 ) -> str:
     parts = [f"# {title}\n", "Runs: " + ", ".join(f"`{d}`" for d in run_dirs) + "\n", intro + "\n"]
     for d in drawn:
@@ -767,6 +802,14 @@ def _markdown(
     parts.append(
         "## Headline numbers\n\nValue, 95% bootstrap CI and n (units behind the metric).\n\n" + headline_table(rows)
     )
+    if reference:
+        parts.append(
+            "## Reward model (probe)\n\nThe run's reward model on the same items: each metric computed from its "
+            "preferences between the candidate answers (softmax of its rewards), drawn as the dotted lines above. "
+            "Its `q_if_minus_q` rows in metrics.csv (`scorer` reward) say whether it rewards the self-corrected answer "
+            "more.\n\n"
+            + headline_table(reference)
+        )
     return "\n".join(parts)
 
 
@@ -791,6 +834,13 @@ def report(run_dirs: list[Path], by: str | None = None, output: Path | None = No
     if not run_dirs:
         raise UserError("no run directory given")
     all_rows, checkpoints = load_runs(run_dirs)
+    reference = [r for r in all_rows if r.scorer == "reward" and r.subset == "all"]
+    all_rows = [r for r in all_rows if r.scorer == "policy"]
+    if not all_rows:
+        raise UserError(
+            f"{', '.join(map(str, run_dirs))}: only reward-model (probe) rows; the report draws them beside a "
+            "policy's (give the run directory, or an evaluation of a model)"
+        )
     if by is None:  # RLHF steps when there are any; evaluations of single models are compared by size
         by = "step" if any(r.step is not None for r in all_rows) else "size"
     if by not in BY:
@@ -800,15 +850,16 @@ def report(run_dirs: list[Path], by: str | None = None, output: Path | None = No
         raise UserError(f"{output}: exists and is not a directory")
     rows = rows_with_step(all_rows) if by == "step" else rows_at_largest_step(all_rows)
     pooled = [r for r in rows if r.subset == "all"]
-    conditions = (r.condition for r in pooled if not is_difference(r.condition, r.metric))
+    conditions = (r.condition for r in [*pooled, *reference] if not is_difference(r.condition, r.metric))
     style = Style.of(by, conditions, [r.model for r in pooled] + [k.model for k in checkpoints])
-    drawn, notes = draw_figures(pooled, checkpoints, style)
+    drawn, notes = draw_figures(pooled, checkpoints, style, reference)
     no_step = sorted({r.model for r in all_rows if r.step is None})
     if by == "step" and no_step:
         notes.append(f"Left out of the step plots (no RLHF step): {', '.join(no_step)}; see --by size.")
 
     title = f"selfcorrect report: {_subject(pooled)} by {'RLHF steps' if by == 'step' else 'model size'}"
-    text = _markdown(title, _intro(pooled, style), drawn, notes, empty_values(pooled, style), rows, run_dirs)
+    intro, empty = _intro(pooled, style), empty_values(pooled, style)
+    text = _markdown(title, intro, drawn, notes, empty, rows, run_dirs, reference)
     for d in drawn:
         atomic_write_bytes(output / d.name, d.png)
     path = output / "report.md"

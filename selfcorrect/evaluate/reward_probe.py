@@ -91,6 +91,20 @@ class RewardScorer:
         """Items in order, ``batch_size`` at a time (each item is one exchange per candidate)."""
         return [list(range(i, min(i + batch_size, len(seqs)))) for i in range(0, len(seqs), batch_size)]
 
+    def too_long(self, items: Sequence[ItemPrompt]) -> int:
+        """How many of ``items`` have an exchange longer than the reward model's ``max_length`` (reward training drops
+        such examples, so it never saw one; they are not scored). 0 for a function reward."""
+        reward = self.reward
+        if reward.tokenizer is None or not reward.max_length:
+            return 0
+        count = 0
+        for item in items:
+            reply = item.assistant + max(item.candidates, key=len)
+            prompt = [{"role": "user", "content": item.human}]
+            ids, _ = dialogues.example_ids(reward.tokenizer, prompt, reply, self.dialogue)
+            count += len(ids) > reward.max_length
+        return count
+
     def score_items(
         self, items: Sequence[ItemPrompt], texts: Sequence[str], batch_size: int, token_ids=None
     ) -> list[Score]:

@@ -1,6 +1,6 @@
-"""Evaluating a run: every kept PPO checkpoint (and extra models), each with :func:`runner.evaluate`, joined into
-one table (``RUN_DIR/eval/metrics.csv``, leading columns ``model,params,step``) with each checkpoint's paired
-differences from step 0 (``<m>_minus_step0``)."""
+"""Evaluating a run: its reward model probed on the same items (:mod:`.reward_probe`), every kept PPO checkpoint
+(and extra models), each with :func:`runner.evaluate`, joined into one table (``RUN_DIR/eval/metrics.csv``, leading
+columns ``model,params,step,scorer``) with each checkpoint's paired differences from step 0 (``<m>_minus_step0``)."""
 
 from __future__ import annotations
 
@@ -22,12 +22,14 @@ from selfcorrect.rundir import RunDir
 
 @dataclass(frozen=True)
 class EvalTarget:
-    """One model of a run to evaluate: a PPO checkpoint (``step`` set) or an extra model (``step`` None)."""
+    """One model of a run to evaluate: a PPO checkpoint (``step`` set), an extra model (``step`` None), or the run's
+    reward model, probed (``scorer`` reward)."""
 
     label: str  # the ``model`` column: the run name, or the model reference of an extra model
-    model: str  # what `load_model` loads
+    model: str  # what `load_model` (a policy) or `RewardModel.load` (a reward) loads
     output: Path  # its evaluation output dir
     step: int | None = None
+    scorer: str = "policy"  # the ``scorer`` column: policy, or reward (selfcorrect.evaluate.reward_probe)
 
 
 def model_slug(reference: str) -> str:
@@ -40,14 +42,44 @@ def checkpoint_targets(run: RunDir, steps: list[int], label: str, eval_dir: Path
     return [EvalTarget(label, str(run.checkpoint(s)), run.eval_checkpoint(s, eval_dir), s) for s in steps]
 
 
+def reward_target(run: RunDir, label: str, eval_dir: Path) -> list[EvalTarget]:
+    """The probe of the run's reward model into ``eval_dir/reward``, if the run has one (its ``reward/`` holds a
+    reward manifest); else nothing."""
+    if not (run.reward / "reward_manifest.json").is_file():
+        return []
+    return [EvalTarget(label, str(run.reward), eval_dir / run.eval_reward().name, scorer="reward")]
+
+
 def evaluate_target(template: EvalSettings, target: EvalTarget, count: tuple[int, int] | None = None) -> Path:
     """Evaluate one target with the template's settings; returns its ``metrics.csv``. ``count``: (this target's
     number, how many there are), for the line that says which one starts."""
     if Shard.from_env().main:
         step = f" step {target.step}" if target.step is not None else ""
+        what = " reward model (probe)" if target.scorer == "reward" else ""
         of = f" ({count[0]} of {count[1]})" if count else ""
-        print(f"evaluate: {target.label}{step}{of}", file=sys.stderr)
-    return evaluate(replace(template, model=target.model, output=target.output))
+        print(f"evaluate: {target.label}{what}{step}{of}", file=sys.stderr)
+    settings = replace(template, model=target.model, output=target.output)
+    if target.scorer == "reward":  # the same items, Q-type conditions only: a probe has no reasoning to sample
+        settings = replace(
+            settings,
+            scorer="reward",
+            conditions=q_type(template),
+            cot_limit=None,
+            engine="hf",
+            override_dialogue=False,
+            skip_unfit=True,  # a benchmark whose prompts the reward model cannot read is left out, with a note
+        )
+    return evaluate(settings)
+
+
+def q_type(template: EvalSettings) -> list[str]:
+    """The conditions of ``template`` that are no chain of thought in any of its benchmarks."""
+    prompts = load_prompts(template.prompt_files)
+    return [
+        c
+        for c in template.conditions
+        if not any(c in prompts.conditions(b) and prompts.condition(b, c).cot is not None for b in template.benchmarks)
+    ]
 
 
 def _minus_step0(template: EvalSettings, prompts: PromptSet, target: EvalTarget, step0: EvalTarget) -> list[MetricRow]:
@@ -65,7 +97,7 @@ def _minus_step0(template: EvalSettings, prompts: PromptSet, target: EvalTarget,
 
 
 def join_metrics(targets: list[EvalTarget], path: Path, template: EvalSettings, *, deltas: bool = True) -> Path:
-    """Write the run's ``metrics.csv``: each evaluated target's table with ``model,params,step`` in front.
+    """Write the run's ``metrics.csv``: each evaluated target's table with ``model,params,step,scorer`` in front.
 
     A checkpoint past step 0 whose run's step 0 is evaluated too also gets its ``<m>_minus_step0`` rows
     (``selfcorrect.evaluate.paired``), computed from the per-item files of both with ``template``'s
@@ -83,6 +115,7 @@ def join_metrics(targets: list[EvalTarget], path: Path, template: EvalSettings, 
             target.label,
             manifest.get("model_info", {}).get("n_parameters", ""),
             "" if target.step is None else target.step,
+            target.scorer,
         )
         blocks.append((leading, [table.row_cells(r) for r in table.read(target.output / "metrics.csv")]))
         if deltas and target.step and target.label in step0:
@@ -97,7 +130,8 @@ def evaluate_run(template: EvalSettings, run_dir: Path, label: str | None = None
     steps = run.kept_steps()
     if not steps:
         raise UserError(f"{run_dir}: no kept checkpoints to evaluate")
-    targets = checkpoint_targets(run, steps, label or Path(run_dir).resolve().name, template.output)
+    label = label or Path(run_dir).resolve().name
+    targets = reward_target(run, label, template.output) + checkpoint_targets(run, steps, label, template.output)
     for number, target in enumerate(targets, 1):
         evaluate_target(template, target, (number, len(targets)))
     if not Shard.from_env().main:  # under accelerate launch: process 0 joins the tables

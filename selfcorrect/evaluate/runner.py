@@ -15,7 +15,7 @@ them. Each (benchmark, condition) group and each CoT sampling shows a progress b
 Evaluating a run (``selfcorrect evaluate RUN_DIR`` or the pipeline's evaluate stage,
 :mod:`selfcorrect.evaluate.run_targets`) repeats this per target, i.e. per kept PPO checkpoint or per extra model
 (``RUN_DIR/eval/models/<model>/``), and joins their tables into ``RUN_DIR/eval/metrics.csv`` with the
-leading columns ``model,params,step`` (:mod:`selfcorrect.evaluate.table`); each checkpoint past step 0 also gets
+leading columns ``model,params,step,scorer`` (:mod:`selfcorrect.evaluate.table`); each checkpoint past step 0 also gets
 the paired differences of its headline metrics from step 0's (``<m>_minus_step0``).
 
 A rerun with the same settings skips every item already in a ``.jsonl`` file, and the batches are
@@ -84,6 +84,7 @@ class EvalSettings:
     # what reads the candidates: a policy's next-token probabilities, or a reward model's preferences
     # (``model`` is then a reward: selfcorrect.evaluate.reward_probe)
     scorer: Literal["policy", "reward"] = "policy"
+    skip_unfit: bool = False  # a probe leaves out (with a note) the conditions whose exchanges its reward cannot read
 
 
 class EvaluationSection(StrictModel):
@@ -91,6 +92,7 @@ class EvaluationSection(StrictModel):
 
     when: Literal["during", "after"] = "after"  # during: evaluate checkpoints while PPO saves later ones
     checkpoints: bool = True  # evaluate the PPO checkpoints (ppo.save_at_steps)
+    probe_reward: bool = True  # probe the run's reward model on the same items (selfcorrect probe), first
     models: list[str] = []  # extra models evaluated as they are (no RLHF), e.g. a model-size sweep
     benchmarks: list[str] = list(bench_registry.BENCHMARK_NAMES)
     conditions: list[str] = list(DEFAULT_CONDITIONS)
@@ -513,6 +515,8 @@ def evaluate(settings: EvalSettings) -> Path:
         scorer, tokenizer, n_parameters = _reward_scorer(settings)
         manifest["model_info"] = {"n_parameters": n_parameters}
         engine = scorer
+        unfit = _unfit(settings, scorer, pending, shard)
+        tasks, pending = [t for t in tasks if t.key not in unfit], [t for t in pending if t.key not in unfit]
     elif pending:
         model, tokenizer = load_model(
             settings.model, dtype=settings.dtype, device=settings.device, trust_remote_code=settings.trust_remote_code
@@ -557,6 +561,24 @@ def _check_probe(settings: EvalSettings, prompts: PromptSet) -> None:
     if is_function and settings.dialogue is not None and settings.dialogue.format == "chat_template":
         raise UserError(f"{settings.model}: a function reward reads HH-format text; --dialogue chat_template needs a "
                         "reward model with a tokenizer")
+
+
+def _unfit(settings: EvalSettings, scorer: Any, pending: list[Task], shard: Shard) -> set[str]:
+    """The conditions a probe leaves out because some of their exchanges are longer than the reward model's
+    ``max_length``: a one-line error, or with ``skip_unfit`` (the pipeline's probe) a note for each."""
+    unfit = {t.key: (scorer.too_long(t.items), len(t.items)) for t in pending}
+    unfit = {key: counts for key, counts in unfit.items() if counts[0]}
+    for key, (n, total) in unfit.items():
+        why = (
+            f"{key}: {n} of {total} exchanges are longer than the reward model's max_length "
+            f"{scorer.reward.max_length} (reward training drops such examples, so it never saw one)"
+        )
+        if not settings.skip_unfit:
+            raise UserError(f"{settings.model}: {why}; leave the benchmark out (--benchmarks) or train the reward "
+                            "model with a larger reward.max_length")  # fmt: skip
+        if shard.main:
+            print(f"note: reward model probe: {why}; left out", file=sys.stderr)
+    return set(unfit)
 
 
 def _reward_scorer(settings: EvalSettings) -> tuple[Any, Any, int]:

@@ -1,7 +1,8 @@
 """The metrics table (``metrics.csv``): its row type, its columns, and how it is written, read and joined.
 
 An evaluation directory's table has the columns :data:`METRIC_COLUMNS`; a run's table (``eval/metrics.csv``) puts
-:data:`RUN_COLUMNS` (``model,params,step``) in front, one block of rows per evaluated model or checkpoint. Values
+:data:`RUN_COLUMNS` (``model,params,step,scorer``) in front, one block of rows per evaluated model or checkpoint
+(``scorer`` is ``policy``, or ``reward`` for the probe of the run's reward model: :mod:`.reward_probe`). Values
 are written with 10 significant digits and NaN as an empty cell, so a rerun writes the same bytes.
 
 A metric that its units cannot give (Pearson r of fewer than 3 occupations, a BBQ bias score without an answer
@@ -22,8 +23,8 @@ from selfcorrect.errors import UserError, first_line
 from selfcorrect.io import atomic_write_text, csv_text
 
 METRIC_COLUMNS = ("benchmark", "condition", "subset", "metric", "value", "ci_low", "ci_high", "n", "note")
-ADDED_COLUMNS = ("note",)  # columns a table written before them lacks: read back as empty
-RUN_COLUMNS = ("model", "params", "step")
+ADDED_COLUMNS = ("note", "scorer")  # columns a table written before them lacks: read back as empty (the default)
+RUN_COLUMNS = ("model", "params", "step", "scorer")  # scorer: policy (a model's probabilities) or reward (a probe)
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,8 @@ def read(path: Path) -> list[dict[str, str]]:
 
 
 def write_run(path: Path, blocks: Sequence[tuple[Sequence[object], Iterable[Sequence[object]]]]) -> Path:
-    """Write a run's table atomically: per block, the leading cells (model, params, step) and its metric rows' cells
-    (a :class:`MetricRow`'s :func:`cells`, or the cells of a row read back with :func:`read`)."""
+    """Write a run's table atomically: per block, the leading cells (model, params, step, scorer) and its metric rows'
+    cells (a :class:`MetricRow`'s :func:`cells`, or the cells of a row read back with :func:`read`)."""
     rows = [[*leading, *row] for leading, block in blocks for row in block]
     atomic_write_text(path, csv_text([*RUN_COLUMNS, *METRIC_COLUMNS], rows))
     return path

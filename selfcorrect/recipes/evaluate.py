@@ -13,11 +13,14 @@ from selfcorrect.stages import RunConfig
 
 
 def targets(cfg: RunConfig) -> list:
-    """Every model the evaluate stage covers: the PPO checkpoints in save_at_steps, then the extra models."""
-    from selfcorrect.evaluate.run_targets import EvalTarget, checkpoint_targets, model_slug
+    """Every model the evaluate stage covers: the run's reward model (probed, if the run trains one and
+    ``evaluation.probe_reward``), the PPO checkpoints in save_at_steps, then the extra models."""
+    from selfcorrect.evaluate.run_targets import EvalTarget, checkpoint_targets, model_slug, reward_target
 
     evaluation, run = cfg.evaluation, cfg.run_dir()
     found = []
+    if evaluation.probe_reward and cfg.reward is not None:
+        found += reward_target(run, cfg.name, run.eval)
     if evaluation.checkpoints and cfg.ppo is not None:
         found += checkpoint_targets(run, list(cfg.ppo.save_at_steps), cfg.name, run.eval)
     for ref in evaluation.models:
