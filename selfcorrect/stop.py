@@ -68,7 +68,7 @@ def _handle(signum: int, frame: object) -> None:
         if not _state.deferring:
             raise Stopped(f"{name} received: what was finished is saved; rerun the same command to continue")
         print(
-            f"selfcorrect: {name} received: stopping after saving the step in progress (a second signal stops at once)",
+            f"selfcorrect: {name} received: stopping after saving the work in progress (a second signal stops at once)",
             file=sys.stderr,
             flush=True,
         )
@@ -97,6 +97,13 @@ def deferred() -> Iterator[None]:
         yield
     finally:
         _state.deferring -= 1
+
+
+def after_deferred() -> None:
+    """Raise the stop that a signal during a :func:`deferred` block asked for, once outside every such block."""
+    name = _state.signal_name
+    if name is not None and not _state.deferring:
+        raise Stopped(f"{name} received: what was finished is saved; rerun the same command to continue")
 
 
 @contextmanager

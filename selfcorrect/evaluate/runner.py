@@ -39,6 +39,7 @@ from pydantic import Field, field_validator, model_validator
 
 from selfcorrect import dialogue as dialogues
 from selfcorrect import engines
+from selfcorrect import stop as stopping
 from selfcorrect.config import StrictModel, VLLMSection, data_dir, shipped_file
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.engines import Engine
@@ -434,10 +435,12 @@ def _run_group(
                 )
                 if s.rewards is not None:  # a reward model's preferences: its raw rewards too
                     rec["rewards"] = s.rewards
-            for k, path in enumerate(paths):
-                mine = [rec for i, rec in zip(batch, records) if entries[i][0] == k]
-                if mine:
-                    append_jsonl(path, mine)
+            with stopping.deferred():  # a stop signal during the write takes effect after it: a written line stays
+                for k, path in enumerate(paths):
+                    mine = [rec for i, rec in zip(batch, records) if entries[i][0] == k]
+                    if mine:
+                        append_jsonl(path, mine)
+            stopping.after_deferred()
             bar.update(len(batch))
     elapsed = time.perf_counter() - start
     if todo:
