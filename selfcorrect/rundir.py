@@ -1,4 +1,4 @@
-"""The run directory: every path under ``runs/<name>/`` is built here, and nowhere else.
+"""Every path of a run directory and of an evaluation directory is built here, and nowhere else.
 
 ::
 
@@ -12,10 +12,20 @@
     runs/<name>/<stage>/trainer/                    a trainer's working directory
     runs/<name>/eval/step-NNNNNN/                   the evaluation of a kept checkpoint
     runs/<name>/eval/models/<model>/                the evaluation of an extra model (evaluation.models)
+    runs/<name>/eval/reward/                        the probe of the run's reward model (selfcorrect probe)
     runs/<name>/eval/metrics.csv                    the run's joined metrics table
-    runs/<name>/report/                             plots and report.md
+    runs/<name>/report/                             report.md and its figures (<figure>.png)
     runs/<name>/.selfcorrect.lock                   while a process writes the run: its lock (selfcorrect.dirlock)
     runs/<name>/eval/.selfcorrect.lock              while a process writes the evaluations: their lock
+
+An evaluation directory (``selfcorrect evaluate MODEL --output DIR``, and each ``eval/...`` above) is an
+:class:`EvalDir`::
+
+    DIR/evaluation.json                             settings and prompt hashes; the (benchmark, condition) complete
+    DIR/<benchmark>/sample.json                     the evaluated units
+    DIR/<benchmark>/<condition>.jsonl               one line per item, appended as items finish
+    DIR/<benchmark>/<condition>.part-<rank>.jsonl   under ``accelerate launch``: process ``rank``'s share, folded in
+    DIR/metrics.csv                                 the metrics table
 
 A training stage that is given its own directory (the PPO trainer, tests) uses the functions that take that
 directory (:func:`checkpoint_dir`, :func:`last_dir`...), so the layout inside a stage has one owner too.
@@ -28,7 +38,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STEP_PATTERN = re.compile(r"step-(\d{6})")
+# The pipeline's stages in their order, and each one's directory.
 STAGE_DIRS = {"sft": "sft", "reward": "reward", "ppo": "ppo", "evaluate": "eval", "report": "report"}
+STAGES = tuple(STAGE_DIRS)
+TRAINING_STAGES = ("sft", "reward", "ppo")
+PIPELINE_STATE = "pipeline.json"  # the pipeline's record of finished stages, in the run directory
+MANIFEST = "manifest.json"  # beside a policy's weights (SFT output, kept checkpoint, export): what made it
+REWARD_MANIFEST = "reward_manifest.json"  # beside a reward model's weights: its bias, dialogue format, what made it
+EVALUATION = "evaluation.json"  # an evaluation directory's identity and progress
+METRICS = "metrics.csv"  # an evaluation's (or a run's joined) metrics table
+SAMPLE = "sample.json"  # a benchmark's evaluated units
+REPORT = "report.md"
 # The lock file of a directory that one process at a time writes (a run directory, an evaluation output directory):
 # :mod:`selfcorrect.dirlock` holds it while the process writes, and removes it when it lets go.
 LOCK = ".selfcorrect.lock"
@@ -88,7 +108,7 @@ def kept_steps(ppo_dir: Path) -> list[int]:
     found = []
     for path in checkpoints_dir(ppo_dir).glob("step-*"):
         step = parse_step(path.name)
-        if step is not None and (path / "manifest.json").is_file():
+        if step is not None and (path / MANIFEST).is_file():
             found.append(step)
     return sorted(found)
 
@@ -104,7 +124,7 @@ class RunDir:
 
     @property
     def state(self) -> Path:
-        return self.root / "pipeline.json"
+        return self.root / PIPELINE_STATE
 
     def stage(self, stage: str) -> Path:
         """The directory of a pipeline stage (``sft``, ``reward``, ``ppo``, ``evaluate`` -> ``eval``, ``report``)."""
@@ -131,9 +151,13 @@ class RunDir:
         return self.stage("report")
 
     @property
+    def report_md(self) -> Path:
+        return report_md(self.report)
+
+    @property
     def metrics(self) -> Path:
         """The run's joined metrics table."""
-        return self.eval / "metrics.csv"
+        return self.eval / METRICS
 
     def checkpoint(self, step: int) -> Path:
         return checkpoint_dir(self.ppo, step)
@@ -143,7 +167,7 @@ class RunDir:
 
     def checkpoint_manifests(self) -> list[Path]:
         """The manifests of the kept checkpoints, by step."""
-        return [self.checkpoint(step) / "manifest.json" for step in self.kept_steps()]
+        return [self.checkpoint(step) / MANIFEST for step in self.kept_steps()]
 
     def eval_checkpoint(self, step: int, eval_root: Path | None = None) -> Path:
         """Where the evaluation of the kept checkpoint of ``step`` goes (under ``eval_root``, default ``eval/``)."""
@@ -161,3 +185,60 @@ class RunDir:
     def is_run(path: Path) -> bool:
         """Whether ``path`` looks like a run directory with kept PPO checkpoints."""
         return checkpoints_dir(Path(path) / STAGE_DIRS["ppo"]).is_dir()
+
+
+# ---- a report directory ----------------------------------------------------------------------------------------
+
+
+def report_md(report_dir: Path) -> Path:
+    """The report's text, beside its figures."""
+    return Path(report_dir) / REPORT
+
+
+def figure_file(report_dir: Path, figure: str) -> Path:
+    """A report figure's file: ``<figure>.png``."""
+    return Path(report_dir) / f"{figure}.png"
+
+
+# ---- an evaluation directory -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalDir:
+    """The paths of one evaluation directory (``selfcorrect evaluate MODEL --output DIR``; a run's ``eval/...``)."""
+
+    root: Path
+
+    @property
+    def identity(self) -> Path:
+        """``evaluation.json``: the settings and prompt hashes it was made with, and what is complete."""
+        return self.root / EVALUATION
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS
+
+    @property
+    def lock(self) -> Path:
+        return lock_file(self.root)
+
+    def sample(self, benchmark: str) -> Path:
+        return self.root / benchmark / SAMPLE
+
+    def results(self, benchmark: str, condition: str) -> Path:
+        """One line per finished item of (benchmark, condition)."""
+        return self.root / benchmark / f"{condition}.jsonl"
+
+    def result_files(self, benchmark: str) -> list[Path]:
+        """Every per-item file of a benchmark (part files included), by name."""
+        return sorted((self.root / benchmark).glob("*.jsonl"))
+
+
+def part_file(results: Path, rank: int) -> Path:
+    """The part file of process ``rank`` beside a results file ``<condition>.jsonl``."""
+    return results.with_name(f"{results.stem}.part-{rank}.jsonl")
+
+
+def part_files(results: Path) -> list[Path]:
+    """Every part file beside ``results`` (of this launch or of an earlier one with another process count)."""
+    return sorted(results.parent.glob(f"{results.stem}.part-*.jsonl"))
