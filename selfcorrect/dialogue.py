@@ -30,6 +30,7 @@ from pydantic import model_validator
 
 from selfcorrect.config import StrictModel
 from selfcorrect.errors import UserError
+from selfcorrect.rundir import MANIFEST, REWARD_MANIFEST
 
 FORMATS = ("human_assistant", "chat_template")
 HUMAN_TURN = "\n\nHuman:"
@@ -161,7 +162,7 @@ def example_ids(tokenizer: Any, messages: Messages, reply: str, spec: DialogueSp
 
 # ---- what a stage recorded ----------------------------------------------------------------------------------------
 
-MANIFEST_NAMES = ("manifest.json", "reward_manifest.json")
+MANIFEST_NAMES = (MANIFEST, REWARD_MANIFEST)
 
 
 def recorded(model_dir: str | Path) -> DialogueSpec | None:

@@ -19,8 +19,7 @@ from pathlib import Path
 from selfcorrect.errors import UserError
 from selfcorrect.io import install_dir, writing
 from selfcorrect.provenance import now, to_json
-
-MANIFEST = "manifest.json"
+from selfcorrect.rundir import MANIFEST
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None = None) -> Path:

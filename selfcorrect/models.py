@@ -35,6 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from selfcorrect import hub
 from selfcorrect.config import cache_dir
 from selfcorrect.errors import UserError, first_line
+from selfcorrect.rundir import MANIFEST
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,6 @@ EMBEDDED_PACKAGE_HINT: dict[str, str] = {
 }
 
 COMPLETE_MARKER = ".complete"
-MANIFEST = "manifest.json"  # a kept checkpoint's or the SFT stage's record, beside its weights
 BASE_RELATIVE = "base_model_relative"  # in an adapter's manifest: its base's path relative to the adapter
 BASE_FINGERPRINT = "base_model_fingerprint"  # in an adapter's manifest: its base's fingerprint when it was trained
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

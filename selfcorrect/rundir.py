@@ -233,6 +233,10 @@ class EvalDir:
         """Every per-item file of a benchmark (part files included), by name."""
         return sorted((self.root / benchmark).glob("*.jsonl"))
 
+    def all_result_files(self) -> list[Path]:
+        """Every per-item file of every benchmark, by path."""
+        return sorted(self.root.glob("*/*.jsonl"))
+
 
 def part_file(results: Path, rank: int) -> Path:
     """The part file of process ``rank`` beside a results file ``<condition>.jsonl``."""

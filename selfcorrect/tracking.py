@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from selfcorrect.config import TrackingSection
+from selfcorrect.rundir import EvalDir
 
 
 def report_to(tracking: TrackingSection, run_name: str, stage: str, run_dir: Path) -> str:
@@ -90,7 +91,7 @@ class EvalLog:
         """Log one evaluated checkpoint (a target with ``step``, ``output``); the probe of the run's reward model
         (``scorer`` reward) goes into the run's summary as ``reward_model/<benchmark>/<condition>/<metric>``."""
         if self.run is not None and getattr(target, "scorer", "policy") == "reward":
-            for r in _rows(target.output / "metrics.csv"):
+            for r in _rows(EvalDir(target.output).metrics):
                 if r["subset"] == "all" and r["value"]:
                     key = f"reward_model/{r['benchmark']}/{r['condition']}/{r['metric']}"
                     self.run.summary[key] = float(r["value"])
@@ -102,7 +103,7 @@ class EvalLog:
         from selfcorrect.io import iter_jsonl
 
         record: dict[str, Any] = {"rlhf_step": target.step}
-        for r in _rows(target.output / "metrics.csv"):
+        for r in _rows(EvalDir(target.output).metrics):
             if r["subset"] == "all" and r["value"]:
                 key = f"eval/{r['benchmark']}/{r['condition']}/{r['metric']}"
                 record[key] = float(r["value"])
@@ -110,7 +111,7 @@ class EvalLog:
                     record[f"{key}_ci_low"], record[f"{key}_ci_high"] = float(r["ci_low"]), float(r["ci_high"])
         if self.tracking.log_predictions:
             columns = ["id", "prediction", "probs", "mass", "reasoning"]
-            for path in sorted(target.output.glob("*/*.jsonl")):
+            for path in EvalDir(target.output).all_result_files():
                 data = [
                     [o["id"], o["prediction"], json.dumps(o["probs"]), o.get("mass"), o.get("reasoning", "")]
                     for _, o in iter_jsonl(path, tolerate_torn_tail=True)
@@ -123,14 +124,14 @@ class EvalLog:
         extra = [
             t
             for t in targets
-            if t.step is None and getattr(t, "scorer", "policy") == "policy" and (t.output / "metrics.csv").is_file()
+            if t.step is None and getattr(t, "scorer", "policy") == "policy" and EvalDir(t.output).metrics.is_file()
         ]
         if self.run is None or not extra:
             return
         import wandb
 
         columns = ["model", "benchmark", "condition", "subset", "metric", "value", "ci_low", "ci_high", "n"]
-        data = [[t.label, *(r[c] for c in columns[1:])] for t in extra for r in _rows(t.output / "metrics.csv")]
+        data = [[t.label, *(r[c] for c in columns[1:])] for t in extra for r in _rows(EvalDir(t.output).metrics)]
         self.run.log({"eval/models": wandb.Table(columns=columns, data=data)})
 
 

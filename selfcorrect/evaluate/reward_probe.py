@@ -36,6 +36,7 @@ from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.evaluate.prompts import ItemPrompt
 from selfcorrect.evaluate.scoring import Score
 from selfcorrect.reward_models.score import FUNCTION_SPEC, RewardModel
+from selfcorrect.rundir import REWARD_MANIFEST
 
 
 def reward_fingerprint(spec: str) -> str:
@@ -47,7 +48,7 @@ def reward_fingerprint(spec: str) -> str:
     digest = hashlib.sha256()
     if path.is_dir():
         digest.update(fingerprint(str(path)).encode())
-        manifest = path / "reward_manifest.json"
+        manifest = path / REWARD_MANIFEST
         if manifest.is_file():
             digest.update(manifest.read_bytes())
         return digest.hexdigest()[:16]

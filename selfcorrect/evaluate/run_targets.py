@@ -17,7 +17,7 @@ from selfcorrect.evaluate.prompts import PromptSet, load_prompts
 from selfcorrect.evaluate.runner import EvalSettings, evaluate, is_defined, read_evaluation
 from selfcorrect.evaluate.shards import Shard
 from selfcorrect.evaluate.table import MetricRow
-from selfcorrect.rundir import RunDir
+from selfcorrect.rundir import REWARD_MANIFEST, EvalDir, RunDir
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def checkpoint_targets(run: RunDir, steps: list[int], label: str, eval_dir: Path
 def reward_target(run: RunDir, label: str, eval_dir: Path) -> list[EvalTarget]:
     """The probe of the run's reward model into ``eval_dir/reward``, if the run has one (its ``reward/`` holds a
     reward manifest); else nothing."""
-    if not (run.reward / "reward_manifest.json").is_file():
+    if not (run.reward / REWARD_MANIFEST).is_file():
         return []
     return [EvalTarget(label, str(run.reward), eval_dir / run.eval_reward().name, scorer="reward")]
 
@@ -84,7 +84,7 @@ def q_type(template: EvalSettings) -> list[str]:
 
 def _minus_step0(template: EvalSettings, prompts: PromptSet, target: EvalTarget, step0: EvalTarget) -> list[MetricRow]:
     """A checkpoint's ``<m>_minus_step0`` rows, for each (benchmark, condition) complete at it and at step 0."""
-    complete = [set(json.loads((t.output / "evaluation.json").read_text())["complete"]) for t in (target, step0)]
+    complete = [set(json.loads(EvalDir(t.output).identity.read_text())["complete"]) for t in (target, step0)]
     rows = []
     for key in sorted(complete[0] & complete[1]):
         if is_defined(prompts, key):
@@ -106,18 +106,18 @@ def join_metrics(targets: list[EvalTarget], path: Path, template: EvalSettings, 
     checkpoint's differences each time.
     """
     prompts = load_prompts(template.prompt_files)
-    done = [t for t in targets if (t.output / "metrics.csv").is_file()]
+    done = [t for t in targets if EvalDir(t.output).metrics.is_file()]
     step0 = {t.label: t for t in done if t.step == 0}
     blocks = []
     for target in done:
-        manifest = json.loads((target.output / "evaluation.json").read_text())
+        manifest = json.loads(EvalDir(target.output).identity.read_text())
         leading = (
             target.label,
             manifest.get("model_info", {}).get("n_parameters", ""),
             "" if target.step is None else target.step,
             target.scorer,
         )
-        blocks.append((leading, [table.row_cells(r) for r in table.read(target.output / "metrics.csv")]))
+        blocks.append((leading, [table.row_cells(r) for r in table.read(EvalDir(target.output).metrics)]))
         if deltas and target.step and target.label in step0:
             differences = _minus_step0(template, prompts, target, step0[target.label])
             blocks.append((leading, [table.cells(r) for r in differences]))
@@ -135,5 +135,5 @@ def evaluate_run(template: EvalSettings, run_dir: Path, label: str | None = None
     for number, target in enumerate(targets, 1):
         evaluate_target(template, target, (number, len(targets)))
     if not Shard.from_env().main:  # under accelerate launch: process 0 joins the tables
-        return template.output / "metrics.csv"
-    return join_metrics(targets, template.output / "metrics.csv", template)
+        return EvalDir(template.output).metrics
+    return join_metrics(targets, EvalDir(template.output).metrics, template)
