@@ -307,7 +307,8 @@ def _build(spec: DatasetSpec, seed: int, what: str, examples: dict[str, Callable
     if spec.format not in examples:
         raise UserError(f"{spec.path}: format '{spec.format}' cannot give {what} (supported: {', '.join(examples)})")
     make = examples[spec.format]
-    rows, skipped = [], Counter()
+    rows: list[Record] = []
+    skipped: Counter[str] = Counter()
     for where, record in load_records(spec):
         try:
             rows.append(make(_Fields(spec.path, where, record)))

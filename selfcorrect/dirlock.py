@@ -88,7 +88,7 @@ def holder(directory: str | Path) -> dict | None:
     """The identity the holder of ``directory`` wrote into its lock file (``pid``, ``host``, ``since``,
     ``command``), or None when there is no lock file or it names nobody yet (it may name a killed holder)."""
     try:
-        return _parse(lock_file(directory).read_text())
+        return _parse(lock_file(Path(directory)).read_text())
     except OSError:
         return None
 

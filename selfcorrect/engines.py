@@ -204,7 +204,7 @@ def _whole(params: list) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def model_weights(model: torch.nn.Module, gather: Gather = _whole) -> Iterator[tuple[str, torch.Tensor]]:
+def model_weights(model: Any, gather: Gather = _whole) -> Iterator[tuple[str, torch.Tensor]]:
     """A transformers model's weights (parameters and persistent buffers) under their transformers names, one module
     at a time; a PEFT model's with its active LoRA adapters merged (``W + delta``, computed apart: the model's own
     weights are left exactly as they are). ``gather``: a context in which a module's parameters are whole (DeepSpeed
@@ -290,7 +290,7 @@ def _dtype_name(model: torch.nn.Module) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
-def architecture_key(model: torch.nn.Module, tokenizer: Any) -> str:
+def architecture_key(model: Any, tokenizer: Any) -> str:
     """What an engine must share with a model to take its weights in place: config, dtype and vocabulary."""
     config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
     vocab = sorted(tokenizer.get_vocab().items())
@@ -312,7 +312,7 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(
-        self, model: torch.nn.Module, tokenizer: Any, options: VLLMOptions | None = None, gather: Gather = _whole
+        self, model: Any, tokenizer: Any, options: VLLMOptions | None = None, gather: Gather = _whole
     ):
         import torch
 

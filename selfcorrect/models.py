@@ -122,7 +122,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     # transformers has already dequantised the weights; drop the GGUF quantizer so the model saves
     # (and later loads) as an ordinary float checkpoint.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     if tokenizer.pad_token is None:
@@ -398,7 +398,7 @@ def _load_hub(ref: str, torch_dtype: torch.dtype, trust_remote_code: bool) -> Pr
 
 def _load_adapter(
     adapter_dir: Path, torch_dtype: torch.dtype, device: str, trust_remote_code: bool, merge_lora: bool
-) -> PreTrainedModel:
+) -> Any:
     from peft import PeftModel
 
     config_path, base_ref = _adapter_base_ref(adapter_dir)
@@ -437,7 +437,7 @@ def load_model(
     tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)  # cheap; fails early
 
     if path.is_dir() and (path / "adapter_config.json").is_file():
-        model = _load_adapter(path, torch_dtype, device, trust_remote_code, merge_lora)
+        model: Any = _load_adapter(path, torch_dtype, device, trust_remote_code, merge_lora)  # or a PeftModel
     elif path.is_dir():
         model = _load_local(path, torch_dtype, trust_remote_code)
     else:

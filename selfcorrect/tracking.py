@@ -18,7 +18,7 @@ from selfcorrect.rundir import EvalDir
 def report_to(tracking: TrackingSection, run_name: str, stage: str, run_dir: Path) -> str:
     """Set up the tracking backend for one stage and return the trainers' ``report_to`` value."""
     if tracking.backend == "wandb":
-        mode = tracking.mode
+        mode: str = tracking.mode
         if mode == "auto":  # an explicit WANDB_MODE wins; else online only with an API key
             mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         os.environ["WANDB_MODE"] = mode
@@ -50,7 +50,7 @@ def _start(tracking: TrackingSection, run_name: str, stage: str, run_dir: Path):
         group=run_name,
         name=f"{run_name}-{stage}",
         dir=os.environ["WANDB_DIR"],
-        mode=os.environ["WANDB_MODE"],
+        mode=os.environ["WANDB_MODE"],  # type: ignore[arg-type]  # one of wandb's modes: report_to set it
         job_type=stage,
     )
 
@@ -116,7 +116,7 @@ class EvalLog:
                     [o["id"], o["prediction"], json.dumps(o["probs"]), o.get("mass"), o.get("reasoning", "")]
                     for _, o in iter_jsonl(path, tolerate_torn_tail=True)
                 ]
-                record[f"predictions/{path.parent.name}/{path.stem}"] = wandb.Table(columns=columns, data=data)
+                record[f"predictions/{path.parent.name}/{path.stem}"] = wandb.Table(columns=[*columns], data=data)
         self.run.log(record)
 
     def models(self, targets: list) -> None:
@@ -132,7 +132,7 @@ class EvalLog:
 
         columns = ["model", "benchmark", "condition", "subset", "metric", "value", "ci_low", "ci_high", "n"]
         data = [[t.label, *(r[c] for c in columns[1:])] for t in extra for r in _rows(EvalDir(t.output).metrics)]
-        self.run.log({"eval/models": wandb.Table(columns=columns, data=data)})
+        self.run.log({"eval/models": wandb.Table(columns=[*columns], data=data)})
 
 
 def log_report(tracking: TrackingSection, run_name: str, run_dir: Path, report_md: Path) -> None:

@@ -143,6 +143,7 @@ def paired_bootstrap(
         return {m: stat_a[m] - stat_b[m] for m in stat_a}
 
     def why(c: dict[str, np.ndarray]) -> dict[str, str]:
+        assert reasons is not None
         sides = [(name, reasons({k: c[f"{s}.{k}"] for k in side})) for name, s, side in zip(names, "ab", (a, b))]
         out: dict[str, str] = {}
         for m in {m for _, r in sides for m in r}:

@@ -8,10 +8,11 @@ the fields (``{context}``, ``{sentence}``, ...) of each record.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from string import Formatter
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, create_model
 
@@ -62,11 +63,8 @@ class PromptFileHeader(StrictModel):
 
 
 # A prompts YAML file: the header, then one optional section per registered benchmark (``bbq:``, ``winogender:``...).
-PromptFile = create_model(
-    "PromptFile",
-    __base__=PromptFileHeader,
-    **{name: (BenchmarkPrompts | None, None) for name in BENCHMARK_NAMES},
-)
+_SECTIONS: dict[str, Any] = {name: (BenchmarkPrompts | None, None) for name in BENCHMARK_NAMES}
+PromptFile = create_model("PromptFile", __base__=PromptFileHeader, **_SECTIONS)
 
 
 @dataclass(frozen=True)
@@ -210,7 +208,7 @@ def _check_templates(path: Path, benchmark: str, bench: BenchmarkPrompts) -> Non
             raise UserError(f"{path}: {where}: {problem}")
 
 
-def load_prompts(extra_files: list[str | Path] | None = None) -> PromptSet:
+def load_prompts(extra_files: Sequence[str | Path] | None = None) -> PromptSet:
     """Load the shipped prompt files plus any extra ones; a condition defined twice is an error.
 
     Readout and candidates come from the first file that defines them; ``cot_sampling`` from the last.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -108,7 +109,7 @@ def join_metrics(targets: list[EvalTarget], path: Path, template: EvalSettings, 
     prompts = load_prompts(template.prompt_files)
     done = [t for t in targets if EvalDir(t.output).metrics.is_file()]
     step0 = {t.label: t for t in done if t.step == 0}
-    blocks = []
+    blocks: list[tuple[Sequence[object], Sequence[Sequence[object]]]] = []
     for target in done:
         manifest = json.loads(EvalDir(target.output).identity.read_text())
         leading = (

@@ -59,8 +59,8 @@ def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | No
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     for i in order:
-        cur = batches[-1] if batches else None
-        fits = cur is not None and len(cur) < batch_size
+        cur = batches[-1] if batches else []
+        fits = bool(cur) and len(cur) < batch_size
         if fits and max_tokens is not None:
             fits = (len(cur) + 1) * lengths[cur[0]] <= max_tokens
         if fits:
@@ -237,7 +237,7 @@ class Scorer:
         if share_prefix and len(seqs) > 1 and self.tree and self._tree_fits(seqs):
             return self._tree_logprobs(seqs)
         shared = shared_prefix_length(seqs) if share_prefix and len(seqs) > 1 else 0
-        cache = None
+        cache: Any = None
         if shared >= SHARED_PREFIX_MIN:  # as forwarded_tokens counts it
             prefix = torch.tensor([seqs[0][:shared]], device=self.device)
             cache = self.model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values

@@ -307,6 +307,7 @@ def read_predictions(path: Path, units: list[dict]) -> dict[str, dict]:
                     "the largest)"
                 )
             probs = [float(k == choice) for k in range(3)]
+        assert probs is not None  # one of the two, checked above
         return item_id, f"BBQ item {item_id}", probs
 
     return read_prediction_lines(path, parse)
