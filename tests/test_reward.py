@@ -18,9 +18,9 @@ from pydantic import ValidationError
 from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, load_config
 from selfcorrect.dialogue import DialogueSpec, example_ids
 from selfcorrect.errors import UserError
-from selfcorrect.reward_models import train as rm_train
+from selfcorrect.train import reward as rm_train
 from selfcorrect.reward_models.score import MANIFEST_NAME, RewardModel, encode
-from selfcorrect.reward_models.train import (
+from selfcorrect.train.reward import (
     KWiseRewardTrainer,
     RewardSection,
     build_reward_config,
