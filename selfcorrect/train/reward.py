@@ -35,7 +35,6 @@ import dataclasses
 import itertools
 import logging
 import math
-import os
 import shutil
 import tempfile
 import typing
@@ -54,7 +53,7 @@ from trl.trainer.utils import pad
 from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, StrictModel
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError, first_line
-from selfcorrect.io import atomic_write_text, install_dir
+from selfcorrect.io import atomic_write_text, staged_dir
 from selfcorrect.provenance import stamp, to_json
 from selfcorrect.reward_models.score import (
     FUNCTION_SPEC,
@@ -408,17 +407,12 @@ def run_reward(
     * With ``section.function`` nothing is trained: the directory holds only a manifest naming the function,
       which :meth:`RewardModel.load` resolves.
 
-    Written atomically: a temporary directory beside ``output_dir`` is renamed into place when complete. A NaN or
-    infinite loss is a UserError and leaves nothing behind.
+    Written atomically (:func:`selfcorrect.io.staged_dir`): a temporary directory beside ``output_dir`` is renamed
+    into place when complete. A NaN or infinite loss is a UserError and leaves nothing behind.
     """
     output_dir = Path(output_dir)
     dialogue = dialogue or DialogueSpec()
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    mask = os.umask(0)
-    os.umask(mask)
-    staging.chmod(0o777 & ~mask)  # mkdtemp makes it 0700; the result should get the usual permissions
-    try:
+    with staged_dir(output_dir) as staging:
         if section.function is not None:
             load_function(section.function)  # fail now, not during PPO
             manifest = {
@@ -434,9 +428,6 @@ def run_reward(
                 section, model, lora, staging, seed, train_ds, eval_ds, demonstrations, report_to, dialogue
             )
         atomic_write_text(staging / MANIFEST_NAME, to_json(stamp(manifest)))
-        install_dir(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output_dir
 
 
