@@ -11,13 +11,10 @@ Hugging Face directory with safetensors weights, the tokenizer and a ``manifest.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from selfcorrect.errors import UserError
-from selfcorrect.io import install_dir, writing
+from selfcorrect.io import staged_dir, writing
 from selfcorrect.provenance import now, to_json
 from selfcorrect.rundir import MANIFEST
 
@@ -46,18 +43,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str | None
         weights="full",
         base_model=None,
     )
-    with writing(out):
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        with writing(out, staging=staging):
-            model.save_pretrained(staging)  # safetensors
-            tokenizer.save_pretrained(staging)
-            (staging / MANIFEST).write_text(to_json(manifest))
-            os.chmod(staging, 0o777 & ~_umask())
-            install_dir(staging, out, replace=False)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with staged_dir(out, replace=False, wrap_writes=True) as staging:
+        model.save_pretrained(staging)  # safetensors
+        tokenizer.save_pretrained(staging)
+        (staging / MANIFEST).write_text(to_json(manifest))
     return out
 
 
@@ -70,9 +59,3 @@ def _read_manifest(source: Path) -> dict:
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: cannot read the manifest ({exc})") from None
     return manifest if isinstance(manifest, dict) else {}
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -1,4 +1,5 @@
-"""Small file helpers used everywhere: JSONL with line-numbered errors, atomic writes, appends, downloads."""
+"""Small file helpers used everywhere: JSONL with line-numbered errors, atomic writes and directories (written in a
+staging directory, renamed into place), appends, downloads."""
 
 from __future__ import annotations
 
@@ -129,11 +130,16 @@ def writing(path: str | Path, *, staging: str | Path | None = None) -> Iterator[
         raise converted from exc
 
 
-def _umask_mode() -> int:
-    """The mode a plain new file gets (mkstemp would make it 0600)."""
+def _umask() -> int:
+    """This process's umask (read by setting it and setting it back)."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def _umask_mode() -> int:
+    """The mode a plain new file gets (mkstemp would make it 0600)."""
+    return 0o666 & ~_umask()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -177,6 +183,46 @@ def install_dir(staging: str | Path, target: str | Path, *, replace: bool = True
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def staged_dir(
+    dest: str | Path, *, replace: bool = True, staging: str | Path | None = None, wrap_writes: bool = False
+) -> Iterator[Path]:
+    """Write a directory all or nothing: yield a staging directory beside ``dest``, rename it into place when the block
+    succeeds (:func:`install_dir`), remove it when the block fails (``dest`` is then untouched).
+
+    * The staging directory is a fresh ``.<name>.tmp-XXXXXXXX`` sibling of ``dest`` with the usual permissions (the
+      umask's, not mkdtemp's 0700), or with ``staging`` that fixed path (removed first if an earlier, killed writer
+      left it, then made): a path every process of a distributed save knows, where one process uses this helper
+      and the others write into the path itself.
+    * ``replace``: an existing ``dest`` is replaced (moved aside, then removed); without it, it is a UserError at the
+      rename and nothing moves.
+    * ``wrap_writes``: a failed write anywhere (making the staging directory, the block, the rename) is an ``OSError``
+      naming ``dest`` (:func:`writing`); without it errors pass as raised. Nothing is fsynced.
+    """
+    dest = Path(dest)
+
+    def wrapped(**staged: Any) -> contextlib.AbstractContextManager:
+        return writing(dest, **staged) if wrap_writes else contextlib.nullcontext()
+
+    with wrapped():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if staging is None:
+            made = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        else:
+            made = Path(staging)
+            shutil.rmtree(made, ignore_errors=True)
+            made.mkdir(parents=True)
+    try:
+        with wrapped(staging=made):
+            if staging is None:
+                os.chmod(made, 0o777 & ~_umask())  # mkdtemp makes it 0700; the result gets the usual permissions
+            yield made
+            install_dir(made, dest, replace=replace)
+    except BaseException:
+        shutil.rmtree(made, ignore_errors=True)
+        raise
 
 
 def check_writable_dir(path: str | Path, what: str) -> None:

@@ -374,7 +374,7 @@ def check_config(cfg: RunConfig, path: Path, launcher: str | None) -> dict[str, 
 
         load_function(cfg.reward.function)
     elif cfg.reward is not None:
-        from selfcorrect.reward_models.train import build_reward_config, reward_precision
+        from selfcorrect.train.reward import build_reward_config, reward_precision
 
         reward = cfg.reward.model_copy(update={"trainer": {**cfg.reward.trainer, **cpu}})
         precision = reward_precision(cfg.reward, cfg.model, **launch)

@@ -17,9 +17,9 @@ from selfcorrect.config import LoraSection, ModelSection, StrictModel, TrackingS
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError
 from selfcorrect.evaluate.runner import EvaluationSection
-from selfcorrect.reward_models.train import RewardSection
 from selfcorrect.rundir import RunDir
 from selfcorrect.train.ppo_config import PPOSection
+from selfcorrect.train.reward import RewardSection
 from selfcorrect.train.sft import SFTSection
 
 

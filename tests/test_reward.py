@@ -18,19 +18,17 @@ from pydantic import ValidationError
 from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, load_config
 from selfcorrect.dialogue import DialogueSpec, example_ids
 from selfcorrect.errors import UserError
-from selfcorrect.reward_models import train as rm_train
 from selfcorrect.reward_models.score import MANIFEST_NAME, RewardModel, encode
-from selfcorrect.reward_models.train import (
+from selfcorrect.train import reward as rm_train
+from selfcorrect.train.reward import (
     KWiseRewardTrainer,
     RewardSection,
     build_reward_config,
-    kwise_loss,
-    pad_groups,
-    ranking_metrics,
     run_reward,
     to_pairwise,
     to_ranked,
 )
+from selfcorrect.train.reward_core import kwise_loss, pad_groups, ranking_metrics
 
 TOPICS = ["cats", "rain", "bread", "music", "rivers", "chess", "tea", "maps", "bees", "clocks", "snow", "ships"]
 SPEC = DatasetSpec(path="unused.jsonl", format="ranked")

@@ -28,7 +28,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from selfcorrect.cli import main
 from selfcorrect.errors import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, UserError
-from selfcorrect.io import write_error
+from selfcorrect.io import staged_dir, write_error
 from selfcorrect.train.checkpoints import load_last, save_checkpoint
 from selfcorrect.train.checkpoints import save_last as save_last_state
 
@@ -287,3 +287,35 @@ def test_write_error_names_the_file_inside_what_is_saved(tmp_path):
     converted = write_error(raised, tmp_path / "last", staging=staging)
     assert converted.filename == str(tmp_path / "last")
     assert converted.strerror == f"File too large (writing policy/{WEIGHTS})"
+
+
+def test_staged_dir_renames_into_place_or_leaves_nothing(tmp_path):
+    """:func:`selfcorrect.io.staged_dir`: a finished block replaces the destination (or, without ``replace``, is
+    refused by an existing one); a failed block leaves the destination as it was and no temporary directory; with
+    ``wrap_writes`` a failed write names the destination."""
+    dest, umask = tmp_path / "out" / "model", os.umask(0)
+    os.umask(umask)
+    with staged_dir(dest) as staging:
+        assert staging.parent == dest.parent and staging.name.startswith(".model.tmp-")
+        assert staging.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+        (staging / "a.txt").write_text("one")
+    assert (dest / "a.txt").read_text() == "one"
+
+    with pytest.raises(RuntimeError, match="boom"), staged_dir(dest) as staging:
+        (staging / "a.txt").write_text("two")
+        raise RuntimeError("boom")
+    assert (dest / "a.txt").read_text() == "one" and not leftovers(tmp_path)
+
+    with staged_dir(dest, staging=tmp_path / "out" / ".model.partial") as staging:
+        (staging / "a.txt").write_text("three")
+    assert (dest / "a.txt").read_text() == "three" and sorted(os.listdir(dest.parent)) == ["model"]
+
+    with pytest.raises(UserError, match="already exists"), staged_dir(dest, replace=False) as staging:
+        (staging / "a.txt").write_text("four")
+    assert (dest / "a.txt").read_text() == "three" and sorted(os.listdir(dest.parent)) == ["model"]
+
+    other = tmp_path / "other"
+    with pytest.raises(OSError) as raised, staged_dir(other, wrap_writes=True) as staging:
+        raise OSError(errno.EFBIG, "File too large", str(staging / WEIGHTS))
+    assert raised.value.filename == str(other) and raised.value.strerror == f"File too large (writing {WEIGHTS})"
+    assert not other.exists() and not leftovers(tmp_path)

@@ -2,7 +2,7 @@
 their outputs where :mod:`selfcorrect.rundir` says (on the model of torchtune's recipes).
 
     sft       supervised fine-tuning on demonstrations (train/sft.py: TRL's SFTTrainer)
-    reward    the reward model (reward_models/train.py: K-wise or pairwise loss, normalised)
+    reward    the reward model (train/reward.py: K-wise or pairwise loss, normalised)
     ppo       PPO-ptx (train/ppo.py): setup -> _setup_data, _setup_reward, _setup_model, _setup_optimizer; train
     evaluate  every kept checkpoint and extra model (evaluate/runner.py), live while PPO trains if asked
     report    plots and report.md (evaluate/report.py), also to W&B

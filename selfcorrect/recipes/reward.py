@@ -12,7 +12,7 @@ from selfcorrect.stages import RunConfig, report_to
 def run(cfg: RunConfig, path: Path) -> Path:
     """Train the reward model (pairwise or K-wise) or record a function reward; returns the stage's directory."""
     from selfcorrect import data
-    from selfcorrect.reward_models.train import run_reward
+    from selfcorrect.train.reward import run_reward
 
     section = cfg.section("reward", path)
     train_ds = eval_ds = None

@@ -1,4 +1,4 @@
-"""Scoring (prompt, response) pairs with a reward model saved by :func:`~selfcorrect.reward_models.train.run_reward`
+"""Scoring (prompt, response) pairs with a reward model saved by :func:`~selfcorrect.train.reward.run_reward`
 or with a plain Python reward function.
 
 A reward reference given to :meth:`RewardModel.load` is one of:

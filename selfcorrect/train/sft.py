@@ -27,15 +27,16 @@ Output
 model reference, so :func:`selfcorrect.models.load_model` reloads it; a local base's relative path and fingerprint
 are in the manifest, :func:`selfcorrect.models.base_record`), the tokenizer, ``trainer/`` (the
 Trainer's working directory) and ``manifest.json``. Everything is written into ``.NAME.partial`` beside it and
-renamed into place at the end: a failed run (including a loss that becomes nan) leaves no ``output_dir``.
+renamed into place at the end (:func:`selfcorrect.io.staged_dir`): a failed run (including a loss that becomes nan)
+leaves no ``output_dir``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
-import shutil
 import typing
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, StrictMod
 from selfcorrect.data import datasets_by_content, ptx_dataset, sft_dataset, train_test_split
 from selfcorrect.dialogue import DialogueSpec, example_ids
 from selfcorrect.errors import UserError, first_line
-from selfcorrect.io import atomic_write_text, install_dir
+from selfcorrect.io import atomic_write_text, staged_dir
 from selfcorrect.models import EMBEDDED_PREFIX, base_record, load_model
 from selfcorrect.provenance import config_hash, stamp, to_json
 from selfcorrect.train import compat
@@ -297,13 +298,12 @@ def run_sft(
 
     output_dir = Path(output_dir)
     _check_replaceable(output_dir)
-    work_dir = output_dir.parent / f".{output_dir.name}.partial"
+    work_dir = output_dir.parent / f".{output_dir.name}.partial"  # one path every process knows
     state = PartialState()
-    if state.is_main_process:
-        shutil.rmtree(work_dir, ignore_errors=True)
-        work_dir.mkdir(parents=True)
-    state.wait_for_everyone()
-    try:
+    # The main process makes work_dir, renames it into place at the end or removes it on failure; all write into it.
+    staging = staged_dir(output_dir, staging=work_dir) if state.is_main_process else contextlib.nullcontext()
+    with staging:
+        state.wait_for_everyone()
         dialogue = dialogue or DialogueSpec()
         trainer, counts = build_sft_trainer(section, model, lora, work_dir, seed, report_to, dialogue)
         nan_guard = NonFiniteLossGuard()
@@ -343,10 +343,5 @@ def run_sft(
                 }
             )
             atomic_write_text(work_dir / MANIFEST, to_json(manifest))
-            install_dir(work_dir, output_dir)
-        state.wait_for_everyone()
-    except BaseException:
-        if state.is_main_process:
-            shutil.rmtree(work_dir, ignore_errors=True)
-        raise
+    state.wait_for_everyone()
     return output_dir

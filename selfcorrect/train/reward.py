@@ -11,6 +11,9 @@ Two losses:
   above j), i.e. each comparison is weighted 1/C(K,2); the batch loss is the mean over prompts. For K = 2 this is
   exactly TRL's pairwise loss. ``per_device_train_batch_size`` then counts prompts, not comparisons.
 
+The loss and the ranking metrics are pure functions in :mod:`selfcorrect.train.reward_core`; this module holds the
+data preparation, the collator, the trainer and the stage (``run_reward``).
+
 Data (``datasets.Dataset``, TRL conversational or standard format):
 
 * pairwise: ``prompt``, ``chosen``, ``rejected``;
@@ -32,17 +35,14 @@ import dataclasses
 import itertools
 import logging
 import math
-import os
 import shutil
 import tempfile
 import typing
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from datasets import Dataset
 from pydantic import Field, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
@@ -53,7 +53,7 @@ from trl.trainer.utils import pad
 from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, StrictModel
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError, first_line
-from selfcorrect.io import atomic_write_text, install_dir
+from selfcorrect.io import atomic_write_text, staged_dir
 from selfcorrect.provenance import stamp, to_json
 from selfcorrect.reward_models.score import (
     FUNCTION_SPEC,
@@ -67,6 +67,7 @@ from selfcorrect.rundir import trainer_dir
 from selfcorrect.train import compat
 from selfcorrect.train.guards import NonFiniteLossGuard
 from selfcorrect.train.precision import Precision, for_stage, upcast_trainable
+from selfcorrect.train.reward_core import kwise_loss, pad_groups, ranked_pairs, ranking_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -119,114 +120,6 @@ class RewardSection(StrictModel):
         if self.data is None and self.function is None:
             raise ValueError("data: required unless function is set")
         return self
-
-
-# ---- the K-wise loss and ranking metrics -------------------------------------------------------------------------
-
-
-def pad_groups(rewards: torch.Tensor | Sequence[torch.Tensor], sizes: Sequence[int] | torch.Tensor | None = None):
-    """Ragged per-prompt rewards -> ``(padded (P, Kmax), mask (P, Kmax))``.
-
-    ``rewards`` is either a list of 1-D tensors (one per prompt, best first) or a flat 1-D tensor of the
-    concatenated groups together with their ``sizes``.
-    """
-    if isinstance(rewards, torch.Tensor):
-        if sizes is None:
-            raise ValueError("a flat rewards tensor needs the group sizes")
-        sizes = [int(s) for s in sizes]
-        if sum(sizes) != rewards.numel():
-            raise ValueError(f"group sizes sum to {sum(sizes)} but there are {rewards.numel()} rewards")
-        groups = list(torch.split(rewards.reshape(-1), sizes))
-    else:
-        groups = [g.reshape(-1) for g in rewards]
-    if not groups:
-        raise ValueError("no groups")
-    k_max = max(g.numel() for g in groups)
-    ref = groups[0]
-    padded = ref.new_zeros((len(groups), k_max))
-    mask = torch.zeros((len(groups), k_max), dtype=torch.bool, device=ref.device)
-    for p, g in enumerate(groups):
-        padded[p, : g.numel()] = g
-        mask[p, : g.numel()] = True
-    return padded, mask
-
-
-def _pairs(rewards: torch.Tensor, mask: torch.Tensor | None):
-    """``diff[p, i, j] = r[p, i] - r[p, j]`` and the mask of the valid ranked pairs (i < j, both present)."""
-    if rewards.dim() == 1:
-        rewards = rewards.unsqueeze(0)
-    if mask is None:
-        mask = torch.ones_like(rewards, dtype=torch.bool)
-    mask = mask.to(torch.bool)
-    safe = torch.where(mask, rewards, torch.zeros_like(rewards))  # padded slots may hold garbage (nan, inf)
-    k = rewards.shape[-1]
-    upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=rewards.device), diagonal=1)
-    pair_mask = upper & mask.unsqueeze(-1) & mask.unsqueeze(-2)
-    diff = safe.unsqueeze(-1) - safe.unsqueeze(-2)
-    return safe, diff, pair_mask
-
-
-def kwise_loss(
-    rewards: torch.Tensor | Sequence[torch.Tensor],
-    mask: torch.Tensor | None = None,
-    *,
-    center_coefficient: float | None = None,
-) -> torch.Tensor:
-    """InstructGPT's K-wise reward-model loss (Ouyang et al. 2022, Eq. 1).
-
-    ``rewards``: ``(P, Kmax)`` scores, each row one prompt's responses in rank order (best first), padded on the
-    right; ``mask`` marks the real entries (None: all real). A list of 1-D tensors (ragged K) is also accepted.
-    For every prompt p with K_p responses, all C(K_p, 2) pairs (i, j), i < j (i ranked better) give
-    ``-logsigmoid(r_i - r_j)``; the prompt's loss is their mean (weight 1/C(K_p, 2)) and the result is the mean over
-    prompts with at least one pair. K = 2 reduces to TRL's ``-logsigmoid(r_chosen - r_rejected).mean()``.
-
-    ``center_coefficient`` adds TRL's centering term (``center_rewards_coefficient``) generalised the same way:
-    ``c * (r_i + r_j)^2`` averaged over a prompt's pairs, then over prompts.
-    """
-    if not isinstance(rewards, torch.Tensor):
-        rewards, mask = pad_groups(rewards)
-    _, diff, pair_mask = _pairs(rewards, mask)
-    per_pair = -F.logsigmoid(diff)
-    if center_coefficient:
-        safe, _, _ = _pairs(rewards, mask)
-        per_pair = per_pair + center_coefficient * (safe.unsqueeze(-1) + safe.unsqueeze(-2)) ** 2
-    n_pairs = pair_mask.sum(dim=(-1, -2))
-    per_prompt = torch.where(pair_mask, per_pair, torch.zeros_like(per_pair)).sum(dim=(-1, -2))
-    has_pairs = n_pairs > 0
-    if not bool(has_pairs.any()):
-        return per_pair.sum() * 0.0  # no comparisons: zero, still attached to the graph
-    return (per_prompt[has_pairs] / n_pairs[has_pairs]).mean()
-
-
-def ranking_metrics(rewards: torch.Tensor | Sequence[torch.Tensor], mask: torch.Tensor | None = None) -> dict:
-    """Held-out ranking quality of predicted scores against the true order (best first).
-
-    * ``pairwise_accuracy``: share of all comparisons (pooled over prompts) where the better response scores
-      strictly higher (TRL's ``accuracy``);
-    * ``kendall_tau``: mean over prompts of Kendall's tau-a between scores and true ranks,
-      (concordant - discordant) / C(K, 2), ties counting 0; for K = 2 it is ``2 * accuracy - 1`` (without ties);
-    * ``kwise_loss`` and ``pairwise_loss`` (the mean of ``-logsigmoid(r_i - r_j)`` pooled over all comparisons);
-    * ``n_prompts``, ``n_pairs``.
-    """
-    if not isinstance(rewards, torch.Tensor):
-        rewards, mask = pad_groups(rewards)
-    rewards = rewards.detach().float()
-    _, diff, pair_mask = _pairs(rewards, mask)
-    n_pairs = pair_mask.sum(dim=(-1, -2))
-    has_pairs = n_pairs > 0
-    sign = torch.where(pair_mask, torch.sign(diff), torch.zeros_like(diff))
-    tau = sign.sum(dim=(-1, -2))[has_pairs] / n_pairs[has_pairs]
-    correct = (pair_mask & (diff > 0)).sum()
-    total = int(n_pairs.sum())
-    per_pair = -F.logsigmoid(diff)
-    return {
-        "pairwise_accuracy": float(correct) / total if total else float("nan"),
-        "kendall_tau": float(tau.mean()) if tau.numel() else float("nan"),
-        "kwise_loss": float(kwise_loss(rewards, mask)) if total else float("nan"),
-        "pairwise_loss": float(per_pair[pair_mask].mean()) if total else float("nan"),
-        "n_prompts": int(has_pairs.sum()),
-        "n_pairs": total,
-    }
 
 
 # ---- data -----------------------------------------------------------------------------------------------------------
@@ -373,7 +266,7 @@ class KWiseRewardTrainer(RewardTrainer):
             self._metrics[mode]["min_reward"].append(all_rewards.min().item())
             self._metrics[mode]["mean_reward"].append(all_rewards.mean().item())
             self._metrics[mode]["max_reward"].append(all_rewards.max().item())
-            _, diff, pair_mask = _pairs(rewards.detach(), mask)
+            _, diff, pair_mask = ranked_pairs(rewards.detach(), mask)
             accuracy = (diff[pair_mask] > 0).float().mean()
             self._metrics[mode]["accuracy"].append(self.accelerator.gather_for_metrics(accuracy).mean().item())
             margin = diff[pair_mask].mean()
@@ -514,17 +407,12 @@ def run_reward(
     * With ``section.function`` nothing is trained: the directory holds only a manifest naming the function,
       which :meth:`RewardModel.load` resolves.
 
-    Written atomically: a temporary directory beside ``output_dir`` is renamed into place when complete. A NaN or
-    infinite loss is a UserError and leaves nothing behind.
+    Written atomically (:func:`selfcorrect.io.staged_dir`): a temporary directory beside ``output_dir`` is renamed
+    into place when complete. A NaN or infinite loss is a UserError and leaves nothing behind.
     """
     output_dir = Path(output_dir)
     dialogue = dialogue or DialogueSpec()
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    mask = os.umask(0)
-    os.umask(mask)
-    staging.chmod(0o777 & ~mask)  # mkdtemp makes it 0700; the result should get the usual permissions
-    try:
+    with staged_dir(output_dir) as staging:
         if section.function is not None:
             load_function(section.function)  # fail now, not during PPO
             manifest = {
@@ -540,9 +428,6 @@ def run_reward(
                 section, model, lora, staging, seed, train_ds, eval_ds, demonstrations, report_to, dialogue
             )
         atomic_write_text(staging / MANIFEST_NAME, to_json(stamp(manifest)))
-        install_dir(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output_dir
 
 
@@ -669,9 +554,6 @@ __all__ = [
     "RewardSection",
     "build_reward_config",
     "data_kind",
-    "kwise_loss",
-    "pad_groups",
-    "ranking_metrics",
     "run_reward",
     "to_pairwise",
     "to_ranked",
