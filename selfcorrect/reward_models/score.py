@@ -305,20 +305,20 @@ class RewardModel:
             raise ValueError("give either a model (with its tokenizer) or a function")
         if model is not None and tokenizer is None:
             raise ValueError("a model needs its tokenizer")
-        self.model = model
+        self.model: Any = model  # a transformers sequence classifier (or a PEFT value model: share_base_of)
         self.adapters_off = False  # the model is a LoRA value model on this reward model's weights (share_base_of)
-        self.tokenizer = tokenizer
+        self.tokenizer: Any = tokenizer
         self.bias = float(bias)
         self.function = function
         self.max_length = max_length
         self.dialogue = dialogue  # the format it was trained in (None: not recorded)
         self.source = source
         if model is not None:
-            if tokenizer.pad_token_id is None:
-                tokenizer.pad_token = tokenizer.eos_token
+            if self.tokenizer.pad_token_id is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
             text_config = model.config.get_text_config()
             if text_config.pad_token_id is None:
-                text_config.pad_token_id = tokenizer.pad_token_id
+                text_config.pad_token_id = self.tokenizer.pad_token_id
             if self.max_length is None:
                 self.max_length = getattr(text_config, "max_position_embeddings", None)
 
@@ -367,7 +367,7 @@ class RewardModel:
             model, tokenizer, bias=float(bias), max_length=manifest.get("max_length"), dialogue=dialogue, source=spec
         )
 
-    def share_base_of(self, value_model: torch.nn.Module) -> bool:
+    def share_base_of(self, value_model: Any) -> bool:
         """Score with ``value_model`` -- PEFT LoRA adapters (and a trained copy of the scalar head) on a copy of this
         reward model -- with its adapters off, which is this reward model, and drop this one's own copy of the
         weights. Only where the two agree in dtype, device and pad token (the readout position); returns whether it
@@ -458,6 +458,8 @@ class RewardModel:
     ) -> torch.Tensor:
         """Rewards (with the bias) from a function reward, given HH-format prompt strings: checked by
         :func:`call_reward` (errors name ``step``, the RLHF step, when given)."""
+        if self.function is None:
+            raise ValueError("score_texts needs a function reward, not a model reward")
         texts = [response_text(r) for r in responses]
         rewards = call_reward(self.function, list(prompts), texts, self.source or reward_label(self), step)
         return rewards + self.bias

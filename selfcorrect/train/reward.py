@@ -237,7 +237,8 @@ class KWiseRewardTrainer(RewardTrainer):
                 pad_token_id=processing_class.pad_token_id,
                 pad_to_multiple_of=getattr(reward_args, "pad_to_multiple_of", None),
             )
-        super().__init__(*args, data_collator=data_collator, processing_class=processing_class, **kwargs)
+        kwargs.update(data_collator=data_collator, processing_class=processing_class)
+        super().__init__(*args, **kwargs)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # noqa: D102 (TRL hook)
         if "response_ids" in dataset.column_names:
@@ -470,7 +471,7 @@ def _train(
         "peft_config": lora.peft_config("SEQ_CLS") if lora is not None else None,
     }
     trainer = KWiseRewardTrainer(train_dataset=ranked_train, eval_dataset=ranked_eval, dialogue=dialogue, **common)
-    n_train = len(trainer.train_dataset)
+    n_train = len(trainer.train_dataset)  # type: ignore[arg-type]  # a map-style Dataset: ours
     result = trainer.train()
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -481,7 +482,7 @@ def _train(
             "learning_rate); nothing was saved"
         )
 
-    trained = trainer.model
+    trained: Any = trainer.model
     if hasattr(trained, "merge_and_unload"):  # LoRA: save a plain sequence classifier
         trained = trained.merge_and_unload()
     trained.eval()
