@@ -314,11 +314,12 @@ class RewardModel:
         self.dialogue = dialogue  # the format it was trained in (None: not recorded)
         self.source = source
         if model is not None:
-            if self.tokenizer.pad_token_id is None:
-                self.tokenizer.pad_token = self.tokenizer.eos_token
+            assert tokenizer is not None  # checked above
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
             text_config = model.config.get_text_config()
             if text_config.pad_token_id is None:
-                text_config.pad_token_id = self.tokenizer.pad_token_id
+                text_config.pad_token_id = tokenizer.pad_token_id
             if self.max_length is None:
                 self.max_length = getattr(text_config, "max_position_embeddings", None)
 
