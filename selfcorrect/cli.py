@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
             "instead of stopping with an error that names it (PID, host, command)",
         )
         st.set_defaults(func=cmd_stage, stage=name)
-    # The pipeline's evaluation stage in processes of its own (pipeline.EVALUATE_STAGE); unlisted: `selfcorrect
+    # The pipeline's evaluation stage in processes of its own (pipeline.launch.EVALUATE_STAGE); unlisted: `selfcorrect
     # pipeline CONFIG --only evaluate` is the command for people.
     es = sub.add_parser(
         "evaluate-stage",
@@ -655,7 +655,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
     from selfcorrect import dirlock
     from selfcorrect.errors import StageFailed
-    from selfcorrect.pipeline import run_pipeline
+    from selfcorrect.pipeline.run import run_pipeline
     from selfcorrect.stages import load_run_config
 
     # one writer per run directory, from before the plan reads pipeline.json (a dry run writes nothing: no lock); the

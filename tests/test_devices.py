@@ -13,7 +13,7 @@ from conftest import make_ppo_trainer
 
 from selfcorrect.errors import UserError
 from selfcorrect.memory import Launch
-from selfcorrect.pipeline import evaluation_launcher, placement
+from selfcorrect.pipeline.placement import evaluation_launcher, placement
 from selfcorrect.reward_models.score import RewardModel
 from selfcorrect.stages import load_run_config
 

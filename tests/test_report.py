@@ -16,17 +16,9 @@ from selfcorrect.errors import UserError
 from selfcorrect.evaluate.benchmarks import bbq, law_school, winogender
 from selfcorrect.evaluate.metrics import stable_seed, stratified_sample
 from selfcorrect.evaluate.paired import minus_q_rows, minus_step0_rows
-from selfcorrect.evaluate.report import (
-    COLUMNS,
-    PANELS,
-    Style,
-    _draw_series,
-    _new_figure,
-    load_runs,
-    report,
-    self_correction_deltas,
-    step0_deltas,
-)
+from selfcorrect.evaluate.report import report
+from selfcorrect.evaluate.report_figures import Style, _draw_series, _new_figure
+from selfcorrect.evaluate.report_input import COLUMNS, PANELS, load_runs, self_correction_deltas, step0_deltas
 from selfcorrect.evaluate.table import METRIC_COLUMNS, row_cells
 from selfcorrect.evaluate.table import to_csv as metrics_csv
 

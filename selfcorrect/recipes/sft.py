@@ -20,7 +20,7 @@ def check_dependents(cfg: RunConfig, path: Path, force: bool) -> list[Path]:
     Without ``force`` any is a one-line UserError naming them (nothing is touched); with it, a note says what is
     invalidated and ``pipeline.json`` forgets PPO and the stages after it. Returns them.
     """
-    from selfcorrect.pipeline import forget_from
+    from selfcorrect.pipeline.plan import forget_from
     from selfcorrect.train.checkpoints import dependent_checkpoints, describe_kept
 
     run = cfg.run_dir()
