@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from selfcorrect import stop
+from selfcorrect.config.run import RunConfig, load_run_config
 from selfcorrect.errors import EXIT_STOPPED, StageFailed, Stopped, UserError
 from selfcorrect.io import atomic_write_text
 from selfcorrect.rundir import RunDir
-from selfcorrect.stages import RunConfig, load_run_config
 
 if TYPE_CHECKING:
     from selfcorrect.memory import Launch

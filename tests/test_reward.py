@@ -16,13 +16,13 @@ from datasets import Dataset
 from pydantic import ValidationError
 
 from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, load_config
+from selfcorrect.config.reward import RewardSection
 from selfcorrect.dialogue import DialogueSpec, example_ids
 from selfcorrect.errors import UserError
 from selfcorrect.reward_models import train as rm_train
 from selfcorrect.reward_models.score import MANIFEST_NAME, RewardModel, encode
 from selfcorrect.reward_models.train import (
     KWiseRewardTrainer,
-    RewardSection,
     build_reward_config,
     kwise_loss,
     pad_groups,
