@@ -137,8 +137,8 @@ def cot_figures(args: argparse.Namespace) -> dict[str, Any]:
 # ---- PPO rollout generation --------------------------------------------------------------------------------------
 def ppo_trainer(engine: str, args: argparse.Namespace, work: Path):
     """The PPO stage's trainer (nothing trained) with ``ppo.engine`` = ``engine``, at the benchmark's settings."""
+    from selfcorrect.config.run import load_run_config
     from selfcorrect.recipes.ppo import build_trainer
-    from selfcorrect.stages import load_run_config
 
     settings = argparse.Namespace(
         prompt_limit=args.ppo_prompt_limit, steps=args.ppo_steps + 1, rollout_batch_size=args.ppo_batch,

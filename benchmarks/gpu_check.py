@@ -176,8 +176,8 @@ def ppo_config(work: Path, model: str, data: Path, engine: str, dtype: str) -> P
 
 def check_ppo(model: str, out: Path, data: Path, cpu: bool) -> bool:
     """2 RLHF steps under the ZeRO-2 launcher with 1 process, each engine; peak memory against the estimate."""
+    from selfcorrect.config.run import load_run_config
     from selfcorrect.memory import GB, Launch, estimate_run
-    from selfcorrect.stages import load_run_config
 
     launcher_config = ROOT / "configs" / "accelerate" / ("deepspeed_zero2_cpu.yaml" if cpu else "deepspeed_zero2.yaml")
     dtype = "float32" if cpu else "bfloat16"

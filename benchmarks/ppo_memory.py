@@ -162,8 +162,8 @@ def main() -> None:
                 print(f"{name}: peak RSS {r['peak_gb']:.2f} GB, {r['seconds']:.0f} s for {args.steps} RLHF steps "
                       f"(exit {r['returncode']}; package {r['package']}) {r['error'] or ''}", flush=True)  # fmt: skip
             ours = results["this tree"]
+            from selfcorrect.config.run import load_run_config
             from selfcorrect.memory import Launch, estimate_run
-            from selfcorrect.stages import load_run_config
 
             estimate = estimate_run(load_run_config(config), Launch(1, None), "float32")["ppo"]
             if ours["peak_gb"]:

@@ -98,8 +98,8 @@ def worker(variant: str, args: argparse.Namespace, out: Path) -> None:
     import torch
     import yaml
 
+    from selfcorrect.config.run import load_run_config
     from selfcorrect.recipes.ppo import build_trainer as build_ppo_trainer
-    from selfcorrect.stages import load_run_config
 
     work = scratch_dir(f"ppo-bench-{variant}-")
     (work / f"{REWARD_MODULE}.py").write_text(REWARD_SOURCE)

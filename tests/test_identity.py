@@ -174,8 +174,8 @@ def test_a_changed_data_file_is_a_changed_run_and_the_message_names_it(in_run_en
 def test_runs_recorded_by_path_before_are_recorded_by_content_once(in_run_env, tmp_path, capsys):
     """A pipeline.json written before contents were recorded holds each data file's path: while the file is there,
     the record takes its content (once, rewritten) and the run stays done; where it has gone, the message says so."""
+    from selfcorrect.config.run import load_run_config
     from selfcorrect.pipeline.plan import resolved_configs
-    from selfcorrect.stages import load_run_config
 
     out, path = in_run_env["out"], in_run_env["path"]
     state_path = out / "pipeline.json"

@@ -15,8 +15,8 @@ import yaml
 
 from selfcorrect.cli import main
 from selfcorrect.config import LoraSection
+from selfcorrect.config.run import load_run_config
 from selfcorrect.memory import GB, Architecture, Launch, _training_state, architecture_of, estimate_run
-from selfcorrect.stages import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SELFCORRECT_DATA_DIR", ROOT.parent / "shared" / "data"))

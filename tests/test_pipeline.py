@@ -447,9 +447,9 @@ def test_evaluate_run_dir_covers_every_checkpoint(light_run, tmp_path, capsys):
 def test_save_last_every_and_default_packing_are_not_part_of_the_ppo_config_hash(tiny_model_dir, tmp_path):
     """How often last/ is rewritten changes no result, so a killed run may be rerun with another value (and the
     default may change without orphaning runs); any PPO setting that does change results changes the hash."""
+    from selfcorrect.config.run import load_run_config
     from selfcorrect.pipeline.plan import resolved_configs
     from selfcorrect.provenance import config_hash
-    from selfcorrect.stages import load_run_config
 
     def ppo_hash(**ppo) -> str:
         cfg = tiny_config(tmp_path, tiny_model_dir, tmp_path / "out")

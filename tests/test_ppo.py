@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from selfcorrect.cli import main
+from selfcorrect.config.run import load_run_config
 from selfcorrect.recipes.ppo import build_trainer as build_ppo_trainer
-from selfcorrect.stages import load_run_config
 from selfcorrect.train.ppo import PPOPtxTrainer
 
 RULES = '''

@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
+from selfcorrect.config.run import load_run_config
 from selfcorrect.errors import UserError
 from selfcorrect.recipes.ppo import build_trainer
-from selfcorrect.stages import load_run_config
 from selfcorrect.train.precision import Precision, plan
 
 

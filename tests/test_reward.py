@@ -16,13 +16,13 @@ from datasets import Dataset
 from pydantic import ValidationError
 
 from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, load_config
+from selfcorrect.config.reward import RewardSection
 from selfcorrect.dialogue import DialogueSpec, example_ids
 from selfcorrect.errors import UserError
 from selfcorrect.reward_models.score import MANIFEST_NAME, RewardModel, encode
 from selfcorrect.train import reward as rm_train
 from selfcorrect.train.reward import (
     KWiseRewardTrainer,
-    RewardSection,
     build_reward_config,
     run_reward,
     to_pairwise,

@@ -278,9 +278,9 @@ def test_the_recipe_names_the_reward_as_the_config_does(peaked_policy_dir, tmp_p
     """``module:function`` as written; a reward directory by its path, with the function its manifest names."""
     from types import SimpleNamespace
 
+    from selfcorrect.config.run import load_run_config
     from selfcorrect.recipes.ppo import PPORecipe
     from selfcorrect.reward_models.score import MANIFEST_NAME
-    from selfcorrect.stages import load_run_config
 
     reward_dir = tmp_path / "reward"
     reward_dir.mkdir()

@@ -12,12 +12,12 @@ import torch
 from peft import PeftModel
 
 from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, load_config
+from selfcorrect.config.sft import SFTSection
 from selfcorrect.data import sft_dataset
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError
 from selfcorrect.models import load_model
 from selfcorrect.train.sft import (
-    SFTSection,
     build_sft_trainer,
     n_ptx_rows,
     run_sft,

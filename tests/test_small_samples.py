@@ -14,11 +14,12 @@ import pytest
 
 from selfcorrect.cli import main
 from selfcorrect.config import data_dir
+from selfcorrect.config.evaluation import EvaluationSection
 from selfcorrect.evaluate.benchmarks import bbq, law_school, winogender
 from selfcorrect.evaluate.metrics import bootstrap, pearson_r
 from selfcorrect.evaluate.paired import minus_q_rows
 from selfcorrect.evaluate.prompts import load_prompts
-from selfcorrect.evaluate.runner import EvalSettings, plan
+from selfcorrect.evaluate.runner import plan
 
 TWO_POINTS = "Pearson r needs at least 3 occupations, got 2: any 2 points correlate +1 or -1"
 
@@ -166,13 +167,9 @@ def sample_strata(module, ids: list[str]) -> set[str]:
 
 
 def test_a_limit_below_the_strata_warns_which_it_leaves_out(tmp_path, capsys):
-    settings = EvalSettings(
-        model="unused",
-        output=tmp_path / "out",
-        benchmarks=["bbq", "winogender", "law_school"],
-        limit=8,
-        cot_limit=2,
-        data_dir=data_dir(),
+    section = EvaluationSection(benchmarks=["bbq", "winogender", "law_school"], limit=8, cot_limit=2)
+    settings = section.settings(
+        tmp_path / "out", seed=0, dtype=None, trust_remote_code=False, dialogue=None, model="unused", data=data_dir()
     )
     _, samples = plan(settings, load_prompts([]))
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
@@ -190,8 +187,9 @@ def test_a_limit_below_the_strata_warns_which_it_leaves_out(tmp_path, capsys):
         # law school has 8 strata (original race): --limit 8 keeps one of each; Winogender has one
         f"warning: law_school: --cot-limit 2 draws from 8 strata and leaves out 6 of them: {', '.join(law_left)}",
     ]
+    section = EvaluationSection(benchmarks=["bbq"], limit=44)
     plan(
-        EvalSettings(model="unused", output=tmp_path, benchmarks=["bbq"], limit=44, data_dir=data_dir()),
+        section.settings(tmp_path, seed=0, dtype=None, trust_remote_code=False, dialogue=None, model="unused"),
         load_prompts([]),
     )
     assert "warning" not in capsys.readouterr().err  # one unit per stratum

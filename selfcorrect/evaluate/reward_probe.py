@@ -32,10 +32,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from selfcorrect import dialogue as dialogues
+from selfcorrect.config.reward import FUNCTION_SPEC
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.evaluate.prompts import ItemPrompt
 from selfcorrect.evaluate.scoring import Score
-from selfcorrect.reward_models.score import FUNCTION_SPEC, RewardModel
+from selfcorrect.reward_models.score import RewardModel
 from selfcorrect.rundir import REWARD_MANIFEST
 
 

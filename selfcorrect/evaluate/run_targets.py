@@ -11,11 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from selfcorrect.config.evaluation import EvalSettings
 from selfcorrect.errors import UserError
 from selfcorrect.evaluate import table
 from selfcorrect.evaluate.paired import minus_step0_rows
 from selfcorrect.evaluate.prompts import PromptSet, load_prompts
-from selfcorrect.evaluate.runner import EvalSettings, evaluate, is_defined, read_evaluation
+from selfcorrect.evaluate.runner import evaluate, is_defined, read_evaluation
 from selfcorrect.evaluate.shards import Shard
 from selfcorrect.evaluate.table import MetricRow
 from selfcorrect.rundir import REWARD_MANIFEST, EvalDir, RunDir

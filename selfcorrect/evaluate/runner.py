@@ -28,19 +28,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import Field, field_validator, model_validator
+from typing import Any
 
 from selfcorrect import dialogue as dialogues
 from selfcorrect import engines
 from selfcorrect import stop as stopping
-from selfcorrect.config import StrictModel, VLLMSection, data_dir, shipped_file
+from selfcorrect.config.evaluation import EvalSettings
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.engines import Engine
 from selfcorrect.errors import UserError
@@ -54,116 +51,7 @@ from selfcorrect.evaluate.table import MetricRow
 from selfcorrect.io import append_jsonl, atomic_write_text, check_writable_dir, iter_jsonl
 from selfcorrect.rundir import LOCK
 
-DEFAULT_CONDITIONS = ("q", "q_if", "q_if_cot")
 COT_PROMPT_TOKENS = 1024  # the longest CoT prompt a vLLM engine's KV cache is sized for by default (vllm_options)
-
-
-@dataclass
-class EvalSettings:
-    """Everything that decides what ``selfcorrect evaluate`` computes."""
-
-    model: str
-    output: Path
-    benchmarks: list[str] = field(default_factory=lambda: list(bench_registry.BENCHMARK_NAMES))
-    conditions: list[str] = field(default_factory=lambda: list(DEFAULT_CONDITIONS))
-    limit: int | None = None
-    cot_limit: int | None = None
-    data_dir: Path | None = None
-    dialogue: DialogueSpec | None = None  # None: the format the model was trained in (manifest), else human_assistant
-    override_dialogue: bool = False  # evaluate in ``dialogue`` even where the model was trained in another format
-    batch_size: int = 64
-    gen_batch_size: int = 64
-    seed: int = 0
-    n_boot: int = 1000
-    prompt_files: list[Path] = field(default_factory=list)
-    dtype: str | None = None
-    device: str | None = None
-    trust_remote_code: bool = False
-    overwrite: bool = False
-    engine: str = "hf"  # what samples the CoT reasoning: hf (transformers) or vllm (selfcorrect.engines)
-    vllm: VLLMSection = field(default_factory=VLLMSection)  # the vLLM engine's settings
-    # what reads the candidates: a policy's next-token probabilities, or a reward model's preferences
-    # (``model`` is then a reward: selfcorrect.evaluate.reward_probe)
-    scorer: Literal["policy", "reward"] = "policy"
-    skip_unfit: bool = False  # a probe leaves out (with a note) the conditions whose exchanges its reward cannot read
-
-
-class EvaluationSection(StrictModel):
-    """The ``evaluation`` section of a run config: what the pipeline evaluates, and when."""
-
-    when: Literal["during", "after"] = "after"  # during: evaluate checkpoints while PPO saves later ones
-    checkpoints: bool = True  # evaluate the PPO checkpoints (ppo.save_at_steps)
-    probe_reward: bool = True  # probe the run's reward model on the same items (selfcorrect probe), first
-    models: list[str] = []  # extra models evaluated as they are (no RLHF), e.g. a model-size sweep
-    benchmarks: list[str] = list(bench_registry.BENCHMARK_NAMES)
-    conditions: list[str] = list(DEFAULT_CONDITIONS)
-    limit: int | None = Field(None, gt=0)  # stratified subsample per benchmark (None: all items)
-    cot_limit: int | None = Field(None, gt=0)  # CoT subsample, drawn from the --limit one
-    prompts: list[str] = []  # extra prompt-condition files: a path ($VARS expanded) or a shipped prompts file
-    batch_size: int = Field(64, gt=0)
-    gen_batch_size: int = Field(64, gt=0)
-    bootstrap: int = Field(1000, ge=0)
-    engine: Literal["hf", "vllm"] = "hf"  # what samples the CoT reasoning (selfcorrect.engines)
-    vllm: VLLMSection = VLLMSection()  # the vLLM engine's settings (engine: vllm)
-    # Where the evaluation runs (cpu, cuda:N). With when: during on GPUs, a GPU the training stages do not use: the
-    # pipeline hides it from them. Left out there, the evaluation waits until PPO ends (it never shares a training GPU).
-    device: str | None = None
-    poll_seconds: float = Field(10.0, gt=0)  # when: during, how often to look for new checkpoints
-    # Processes that share out the evaluation after training, each on its own GPU (selfcorrect.evaluate.shards), under
-    # the pipeline's launcher; at most as many as it starts. Left out: all of them, or 1 (the pipeline's own process)
-    # where `device` names one device or the evaluation runs while PPO trains.
-    num_processes: int | None = Field(None, gt=0)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _dialogue_moved(cls, value: object) -> object:
-        if isinstance(value, dict) and "dialogue" in value:
-            raise ValueError(
-                "dialogue: set the run-level 'dialogue' key instead (one format for training and evaluation)"
-            )
-        return value
-
-    @field_validator("benchmarks")
-    @classmethod
-    def _registered(cls, value: list[str]) -> list[str]:
-        unknown = [b for b in value if b not in bench_registry.BENCHMARK_NAMES]
-        if unknown:
-            raise ValueError(f"unknown benchmark '{unknown[0]}' (known: {', '.join(bench_registry.BENCHMARK_NAMES)})")
-        return value
-
-    @field_validator("prompts")
-    @classmethod
-    def _expand(cls, value: list[str]) -> list[str]:
-        files = []
-        for name in value:
-            path = Path(os.path.expanduser(os.path.expandvars(name)))
-            files.append(str(shipped_file(path, "prompts") or path))
-        return files
-
-    def settings(
-        self, output: Path, seed: int, dtype: str | None, trust_remote_code: bool, dialogue: DialogueSpec
-    ) -> EvalSettings:
-        """The runner settings for one evaluation output dir (the model is set per target) in the run's format."""
-        return EvalSettings(
-            model="",
-            output=output,
-            benchmarks=list(self.benchmarks),
-            conditions=list(self.conditions),
-            limit=self.limit,
-            cot_limit=self.cot_limit,
-            data_dir=data_dir(),
-            dialogue=dialogue,
-            batch_size=self.batch_size,
-            gen_batch_size=self.gen_batch_size,
-            seed=seed,
-            n_boot=self.bootstrap,
-            prompt_files=[Path(p) for p in self.prompts],
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-            engine=self.engine,
-            vllm=self.vllm,
-            device=self.device,
-        )
 
 
 @dataclass

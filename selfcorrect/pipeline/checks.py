@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from selfcorrect.config.run import RunConfig
 from selfcorrect.errors import UserError
 from selfcorrect.pipeline.launch import launcher_command
-from selfcorrect.stages import RunConfig
 
 
 def _model_refs(cfg: RunConfig) -> list[tuple[str, str, str]]:

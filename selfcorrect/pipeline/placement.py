@@ -9,8 +9,8 @@ import shlex
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from selfcorrect.config.run import RunConfig
 from selfcorrect.errors import UserError
-from selfcorrect.stages import RunConfig
 
 if TYPE_CHECKING:
     from selfcorrect.memory import Launch

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selfcorrect.config.run import RunConfig
 from selfcorrect.errors import UserError
 from selfcorrect.io import atomic_write_text
 from selfcorrect.rundir import RunDir
-from selfcorrect.stages import RunConfig
 
 STAGES = ("sft", "reward", "ppo", "evaluate", "report")
 

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from selfcorrect import stop
+from selfcorrect.config.run import RunConfig, load_run_config
 from selfcorrect.errors import Stopped, UserError
 from selfcorrect.pipeline.checks import check_config
 from selfcorrect.pipeline.launch import EVALUATE_STAGE, launcher_command, start_stage, stop_if_requested, wait_for_stage
@@ -27,7 +28,6 @@ from selfcorrect.pipeline.plan import (
     write_state,
 )
 from selfcorrect.rundir import RunDir
-from selfcorrect.stages import RunConfig, load_run_config
 
 
 def _now() -> str:

@@ -8,8 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from selfcorrect.config.run import RunConfig
 from selfcorrect.errors import StageFailed, UserError
-from selfcorrect.stages import RunConfig
 
 
 def targets(cfg: RunConfig) -> list:
@@ -31,7 +31,11 @@ def targets(cfg: RunConfig) -> list:
 def settings(cfg: RunConfig):
     """The evaluation settings of the run (the model is set per target), in the run's dialogue format."""
     return cfg.evaluation.settings(
-        cfg.run_dir().eval, cfg.seed, cfg.model.dtype, cfg.model.trust_remote_code, cfg.dialogue
+        cfg.run_dir().eval,
+        seed=cfg.seed,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        dialogue=cfg.dialogue,
     )
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from selfcorrect.config.run import RunConfig, report_to
 from selfcorrect.errors import UserError, first_line
 from selfcorrect.rundir import trainer_dir
-from selfcorrect.stages import RunConfig, report_to
 
 
 def training_arguments(cfg: RunConfig, path: Path, extra: dict | None = None, report: str | None = None):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from selfcorrect.stages import RunConfig
+from selfcorrect.config.run import RunConfig
 
 
 def run(cfg: RunConfig) -> Path:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from selfcorrect.config import ModelSection
-from selfcorrect.stages import RunConfig, report_to
+from selfcorrect.config.run import RunConfig, report_to
 
 
 def run(cfg: RunConfig, path: Path) -> Path:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from selfcorrect.config.run import RunConfig, report_to
 from selfcorrect.errors import UserError
-from selfcorrect.stages import RunConfig, report_to
 
 
 def check_dependents(cfg: RunConfig, path: Path, force: bool) -> list[Path]:

@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import numbers
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selfcorrect import dialogue as dialogues
+from selfcorrect.config.reward import FUNCTION_SPEC
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError
 from selfcorrect.models import parse_dtype
@@ -50,7 +50,6 @@ from selfcorrect.models import parse_dtype
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "reward_manifest.json"
-FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 Messages = list[dict[str, Any]]
 Prompt = str | Messages  # messages, or a string already rendered in the dialogue format

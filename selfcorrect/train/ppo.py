@@ -48,6 +48,7 @@ from transformers import GenerationConfig, Trainer, TrainingArguments
 
 from selfcorrect import dialogue as dialogues
 from selfcorrect import stop
+from selfcorrect.config.ppo import PPOSection
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.engines import shows_progress
 from selfcorrect.errors import Stopped, UserError
@@ -66,7 +67,6 @@ from selfcorrect.train.checkpoints import (
     save_last,
 )
 from selfcorrect.train.distributed import distributed_name, gathered, zero_stage
-from selfcorrect.train.ppo_config import PPOSection
 
 RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
 

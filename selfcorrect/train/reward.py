@@ -31,32 +31,29 @@ plain sequence classifier (LoRA merged) + tokenizer + ``reward_manifest.json`` a
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import math
 import shutil
 import tempfile
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from datasets import Dataset
-from pydantic import Field, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
 from transformers.data.data_collator import DataCollatorMixin
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.utils import pad
 
-from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, StrictModel
+from selfcorrect.config import LoraSection, ModelSection
+from selfcorrect.config.reward import RewardSection, trainer_key_problem
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError, first_line
 from selfcorrect.io import atomic_write_text, staged_dir
 from selfcorrect.provenance import stamp, to_json
 from selfcorrect.reward_models.score import (
-    FUNCTION_SPEC,
     MANIFEST_NAME,
     RewardModel,
     encode,
@@ -70,57 +67,6 @@ from selfcorrect.train.precision import Precision, for_stage, upcast_trainable
 from selfcorrect.train.reward_core import kwise_loss, pad_groups, ranked_pairs, ranking_metrics
 
 logger = logging.getLogger(__name__)
-
-# RewardConfig fields that run_reward sets itself: a value under reward.trainer would be ignored or conflict.
-RESERVED_TRAINER_KEYS: dict[str, str] = {
-    "output_dir": "set by the run (the output directory)",
-    "seed": "set by the run (the top-level seed)",
-    "report_to": "set by the run (the tracking section)",
-    "max_length": "use reward.max_length",
-    "logging_nan_inf_filter": "always off here (a NaN or infinite loss must stop the run, not be hidden)",
-}
-REWARD_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(RewardConfig))
-
-
-def trainer_key_problem(key: str) -> str | None:
-    """Why ``key`` cannot be a ``reward.trainer`` entry, or None if it can."""
-    if compat.installed_name(key) not in REWARD_CONFIG_FIELDS:
-        return "unknown RewardConfig field"
-    return RESERVED_TRAINER_KEYS.get(key)
-
-
-class RewardSection(StrictModel):
-    """The ``reward`` section of a config: how to train (or which function to use as) the reward model."""
-
-    data: DatasetSpec | None = None  # pairwise or ranked preference data; not needed with ``function``
-    loss: Literal["pairwise", "kwise"] = "pairwise"
-    max_length: int = Field(512, gt=0)  # longer (prompt + response) sequences are dropped from training
-    normalize: bool = True  # InstructGPT bias: the mean reward of the SFT demonstrations is 0
-    trainer: dict[str, Any] = Field(default_factory=dict)  # any trl.RewardConfig field
-    function: str | None = None  # "module:function" reward used instead of a trained model (nothing is trained)
-
-    @field_validator("trainer")
-    @classmethod
-    def _check_trainer(cls, value: dict[str, Any]) -> dict[str, Any]:
-        for key in value:
-            problem = trainer_key_problem(key)
-            if problem:
-                raise ValueError(f"{key}: {problem}")
-        return compat.check_fields(value, typing.get_type_hints(RewardConfig), "RewardConfig")
-
-    @field_validator("function")
-    @classmethod
-    def _check_function(cls, value: str | None) -> str | None:
-        if value is not None and not FUNCTION_SPEC.match(value):
-            raise ValueError("expected 'module:function'")
-        return value
-
-    @model_validator(mode="after")
-    def _check_data(self) -> RewardSection:
-        if self.data is None and self.function is None:
-            raise ValueError("data: required unless function is set")
-        return self
-
 
 # ---- data -----------------------------------------------------------------------------------------------------------
 

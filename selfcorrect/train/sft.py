@@ -37,17 +37,16 @@ import contextlib
 import json
 import logging
 import math
-import typing
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset, concatenate_datasets
-from pydantic import Field, ValidationInfo, field_validator
 from transformers import PreTrainedTokenizerBase, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, StrictModel
+from selfcorrect.config import LoraSection, ModelSection
+from selfcorrect.config.sft import SFTSection
 from selfcorrect.data import datasets_by_content, ptx_dataset, sft_dataset, train_test_split
 from selfcorrect.dialogue import DialogueSpec, example_ids
 from selfcorrect.errors import UserError, first_line
@@ -62,44 +61,6 @@ logger = logging.getLogger(__name__)
 
 STAGE = "sft"
 MANIFEST = "manifest.json"
-SFT_CONFIG_FIELDS: dict[str, Any] = typing.get_type_hints(SFTConfig)
-OWN_FIELDS = {"max_length": "set sft.max_length instead"}  # SFTConfig fields that SFTSection itself sets
-
-
-class SFTSection(StrictModel):
-    """The ``sft:`` section of a config."""
-
-    data: DatasetSpec  # demonstrations (sft_dataset formats: hh, messages, pairwise, ranked)
-    ptx_data: DatasetSpec | None = None  # texts for the LM loss (format text or hh)
-    ptx_fraction: float = Field(0.0, ge=0, lt=1)  # share of ptx rows in the training set (InstructGPT: 0.1)
-    max_length: int = Field(512, gt=0)  # tokens per example; longer ones are truncated
-    trainer: dict[str, Any] = {}  # any trl.SFTConfig field, e.g. {learning_rate: 1.0e-5, num_train_epochs: 2}
-
-    @field_validator("trainer")
-    @classmethod
-    def _known_sft_config_fields(cls, trainer: dict[str, Any]) -> dict[str, Any]:
-        """Every key must be an SFTConfig field, the checkpointing ones under either transformers name (``compat``);
-        values are checked (and YAML strings like "1e-5" converted)."""
-        for key in trainer:
-            if key in OWN_FIELDS:
-                raise ValueError(f"{key}: {OWN_FIELDS[key]}")
-        return compat.check_fields(trainer, SFT_CONFIG_FIELDS, "SFTConfig")
-
-    @field_validator("ptx_data")
-    @classmethod
-    def _ptx_format(cls, ptx_data: DatasetSpec | None) -> DatasetSpec | None:
-        if ptx_data is not None and ptx_data.format not in ("text", "hh"):
-            raise ValueError(f"format '{ptx_data.format}' cannot give ptx texts (use text or hh)")
-        return ptx_data
-
-    @field_validator("ptx_fraction")
-    @classmethod
-    def _ptx_needs_data(cls, ptx_fraction: float, info: ValidationInfo) -> float:
-        if ptx_fraction > 0 and info.data.get("ptx_data") is None:
-            raise ValueError("ptx_fraction > 0 needs ptx_data")
-        return ptx_fraction
-
-
 # ---- datasets -------------------------------------------------------------------------------------------------
 
 

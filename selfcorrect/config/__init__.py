@@ -1,6 +1,13 @@
 """Typed configs loaded from YAML, with one-line errors that name the file and the field.
 
 Every config model forbids unknown keys, so a typo (``max_new_token``) is an error, not a silent default.
+
+This module holds the loader and the sections the stages share (model, LoRA, datasets, vLLM, tracking); each stage's
+own section is a module of this package (:mod:`~selfcorrect.config.sft`, :mod:`~selfcorrect.config.reward`,
+:mod:`~selfcorrect.config.ppo`, :mod:`~selfcorrect.config.evaluation`) and the run config that holds them all is
+:mod:`selfcorrect.config.run`. None of them imports a deep-learning library: the one check that needs one, a section's
+``trainer:`` mapping against its TRL or transformers class, imports it where it runs, and a schema-only load
+(:func:`load_config` with ``schema_only=True``) leaves it out.
 """
 
 from __future__ import annotations
@@ -11,12 +18,12 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from selfcorrect.errors import UserError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
-
+SCHEMA_ONLY = "schema_only"  # the validation context's key for a load that leaves trainer: mappings unchecked
 
 
 class StrictModel(BaseModel):
@@ -100,15 +107,25 @@ def check_typed_fields(values: dict[str, Any], hints: dict[str, Any], what: str)
     return checked
 
 
-def load_config(path: str | Path, model: type[ModelT]) -> ModelT:
-    """Load a YAML file into a typed config model, raising UserError on any problem."""
+def checks_trainer_fields(info: ValidationInfo) -> bool:
+    """Whether a section's validator checks its ``trainer:`` mapping against the TRL or transformers class it is
+    given to (which imports that library): always, except in a schema-only load (:func:`load_config`)."""
+    return not (info.context or {}).get(SCHEMA_ONLY, False)
+
+
+def load_config(path: str | Path, model: type[ModelT], *, schema_only: bool = False) -> ModelT:
+    """Load a YAML file into a typed config model, raising UserError on any problem.
+
+    ``schema_only``: leave every ``trainer:`` mapping as written, unchecked (:func:`checks_trainer_fields`), so that
+    the load imports no deep-learning library; the values are then not fit to train with.
+    """
     data = read_yaml(path)
     if data is None:
         raise UserError(f"{path}: the file is empty")
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context={SCHEMA_ONLY: True} if schema_only else None)
     except ValidationError as exc:
         raise UserError(validation_message(path, exc)) from None
 

@@ -12,10 +12,8 @@ import typing
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
-from transformers import TrainingArguments
 
-from selfcorrect.config import DatasetSpec, StrictModel, VLLMSection, check_save_at_steps
-from selfcorrect.train import compat
+from selfcorrect.config import DatasetSpec, StrictModel, VLLMSection, check_save_at_steps, checks_trainer_fields
 
 
 class AdaptiveKLSection(StrictModel):
@@ -25,7 +23,6 @@ class AdaptiveKLSection(StrictModel):
     horizon: int = Field(10000, gt=0)
 
 
-TRAINING_ARGUMENTS_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainingArguments))
 # The TrainingArguments fields PPOPtxTrainer honours (it replaces Trainer.train, so most others would do nothing).
 HONOURED_TRAINER_FIELDS = frozenset(
     {
@@ -67,6 +64,24 @@ RUN_OWNED_TRAINER_FIELDS = {
     "save_steps": "use ppo.save_at_steps",
     "logging_steps": "PPO logs every RLHF step",
 }
+
+
+def check_trainer(trainer: dict[str, Any]) -> dict[str, Any]:
+    """``ppo.trainer`` checked (imports transformers): every key a TrainingArguments field that PPO honours; values
+    type-checked and YAML strings like "1e-5" converted. A ValueError ``key: problem`` otherwise."""
+    from transformers import TrainingArguments
+
+    from selfcorrect.train import compat
+
+    training_arguments_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    for key in trainer:
+        if key in RUN_OWNED_TRAINER_FIELDS:
+            raise ValueError(f"{key}: {RUN_OWNED_TRAINER_FIELDS[key]}")
+        if key in training_arguments_fields and key not in HONOURED_TRAINER_FIELDS:
+            raise ValueError(
+                f"{key}: not used by the PPO trainer (it honours {', '.join(sorted(HONOURED_TRAINER_FIELDS))})"
+            )
+    return compat.check_fields(trainer, typing.get_type_hints(TrainingArguments), "TrainingArguments")
 
 
 class PPOSection(StrictModel):
@@ -143,16 +158,8 @@ class PPOSection(StrictModel):
 
     @field_validator("trainer")
     @classmethod
-    def _honoured_fields_only(cls, trainer: dict[str, Any]) -> dict[str, Any]:
-        """Every key must be a TrainingArguments field that PPO honours; values are type-checked."""
-        for key in trainer:
-            if key in RUN_OWNED_TRAINER_FIELDS:
-                raise ValueError(f"{key}: {RUN_OWNED_TRAINER_FIELDS[key]}")
-            if key in TRAINING_ARGUMENTS_FIELDS and key not in HONOURED_TRAINER_FIELDS:
-                raise ValueError(
-                    f"{key}: not used by the PPO trainer (it honours {', '.join(sorted(HONOURED_TRAINER_FIELDS))})"
-                )
-        return compat.check_fields(trainer, typing.get_type_hints(TrainingArguments), "TrainingArguments")
+    def _honoured_fields_only(cls, trainer: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return check_trainer(trainer) if checks_trainer_fields(info) else trainer
 
     @model_validator(mode="after")
     def _check(self) -> PPOSection:

@@ -14,13 +14,13 @@ from pydantic import Field
 
 from selfcorrect import tracking
 from selfcorrect.config import LoraSection, ModelSection, StrictModel, TrackingSection, load_config, shipped_file
+from selfcorrect.config.evaluation import EvaluationSection
+from selfcorrect.config.ppo import PPOSection
+from selfcorrect.config.reward import RewardSection
+from selfcorrect.config.sft import SFTSection
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError
-from selfcorrect.evaluate.runner import EvaluationSection
 from selfcorrect.rundir import RunDir
-from selfcorrect.train.ppo_config import PPOSection
-from selfcorrect.train.reward import RewardSection
-from selfcorrect.train.sft import SFTSection
 
 
 class RunConfig(StrictModel):
@@ -61,10 +61,11 @@ class RunConfig(StrictModel):
         return str(sft) if (sft / "manifest.json").exists() else self.model.name_or_path
 
 
-def load_run_config(path: str | Path) -> RunConfig:
+def load_run_config(path: str | Path, *, schema_only: bool = False) -> RunConfig:
     """Load and validate a run config: a path, or a shipped pipeline's name (one-line errors naming the file and
-    field)."""
-    return load_config(shipped_file(path, "pipelines") or path, RunConfig)
+    field). ``schema_only``: leave the sections' ``trainer:`` mappings unchecked, so that no deep-learning library is
+    imported (:func:`selfcorrect.config.load_config`)."""
+    return load_config(shipped_file(path, "pipelines") or path, RunConfig, schema_only=schema_only)
 
 
 def report_to(cfg: RunConfig, stage: str) -> str:
