@@ -31,11 +31,10 @@ from selfcorrect.errors import (
     first_line,
 )
 from selfcorrect.evaluate.benchmarks import BENCHMARK_NAMES, modules
-from selfcorrect.rundir import RunDir, step_name
+from selfcorrect.rundir import STAGES, RunDir, step_name
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
 EXAMPLE_RUN = RunDir(Path("RUN_DIR"))  # paths shown in --help
-PIPELINE_STAGES = ["sft", "reward", "ppo", "evaluate", "report"]
 
 
 def _default(key: str) -> Any:
@@ -385,8 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
         "selfcorrect configs list)",
     )
     group = pi.add_mutually_exclusive_group()
-    group.add_argument("--from", dest="from_stage", choices=PIPELINE_STAGES, help="rerun STAGE and the stages after it")
-    group.add_argument("--only", choices=PIPELINE_STAGES, help="rerun STAGE only (earlier stages must be done)")
+    group.add_argument("--from", dest="from_stage", choices=STAGES, help="rerun STAGE and the stages after it")
+    group.add_argument("--only", choices=STAGES, help="rerun STAGE only (earlier stages must be done)")
     pi.add_argument(
         "--force",
         action="store_true",

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from selfcorrect.rundir import TRAINING_STAGES
 from selfcorrect.train import compat
 
 GB = 1e9
@@ -367,7 +368,7 @@ def estimate_supervised(
 def estimate_run(cfg: Any, launch: Launch, dtype: str, gpu: bool = True) -> dict[str, Estimate | str]:
     """Each training stage's estimate for a RunConfig, or why it cannot be made (an unknown architecture)."""
     arch = architecture_of(cfg.model.name_or_path)
-    stages = [s for s in ("sft", "reward", "ppo") if getattr(cfg, s) is not None]
+    stages = [s for s in TRAINING_STAGES if getattr(cfg, s) is not None]
     if isinstance(arch, str):
         return dict.fromkeys(stages, arch)
     out: dict[str, Estimate | str] = {}

@@ -195,11 +195,6 @@ def report_md(report_dir: Path) -> Path:
     return Path(report_dir) / REPORT
 
 
-def figure_file(report_dir: Path, figure: str) -> Path:
-    """A report figure's file: ``<figure>.png``."""
-    return Path(report_dir) / f"{figure}.png"
-
-
 # ---- an evaluation directory -----------------------------------------------------------------------------------
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import wait_until
 
-from selfcorrect.evaluate.shards import Shard, part_paths
+from selfcorrect.evaluate.shards import Shard
+from selfcorrect.rundir import part_files
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--benchmarks", "bbq,law_school,winogender", "--conditions", "q,q_if,q_if_cot",
@@ -104,7 +105,7 @@ def test_a_killed_process_then_a_rerun_with_one_process_gives_the_same_files(
     kept = results(killed)  # the items finished before the kill (in results or part files)
     parts = list(killed.glob("*/*.part-*.jsonl"))
     assert parts, "the kill left no part file to resume from"
-    assert all(part in part_paths(part.with_name(part.name.split(".part-")[0] + ".jsonl")) for part in parts)
+    assert all(part in part_files(part.with_name(part.name.split(".part-")[0] + ".jsonl")) for part in parts)
 
     env_one = env()
     assert subprocess.run(evaluate_command(embedded_model_dir, killed, 1, *extra), env=env_one,

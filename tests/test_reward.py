@@ -19,7 +19,8 @@ from selfcorrect.config import DatasetSpec, LoraSection, ModelSection, load_conf
 from selfcorrect.config.reward import RewardSection
 from selfcorrect.dialogue import DialogueSpec, example_ids
 from selfcorrect.errors import UserError
-from selfcorrect.reward_models.score import MANIFEST_NAME, RewardModel, encode
+from selfcorrect.reward_models.score import RewardModel, encode
+from selfcorrect.rundir import REWARD_MANIFEST
 from selfcorrect.train import reward as rm_train
 from selfcorrect.train.reward import (
     KWiseRewardTrainer,
@@ -256,7 +257,7 @@ def test_pairwise_lora_run_learns_saves_and_reloads(tiny_model_dir: Path, tmp_pa
         eval_ds=pairwise_data(8, seed=2),
         demonstrations=demonstrations(),
     )
-    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest = json.loads((out / REWARD_MANIFEST).read_text())
     losses = _logged_losses(manifest)
     assert manifest["stage"] == "reward" and manifest["loss_type"] == "pairwise" and manifest["n_train"] == 16
     assert len(losses) == 6 and sum(losses[-2:]) / 2 < losses[0] - 0.1, losses
@@ -287,7 +288,7 @@ def test_kwise_full_run_learns_with_varying_k(tiny_model_dir: Path, tmp_path: Pa
     out = run_reward(
         section, ModelSection(name_or_path=str(tiny_model_dir)), None, tmp_path / "rm", 0, train_ds, eval_ds
     )
-    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest = json.loads((out / REWARD_MANIFEST).read_text())
     losses = _logged_losses(manifest)
     assert manifest["loss_type"] == "kwise" and manifest["n_train"] == 16 and manifest["global_step"] == 4
     assert manifest["n_train_pairs"] == sum(math.comb(len(r), 2) for r in train_ds["responses"])
@@ -349,7 +350,7 @@ def test_function_reward(tmp_path: Path, monkeypatch):
     # reward.function: nothing is trained; the stage directory points at the function.
     section = RewardSection(function="my_rewards:length")
     out = run_reward(section, ModelSection(), None, tmp_path / "rm", 0, train_ds=None)
-    assert json.loads((out / MANIFEST_NAME).read_text())["function"] == "my_rewards:length"
+    assert json.loads((out / REWARD_MANIFEST).read_text())["function"] == "my_rewards:length"
     assert RewardModel.load(out).score(["\n\nHuman: hi\n\nAssistant:"], ["four"]).tolist() == [4.0]
     with pytest.raises(UserError, match="cannot import"):
         run_reward(RewardSection(function="nope_mod:f"), ModelSection(), None, tmp_path / "rm2", 0, None)

@@ -280,11 +280,11 @@ def test_the_recipe_names_the_reward_as_the_config_does(peaked_policy_dir, tmp_p
 
     from selfcorrect.config.run import load_run_config
     from selfcorrect.recipes.ppo import PPORecipe
-    from selfcorrect.reward_models.score import MANIFEST_NAME
+    from selfcorrect.rundir import REWARD_MANIFEST
 
     reward_dir = tmp_path / "reward"
     reward_dir.mkdir()
-    (reward_dir / MANIFEST_NAME).write_text(json.dumps({"function": SPEC, "bias": 0.0}))
+    (reward_dir / REWARD_MANIFEST).write_text(json.dumps({"function": SPEC, "bias": 0.0}))
     function = SimpleNamespace(function=faulty_reward.reward)
     for ref, name in [(SPEC, SPEC), (str(reward_dir), f"{reward_dir} ({SPEC})")]:
         config = write_config(tmp_path, peaked_policy_dir, tmp_path / "run", reward_model=ref, **STEPS)

@@ -30,12 +30,12 @@ from selfcorrect import dialogue as dialogues
 from selfcorrect.data import split_hh_transcript
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.models import prepare_embedded
-from selfcorrect.reward_models.score import MANIFEST_NAME
+from selfcorrect.rundir import REWARD_MANIFEST
 
 
 def make_reward_model(model_dir: Path, out: Path, seed: int) -> Path:
     """A one-label sequence classifier from ``model_dir`` with a seeded random head, saved to ``out`` (once)."""
-    if (out / MANIFEST_NAME).is_file():
+    if (out / REWARD_MANIFEST).is_file():
         return out
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
     std = model.config.get_text_config().initializer_range
@@ -52,7 +52,7 @@ def make_reward_model(model_dir: Path, out: Path, seed: int) -> Path:
         "dialogue": DialogueSpec().record(),
         "note": f"benchmark fixture: {model_dir} with a random one-label head (seed {seed}); not trained",
     }
-    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    (tmp / REWARD_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     tmp.rename(out)
     return out
 

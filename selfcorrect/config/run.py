@@ -20,7 +20,7 @@ from selfcorrect.config.reward import RewardSection
 from selfcorrect.config.sft import SFTSection
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError
-from selfcorrect.rundir import RunDir
+from selfcorrect.rundir import MANIFEST, RunDir
 
 
 class RunConfig(StrictModel):
@@ -58,7 +58,7 @@ class RunConfig(StrictModel):
     def policy_start(self) -> str:
         """Where the reward model and PPO start: the SFT stage's output once it exists, else ``model.name_or_path``."""
         sft = self.run_dir().sft
-        return str(sft) if (sft / "manifest.json").exists() else self.model.name_or_path
+        return str(sft) if (sft / MANIFEST).exists() else self.model.name_or_path
 
 
 def load_run_config(path: str | Path, *, schema_only: bool = False) -> RunConfig:

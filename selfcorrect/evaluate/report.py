@@ -69,7 +69,7 @@ from selfcorrect.evaluate.report_input import (
     step0_deltas,
 )
 from selfcorrect.io import atomic_write_bytes, atomic_write_text
-from selfcorrect.rundir import RunDir
+from selfcorrect.rundir import RunDir, report_md
 
 BY = ("step", "size")
 
@@ -383,6 +383,6 @@ def report(run_dirs: list[Path], by: str | None = None, output: Path | None = No
     text = _markdown(title, intro, drawn, notes, empty, rows, run_dirs, reference)
     for d in drawn:
         atomic_write_bytes(output / d.name, d.png)
-    path = output / "report.md"
+    path = report_md(output)
     atomic_write_text(path, text)
     return path

@@ -18,7 +18,7 @@ from selfcorrect.evaluate import benchmarks as bench_registry
 from selfcorrect.evaluate.benchmarks import Panel
 from selfcorrect.evaluate.paired import MINUS_Q, MINUS_STEP0
 from selfcorrect.evaluate.table import ADDED_COLUMNS, METRIC_COLUMNS, RUN_COLUMNS, MetricRow
-from selfcorrect.rundir import RunDir
+from selfcorrect.rundir import EvalDir, RunDir
 
 COLUMNS = (*RUN_COLUMNS, *METRIC_COLUMNS)
 SCORERS = ("policy", "reward")
@@ -95,7 +95,7 @@ def read_metrics(run_dir: Path) -> list[Row]:
     """
     path, one_model = RunDir(Path(run_dir)).metrics, _one_model(Path(run_dir))
     if not path.is_file() and one_model is not None:
-        path = Path(run_dir) / "metrics.csv"
+        path = EvalDir(Path(run_dir)).metrics
     if not path.is_file():
         raise UserError(f"{path}: no metrics (is {run_dir} a run or evaluation directory whose evaluation finished?)")
     try:
@@ -116,7 +116,7 @@ def read_metrics(run_dir: Path) -> list[Row]:
 
 def _one_model(directory: Path) -> dict[str, str] | None:
     """The model and parameter count of an evaluation directory of one model (its evaluation.json), or None."""
-    manifest_path = directory / "evaluation.json"
+    manifest_path = EvalDir(directory).identity
     if not manifest_path.is_file():
         return None
     try:

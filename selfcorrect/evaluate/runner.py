@@ -46,10 +46,10 @@ from selfcorrect.evaluate import table
 from selfcorrect.evaluate.metrics import stable_seed, stratified_sample
 from selfcorrect.evaluate.paired import Evaluation, minus_q_rows
 from selfcorrect.evaluate.prompts import ItemPrompt, PromptSet, load_prompts, render
-from selfcorrect.evaluate.shards import Shard, part_path, part_paths
+from selfcorrect.evaluate.shards import Shard
 from selfcorrect.evaluate.table import MetricRow
 from selfcorrect.io import append_jsonl, atomic_write_text, check_writable_dir, iter_jsonl
-from selfcorrect.rundir import LOCK
+from selfcorrect.rundir import LOCK, EvalDir, part_file, part_files
 
 COT_PROMPT_TOKENS = 1024  # the longest CoT prompt a vLLM engine's KV cache is sized for by default (vllm_options)
 
@@ -166,7 +166,7 @@ RECORDED_BEFORE = {"engine": "hf", "scorer": "policy"}
 def _check_output(settings: EvalSettings, prompts: PromptSet, tasks: list[Task]) -> dict:
     """The manifest to continue from (read-only): refuses an output dir written with other settings."""
     out = settings.output
-    manifest_path = out / "evaluation.json"
+    manifest_path = EvalDir(out).identity
     identity = _identity(settings)
     hashes = {t.key: _prompt_hash(prompts, t.benchmark, t.condition) for t in tasks}
     fresh = {"settings": identity, "prompts": hashes, "complete": []}
@@ -185,7 +185,7 @@ def _check_output(settings: EvalSettings, prompts: PromptSet, tasks: list[Task])
                 f"({', '.join(changed)}); use another --output or --overwrite"
             )
         for task in tasks:  # a result file that evaluation.json does not account for is never adopted
-            path = out / task.benchmark / f"{task.condition}.jsonl"
+            path = EvalDir(out).results(task.benchmark, task.condition)
             if path.exists() and task.key not in manifest.get("prompts", {}):
                 raise UserError(f"{path}: not recorded in {manifest_path}; use another --output or --overwrite")
         manifest["prompts"].update(hashes)
@@ -198,9 +198,10 @@ def _check_output(settings: EvalSettings, prompts: PromptSet, tasks: list[Task])
 def result_files(out: Path) -> list[Path]:
     """Every file an evaluation has written under its output dir, but evaluation.json: per-item files, samples and
     the metrics table."""
-    files = [out / "metrics.csv"]
+    layout = EvalDir(out)
+    files = [layout.metrics]
     for name in bench_registry.BENCHMARK_NAMES:
-        files += [*sorted((out / name).glob("*.jsonl")), out / name / "sample.json"]
+        files += [*layout.result_files(name), layout.sample(name)]
     return [f for f in files if f.is_file()]
 
 
@@ -210,19 +211,19 @@ def _write_manifest(settings: EvalSettings, manifest: dict, tasks: list[Task], s
         for path in result_files(settings.output):
             path.unlink()
     for name, sample in samples.items():
-        atomic_write_text(settings.output / name / "sample.json", json.dumps(sample) + "\n")
-    atomic_write_text(settings.output / "evaluation.json", json.dumps(manifest, indent=2) + "\n")
+        atomic_write_text(EvalDir(settings.output).sample(name), json.dumps(sample) + "\n")
+    atomic_write_text(EvalDir(settings.output).identity, json.dumps(manifest, indent=2) + "\n")
 
 
 def _holds_every_item(task: Task, output: Path) -> bool:
-    return _done_ids(output / task.benchmark / f"{task.condition}.jsonl") >= {it.item_id for it in task.items}
+    return _done_ids(EvalDir(output).results(task.benchmark, task.condition)) >= {it.item_id for it in task.items}
 
 
 def _done_ids(path: Path) -> set[str]:
     """The items done in a results file and in the part files beside it (:mod:`selfcorrect.evaluate.shards`)."""
     return {
         obj["id"]
-        for part in [path, *part_paths(path)]
+        for part in [path, *part_files(path)]
         if part.exists()
         for _, obj in iter_jsonl(part, tolerate_torn_tail=True)
         if "id" in obj
@@ -231,7 +232,7 @@ def _done_ids(path: Path) -> set[str]:
 
 def _fold_parts(path: Path, order: list[str]) -> None:
     """Fold the part files beside a results file into it (atomically, in the plan's item order), then remove them."""
-    parts = part_paths(path)
+    parts = part_files(path)
     if not parts:
         return
     records: dict[str, dict] = {}
@@ -264,9 +265,9 @@ def _run_group(
     part files."""
     from selfcorrect.evaluate.scoring import length_batches
 
-    results = [settings.output / t.benchmark / f"{t.condition}.jsonl" for t in tasks]
+    results = [EvalDir(settings.output).results(t.benchmark, t.condition) for t in tasks]
     done = [_done_ids(p) for p in results]
-    paths = results if shard.world == 1 else [part_path(p, shard.rank) for p in results]
+    paths = results if shard.world == 1 else [part_file(p, shard.rank) for p in results]
     entries = [(k, it) for k, t in enumerate(tasks) for it in t.items]  # (task index, item) across the group
     is_cot = tasks[0].is_cot
     first_stage = [
@@ -425,16 +426,17 @@ def evaluate(settings: EvalSettings) -> Path:
     if shard.main:
         _write_manifest(settings, manifest, tasks, samples)
         for task in tasks:  # the part files a killed launch left (counted as done above): into the results files
-            _fold_parts(settings.output / task.benchmark / f"{task.condition}.jsonl", [it.item_id for it in task.items])
+            results = EvalDir(settings.output).results(task.benchmark, task.condition)
+            _fold_parts(results, [it.item_id for it in task.items])
     shard.barrier()
     if pending:
         for group in _groups(pending):
             _run_group(group, scorer, engine, settings, prompts, tokenizer, shard)
             manifest["complete"] = sorted({*manifest["complete"], *(t.key for t in group)})
             if shard.main:
-                atomic_write_text(settings.output / "evaluation.json", json.dumps(manifest, indent=2) + "\n")
+                atomic_write_text(EvalDir(settings.output).identity, json.dumps(manifest, indent=2) + "\n")
     if not shard.main:
-        return settings.output / "metrics.csv"
+        return EvalDir(settings.output).metrics
     return write_all_metrics(settings, manifest)
 
 
@@ -507,11 +509,11 @@ def read_evaluation(settings: EvalSettings, prompts: PromptSet, output: Path, ke
     benchmark, condition = key.split("/")
     module = bench_registry.get(benchmark)
     by_id = {u["id"]: u for u in module.load(settings.data_dir)}
-    sample = json.loads((output / benchmark / "sample.json").read_text())
+    sample = json.loads(EvalDir(output).sample(benchmark).read_text())
     is_cot = prompts.condition(benchmark, condition).cot is not None
     chosen = [by_id[i] for i in sample["cot_ids" if is_cot else "ids"]]
     item_ids = {it.item_id for it in module.items(chosen, prompts, condition)}
-    return chosen, read_results(output / benchmark / f"{condition}.jsonl", item_ids)
+    return chosen, read_results(EvalDir(output).results(benchmark, condition), item_ids)
 
 
 def is_defined(prompts: PromptSet, key: str) -> bool:
@@ -543,7 +545,7 @@ def write_all_metrics(settings: EvalSettings, manifest: dict) -> Path:
         for benchmark, by_condition in evaluations.items():
             rows += minus_q_rows(benchmark, by_condition, n_boot=settings.n_boot, seed=settings.seed)
             bar.update()
-    return table.write(settings.output / "metrics.csv", rows)
+    return table.write(EvalDir(settings.output).metrics, rows)
 
 
 def summary(metrics_path: Path) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 BARRIER_TIMEOUT = datetime.timedelta(hours=24)
 
@@ -80,13 +79,3 @@ class Shard:
             if rank == self.rank:
                 mine.add(index)
         return mine
-
-
-def part_path(results: Path, rank: int) -> Path:
-    """The part file of process ``rank`` beside a results file ``<condition>.jsonl``."""
-    return results.with_name(f"{results.stem}.part-{rank}.jsonl")
-
-
-def part_paths(results: Path) -> list[Path]:
-    """Every part file beside ``results`` (of this launch or of an earlier one with another process count)."""
-    return sorted(results.parent.glob(f"{results.stem}.part-*.jsonl"))

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from selfcorrect.config.run import RunConfig
 from selfcorrect.errors import UserError
+from selfcorrect.rundir import TRAINING_STAGES
 
 if TYPE_CHECKING:
     from selfcorrect.memory import Launch
@@ -39,7 +40,7 @@ def placement(cfg: RunConfig, launch: Launch, gpus: int) -> Placement:
     evaluation processes than the launcher starts, is a one-line UserError.
     """
     processes = launch.processes
-    training = [s for s in ("sft", "reward", "ppo") if getattr(cfg, s) is not None]
+    training = [s for s in TRAINING_STAGES if getattr(cfg, s) is not None]
     if cfg.reward is not None and cfg.reward.function is not None:
         training.remove("reward")
     where = f"cuda:0-{gpus - 1}" if gpus > 1 else ("cuda:0" if gpus else "the CPU")

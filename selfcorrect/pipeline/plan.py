@@ -15,10 +15,7 @@ from typing import Any
 from selfcorrect.config.run import RunConfig
 from selfcorrect.errors import UserError
 from selfcorrect.io import atomic_write_text
-from selfcorrect.rundir import RunDir
-
-STAGES = ("sft", "reward", "ppo", "evaluate", "report")
-
+from selfcorrect.rundir import STAGES, TRAINING_STAGES, RunDir
 
 # ---- what each stage depends on -------------------------------------------------------------------------
 
@@ -52,7 +49,7 @@ def resolved_configs(cfg: RunConfig, by_content: bool = True) -> dict[str, dict[
     out: dict[str, dict[str, Any]] = {}
     upstream: dict[str, str] = {}
     for stage in stages_in(cfg):
-        if stage in ("sft", "reward", "ppo"):
+        if stage in TRAINING_STAGES:
             skip = cfg.ppo.unhashed() if stage == "ppo" else set()
             own = {**common, stage: dump(getattr(cfg, stage), exclude=skip)}
             if stage == "reward" and cfg.sft is not None:  # the reward is normalised on the SFT demonstrations

@@ -18,7 +18,6 @@ from selfcorrect.pipeline.checks import check_config
 from selfcorrect.pipeline.launch import EVALUATE_STAGE, launcher_command, start_stage, stop_if_requested, wait_for_stage
 from selfcorrect.pipeline.placement import evaluation_launcher, placement
 from selfcorrect.pipeline.plan import (
-    STAGES,
     StagePlan,
     invalidated_checkpoints,
     make_plan,
@@ -27,7 +26,7 @@ from selfcorrect.pipeline.plan import (
     upgrade_records,
     write_state,
 )
-from selfcorrect.rundir import RunDir
+from selfcorrect.rundir import STAGES, RunDir
 
 
 def _now() -> str:
@@ -101,8 +100,8 @@ def run_pipeline(
         write_state(root, state)
         print(f"pipeline: {RunDir(root).state}: the data of {', '.join(upgraded)} recorded by content (was by path)")
     if not todo:
-        print(f"pipeline: nothing to do; report: {cfg.run_dir().report / 'report.md'}")
-        return cfg.run_dir().report / "report.md"
+        print(f"pipeline: nothing to do; report: {cfg.run_dir().report_md}")
+        return cfg.run_dir().report_md
     root.mkdir(parents=True, exist_ok=True)
     resolved = resolved_configs(cfg)
     state = {"name": cfg.name, "config": str(config), "stages": dict(state.get("stages", {}))}

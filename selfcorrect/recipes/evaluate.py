@@ -10,6 +10,7 @@ from pathlib import Path
 
 from selfcorrect.config.run import RunConfig
 from selfcorrect.errors import StageFailed, UserError
+from selfcorrect.rundir import MANIFEST
 
 
 def targets(cfg: RunConfig) -> list:
@@ -75,7 +76,7 @@ def run(cfg: RunConfig, config: Path | None = None, *, training: subprocess.Pope
         tracking.EvalLog(cfg.tracking, cfg.name, cfg.root()) if main else nullcontext() as log,
     ):
         while pending:
-            ready = [t for t in pending if t.step is None or (Path(t.model) / "manifest.json").is_file()]
+            ready = [t for t in pending if t.step is None or (Path(t.model) / MANIFEST).is_file()]
             if not ready:
                 if training is None:
                     missing = ", ".join(t.model for t in pending)

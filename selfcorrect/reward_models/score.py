@@ -46,10 +46,9 @@ from selfcorrect.config.reward import FUNCTION_SPEC
 from selfcorrect.dialogue import DialogueSpec
 from selfcorrect.errors import UserError
 from selfcorrect.models import parse_dtype
+from selfcorrect.rundir import REWARD_MANIFEST
 
 logger = logging.getLogger(__name__)
-
-MANIFEST_NAME = "reward_manifest.json"
 
 Messages = list[dict[str, Any]]
 Prompt = str | Messages  # messages, or a string already rendered in the dialogue format
@@ -250,7 +249,7 @@ def call_reward(
 
 def read_manifest(path: Path) -> dict[str, Any] | None:
     """The ``reward_manifest.json`` of a directory, or None if there is none."""
-    manifest_path = path / MANIFEST_NAME
+    manifest_path = path / REWARD_MANIFEST
     if not manifest_path.is_file():
         return None
     try:
@@ -360,9 +359,9 @@ class RewardModel:
         model.eval().to(device)
         bias = manifest.get("bias", getattr(config, "reward_bias", 0.0)) or 0.0
         if not math.isfinite(float(bias)):
-            raise UserError(f"{path / MANIFEST_NAME}: bias: not a finite number")
+            raise UserError(f"{path / REWARD_MANIFEST}: bias: not a finite number")
         dialogue = manifest.get("dialogue")
-        dialogue = None if dialogue is None else dialogues.parse(dialogue, f"{path / MANIFEST_NAME}: dialogue")
+        dialogue = None if dialogue is None else dialogues.parse(dialogue, f"{path / REWARD_MANIFEST}: dialogue")
         return cls(
             model, tokenizer, bias=float(bias), max_length=manifest.get("max_length"), dialogue=dialogue, source=spec
         )

@@ -54,13 +54,12 @@ from selfcorrect.errors import UserError, first_line
 from selfcorrect.io import atomic_write_text, staged_dir
 from selfcorrect.provenance import stamp, to_json
 from selfcorrect.reward_models.score import (
-    MANIFEST_NAME,
     RewardModel,
     encode,
     load_function,
     response_messages,
 )
-from selfcorrect.rundir import trainer_dir
+from selfcorrect.rundir import REWARD_MANIFEST, trainer_dir
 from selfcorrect.train import compat
 from selfcorrect.train.guards import NonFiniteLossGuard
 from selfcorrect.train.precision import Precision, for_stage, upcast_trainable
@@ -374,7 +373,7 @@ def run_reward(
             manifest = _train(
                 section, model, lora, staging, seed, train_ds, eval_ds, demonstrations, report_to, dialogue
             )
-        atomic_write_text(staging / MANIFEST_NAME, to_json(stamp(manifest)))
+        atomic_write_text(staging / REWARD_MANIFEST, to_json(stamp(manifest)))
     return output_dir
 
 

@@ -53,6 +53,7 @@ from selfcorrect.errors import UserError, first_line
 from selfcorrect.io import atomic_write_text, staged_dir
 from selfcorrect.models import EMBEDDED_PREFIX, base_record, load_model
 from selfcorrect.provenance import config_hash, stamp, to_json
+from selfcorrect.rundir import MANIFEST
 from selfcorrect.train import compat
 from selfcorrect.train.guards import NonFiniteLossGuard
 from selfcorrect.train.precision import Precision, for_stage, upcast_trainable
@@ -60,7 +61,6 @@ from selfcorrect.train.precision import Precision, for_stage, upcast_trainable
 logger = logging.getLogger(__name__)
 
 STAGE = "sft"
-MANIFEST = "manifest.json"
 # ---- datasets -------------------------------------------------------------------------------------------------
 
 
