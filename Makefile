@@ -30,13 +30,16 @@ test: install
 
 # The fast tier, for the edit-test loop (CI runs `make test`): the test files that start no process (no
 # subprocess, no launcher); about 2 minutes on 2 cores.
-FAST_TESTS := bbq_targets checkpoints data devices dialogue identity logprobs metrics models packing ppo_core \
+FAST_TESTS := bbq_targets checkpoints data devices dialogue house identity logprobs metrics models packing ppo_core \
 	precision probe prompts readme report score_input scoring small_samples
 test-fast: install
 	SELFCORRECT_DATA_DIR=$(DATA_DIR) $(PY) -m pytest -q $(FAST_TESTS:%=tests/test_%.py)
 
+# ruff's checks and format, and mypy's default checks of the package (pyproject.toml: [tool.mypy]); all clean.
 lint: install
 	$(VENV)/bin/ruff check selfcorrect tests benchmarks
+	$(VENV)/bin/ruff format --check selfcorrect tests benchmarks
+	$(VENV)/bin/mypy
 
 # The main job on the embedded default model: SFT -> reward model -> PPO-ptx with LoRA, every kept
 # checkpoint evaluated on BBQ, Winogender and law school under Q, Q+IF and Q+IF+CoT (CPU-sized subsamples),
