@@ -39,6 +39,7 @@ This module writes report.md and runs the command; ``report_input`` reads and ch
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def _cell(text: object) -> str:
     return str(text).replace("|", "\\|")
 
 
-def headline_table(rows: list[Row]) -> str:
+def headline_table(rows: Sequence[Row]) -> str:
     """Markdown table of the plotted metrics (pooled subset): value, 95% CI and n per model, step, condition.
 
     An empty value or CI reads ``n/a (reason)`` (the row's note). Paired-difference rows are left out (they have their
@@ -255,7 +256,7 @@ REFERENCE_CAPTION = (
 
 
 def draw_figures(
-    rows: list[Row], checkpoints: list[Checkpoint], style: Style, reference: list[Row] = ()
+    rows: list[Row], checkpoints: list[Checkpoint], style: Style, reference: Sequence[Row] = ()
 ) -> tuple[list[Drawn], list[str]]:
     """Every figure there is data for (pooled rows), and a note for each one left out; ``reference``: the reward
     model's pooled rows, drawn into the benchmark figures."""
@@ -308,7 +309,7 @@ def _markdown(
     empty: list[str],
     rows: list[Row],
     run_dirs: list[Path],
-    reference: list[Row] = (),
+    reference: Sequence[Row] = (),
 ) -> str:
     parts = [f"# {title}\n", "Runs: " + ", ".join(f"`{d}`" for d in run_dirs) + "\n", intro + "\n"]
     for d in drawn:

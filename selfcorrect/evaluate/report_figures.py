@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -62,7 +62,9 @@ class Style:
 
     def x(self, point: Row | Delta) -> float:
         """The x coordinate of a point: its RLHF step, or its parameter count."""
-        return point.step if self.by == "step" else point.params
+        x = point.step if self.by == "step" else point.params
+        assert x is not None  # the rows drawn have one: rows_with_step, rows_at_largest_step
+        return x
 
     def series(self, point: Row | Delta) -> tuple[str, str]:
         """(model, condition) by step; by size one line per condition runs across the models."""
@@ -179,7 +181,7 @@ def figure_subject(points: Iterable[Row | Delta | Checkpoint]) -> str:
     return models[0] if len(models) == 1 else f"{len(models)} models"
 
 
-def plot_benchmark(benchmark: str, rows: list[Row], style: Style, reference: list[Row] = ()) -> bytes | None:
+def plot_benchmark(benchmark: str, rows: list[Row], style: Style, reference: Sequence[Row] = ()) -> bytes | None:
     """The benchmark's metrics (pooled subset) vs steps or size, one panel per metric with a value; None if none.
     ``reference``: the reward model's rows (pooled), drawn as a dotted horizontal line per condition."""
     panels = [p for p in PANELS[benchmark] if any(r.metric == p.metric and math.isfinite(r.value) for r in rows)]
@@ -256,7 +258,7 @@ def plot_training(checkpoints: list[Checkpoint], rows: list[Row], style: Style) 
         return None
     fig, axes = _new_figure(n_panels, "Training covariates vs RLHF steps", figure_subject(rows))
     plotted = [r for _, points in extra for r in points]
-    steps = [k.step for k in checkpoints] + [r.step for r in plotted]  # one x range for every panel
+    steps = [k.step for k in checkpoints] + [style.x(r) for r in plotted]  # one x range for every panel
     for ax, (field, title, ylabel) in zip(axes, covariates):
         for model in sorted({k.model for k in checkpoints}):
             ks = [k for k in checkpoints if k.model == model and math.isfinite(getattr(k, field))]

@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 from selfcorrect.errors import UserError, first_line
 from selfcorrect.evaluate import benchmarks as bench_registry
@@ -72,7 +73,7 @@ def _cell_number(text: str, where: str, column: str, *, integer: bool) -> float 
 
 
 def _parse_row(raw: dict[str, str], where: str, source: Path) -> Row:
-    text = {c: (raw[c] or "").strip() for c in ("model", "benchmark", "condition", "subset", "metric")}
+    text: dict[str, Any] = {c: (raw[c] or "").strip() for c in ("model", "benchmark", "condition", "subset", "metric")}
     empty = [c for c, v in text.items() if not v]
     if empty:
         raise UserError(f"{where}: empty {', '.join(empty)}")
@@ -80,9 +81,10 @@ def _parse_row(raw: dict[str, str], where: str, source: Path) -> Row:
     text["scorer"] = (raw.get("scorer") or "policy").strip()
     if text["scorer"] not in SCORERS:
         raise UserError(f"{where}: column 'scorer': expected {' or '.join(SCORERS)}, got {text['scorer']!r}")
-    integers = {c: _cell_number(raw[c] or "", where, c, integer=True) for c in ("params", "step", "n")}
+    integers: dict[str, Any] = {c: _cell_number(raw[c] or "", where, c, integer=True) for c in ("params", "step", "n")}
     floats = {c: _cell_number(raw[c] or "", where, c, integer=False) for c in ("value", "ci_low", "ci_high")}
-    return Row(**text, **integers, **{c: float("nan") if v is None else v for c, v in floats.items()}, source=source)
+    numbers: dict[str, Any] = {c: float("nan") if v is None else v for c, v in floats.items()}
+    return Row(**text, **integers, **numbers, source=source)  # the dicts are Any: Row's fields have several types
 
 
 def read_metrics(run_dir: Path) -> list[Row]:
@@ -217,7 +219,7 @@ def rows_at_largest_step(rows: list[Row]) -> list[Row]:
         if None in counts:
             raise UserError(f"{source}: model {model!r} has no 'params' (parameter count); --by size needs it")
         if len(counts) > 1:
-            raise UserError(f"{source}: model {model!r} has several parameter counts: {sorted(counts)}")
+            raise UserError(f"{source}: model {model!r} has several parameter counts: {sorted(cast(set[int], counts))}")
     last: dict[str, int] = {}
     for r in rows:
         last[r.model] = max(last.get(r.model, -1), -1 if r.step is None else r.step)

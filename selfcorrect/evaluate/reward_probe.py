@@ -121,5 +121,5 @@ class RewardScorer:
         for item in items:
             mine = [float(r) for r in rewards[start : start + len(item.candidates)]]
             start += len(item.candidates)
-            scores.append(Score(probs=softmax(mine), mass=None, rewards=mine))  # type: ignore[arg-type]
+            scores.append(Score(probs=softmax(mine), mass=None, rewards=mine))
         return scores

@@ -235,12 +235,12 @@ def _fold_parts(path: Path, order: list[str]) -> None:
     parts = part_files(path)
     if not parts:
         return
-    records: dict[str, dict] = {}
+    records: dict[str | None, dict] = {}
     for source in [path, *parts]:
         if source.exists():
             for _, obj in iter_jsonl(source, tolerate_torn_tail=True):
                 records.setdefault(obj.get("id"), obj)
-    rank = {item_id: i for i, item_id in enumerate(order)}
+    rank: dict[str | None, int] = {item_id: i for i, item_id in enumerate(order)}
     ordered = sorted(records.values(), key=lambda r: (rank.get(r.get("id"), len(rank)), str(r.get("id"))))
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
     for part in parts:
@@ -265,6 +265,7 @@ def _run_group(
     part files."""
     from selfcorrect.evaluate.scoring import length_batches
 
+    assert settings.dialogue is not None  # evaluate() resolved it
     results = [EvalDir(settings.output).results(t.benchmark, t.condition) for t in tasks]
     done = [_done_ids(p) for p in results]
     paths = results if shard.world == 1 else [part_file(p, shard.rank) for p in results]
@@ -296,7 +297,7 @@ def _run_group(
             if not batch:
                 continue
             items = [entries[i][1] for i in batch]
-            records = [{"id": it.item_id} for it in items]
+            records: list[dict[str, Any]] = [{"id": it.item_id} for it in items]
             texts = [first_stage[i] for i in batch]
             if is_cot:
                 key = tasks[0].key
@@ -326,9 +327,9 @@ def _run_group(
                     rec["rewards"] = s.rewards
             with stopping.deferred():  # a stop signal during the write takes effect after it: a written line stays
                 for k, path in enumerate(paths):
-                    mine = [rec for i, rec in zip(batch, records) if entries[i][0] == k]
-                    if mine:
-                        append_jsonl(path, mine)
+                    lines = [rec for i, rec in zip(batch, records) if entries[i][0] == k]
+                    if lines:
+                        append_jsonl(path, lines)
             stopping.after_deferred()
             bar.update(len(batch))
     elapsed = time.perf_counter() - start
@@ -406,7 +407,7 @@ def evaluate(settings: EvalSettings) -> Path:
     if pending and settings.scorer == "reward":
         scorer, tokenizer, n_parameters = _reward_scorer(settings)
         manifest["model_info"] = {"n_parameters": n_parameters}
-        engine = scorer
+        engine: Engine = scorer
         unfit = _unfit(settings, scorer, pending, shard)
         tasks, pending = [t for t in tasks if t.key not in unfit], [t for t in pending if t.key not in unfit]
     elif pending:
@@ -414,11 +415,11 @@ def evaluate(settings: EvalSettings) -> Path:
             settings.model, dtype=settings.dtype, device=settings.device, trust_remote_code=settings.trust_remote_code
         )
         manifest["model_info"] = {"n_parameters": sum(p.numel() for p in model.parameters())}
-        scorer = Scorer(model, tokenizer, add_special_tokens=dialogues.add_special_tokens(settings.dialogue))
+        scorer = Scorer(model, tokenizer, add_special_tokens=dialogues.add_special_tokens(spec))
         for task in pending:  # colliding candidates fail here, before anything is written
             for item in {it.candidates: it for it in task.items}.values():
                 scorer.candidate_ids(item.assistant, item.candidates)
-        engine: Engine = scorer
+        engine = scorer
         if settings.engine == "vllm" and any(t.is_cot for t in pending):
             shard.connect()  # every process builds its engine now, each on its own device
             engine = engines.vllm_engine(model, tokenizer, _vllm_options(settings, prompts, model))

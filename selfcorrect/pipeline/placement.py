@@ -9,6 +9,7 @@ import shlex
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from selfcorrect.config.evaluation import EvaluationSection
 from selfcorrect.config.run import RunConfig
 from selfcorrect.errors import UserError
 from selfcorrect.rundir import TRAINING_STAGES
@@ -52,17 +53,17 @@ def placement(cfg: RunConfig, launch: Launch, gpus: int) -> Placement:
     device = evaluation.device or ("cuda:0" if gpus else "cpu")
     wants_during = evaluation.when == "during" and cfg.ppo is not None
     if not wants_during:
-        return _after_training(cfg, launch, device, f"{nodes}{where}", lines)
+        return _after_training(evaluation, launch, device, f"{nodes}{where}", lines)
     if not gpus or device == "cpu":
         lines.append(f"where: evaluate on {device}, while PPO trains (sharing the CPU's cores)" if not gpus else
                      "where: evaluate on the CPU, while PPO trains on the GPUs")  # fmt: skip
-        return Placement(True, None, tuple(_one_process(cfg, lines)))
+        return Placement(True, None, tuple(_one_process(evaluation, lines)))
     if evaluation.device is None:
         lines.append(
             "where: evaluate after PPO ends: evaluation.when is during, but evaluation.device names no GPU of its "
             "own, and it never shares a training GPU"
         )
-        return _after_training(cfg, launch, device, f"{nodes}{where}", lines)
+        return _after_training(evaluation, launch, device, f"{nodes}{where}", lines)
     index = int(device.partition(":")[2] or 0)
     if processes > gpus - 1:
         raise UserError(
@@ -71,22 +72,23 @@ def placement(cfg: RunConfig, launch: Launch, gpus: int) -> Placement:
         )
     lines[-1] = lines[-1].replace(where, f"{where} (PPO without cuda:{index})")
     lines.append(f"where: evaluate on {device}, while PPO trains on the other GPUs")
-    return Placement(True, index, tuple(_one_process(cfg, lines)))
+    return Placement(True, index, tuple(_one_process(evaluation, lines)))
 
 
-def _one_process(cfg: RunConfig, lines: list[str]) -> list[str]:
+def _one_process(evaluation: EvaluationSection, lines: list[str]) -> list[str]:
     """The evaluation beside PPO runs in the pipeline's own process: more than one asked for is a UserError."""
-    if (cfg.evaluation.num_processes or 1) > 1:
+    if (evaluation.num_processes or 1) > 1:
         raise UserError(
-            f"evaluation.num_processes {cfg.evaluation.num_processes}: an evaluation while PPO trains runs in one "
+            f"evaluation.num_processes {evaluation.num_processes}: an evaluation while PPO trains runs in one "
             "process (on evaluation.device); set evaluation.when: after to share it out over the launcher's processes"
         )
     return lines
 
 
-def _after_training(cfg: RunConfig, launch: Launch, device: str, where: str, lines: list[str]) -> Placement:
+def _after_training(
+    evaluation: EvaluationSection, launch: Launch, device: str, where: str, lines: list[str]
+) -> Placement:
     """The evaluation after training: in the pipeline's own process, or on N of the launcher's processes."""
-    evaluation = cfg.evaluation
     asked = evaluation.num_processes
     n = asked or (1 if evaluation.device is not None else launch.processes)
     if n > launch.processes:

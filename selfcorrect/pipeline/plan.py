@@ -50,12 +50,14 @@ def resolved_configs(cfg: RunConfig, by_content: bool = True) -> dict[str, dict[
     upstream: dict[str, str] = {}
     for stage in stages_in(cfg):
         if stage in TRAINING_STAGES:
-            skip = cfg.ppo.unhashed() if stage == "ppo" else set()
-            own = {**common, stage: dump(getattr(cfg, stage), exclude=skip)}
+            section = getattr(cfg, stage)
+            skip = section.unhashed() if stage == "ppo" else set()
+            own = {**common, stage: dump(section, exclude=skip)}
             if stage == "reward" and cfg.sft is not None:  # the reward is normalised on the SFT demonstrations
                 own["sft_data"] = dump(cfg.sft.data)
         elif stage == "evaluate":
             evaluation = cfg.evaluation
+            assert evaluation is not None  # stages_in: evaluate only with an evaluation section
             skip = {"when", "device", "num_processes", "batch_size", "gen_batch_size", "poll_seconds",
                     *unhashed(evaluation.engine)}  # fmt: skip
             if evaluation.engine == "hf" or evaluation.vllm.is_default():  # configs that name neither keep their hash

@@ -206,6 +206,7 @@ def describe_memory(cfg: RunConfig, launcher: str | None, device_memory: float |
         lines.append(f"  {stage:<9} {estimate.describe()}{flag}")
         engine = estimate.parts.get("vllm")
         if engine and device_memory is not None:
+            assert cfg.ppo is not None  # only PPO's estimate has a vllm part
             vllm = cfg.ppo.vllm
             share = vllm.gpu_memory_utilization or min(VLLM_TRAINING_SHARE, engine / (device_memory * GB))
             sleeping = "awake throughout" if vllm.sleep is False else "asleep during the update"
@@ -219,6 +220,7 @@ def _describe_evaluation(cfg: RunConfig) -> list[str]:
     from selfcorrect.recipes import evaluate
 
     evaluation = cfg.evaluation
+    assert evaluation is not None  # describe_plan calls this only with an evaluation section
     settings = evaluate.settings(cfg)
     targets = [t for t in evaluate.targets(cfg) if t.scorer == "policy"]  # the probe is counted below
     prompts = load_prompts(settings.prompt_files)

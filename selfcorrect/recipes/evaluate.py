@@ -19,6 +19,7 @@ def targets(cfg: RunConfig) -> list:
     from selfcorrect.evaluate.run_targets import EvalTarget, checkpoint_targets, model_slug, reward_target
 
     evaluation, run = cfg.evaluation, cfg.run_dir()
+    assert evaluation is not None  # the evaluate stage runs only with an evaluation section
     found = []
     if evaluation.probe_reward and cfg.reward is not None:
         found += reward_target(run, cfg.name, run.eval)
@@ -31,6 +32,7 @@ def targets(cfg: RunConfig) -> list:
 
 def settings(cfg: RunConfig):
     """The evaluation settings of the run (the model is set per target), in the run's dialogue format."""
+    assert cfg.evaluation is not None  # the evaluate stage runs only with an evaluation section
     return cfg.evaluation.settings(
         cfg.run_dir().eval,
         seed=cfg.seed,
@@ -63,6 +65,7 @@ def run(cfg: RunConfig, config: Path | None = None, *, training: subprocess.Pope
     from selfcorrect.evaluate.run_targets import evaluate_target, join_metrics
     from selfcorrect.evaluate.shards import Shard
 
+    assert cfg.evaluation is not None  # the evaluate stage runs only with an evaluation section
     main = Shard.from_env().main
     all_targets = targets(cfg)
     if not all_targets:
@@ -90,8 +93,10 @@ def run(cfg: RunConfig, config: Path | None = None, *, training: subprocess.Pope
             evaluate_target(template, ready[0], (len(all_targets) - len(pending) + 1, len(all_targets)))
             pending.remove(ready[0])
             if main:
+                assert log is not None  # the main process's EvalLog
                 join_metrics(all_targets, metrics, template, deltas=not pending)  # the last join adds step-0 deltas
                 log.checkpoint(ready[0])  # live, so a W&B dashboard follows the run
         if main:
+            assert log is not None  # the main process's EvalLog
             log.models(all_targets)
     return metrics

@@ -63,6 +63,7 @@ def ppo_precision(cfg: RunConfig, **launch: Any):
     arguments for a launch other than this process's (the dry run)."""
     from selfcorrect.train.precision import for_stage
 
+    assert cfg.ppo is not None  # every caller has checked the ppo section
     return for_stage(cfg.model.dtype, cfg.ppo.trainer, "ppo.trainer", **launch)
 
 

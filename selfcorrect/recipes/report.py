@@ -12,6 +12,7 @@ def run(cfg: RunConfig) -> Path:
     from selfcorrect import tracking
     from selfcorrect.evaluate.report import report
 
+    assert cfg.evaluation is not None  # the report stage runs only with an evaluation section
     by = "step" if cfg.ppo is not None and cfg.evaluation.checkpoints else "size"
     path = report([cfg.root()], by=by, output=cfg.run_dir().report)
     tracking.log_report(cfg.tracking, cfg.name, cfg.root(), path)

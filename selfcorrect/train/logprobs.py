@@ -17,6 +17,7 @@ logits.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,10 +41,11 @@ class OutputHead:
         return logits
 
 
-def output_head(model: nn.Module) -> OutputHead:
+def output_head(model: Any) -> OutputHead:
     """The :class:`OutputHead` of a causal LM: its output embeddings, then the post-processing its forward applies
     (``final_logit_softcapping``: Gemma 2/3; ``logit_scale``: Cohere multiplies; ``logits_scaling``: Granite divides).
-    ``model`` may be PEFT-wrapped (the adapters live inside the wrapped model's layers)."""
+    ``model``: a transformers model, which may be PEFT-wrapped (the adapters live inside the wrapped model's
+    layers)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = inner.config
     scale = getattr(inner, "logit_scale", None)

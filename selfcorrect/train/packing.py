@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -101,8 +102,9 @@ def pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | 
     return Layout(ids.to(device), positions.to(device), starts.to(device), mask.to(device))
 
 
-def unwrapped(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT wrapper (whose adapters live inside that model's layers), or ``model``."""
+def unwrapped(model: Any) -> Any:
+    """The transformers model inside a PEFT wrapper (whose adapters live inside that model's layers), or ``model`` (a
+    transformers model)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -154,6 +156,7 @@ def head_matches(policy: nn.Module, sequences: Sequence[Sequence[int]], pad_id: 
     own = policy(
         input_ids=layout.input_ids, attention_mask=layout.attention_mask, position_ids=layout.position_ids
     ).logits
+    assert layout.attention_mask is not None  # pad() always sets it
     real = layout.attention_mask.bool()
     ours = output_head(policy)(hidden_states(policy, layout, _every_position(layout, sequences)))
     gap = _gap(ours, own[real])

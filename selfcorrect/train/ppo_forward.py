@@ -144,4 +144,5 @@ class PolicyAndValue(nn.Module):
         """The policy's outputs (:func:`policy_outputs`, with its keyword ``options``) and the values
         ``(n_actions,)`` at the read positions."""
         outputs = policy_outputs(self.policy, reads, **options)
+        assert reads.value is not None and reads.value_read is not None  # reads_for(with_values=True)
         return outputs, packing.values(self.value_model, reads.value, reads.value_read) + self.value_offset

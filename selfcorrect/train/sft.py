@@ -160,11 +160,11 @@ def build_sft_trainer(
     seed: int,
     report_to: str | list[str] = "none",
     dialogue: DialogueSpec | None = None,
-) -> tuple[SFTTrainer, dict[str, int]]:
+) -> tuple[Any, dict[str, int]]:
     """Load the model and the data and set up the SFTTrainer (nothing is trained or saved).
 
-    Returns the trainer and the counts ``n_demonstrations``, ``n_ptx``, ``n_eval`` and ``n_train`` (the rows the
-    trainer kept: rows whose prompt fills ``max_length`` are dropped by TRL).
+    Returns the trainer (TRL's SFTTrainer) and the counts ``n_demonstrations``, ``n_ptx``, ``n_eval`` and
+    ``n_train`` (the rows the trainer kept: rows whose prompt fills ``max_length`` are dropped by TRL).
     """
     precision = sft_precision(section, model, lora)
     args = sft_config(section, output_dir, seed, report_to, has_eval=section.data.test_size > 0, precision=precision)
@@ -172,6 +172,7 @@ def build_sft_trainer(
     n_ptx = n_ptx_rows(section.ptx_fraction, len(demos)) if section.ptx_data is not None else 0
     ptx = None
     if n_ptx:
+        assert section.ptx_data is not None  # n_ptx is 0 without it
         ptx = ptx_dataset(section.ptx_data, seed)
         if len(ptx) < n_ptx:
             raise UserError(
@@ -193,7 +194,7 @@ def build_sft_trainer(
     if ptx is not None:
         train = concatenate_datasets([train, tokenize_ptx(ptx, tokenizer)])
     peft_config = lora.peft_config("CAUSAL_LM") if lora is not None else None
-    trainer = SFTTrainer(
+    trainer: Any = SFTTrainer(  # Any: TRL types its model and datasets as optional
         model=policy,
         args=args,
         train_dataset=train,

@@ -47,7 +47,7 @@ CAPTION = (
 PANELS = (Panel("parity_difference", "Parity: p(admit | Black) − p(admit | white)", zero_line=True),)
 TRAINING_PANELS = ()
 RACES = ("Black", "white")
-SEX = {1: "female", 2: "male"}  # LSAC coding, as in Kusner et al.'s script
+SEX: dict[float, str] = {1: "female", 2: "male"}  # LSAC coding, as in Kusner et al.'s script
 RELEASE_URL = "https://raw.githubusercontent.com/rgambee/self-correction-reproduction/main/datasets/law_data.csv"
 
 
