@@ -60,13 +60,13 @@ from selfcorrect.train.checkpoints import (
     load_engine_checkpoint,
     load_last,
     prune_engine_checkpoints,
-    restore_weights,
     save_checkpoint,
     save_engine_checkpoint,
     save_last,
 )
 from selfcorrect.train.distributed import distributed_name, gathered, zero_stage
 from selfcorrect.train.ppo_config import PPOSection
+from selfcorrect.train.weights import restore_weights
 
 RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
 
