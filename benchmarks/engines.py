@@ -12,8 +12,8 @@
    Each engine first samples two items untimed (warm-up), then every item ``--repeats`` times; the best run counts.
 2. **PPO rollout generation**: the trainer of the real PPO stage (:func:`selfcorrect.recipes.ppo.build_trainer`,
    the run config of ``benchmarks/ppo_throughput.py``: HH prompts, a function reward, full fine-tuning) built once
-   per ``ppo.engine``, and its :meth:`~selfcorrect.train.ppo.PPOPtxTrainer.sample_responses` (the generation of a
-   rollout: for vllm including the copy of the policy's weights into vLLM that precedes every rollout) timed on the
+   per ``ppo.engine``, and its sampler's :meth:`~selfcorrect.train.ppo_rollout.RolloutSampler.sample` (the generation
+   of a rollout: for vllm including the copy of the policy's weights into vLLM that precedes every rollout) timed on the
    prompts of RLHF steps 1..N with the step's seed, after one untimed call (for vllm: the engine's creation).
    The log-prob, value and reference forward passes that follow in a rollout are the same for both engines and are
    not timed.
@@ -165,13 +165,14 @@ def ppo_figures(args: argparse.Namespace) -> dict[str, Any]:
         trainer.model.eval()
         times, tokens = [], []
         for step in range(args.ppo_steps + 1):  # step 0: warm-up (vllm: the engine is created or given the policy)
+            prompt_ids = [trainer.prompt_ids[i] for i in trainer.step_prompts(step)]
             torch.manual_seed(stable_seed(trainer.args.seed, "rollout", step, 0))
             start = time.perf_counter()
-            response_ids, _ = trainer.sample_responses(trainer.step_prompts(step))
+            response_ids, _ = trainer.sampler.sample(trainer.model, prompt_ids)
             elapsed = time.perf_counter() - start
             if step:
                 times.append(elapsed)
-                tokens.append(sum(trainer._turn_end(r)[0] for r in response_ids.tolist()))
+                tokens.append(sum(trainer.sampler.turn_end(r)[0] for r in response_ids.tolist()))
         seconds = statistics.fmean(times)
         rows[name] = {"seconds_per_rollout": seconds, "seconds_all": times,
                       "samples_per_s": args.ppo_batch / seconds, "tokens_per_s": statistics.fmean(tokens) / seconds,

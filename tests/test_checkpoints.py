@@ -18,11 +18,11 @@ from selfcorrect.rundir import checkpoint_dir
 from selfcorrect.train.checkpoints import (
     load_last,
     restore_rng,
-    restore_weights,
     save_checkpoint,
     save_last,
     validate_save_at_steps,
 )
+from selfcorrect.train.weights import restore_weights
 
 WHERE = "config.yaml: ppo.save_at_steps"
 

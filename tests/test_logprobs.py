@@ -111,13 +111,15 @@ def test_a_ppo_step_with_ptx_never_makes_more_than_a_chunk_of_logits(peaked_poli
         logits_chunk_size=chunk,
     )  # fmt: skip
     trainer.create_optimizer_and_scheduler(num_training_steps=8)
-    trainer.packing = packing
+    trainer.passes.packed = packing
     vocab = trainer.model.policy.config.vocab_size
     with LargestVocabTensor(vocab) as seen:
         roll = trainer.rollout(trainer.step_prompts(0), deferred=trainer.first_minibatch(0))
         trainer.score(roll)
-        record = trainer.update(roll, 0)
-    positions = int(roll.response_mask.sum()) + sum(len(s) - 1 for s in trainer._ptx_sequences(trainer.ptx_texts))
+        first = trainer.deferred_forward(roll, 0)
+        trainer.advantages(roll)
+        record = trainer.update(roll, 0, first)
+    positions = int(roll.response_mask.sum()) + sum(len(s) - 1 for s in trainer.passes.ptx_sequences(trainer.ptx_texts))
     assert positions > 2 * chunk  # the full logits would have had this many rows
     assert 0 < seen.rows <= chunk
     assert record["loss/ptx"] > 0

@@ -59,22 +59,22 @@ def test_packed_passes_equal_the_padded_passes(peaked_policy_dir, tmp_path, kind
         gamma_ptx=0.5,
         temperature=0.7,
     )
-    assert trainer._check_forward()
+    assert trainer.passes.check_forward(trainer.model.policy, trainer.model.value_model, trainer.prompt_ids)
     torch.manual_seed(3)
     roll = trainer.rollout(trainer.step_prompts(0))
     rows = torch.arange(8)
-    trainer.packing = True
-    reads = trainer._reads(roll, rows)
+    trainer.passes.packed = True
+    reads = trainer.passes.reads(roll, rows)
     assert reads.policy.input_ids.numel() < 0.8 * roll.input_ids.numel()  # it packs: fewer tokens than padded rows
     mask = roll.response_mask.bool()
-    ptx = trainer._ptx_sequences(trainer.ptx_batch(0, 0))
+    ptx = trainer.passes.ptx_sequences(trainer.ptx_batch(0, 0))
     outputs = {}
     for packed in (False, True):
-        trainer.packing = packed
-        logprobs, values = trainer._forward_response(roll, trainer.model, rows)
+        trainer.passes.packed = packed
+        logprobs, values = trainer.passes.policy_and_values(trainer.model, roll, rows)
         ref = trainer._ref_logprobs(roll)
         trainer.model.zero_grad()
-        new_logprobs, new_values, entropy, lm = trainer._update_forward(roll, rows[:4], ptx)
+        new_logprobs, new_values, entropy, lm = trainer.passes.minibatch(trainer.model, roll, rows[:4], ptx)
         m = mask[:4]
         (new_logprobs[m].sum() + new_values[m].sum() + lm).backward()
         grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}

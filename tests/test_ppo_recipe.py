@@ -98,7 +98,7 @@ def test_dropout_is_off_so_the_ratio_starts_at_exactly_one(tiny_model_dir, tmp_p
                                mini_batch_size=4, max_new_tokens=6)
     roll = trainer.rollout([0, 1, 2, 3])  # every row's log-probs and values computed here (nothing deferred)
     trainer.model.train()  # as in the update
-    logprobs, values = trainer._forward_response(roll, trainer.model, torch.arange(4))
+    logprobs, values = trainer.passes.policy_and_values(trainer.model, roll, torch.arange(4))
     assert torch.equal(logprobs, roll.logprobs) and torch.equal(values, roll.values)  # the update's ratio starts at 1
 
 
@@ -139,10 +139,10 @@ def test_the_turn_ends_at_eos_or_at_the_next_human_turn(tiny_model_dir, tmp_path
     trainer = make_ppo_trainer(tiny_model_dir, tmp_path, flat)
     tok, eos = trainer.tokenizer, trainer.tokenizer.eos_token_id
     reply = tok(" Sure, here it is.", add_special_tokens=False)["input_ids"]
-    assert trainer._turn_end([*reply, eos, eos]) == (len(reply) + 1, len(reply), True)
-    assert trainer._turn_end(reply) == (len(reply), len(reply), False)
+    assert trainer.sampler.turn_end([*reply, eos, eos]) == (len(reply) + 1, len(reply), True)
+    assert trainer.sampler.turn_end(reply) == (len(reply), len(reply), False)
     stop = tok("\n\nHuman: and now?", add_special_tokens=False)["input_ids"]
-    actions, kept, ended = trainer._turn_end([*reply, *stop])
+    actions, kept, ended = trainer.sampler.turn_end([*reply, *stop])
     assert ended and kept == len(reply) and tok.decode([*reply, *stop][:actions]).endswith("\n\nHuman:")
 
 
@@ -170,7 +170,7 @@ def test_a_reward_model_scores_the_rollouts_own_token_ids(peaked_policy_dir, tmp
     expected = [ids[mask.bool()].tolist() for ids, mask in zip(roll.input_ids, roll.attention_mask)]
     for seq, ended in zip(expected, roll.has_eos.tolist()):
         assert (seq[-1] == tok.eos_token_id) == ended
-    scores = trainer.reward_scores(roll)
+    scores = trainer.reward.scores(roll, 1)
     with torch.no_grad():
         by_hand = torch.tensor([classifier(input_ids=torch.tensor([s])).logits.item() for s in expected]) + 0.25
     assert torch.allclose(scores, by_hand, atol=1e-5)
@@ -225,7 +225,7 @@ def test_under_lora_the_value_model_with_its_adapters_off_scores_as_the_reward_m
         by_hand = torch.tensor([reference(input_ids=torch.tensor([s])).logits.item() for s in sequences]) + 0.25
         trained = torch.tensor([value(input_ids=torch.tensor([s])).logits.item() for s in sequences]) + 0.25
     assert not torch.allclose(trained, by_hand, atol=1e-3)  # the value model's adapters and head did train
-    assert torch.allclose(trainer.reward_scores(roll), by_hand, atol=1e-5)
+    assert torch.allclose(trainer.reward.scores(roll, 1), by_hand, atol=1e-5)
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -343,7 +343,9 @@ def test_rows_deferred_to_the_first_minibatch_get_the_straightforward_logprobs_v
         roll.score = torch.arange(8, dtype=torch.float32)  # any fixed sequence-level score
     trainer.advantages(plain)
     trainer.create_optimizer_and_scheduler(num_training_steps=2)  # what train() does first
-    trainer.update(deferred, step=0)  # fills the deferred rows, then the advantages, before the first loss
+    first = trainer.deferred_forward(deferred, step=0)  # the first minibatch's forward fills the deferred rows
+    trainer.advantages(deferred)
+    trainer.update(deferred, step=0, first=first)  # its first optimizer step on that forward
     mask = plain.response_mask.bool()
     for name in ("logprobs", "values", "kl", "advantages", "returns"):
         got, want = getattr(deferred, name), getattr(plain, name)

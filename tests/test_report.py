@@ -128,7 +128,7 @@ def write_run(run_dir: Path, metrics: str, manifests: dict[int, dict] | None = N
 
 
 def manifests(steps=STEPS) -> dict[int, dict]:
-    """PPO manifests as train/ppo.py writes them (no rollout yet at step 0)."""
+    """PPO manifests as train/ppo_checkpoints.py writes them (no rollout yet at step 0)."""
     out = {}
     for step in steps:
         logged = {"reward": 0.01 * step, "kl": 0.002 * step, "response_length": 40 + 0.1 * step} if step else {}

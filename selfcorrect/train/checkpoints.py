@@ -2,8 +2,8 @@
 
 Where they go under a stage's output directory ``root`` (e.g. ``runs/<name>/ppo``) is :mod:`selfcorrect.rundir`'s
 (:func:`~selfcorrect.rundir.checkpoint_dir`, :func:`~selfcorrect.rundir.last_dir`); what they hold is this module's:
-a kept checkpoint has the model's safetensors weights (or the LoRA adapter), config, tokenizer files and
-``manifest.json``; ``last/`` has everything needed to resume (see :func:`save_last`).
+a kept checkpoint has the model's safetensors weights (or the LoRA adapter: :mod:`selfcorrect.train.weights`), config,
+tokenizer files and ``manifest.json``; ``last/`` has everything needed to resume (see :func:`save_last`).
 
 Kept checkpoints are the steps listed in ``save_at_steps``; they are written once and never overwritten or
 pruned. ``last/`` is replaced at every save. Both are written atomically: into a temporary directory in the
@@ -31,6 +31,7 @@ from selfcorrect.errors import UserError
 from selfcorrect.io import writing
 from selfcorrect.provenance import library_versions, now, stamp, to_json
 from selfcorrect.rundir import checkpoint_dir, engine_dir, kept_steps, last_dir, parse_step, step_name
+from selfcorrect.train.weights import save_weights, weights_info
 
 __all__ = [
     "MANIFEST_REQUIRED_KEYS",
@@ -39,7 +40,6 @@ __all__ = [
     "describe_kept",
     "load_last",
     "restore_rng",
-    "restore_weights",
     "save_checkpoint",
     "save_last",
     "validate_save_at_steps",
@@ -105,82 +105,6 @@ def _torch_save(obj: Any, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Model weights
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _is_peft(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
-
-
-def _weights_info(model: Any) -> dict[str, Any]:
-    """What kind of weights ``model`` saves: a LoRA/PEFT adapter (and on which base model) or a full model."""
-    if _is_peft(model):
-        adapter = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapters[0]
-        peft_config = model.peft_config[adapter]
-        return {
-            "weights": "adapter",
-            "adapter_type": str(
-                peft_config.peft_type.value if hasattr(peft_config.peft_type, "value") else peft_config.peft_type
-            ),
-            "base_model": peft_config.base_model_name_or_path,
-        }
-    if hasattr(model, "save_pretrained"):
-        return {"weights": "full", "base_model": None}
-    return {"weights": "state_dict", "base_model": None}
-
-
-def _save_weights(model: Any, directory: Path) -> None:
-    """Save ``model`` into ``directory`` as safetensors: ``save_pretrained`` (a PEFT model writes its adapter),
-    or for a plain ``torch.nn.Module`` its state dict as ``model.safetensors``. A save that produced no
-    safetensors file is a RuntimeError (weights are never written as pickle)."""
-    with writing(directory, staging=directory):  # a failed write names the directory (a library's may name no file)
-        directory.mkdir(parents=True, exist_ok=True)
-        if _is_peft(model):
-            model.save_pretrained(directory, safe_serialization=True)
-        elif hasattr(model, "save_pretrained"):
-            model.save_pretrained(directory)  # transformers 5 always writes safetensors
-        else:
-            from safetensors.torch import save_model
-
-            save_model(model, str(directory / "model.safetensors"))
-    if not any(directory.glob("*.safetensors")):
-        raise RuntimeError(f"{directory}: saving {type(model).__name__} wrote no safetensors file")
-
-
-def restore_weights(model: Any, directory: str | Path) -> None:
-    """Load weights saved by :func:`save_last` / :func:`save_checkpoint` back into ``model``, in place.
-
-    A PEFT model gets its active adapter's weights from ``adapter_model.safetensors``; a transformers model
-    is reloaded with ``from_pretrained`` (so any key renaming of the save is undone) and copied in with a
-    strict ``load_state_dict``; a plain module reads ``model.safetensors``. Parameters keep their device and
-    dtype, so an optimizer built on them stays valid.
-    """
-    directory = Path(directory)
-    if _is_peft(model):
-        from peft.utils import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        adapter = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapters[0]
-        result = set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"), adapter)
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise RuntimeError(f"{directory}: adapter weights do not fit the model: {unexpected[:5]}")
-    elif hasattr(model, "save_pretrained"):
-        loaded = type(model).from_pretrained(directory, use_safetensors=True, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict(), strict=True)
-        del loaded
-    else:
-        from safetensors.torch import load_model
-
-        load_model(model, str(directory / "model.safetensors"))
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Kept checkpoints
 # --------------------------------------------------------------------------------------------------------------
 
@@ -230,7 +154,7 @@ def save_checkpoint(
             _check_same_weights(Path(root), final, model)
         return final
 
-    weights = _weights_info(model)
+    weights = weights_info(model)
     base = {}
     if weights["weights"] == "adapter" and isinstance(weights["base_model"], str):
         from selfcorrect.models import base_record
@@ -247,7 +171,7 @@ def save_checkpoint(
             parent.mkdir(parents=True, exist_ok=True)
             _remove_stale_temp_dirs(parent, prefix)
             tmp.mkdir()
-            _save_weights(model, tmp)
+            save_weights(model, tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / "manifest.json").write_text(encoded, encoding="utf-8")
             _fsync_tree(tmp)
@@ -290,7 +214,7 @@ def _check_same_weights(root: Path, final: Path, model: Any) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with writing(final, staging=tmp):
-            _save_weights(model, tmp)
+            save_weights(model, tmp)
         ours = {p.name: load_file(p) for p in sorted(tmp.glob("*.safetensors"))}
         kept = {p.name: load_file(p) for p in sorted(final.glob("*.safetensors"))}
     finally:
@@ -418,7 +342,7 @@ def save_last(
         "format": LAST_FORMAT,
         "created_at": now(),
         "library_versions": library_versions(),
-        "models": {name: _weights_info(m) for name, m in models.items()},
+        "models": {name: weights_info(m) for name, m in models.items()},
         "has_optimizer": optimizer is not None,
         "has_scheduler": scheduler is not None,
         "has_rng": bool(rng),
@@ -438,7 +362,7 @@ def save_last(
             _remove_stale_temp_dirs(root, tmp_prefix)
             tmp.mkdir()
             for name, m in models.items():
-                _save_weights(m, tmp / name)
+                save_weights(m, tmp / name)
             if optimizer is not None:
                 _torch_save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
             if scheduler is not None:
@@ -553,7 +477,7 @@ def load_last(root: Path) -> dict[str, Any] | None:
 
         {"path": Path,                        # the directory read (last/ or last.old/)
          "state": dict,                       # the caller's state as saved
-         "model_dirs": {name: Path},          # "model" for a single model; pass to restore_weights / from_pretrained
+         "model_dirs": {name: Path},          # "model" for a single model; pass to weights.restore_weights
          "optimizer": dict | None,            # for optimizer.load_state_dict
          "scheduler": dict | None,            # for scheduler.load_state_dict
          "rng": dict | None,                  # for restore_rng
@@ -561,7 +485,7 @@ def load_last(root: Path) -> dict[str, Any] | None:
          "created_at": str, "library_versions": dict}
 
     Tensors are loaded to CPU with ``weights_only=True``; the weights are checked whole (their safetensors headers)
-    but not loaded (:func:`restore_weights` does that).
+    but not loaded (:func:`selfcorrect.train.weights.restore_weights` does that).
 
     **A torn resume state is never skipped** (starting over would retrain over the kept checkpoints): a file of it
     missing, cut short or unreadable is a one-line :class:`UserError` naming the file and what is wrong, and how to
