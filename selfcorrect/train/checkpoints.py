@@ -30,7 +30,7 @@ from selfcorrect.config import check_save_at_steps
 from selfcorrect.errors import UserError
 from selfcorrect.io import writing
 from selfcorrect.provenance import library_versions, now, stamp, to_json
-from selfcorrect.rundir import checkpoint_dir, engine_dir, kept_steps, last_dir, parse_step, step_name
+from selfcorrect.rundir import MANIFEST, checkpoint_dir, engine_dir, kept_steps, last_dir, parse_step, step_name
 from selfcorrect.train.weights import save_weights, weights_info
 
 __all__ = [
@@ -173,7 +173,7 @@ def save_checkpoint(
             tmp.mkdir()
             save_weights(model, tmp)
             tokenizer.save_pretrained(tmp)
-            (tmp / "manifest.json").write_text(encoded, encoding="utf-8")
+            (tmp / MANIFEST).write_text(encoded, encoding="utf-8")
             _fsync_tree(tmp)
             os.rename(tmp, final)  # fails rather than replace if ``final`` appeared meanwhile
     except BaseException:
@@ -232,7 +232,7 @@ def _check_same_weights(root: Path, final: Path, model: Any) -> None:
 
 
 def _check_existing_checkpoint(final: Path, expected_hash: str | None) -> None:
-    manifest_path = final / "manifest.json"
+    manifest_path = final / MANIFEST
     try:
         existing = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
@@ -410,9 +410,10 @@ def _reading(path: Path, read: Any) -> Any:
         raise _Torn(path, f"unreadable ({type(exc).__name__}: {text[:160]})") from None
 
 
-def _check_weights(directory: Path, kind: str) -> None:
+def _check_weights(directory: Path, kind: Any) -> None:
     """The weights directory of a resume state is whole: its JSON files parse, and its safetensors files (at least
-    one; their headers say how long they must be) are complete, without reading the weights themselves."""
+    one; their headers say how long they must be) are complete, without reading the weights themselves. ``kind``: the
+    record's ``weights`` entry as read from JSON (``"full"`` or ``"adapter"`` name a config file that must be there)."""
     from safetensors import safe_open
 
     if not directory.is_dir():
