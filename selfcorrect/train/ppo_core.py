@@ -28,6 +28,7 @@ Conventions
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -394,7 +395,7 @@ def warmup_factor(iteration: int, warmup_iterations: int, start_factor: float) -
 
 
 @torch.no_grad()
-def ema_update_(averages: list[torch.Tensor], values: list[torch.Tensor], decay: float) -> None:
+def ema_update_(averages: Sequence[torch.Tensor], values: Sequence[torch.Tensor], decay: float) -> None:
     """One step of an exponential moving average, in place: ``average <- decay * average + (1 - decay) * value``.
 
     InstructGPT keeps an EMA of the policy weights with ``decay = 0.992``, updated after every optimizer step. The

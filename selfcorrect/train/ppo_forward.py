@@ -243,8 +243,9 @@ class RolloutPasses:
         return placed(roll, rows, outputs.logprobs), placed(roll, rows, values.float())
 
     @torch.no_grad()
-    def reference_logprobs(self, roll: Rollout, reference: nn.Module, adapters_off: bool = False) -> torch.Tensor:
-        """The log-probs of every row's response tokens under ``reference``, ``(B, R)``; ``adapters_off``: the
+    def reference_logprobs(self, roll: Rollout, reference: Any, adapters_off: bool = False) -> torch.Tensor:
+        """The log-probs of every row's response tokens under ``reference`` (an ``nn.Module``; with ``adapters_off``
+        a PEFT model, whose ``disable_adapter`` torch's typing cannot see), ``(B, R)``; ``adapters_off``: the
         reference is ``reference`` (the policy) with its LoRA adapters switched off."""
         rows = torch.arange(roll.input_ids.shape[0])
         reads = self.reads(roll, rows, values=False)

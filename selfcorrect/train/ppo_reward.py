@@ -75,8 +75,10 @@ class RolloutReward:
         if not isinstance(reward, RewardModel):
             return call_reward(reward, roll.prompts, roll.responses, name, step)
         if reward.model is None:
+            assert reward.function is not None  # RewardModel holds a model or a function
             prompts = [hh_prompt(p) for p in roll.prompts]
             return call_reward(reward.function, prompts, list(roll.responses), name, step) + reward.bias
+        assert roll.has_eos is not None  # set by the sampler
         eos = [[self.tokenizer.eos_token_id] if ended else [] for ended in roll.has_eos.tolist()]
         if self.ids_match:
             sequences = [p + r + e for p, r, e in zip(roll.prompt_ids, roll.reply_ids, eos)]

@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from selfcorrect.train.distributed import gathered
 
 if TYPE_CHECKING:
     from selfcorrect.config.ppo import PPOSection
+    from selfcorrect.engines import VLLMOptions
 
 
 @dataclasses.dataclass
@@ -127,7 +128,7 @@ class RolloutSampler:
         self.manifest = manifest
         self.eos_ids = {tokenizer.eos_token_id} - {None}
         self.stop_strings = dialogues.stop_strings(dialogue)
-        self.vllm_options = None  # engine vllm: resolved at the first rollout (_vllm_options)
+        self.vllm_options: VLLMOptions | None = None  # engine vllm: resolved at the first rollout (_vllm_options)
 
     def check_vllm(self, policy: nn.Module, longest_prompt: int) -> None:
         """``ppo.engine: vllm`` is refused, in one line, before anything is sampled: where the longest prompt plus
@@ -234,7 +235,7 @@ class RolloutSampler:
             logprobs[row, : len(sample.logprobs)] = torch.tensor(sample.logprobs)
         return ids.to(self.accelerator.device), logprobs.to(self.accelerator.device)
 
-    def _vllm_options(self, policy: nn.Module) -> Any:
+    def _vllm_options(self, policy: nn.Module) -> VLLMOptions:
         """The engine's options (:func:`selfcorrect.memory.vllm_options`), once per run, recorded in the manifests: it
         samples the per-process rollout batch at once, in the policy's 16-bit dtype (its autocast's, where the policy
         is held in fp32), sleeping between rollouts on a GPU."""
