@@ -43,7 +43,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -78,6 +78,12 @@ class PPOPtxTrainer(Trainer):
     model's weights, so its values get the reward model's normalising bias added, and under LoRA the reward model's
     own copy is dropped and the value model with its adapters off scores instead (:meth:`RewardModel.share_base_of`).
     """
+
+    # transformers.Trainer types these Optional; here they are set before anything reads them.
+    model: nn.Module  # the PolicyAndValue (__init__); after train()'s accelerator.prepare, as wrapped (DDP, DeepSpeed)
+    optimizer: torch.optim.Optimizer  # created by train() (create_optimizer), before the first step
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR  # created by train() (create_scheduler), before the first step
+    kl_ctl: core.AdaptiveKLController | core.FixedKLController
 
     def __init__(
         self,
@@ -124,6 +130,7 @@ class PPOPtxTrainer(Trainer):
             self.ref_policy.eval().requires_grad_(False).to(self.accelerator.device)
         if isinstance(reward_fn, RewardModel) and reward_fn.model is not None:  # each model on this process's device
             reward_fn.model.to(self.accelerator.device)
+        assert args.output_dir is not None  # TrainingArguments sets it (default "trainer_output")
         self.run_dir = Path(run_dir or args.output_dir)
         self.config_hash = config_hash
         self.manifest_extra = {
@@ -250,6 +257,7 @@ class PPOPtxTrainer(Trainer):
         step = self.state.global_step + 1  # the step being run (train() sets global_step to the steps completed)
         score = self.reward.scores(roll, step).to(device=roll.input_ids.device, dtype=torch.float32)
         if self.ppo.missing_eos_penalty is not None:
+            assert roll.has_eos is not None  # set by the sampler
             score = score - self.ppo.missing_eos_penalty * (~roll.has_eos).to(score)
         roll.score = score
 
@@ -263,6 +271,7 @@ class PPOPtxTrainer(Trainer):
         if sorted(rows.tolist()) != roll.deferred:
             raise ValueError("update: the rollout deferred other rows than the first minibatch's")
         first = self._minibatch_forward(roll, step, 0, rows)
+        assert roll.logprobs is not None and roll.values is not None  # set by rollout()
         roll.logprobs[rows], roll.values[rows] = first.logprobs.detach(), first.values.detach()
         roll.deferred = []
         return first
@@ -273,6 +282,8 @@ class PPOPtxTrainer(Trainer):
         """Per-token rewards (the score at the last token minus kl_coef x per-token KL against the reference policy),
         GAE over the response tokens, then whitening of the advantages. Needs every row's log-probs and values (after
         :meth:`deferred_forward` where the rollout deferred some)."""
+        assert roll.logprobs is not None and roll.ref_logprobs is not None and roll.values is not None  # rollout()
+        assert roll.score is not None  # score()
         roll.rewards, roll.kl = core.per_token_rewards(
             roll.score, roll.logprobs, roll.ref_logprobs, roll.response_mask, self.kl_ctl.value
         )
@@ -320,6 +331,8 @@ class PPOPtxTrainer(Trainer):
     def _optimizer_step(self, roll: Rollout, rows: torch.Tensor, forward: MinibatchOutputs, step: int) -> core.PPOLoss:
         """The PPO-ptx loss of one minibatch (its ``forward``), its backward pass and the optimizer step (then the
         learning-rate schedule's and the EMA's); returns the loss with its parts."""
+        assert roll.logprobs is not None and roll.values is not None  # rollout(), deferred_forward()
+        assert roll.advantages is not None and roll.returns is not None  # advantages()
         loss = core.ppo_ptx_loss(
             forward.logprobs,
             roll.logprobs[rows],
@@ -354,6 +367,8 @@ class PPOPtxTrainer(Trainer):
         return float(self.accelerator.gather_for_metrics(value.detach().float().reshape(1)).mean())
 
     def rollout_stats(self, roll: Rollout) -> dict[str, float]:
+        assert roll.logprobs is not None and roll.ref_logprobs is not None and roll.has_eos is not None  # rollout()
+        assert roll.score is not None and roll.kl is not None  # score(), advantages()
         mask = roll.response_mask
         kl_seq = (roll.kl * mask).sum(-1)
         k3_seq = (core.kl_k3(roll.logprobs, roll.ref_logprobs) * mask).sum(-1)
@@ -397,12 +412,14 @@ class PPOPtxTrainer(Trainer):
         return self.lr_scheduler
 
     # ---- the loop ----------------------------------------------------------------------------------------
-    def train(self, *args, **kwargs) -> list[dict[str, float]]:
+    def train(  # type: ignore[override]  # PPO's own loop: no resume_from_checkpoint/trial arguments
+        self, *args, **kwargs
+    ) -> list[dict[str, float]]:
         """Run RLHF steps up to ``ppo.steps`` (resuming from ``last/`` if present); returns the logged history."""
         ppo = self.ppo
         checkpointing, options = compat.checkpointing_args(self.args)
         if checkpointing:  # Trainer.train would switch it on; this train replaces that one
-            self.model.activation_checkpointing_enable(options)
+            cast(ppo_forward.PolicyAndValue, self.model).activation_checkpointing_enable(options)  # not yet prepared
         self.create_optimizer_and_scheduler(num_training_steps=ppo.steps * self.updates_per_step)
         # The scheduler stays ours (stepped once per optimizer step): accelerate would step it once per process.
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
