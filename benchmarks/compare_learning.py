@@ -52,8 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kl-coef", type=float, default=0.05, help="default 0.05")
     p.add_argument("--rm-steps", type=int, default=24, help="reward-model optimizer steps (default 24)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: 0 1 2")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a key of selfcorrect's ppo section to change (dots: nested), e.g. trainer.adam_beta2=0.999")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a key of selfcorrect's ppo section to change (dots: nested), e.g. trainer.adam_beta2=0.999",
+    )
     p.add_argument("--png", type=Path, default=None, help="also draw the reward and KL curves of both tools")
     harness.add_common_arguments(p, "TRL", "configs, logs and run outputs (default: a temp dir)")
     return p.parse_args(argv)

@@ -82,8 +82,9 @@ def timed(run: Callable[[int], list[str]], repeats: int) -> tuple[list[str], lis
     return texts, times
 
 
-def logprob_gap(engine: engines.VLLMEngine, model, prompts: list[list[int]], seeds: list[int], **sampling: object
-                ) -> list[float]:
+def logprob_gap(
+    engine: engines.VLLMEngine, model, prompts: list[list[int]], seeds: list[int], **sampling: object
+) -> list[float]:
     """|vLLM - transformers| log-prob of every token vLLM samples (transformers on the same ids, temperature 1)."""
     gaps = []
     for prompt, sample in zip(prompts, engine.sample(prompts, seeds, **sampling)):
@@ -103,21 +104,31 @@ def cot_figures(args: argparse.Namespace) -> dict[str, Any]:
     prompts = [scorer.encode(t) for t in texts]
     seeds = [stable_seed(SEED, f"bbq/{CONDITION}", i) for i in ids]
     cot = load_prompts().cot_sampling
-    sampling = {"max_new_tokens": args.max_new_tokens, "temperature": cot.temperature, "top_p": cot.top_p,
-                "stop": list(cot.stop)}
+    sampling = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": cot.temperature,
+        "top_p": cot.top_p,
+        "stop": list(cot.stop),
+    }
     start = time.perf_counter()
     vllm = engines.vllm_engine(model, tokenizer)
     startup = time.perf_counter() - start
     rows = {}
     for name, engine in (("hf", scorer), ("vllm", vllm)):
+
         def run(n: int, engine: engines.Engine = engine) -> list[str]:
             return engine.generate(prompts[: n or None], seeds[: n or None], **sampling)
 
         out, times = timed(run, args.repeats)
         tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in out)
         best = min(times)
-        rows[name] = {"seconds": best, "seconds_all": times, "items_per_s": len(prompts) / best,
-                      "tokens_per_s": tokens / best, "reasoning_tokens": tokens}
+        rows[name] = {
+            "seconds": best,
+            "seconds_all": times,
+            "items_per_s": len(prompts) / best,
+            "tokens_per_s": tokens / best,
+            "reasoning_tokens": tokens,
+        }
     k = min(args.logprob_items, len(prompts))
     gaps = logprob_gap(vllm, model, prompts[:k], seeds[:k], **sampling)
     return {
@@ -141,9 +152,13 @@ def ppo_trainer(engine: str, args: argparse.Namespace, work: Path):
     from selfcorrect.recipes.ppo import build_trainer
 
     settings = argparse.Namespace(
-        prompt_limit=args.ppo_prompt_limit, steps=args.ppo_steps + 1, rollout_batch_size=args.ppo_batch,
-        mini_batch_size=args.ppo_batch, max_prompt_length=args.ppo_max_prompt_length,
-        max_new_tokens=args.ppo_max_new_tokens, ptx=False,
+        prompt_limit=args.ppo_prompt_limit,
+        steps=args.ppo_steps + 1,
+        rollout_batch_size=args.ppo_batch,
+        mini_batch_size=args.ppo_batch,
+        max_prompt_length=args.ppo_max_prompt_length,
+        max_new_tokens=args.ppo_max_new_tokens,
+        ptx=False,
     )
     data_file = str((resolve_data_dir(args.data_dir) / HH_FILE).resolve())
     cfg = run_config(f"engine-{engine}", settings, data_file, work / engine)
@@ -174,9 +189,13 @@ def ppo_figures(args: argparse.Namespace) -> dict[str, Any]:
                 times.append(elapsed)
                 tokens.append(sum(trainer.sampler.turn_end(r)[0] for r in response_ids.tolist()))
         seconds = statistics.fmean(times)
-        rows[name] = {"seconds_per_rollout": seconds, "seconds_all": times,
-                      "samples_per_s": args.ppo_batch / seconds, "tokens_per_s": statistics.fmean(tokens) / seconds,
-                      "response_tokens_mean": statistics.fmean(tokens) / args.ppo_batch}
+        rows[name] = {
+            "seconds_per_rollout": seconds,
+            "seconds_all": times,
+            "samples_per_s": args.ppo_batch / seconds,
+            "tokens_per_s": statistics.fmean(tokens) / seconds,
+            "response_tokens_mean": statistics.fmean(tokens) / args.ppo_batch,
+        }
         del trainer
         gc.collect()
     return {
@@ -191,8 +210,10 @@ def ppo_figures(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    parser = argparse.ArgumentParser(description="The hf and vllm engines side by side: CoT items/s on the same BBQ "
-                                     "items and PPO rollout samples/s at the same settings.")
+    parser = argparse.ArgumentParser(
+        description="The hf and vllm engines side by side: CoT items/s on the same BBQ "
+        "items and PPO rollout samples/s at the same settings."
+    )
     parser.add_argument("--model", default=EMBEDDED_DEFAULT, help="model reference (default: %(default)s)")
     parser.add_argument("--items", type=int, default=32, help="BBQ items, seeded stratified sample (default: 32)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="reasoning tokens at most (default: 256)")
@@ -221,23 +242,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("engines: set SELFCORRECT_DATA_DIR (e.g. ../shared/data) or --data-dir")
     cot = cot_figures(args)
     ppo = ppo_figures(args)
-    figures = {"model": args.model, "torch_threads": torch.get_num_threads(), "vllm_version": engines.vllm_version(),
-               "cot": cot, "ppo": ppo}
-    print(f"{args.model} ({cot['dtype']}, {cot['device']}, {figures['torch_threads']} torch threads), "
-          f"vLLM {figures['vllm_version']}")
+    figures = {
+        "model": args.model,
+        "torch_threads": torch.get_num_threads(),
+        "vllm_version": engines.vllm_version(),
+        "cot": cot,
+        "ppo": ppo,
+    }
+    print(
+        f"{args.model} ({cot['dtype']}, {cot['device']}, {figures['torch_threads']} torch threads), "
+        f"vLLM {figures['vllm_version']}"
+    )
     print(f"CoT: {cot['items']} BBQ {CONDITION} first-stage prompts, up to {cot['max_new_tokens']} tokens, one batch")
     for name, row in cot["engines"].items():
-        print(f"  {name:<5} {row['items_per_s']:7.3f} items/s    {row['tokens_per_s']:8.1f} tokens/s  "
-              f"({row['seconds']:.1f} s, {row['reasoning_tokens']} reasoning tokens)")
-    print(f"PPO rollout generation: {ppo['rollout_batch_size']} HH prompts per rollout, up to {ppo['max_new_tokens']} "
-          f"tokens, mean of {ppo['timed_rollouts']} rollouts (vllm: weight sync included)")
+        print(
+            f"  {name:<5} {row['items_per_s']:7.3f} items/s    {row['tokens_per_s']:8.1f} tokens/s  "
+            f"({row['seconds']:.1f} s, {row['reasoning_tokens']} reasoning tokens)"
+        )
+    print(
+        f"PPO rollout generation: {ppo['rollout_batch_size']} HH prompts per rollout, up to {ppo['max_new_tokens']} "
+        f"tokens, mean of {ppo['timed_rollouts']} rollouts (vllm: weight sync included)"
+    )
     for name, row in ppo["engines"].items():
-        print(f"  {name:<5} {row['samples_per_s']:7.3f} samples/s  {row['tokens_per_s']:8.1f} tokens/s  "
-              f"({row['seconds_per_rollout']:.1f} s per rollout, {row['response_tokens_mean']:.1f} tokens per sample)")
-    print(f"vllm / hf: CoT {cot['ratio_vllm_over_hf']:.2f}x items/s, PPO {ppo['ratio_vllm_over_hf']:.2f}x samples/s "
-          f"(vLLM started in {cot['vllm_startup_seconds']:.1f} s, not counted)")
-    print(f"|vLLM - transformers| log-prob over {cot['logprob_tokens']} sampled CoT tokens: mean "
-          f"{cot['logprob_gap_mean']:.2e}, max {cot['logprob_gap_max']:.2e}")
+        print(
+            f"  {name:<5} {row['samples_per_s']:7.3f} samples/s  {row['tokens_per_s']:8.1f} tokens/s  "
+            f"({row['seconds_per_rollout']:.1f} s per rollout, {row['response_tokens_mean']:.1f} tokens per sample)"
+        )
+    print(
+        f"vllm / hf: CoT {cot['ratio_vllm_over_hf']:.2f}x items/s, PPO {ppo['ratio_vllm_over_hf']:.2f}x samples/s "
+        f"(vLLM started in {cot['vllm_startup_seconds']:.1f} s, not counted)"
+    )
+    print(
+        f"|vLLM - transformers| log-prob over {cot['logprob_tokens']} sampled CoT tokens: mean "
+        f"{cot['logprob_gap_mean']:.2e}, max {cot['logprob_gap_max']:.2e}"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

@@ -126,8 +126,11 @@ def _add_evaluation_args(p: argparse.ArgumentParser, *, conditions: list[str], o
         "Winogender occupations)",
     )
     _add_data_dir(p)
-    _add_dialogue(p, default_help="default: the format a selfcorrect checkpoint or reward model was trained in (its "
-                  "manifest), else human_assistant")
+    _add_dialogue(
+        p,
+        default_help="default: the format a selfcorrect checkpoint or reward model was trained in (its "
+        "manifest), else human_assistant",
+    )
     p.add_argument(
         "--override-dialogue",
         action="store_true",

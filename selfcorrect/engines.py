@@ -311,9 +311,7 @@ class VLLMEngine:
 
     name = "vllm"
 
-    def __init__(
-        self, model: Any, tokenizer: Any, options: VLLMOptions | None = None, gather: Gather = _whole
-    ):
+    def __init__(self, model: Any, tokenizer: Any, options: VLLMOptions | None = None, gather: Gather = _whole):
         import torch
 
         vllm = _import_vllm()

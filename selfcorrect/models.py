@@ -448,8 +448,16 @@ def load_model(
     return model, tokenizer
 
 
-FINGERPRINT_FILES = ("config.json", "adapter_config.json", MANIFEST, "generation_config.json", COMPLETE_MARKER,
-                     *TOKENIZER_FILES, "special_tokens_map.json", "chat_template.jinja")
+FINGERPRINT_FILES = (
+    "config.json",
+    "adapter_config.json",
+    MANIFEST,
+    "generation_config.json",
+    COMPLETE_MARKER,
+    *TOKENIZER_FILES,
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 WEIGHT_SAMPLES = 16  # chunks read from each weight file's data
 
 

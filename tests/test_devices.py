@@ -117,4 +117,3 @@ def test_the_dry_run_says_where_each_stage_runs(tmp_path, capsys, monkeypatch):
     assert "\n".join(expected) in out
     if not gpus:
         assert "where: ppo on the CPU (1 process(es) each)" in out
-

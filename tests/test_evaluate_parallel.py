@@ -80,14 +80,13 @@ def test_two_processes_give_the_results_and_the_table_of_one(embedded_model_dir,
     assert (out / "metrics.csv").read_bytes() == (single / "metrics.csv").read_bytes()
     assert_same_items(results(out), results(single))
     assert not list(out.glob("*/*.part-*.jsonl"))  # folded into the results files
-    assert json.loads((out / "evaluation.json").read_text())["complete"] == json.loads(
-        (single / "evaluation.json").read_text()
-    )["complete"]
+    assert (
+        json.loads((out / "evaluation.json").read_text())["complete"]
+        == json.loads((single / "evaluation.json").read_text())["complete"]
+    )
 
 
-def test_a_killed_process_then_a_rerun_with_one_process_gives_the_same_files(
-    embedded_model_dir, cot_prompts, tmp_path
-):
+def test_a_killed_process_then_a_rerun_with_one_process_gives_the_same_files(embedded_model_dir, cot_prompts, tmp_path):
     """Batches of one item (a kill never leaves a batch half done), so the rerun's items are scored exactly as an
     uninterrupted run scores them: the same metrics.csv, byte for byte."""
     import psutil

@@ -70,9 +70,18 @@ def test_export_into_an_existing_directory_is_refused(chained_checkpoint, tmp_pa
 
 def test_ppo_keeps_merged_weights_beside_each_kept_adapter(tiny_model_dir, tmp_path):
     policy = adapter(LlamaForCausalLM.from_pretrained(tiny_model_dir), seed=3)
-    trainer = make_ppo_trainer(tiny_model_dir, tmp_path, lambda p, r: torch.zeros(len(r)), policy=policy, steps=1,
-                               save_at_steps=[0, 1], rollout_batch_size=2, mini_batch_size=2, max_new_tokens=2,
-                               save_merged=True)
+    trainer = make_ppo_trainer(
+        tiny_model_dir,
+        tmp_path,
+        lambda p, r: torch.zeros(len(r)),
+        policy=policy,
+        steps=1,
+        save_at_steps=[0, 1],
+        rollout_batch_size=2,
+        mini_batch_size=2,
+        max_new_tokens=2,
+        save_merged=True,
+    )
     trainer.train()
     for step in ("step-000000", "step-000001"):
         kept, _ = load_model(str(tmp_path / "checkpoints" / step), device="cpu")

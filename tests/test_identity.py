@@ -245,8 +245,23 @@ def test_a_moved_run_loads_and_evaluates_its_kept_checkpoints(in_run_env, tmp_pa
         results = {p: p.read_text() for p in (moved / "eval").glob("step-*/winogender/q.jsonl")}
         assert len(results) == 2
         capsys.readouterr()
-        assert main(["evaluate", str(moved), "--benchmarks", "winogender", "--conditions", "q", "--limit", "3",
-                     "--bootstrap", "0"]) == 0, capsys.readouterr().err  # into its own eval/: every item was done
+        assert (
+            main(
+                [
+                    "evaluate",
+                    str(moved),
+                    "--benchmarks",
+                    "winogender",
+                    "--conditions",
+                    "q",
+                    "--limit",
+                    "3",
+                    "--bootstrap",
+                    "0",
+                ]
+            )
+            == 0
+        ), capsys.readouterr().err  # into its own eval/: every item was done
         assert {p: p.read_text() for p in results} == results
         cfg = yaml.safe_load(path.read_text())
         cfg["output_dir"] = str(moved)
@@ -273,8 +288,23 @@ def test_sft_force_invalidates_the_kept_checkpoints_and_they_are_refused(in_run_
     with pytest.raises(UserError, match="has changed since this adapter was trained on it") as refused:
         load_model(str(kept), device="cpu")
     assert str(kept) in str(refused.value) and "--from ppo" in str(refused.value)
-    assert main(["evaluate", str(kept), "--benchmarks", "winogender", "--conditions", "q", "--limit", "3",
-                 "--output", str(tmp_path / "ev")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                str(kept),
+                "--benchmarks",
+                "winogender",
+                "--conditions",
+                "q",
+                "--limit",
+                "3",
+                "--output",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 2
+    )
     err = one_line(capsys.readouterr().err)
     assert err.startswith(f"selfcorrect: error: {kept}: refused: its base {copy / 'sft'} has changed")
     assert main(["export", str(kept), str(tmp_path / "exported")]) == 2 and not (tmp_path / "exported").exists()
@@ -285,11 +315,17 @@ def test_an_adapter_records_its_base_and_is_refused_on_another(tiny_model_dir, t
     base = tmp_path / "run" / "sft"
     shutil.copytree(tiny_model_dir, base)
     torch.manual_seed(0)
-    lora = get_peft_model(LlamaForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules=["q_proj"],
-                                                                               init_lora_weights=False))
+    lora = get_peft_model(
+        LlamaForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    )
     lora.peft_config["default"].base_model_name_or_path = str(base)
-    kept = save_checkpoint(tmp_path / "run" / "ppo", 3, lora, AutoTokenizer.from_pretrained(base), {
-        "episodes": 0, "tokens": 0, "mean_reward": None, "kl": None, "config_hash": "x"})
+    kept = save_checkpoint(
+        tmp_path / "run" / "ppo",
+        3,
+        lora,
+        AutoTokenizer.from_pretrained(base),
+        {"episodes": 0, "tokens": 0, "mean_reward": None, "kl": None, "config_hash": "x"},
+    )
     expected = logits(kept)
     shutil.move(tmp_path / "run", tmp_path / "moved")
     moved = tmp_path / "moved" / "ppo" / "checkpoints" / kept.name

@@ -32,8 +32,11 @@ def run(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Completed
 def test_the_wheel_runs_outside_the_checkout(tmp_path, tiny_model_dir):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing from the checkout on the path
     dist = tmp_path / "dist"
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)],
-        tmp_path, env)
+    run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)],
+        tmp_path,
+        env,
+    )
     (wheel,) = dist.glob("selfcorrect-*.whl")
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", str(venv)], tmp_path, env)
@@ -41,8 +44,9 @@ def test_the_wheel_runs_outside_the_checkout(tmp_path, tiny_model_dir):
     run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], tmp_path, env)
     # The dependencies (torch, transformers...) come from this test's environment, not from the checkout: a .pth
     # line adds its site-packages (whose own .pth files, the editable install's among them, are not processed).
-    site = run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path,
-               env).stdout.strip()
+    site = run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path, env
+    ).stdout.strip()
     Path(site, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
     elsewhere = tmp_path / "elsewhere"
@@ -50,8 +54,21 @@ def test_the_wheel_runs_outside_the_checkout(tmp_path, tiny_model_dir):
     where = run([str(python), "-c", "import selfcorrect; print(selfcorrect.__file__)"], elsewhere, env).stdout
     assert where.startswith(str(venv)), where  # the installed wheel, not the checkout
 
-    shown = run([str(bin_dir / "selfcorrect"), "prompts", "show", "--benchmark", "bbq", "--condition", "q_if",
-                 "--item", "Age:0"], elsewhere, env).stdout
+    shown = run(
+        [
+            str(bin_dir / "selfcorrect"),
+            "prompts",
+            "show",
+            "--benchmark",
+            "bbq",
+            "--condition",
+            "q_if",
+            "--item",
+            "Age:0",
+        ],
+        elsewhere,
+        env,
+    ).stdout
     assert shown.startswith("\n\nHuman: I saw a grandson and their grandfather") and shown.endswith("The answer is (")
     listed = run([str(bin_dir / "selfcorrect"), "configs", "list"], elsewhere, env).stdout
     assert "quickstart.yaml" in listed and str(venv) in listed
@@ -60,8 +77,20 @@ def test_the_wheel_runs_outside_the_checkout(tmp_path, tiny_model_dir):
 
     predictions = elsewhere / "predictions.jsonl"
     predictions.write_text(json.dumps({"occupation": "nurse", "p_female": 0.8, "p_male": 0.1, "p_neutral": 0.1}))
-    scored = run([str(bin_dir / "selfcorrect"), "score", "--benchmark", "winogender", "--predictions",
-                  str(predictions), "--bootstrap", "0"], elsewhere, env).stdout
+    scored = run(
+        [
+            str(bin_dir / "selfcorrect"),
+            "score",
+            "--benchmark",
+            "winogender",
+            "--predictions",
+            str(predictions),
+            "--bootstrap",
+            "0",
+        ],
+        elsewhere,
+        env,
+    ).stdout
     assert "winogender,external,all,p_female_mean,0.8" in scored
 
     args = ["--benchmarks", "bbq", "--conditions", "q", "--limit", "2", "--bootstrap", "10", "--output", "out"]

@@ -284,8 +284,18 @@ def test_the_ppo_ptx_loss_is_its_parts_assembled():
     ptx_logits, ptx_labels = torch.randn(2, 6, v), torch.randint(0, v, (2, 6))
     ptx_mask = torch.ones(2, 6, dtype=torch.long)
     loss = core.ppo_ptx_loss(
-        logprobs, old, advantages, values, old_values, returns, mask, clip_range=0.2, clip_range_value=0.3,
-        vf_coef=0.1, ptx=(ptx_logits, ptx_labels, ptx_mask), gamma_ptx=27.8,
+        logprobs,
+        old,
+        advantages,
+        values,
+        old_values,
+        returns,
+        mask,
+        clip_range=0.2,
+        clip_range_value=0.3,
+        vf_coef=0.1,
+        ptx=(ptx_logits, ptx_labels, ptx_mask),
+        gamma_ptx=27.8,
     )
     pg, pg_clip, approx_kl = core.policy_loss(logprobs, old, advantages, mask, 0.2)
     vf, vf_clip = core.value_loss(values, old_values, returns, mask, 0.3)
@@ -294,8 +304,17 @@ def test_the_ppo_ptx_loss_is_its_parts_assembled():
     assert (loss.policy, loss.value, loss.ptx) == (pg, vf, lm)
     assert (loss.policy_clipfrac, loss.value_clipfrac, loss.approx_kl) == (pg_clip, vf_clip, approx_kl)
     no_ptx = core.ppo_ptx_loss(
-        logprobs, old, advantages, values, old_values, returns, mask, clip_range=0.2, clip_range_value=0.3,
-        vf_coef=0.1, gamma_ptx=27.8,
+        logprobs,
+        old,
+        advantages,
+        values,
+        old_values,
+        returns,
+        mask,
+        clip_range=0.2,
+        clip_range_value=0.3,
+        vf_coef=0.1,
+        gamma_ptx=27.8,
     )
     assert torch.allclose(no_ptx.total, pg + 0.1 * vf) and no_ptx.ptx.item() == 0.0
 

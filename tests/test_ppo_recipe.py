@@ -40,8 +40,16 @@ def test_warmup_from_a_tenth_of_the_peak_and_a_separate_value_learning_rate(peak
 
     # What the optimizer applied: Adam's first step moves every weight with a gradient by about its lr (m/sqrt(v) = ±1).
     first_step = {**schedule, "warmup_iterations": 1}  # the run's first step is at 1/10 of the peak
-    trainer = make_ppo_trainer(peaked_policy_dir, tmp_path / "b", vowels, steps=1, rollout_batch_size=1,
-                               mini_batch_size=1, max_new_tokens=2, **first_step)
+    trainer = make_ppo_trainer(
+        peaked_policy_dir,
+        tmp_path / "b",
+        vowels,
+        steps=1,
+        rollout_batch_size=1,
+        mini_batch_size=1,
+        max_new_tokens=2,
+        **first_step,
+    )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in trainer.model.named_parameters()}
@@ -94,8 +102,16 @@ def test_dropout_is_off_so_the_ratio_starts_at_exactly_one(tiny_model_dir, tmp_p
     assert not torch.equal(control(input_ids=ids).logits, control(input_ids=ids).logits)
 
     policy = dropout_policy(tiny_model_dir, kind)
-    trainer = make_ppo_trainer(tiny_model_dir, tmp_path, vowels, policy=policy, steps=1, rollout_batch_size=4,
-                               mini_batch_size=4, max_new_tokens=6)
+    trainer = make_ppo_trainer(
+        tiny_model_dir,
+        tmp_path,
+        vowels,
+        policy=policy,
+        steps=1,
+        rollout_batch_size=4,
+        mini_batch_size=4,
+        max_new_tokens=6,
+    )
     roll = trainer.rollout([0, 1, 2, 3])  # every row's log-probs and values computed here (nothing deferred)
     trainer.model.train()  # as in the update
     logprobs, values = trainer.passes.policy_and_values(trainer.model, roll, torch.arange(4))
@@ -125,8 +141,17 @@ def test_prompts_over_max_prompt_length_are_dropped_and_counted(tiny_model_dir, 
     lengths = [len(dialogues.prompt_ids(tok, p, DialogueSpec())) for p in prompts]
     kept = [p for p, n in zip(prompts, lengths) if n <= 30]
     assert 0 < len(kept) < len(prompts)
-    trainer = make_ppo_trainer(tiny_model_dir, tmp_path, flat, prompts=prompts, max_prompt_length=30, steps=1,
-                               rollout_batch_size=2, mini_batch_size=2, max_new_tokens=2)
+    trainer = make_ppo_trainer(
+        tiny_model_dir,
+        tmp_path,
+        flat,
+        prompts=prompts,
+        max_prompt_length=30,
+        steps=1,
+        rollout_batch_size=2,
+        mini_batch_size=2,
+        max_new_tokens=2,
+    )
     assert trainer.prompts == kept and [len(ids) for ids in trainer.prompt_ids] == [n for n in lengths if n <= 30]
     trainer.train()
     manifest = json.loads((tmp_path / "checkpoints" / "step-000000" / "manifest.json").read_text())
@@ -161,8 +186,16 @@ def test_a_reward_model_scores_the_rollouts_own_token_ids(peaked_policy_dir, tmp
     classifier = AutoModelForSequenceClassification.from_pretrained(peaked_policy_dir, num_labels=1)
     classifier.config.pad_token_id = tok.pad_token_id
     reward = RewardModel(classifier.eval(), tok, bias=0.25, max_length=64, dialogue=DialogueSpec())
-    trainer = make_ppo_trainer(peaked_policy_dir, tmp_path, reward, policy=eos_loving_policy(peaked_policy_dir),
-                               rollout_batch_size=16, mini_batch_size=16, max_new_tokens=6, max_prompt_length=32)
+    trainer = make_ppo_trainer(
+        peaked_policy_dir,
+        tmp_path,
+        reward,
+        policy=eos_loving_policy(peaked_policy_dir),
+        rollout_batch_size=16,
+        mini_batch_size=16,
+        max_new_tokens=6,
+        max_prompt_length=32,
+    )
     torch.manual_seed(1)
     roll = trainer.rollout(list(range(16)))
     assert roll.has_eos.any() and not roll.has_eos.all()  # responses that ended and responses cut at 6 tokens
@@ -246,8 +279,17 @@ def test_a_value_model_from_the_reward_model_starts_at_its_normalised_scores(pea
     if lora:
         value = get_peft_model(value, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"]))
     reward = RewardModel(classifier(), tok, bias=-0.75, max_length=64, dialogue=DialogueSpec())
-    trainer = make_ppo_trainer(peaked_policy_dir, tmp_path, reward, value=value, value_from_reward=True,
-                               rollout_batch_size=4, mini_batch_size=4, max_new_tokens=5, max_prompt_length=32)
+    trainer = make_ppo_trainer(
+        peaked_policy_dir,
+        tmp_path,
+        reward,
+        value=value,
+        value_from_reward=True,
+        rollout_batch_size=4,
+        mini_batch_size=4,
+        max_new_tokens=5,
+        max_prompt_length=32,
+    )
     torch.manual_seed(0)
     roll = trainer.rollout([0, 1, 2, 3])
     p, r = roll.context_length, roll.response_mask.shape[1]
@@ -259,15 +301,24 @@ def test_a_value_model_from_the_reward_model_starts_at_its_normalised_scores(pea
     by_hand = raw[:, p - 1 : p - 1 + r] - 0.75
     assert torch.allclose(roll.values[actions], by_hand[actions], atol=1e-5), (roll.values - by_hand)[actions]
     # A function reward has no bias; its value model is a new head, used as it is.
-    plain = make_ppo_trainer(peaked_policy_dir, tmp_path / "function", flat, rollout_batch_size=4,
-                             mini_batch_size=4, max_new_tokens=5)
+    plain = make_ppo_trainer(
+        peaked_policy_dir, tmp_path / "function", flat, rollout_batch_size=4, mini_batch_size=4, max_new_tokens=5
+    )
     assert plain.accelerator.unwrap_model(plain.model).value_offset == 0.0
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_gradient_checkpointing_is_honoured(peaked_policy_dir, tmp_path, checkpointing):
-    trainer = make_ppo_trainer(peaked_policy_dir, tmp_path, vowels, steps=1, rollout_batch_size=4, mini_batch_size=2,
-                               max_new_tokens=3, trainer={"gradient_checkpointing": checkpointing})
+    trainer = make_ppo_trainer(
+        peaked_policy_dir,
+        tmp_path,
+        vowels,
+        steps=1,
+        rollout_batch_size=4,
+        mini_batch_size=2,
+        max_new_tokens=3,
+        trainer={"gradient_checkpointing": checkpointing},
+    )
     mlp = trainer.model.policy.model.layers[0].mlp
     calls, forward = [], mlp.forward
 
@@ -285,8 +336,9 @@ def test_gradient_checkpointing_is_honoured(peaked_policy_dir, tmp_path, checkpo
 def test_rollout_statistics_equal_the_straightforward_computation(peaked_policy_dir, tmp_path):
     """The rollout's log-probs, reference log-probs and values (the LM head run only where it is read, log-probs as
     logit minus logsumexp) equal a full forward pass with a full log-softmax, token by token."""
-    trainer = make_ppo_trainer(peaked_policy_dir, tmp_path, flat, rollout_batch_size=4, mini_batch_size=4,
-                               max_new_tokens=5, temperature=0.7)
+    trainer = make_ppo_trainer(
+        peaked_policy_dir, tmp_path, flat, rollout_batch_size=4, mini_batch_size=4, max_new_tokens=5, temperature=0.7
+    )
     torch.manual_seed(0)
     roll = trainer.rollout([0, 1, 2, 3])
     p, r = roll.context_length, roll.response_mask.shape[1]
@@ -295,8 +347,9 @@ def test_rollout_statistics_equal_the_straightforward_computation(peaked_policy_
     with torch.no_grad():
         full = model.policy(input_ids=roll.input_ids, attention_mask=roll.attention_mask, position_ids=positions)
         ref = trainer.ref_policy(input_ids=roll.input_ids, attention_mask=roll.attention_mask, position_ids=positions)
-        body = model.value_model.model(input_ids=roll.input_ids, attention_mask=roll.attention_mask,
-                                       position_ids=positions)
+        body = model.value_model.model(
+            input_ids=roll.input_ids, attention_mask=roll.attention_mask, position_ids=positions
+        )
         values = model.value_model.score(body.last_hidden_state).squeeze(-1)
     tokens = roll.input_ids[:, p:].unsqueeze(-1)
     actions = roll.response_mask.bool()  # what PPO reads; 0 elsewhere

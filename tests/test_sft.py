@@ -104,7 +104,9 @@ def test_lora_adapter_reloads_from_its_original_base_reference(tiny_model_dir, h
 
 
 @pytest.mark.parametrize("dialogue", ["human_assistant", "chat_template"])
-def test_ptx_rows_train_on_every_token_and_demonstration_prompts_are_masked(dialogue, tiny_model_dir, hh_path, tmp_path):  # noqa: E501
+def test_ptx_rows_train_on_every_token_and_demonstration_prompts_are_masked(
+    dialogue, tiny_model_dir, hh_path, tmp_path
+):  # noqa: E501
     sft = SFTSection(
         data=DatasetSpec(path=hh_path, format="hh", limit=16),
         ptx_data=DatasetSpec(path=hh_path, format="hh"),

@@ -93,8 +93,22 @@ def lines(path: Path) -> list[dict]:
 def test_cot_with_vllm_resumes_after_sigkill_to_the_same_results(vllm_model_dir, tmp_path):
     prompts = tmp_path / "short_cot.yaml"
     prompts.write_text("name: short_cot\ncot_sampling:\n  max_new_tokens: 8\n")
-    args = ["--benchmarks", "bbq", "--conditions", "q_if_cot", "--limit", "12", "--gen-batch-size", "1",
-            "--engine", "vllm", "--prompts", str(prompts), "--bootstrap", "100"]
+    args = [
+        "--benchmarks",
+        "bbq",
+        "--conditions",
+        "q_if_cot",
+        "--limit",
+        "12",
+        "--gen-batch-size",
+        "1",
+        "--engine",
+        "vllm",
+        "--prompts",
+        str(prompts),
+        "--bootstrap",
+        "100",
+    ]
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     cmd = [sys.executable, "-m", "selfcorrect", "evaluate", str(vllm_model_dir), "--output", str(killed), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
@@ -141,8 +155,9 @@ def test_ppo_with_vllm_rollouts_learns_and_vllm_follows_every_update(vllm_model_
         ids = [tok(r, add_special_tokens=False)["input_ids"] for r in responses]
         return torch.tensor([sum(i % 2 == 0 for i in x) / max(1, len(x)) for x in ids])
 
-    trainer = make_ppo_trainer(vllm_model_dir, tmp_path / "run", even_tokens, steps=14, learning_rate=1e-3,
-                               engine="vllm")
+    trainer = make_ppo_trainer(
+        vllm_model_dir, tmp_path / "run", even_tokens, steps=14, learning_rate=1e-3, engine="vllm"
+    )
     history = trainer.train()
     rewards = [h["reward"] for h in history]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
@@ -155,11 +170,14 @@ def test_ppo_with_vllm_rollouts_samples_from_the_merged_lora_policy(vllm_model_d
     test for vLLM with LoRA: 0.1 of at most 1 within 14 steps)."""
     from test_ppo import even_token_reward
 
-    policy = get_peft_model(LlamaForCausalLM.from_pretrained(vllm_model_dir),
-                            LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    policy = get_peft_model(
+        LlamaForCausalLM.from_pretrained(vllm_model_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0),
+    )
     reward = even_token_reward(AutoTokenizer.from_pretrained(vllm_model_dir))
-    trainer = make_ppo_trainer(vllm_model_dir, tmp_path / "run", reward, policy=policy, steps=14, learning_rate=1e-2,
-                               engine="vllm")
+    trainer = make_ppo_trainer(
+        vllm_model_dir, tmp_path / "run", reward, policy=policy, steps=14, learning_rate=1e-2, engine="vllm"
+    )
     history = trainer.train()
     assert max(h["rollout/logprob_gap"] for h in history) < LOGPROB_TOLERANCE
     rewards = [h["reward"] for h in history]
@@ -216,8 +234,18 @@ def test_a_max_model_len_too_small_is_a_one_line_error(vllm_model_dir, tmp_path,
     """A CoT prompt plus max_new_tokens beyond the model's max_model_len (2048 tokens): exit 2, one line."""
     prompts = tmp_path / "long_cot.yaml"
     prompts.write_text("name: long_cot\ncot_sampling:\n  max_new_tokens: 2048\n")
-    args = ["--benchmarks", "bbq", "--conditions", "q_if_cot", "--limit", "2", "--engine", "vllm",
-            "--prompts", str(prompts)]
+    args = [
+        "--benchmarks",
+        "bbq",
+        "--conditions",
+        "q_if_cot",
+        "--limit",
+        "2",
+        "--engine",
+        "vllm",
+        "--prompts",
+        str(prompts),
+    ]
     assert main(["evaluate", str(vllm_model_dir), "--output", str(tmp_path / "out"), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()  # vLLM's own log lines may come before it
     errors = [line for line in err if line.startswith("selfcorrect: error:")]
@@ -236,8 +264,22 @@ def test_a_vllm_engine_that_dies_mid_run_is_a_one_line_error_and_the_rerun_resum
 
     prompts = tmp_path / "short_cot.yaml"
     prompts.write_text("name: short_cot\ncot_sampling:\n  max_new_tokens: 8\n")
-    args = ["--benchmarks", "bbq", "--conditions", "q_if_cot", "--limit", "4", "--gen-batch-size", "1",
-            "--engine", "vllm", "--prompts", str(prompts), "--bootstrap", "100"]
+    args = [
+        "--benchmarks",
+        "bbq",
+        "--conditions",
+        "q_if_cot",
+        "--limit",
+        "4",
+        "--gen-batch-size",
+        "1",
+        "--engine",
+        "vllm",
+        "--prompts",
+        str(prompts),
+        "--bootstrap",
+        "100",
+    ]
     died, clean = tmp_path / "died", tmp_path / "clean"
     calls, generate = [], vllm.LLM.generate
 

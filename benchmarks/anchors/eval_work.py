@@ -32,9 +32,7 @@ from selfcorrect.evaluate.prompts import load_prompts, render
 from selfcorrect.evaluate.scoring import Scorer
 
 
-def selfcorrect_work(
-    output: Path, data_dir: Path, tokenizer: Any, batch_size: int, hidden_size: int
-) -> dict[str, Any]:
+def selfcorrect_work(output: Path, data_dir: Path, tokenizer: Any, batch_size: int, hidden_size: int) -> dict[str, Any]:
     """Tokens and forward passes of ``selfcorrect evaluate`` on BBQ ``q`` (see the module docstring)."""
     spec = DialogueSpec()
     ids = set(json.loads((output / "bbq" / "sample.json").read_text())["ids"])

@@ -329,8 +329,7 @@ def _markdown(
             "## Reward model (probe)\n\nThe run's reward model on the same items: each metric computed from its "
             "preferences between the candidate answers (softmax of its rewards), drawn as the dotted lines above. "
             "Its `q_if_minus_q` rows in metrics.csv (`scorer` reward) say whether it rewards the self-corrected answer "
-            "more.\n\n"
-            + headline_table(reference)
+            "more.\n\n" + headline_table(reference)
         )
     return "\n".join(parts)
 

@@ -218,7 +218,6 @@ class DeltaFigure:
     by_step_only: bool
 
 
-
 def plot_deltas(deltas: list[Delta], style: Style, figure: DeltaFigure) -> bytes | None:
     """Paired differences of each benchmark's headline metric vs steps or size; None without a difference that has a
     value.
@@ -250,8 +249,10 @@ def plot_training(checkpoints: list[Checkpoint], rows: list[Row], style: Style) 
         ("response_length", "Response length", "tokens"),
     ]
     covariates = [c for c in covariates if any(math.isfinite(getattr(k, c[0])) for k in checkpoints)]
-    extra = [(panel, [r for r in rows if r.benchmark == name and r.metric == panel.metric]) for name, panel in
-             TRAINING_PANELS]
+    extra = [
+        (panel, [r for r in rows if r.benchmark == name and r.metric == panel.metric])
+        for name, panel in TRAINING_PANELS
+    ]
     extra = [(panel, points) for panel, points in extra if points]
     n_panels = len(covariates) + len(extra)
     if not n_panels:
@@ -275,5 +276,3 @@ def plot_training(checkpoints: list[Checkpoint], rows: list[Row], style: Style) 
         ax.set_ylabel(panel.metric)
     style.legend(fig, {r.condition for r in plotted}, {r.model for r in rows} | {k.model for k in checkpoints})
     return _png(fig)
-
-

@@ -261,4 +261,3 @@ def step0_deltas(rows: list[Row]) -> list[Delta]:
     """The ``<m>_minus_step0`` rows of each benchmark's headline metric: step k minus step 0, same condition."""
     diffs = [r for r in rows if r.metric.endswith(MINUS_STEP0)]
     return _headline_deltas(diffs, lambda r: r.condition, lambda r: r.metric.removesuffix(MINUS_STEP0))
-

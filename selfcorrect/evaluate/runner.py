@@ -453,8 +453,10 @@ def _check_probe(settings: EvalSettings, prompts: PromptSet) -> None:
                 )
     is_function = not Path(settings.model).expanduser().is_dir()
     if is_function and settings.dialogue is not None and settings.dialogue.format == "chat_template":
-        raise UserError(f"{settings.model}: a function reward reads HH-format text; --dialogue chat_template needs a "
-                        "reward model with a tokenizer")
+        raise UserError(
+            f"{settings.model}: a function reward reads HH-format text; --dialogue chat_template needs a "
+            "reward model with a tokenizer"
+        )
 
 
 def _unfit(settings: EvalSettings, scorer: Any, pending: list[Task], shard: Shard) -> set[str]:

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK_SIZE = 1024  # positions per chunk: 1024 x 49,152 fp32 logits = 0.2 GB a copy
 
+
 class OutputHead:
     """The map from a causal LM's last hidden states to its logits: its output embeddings (``lm_head``), times
     ``scale``, then soft-capped at ``cap`` (None: not), as the model's forward applies them."""
@@ -135,4 +136,3 @@ def token_logprobs(
     if not logprobs:
         return hidden.new_zeros(0, dtype=torch.float32), (hidden.new_zeros(0, dtype=torch.float32) if entropy else None)
     return torch.cat(logprobs), (torch.cat(spreads) if entropy else None)
-

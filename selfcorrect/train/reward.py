@@ -367,7 +367,6 @@ def run_reward(
                 "bias": 0.0,
                 "seed": seed,
                 "dialogue": dialogue.record(),
-
             }
         else:
             manifest = _train(
@@ -489,7 +488,6 @@ def _train(
         "lora": lora.model_dump() if lora is not None else None,
         "trainer": section.trainer,
         "seed": seed,
-
         "log_history": trainer.state.log_history,
     }
 

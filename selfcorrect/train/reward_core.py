@@ -61,9 +61,7 @@ def pad_groups(
     return padded, mask
 
 
-def ranked_pairs(
-    rewards: torch.Tensor, mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ranked_pairs(rewards: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(safe, diff, pair_mask)`` of ``(P, Kmax)`` rewards (a 1-D tensor is one prompt).
 
     ``safe`` is ``rewards`` with the padded slots set to 0; ``diff[p, i, j] = safe[p, i] - safe[p, j]``

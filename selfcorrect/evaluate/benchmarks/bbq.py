@@ -83,6 +83,8 @@ PANELS = (
 )
 # Beside the training covariates: a debiasing that is only more "unknown" answers shows here (LANDSCAPE section 7).
 TRAINING_PANELS = (Panel("unknown_rate", "BBQ 'unknown' answers (all categories)", unit_range=True),)
+
+
 def _is_answer_info(value: dict) -> bool:
     """``{"ans0": [text, group], "ans1": [...], "ans2": [...]}`` with string texts and groups."""
     for key in ("ans0", "ans1", "ans2"):
