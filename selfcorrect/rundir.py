@@ -213,10 +213,6 @@ class EvalDir:
     def metrics(self) -> Path:
         return self.root / METRICS
 
-    @property
-    def lock(self) -> Path:
-        return lock_file(self.root)
-
     def sample(self, benchmark: str) -> Path:
         return self.root / benchmark / SAMPLE
 
